@@ -1,0 +1,73 @@
+"""What the user sees: the resolved recipe at start, progress while training, a summary at the end.
+
+Rich tables and a live progress bar on a terminal; plain lines when stdout is not a TTY (CI, logs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .recipe import Recipe, flatten
+
+
+def make_console() -> Console:
+    return Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return "null" if value is None else str(value)
+
+
+def recipe_table(recipe: Recipe, title: str = "Recipe") -> Table:
+    """Every key of the resolved recipe; the ones the recipe changed from their defaults in bold."""
+    table = Table(title=title, show_header=True, header_style="bold", title_justify="left")
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    changed = _changed_keys(recipe)
+    for key, value, _help in flatten(recipe):
+        style = "bold" if key in changed else "dim"
+        table.add_row(key, _show(value), style=style)
+    return table
+
+
+def _changed_keys(recipe: Recipe) -> set[str]:
+    """Dotted keys set explicitly in the recipe (or by --set)."""
+    changed: set[str] = set()
+
+    def walk(model, prefix: str) -> None:
+        for name in model.model_fields_set:
+            value = getattr(model, name)
+            key = f"{prefix}{name}"
+            if hasattr(value, "model_fields_set"):
+                walk(value, key + ".")
+            elif isinstance(value, list) and value and hasattr(value[0], "model_fields_set"):
+                for index, item in enumerate(value):
+                    walk(item, f"{key}.{index}.")
+            else:
+                changed.add(key)
+
+    walk(recipe, "")
+    return changed
+
+
+def key_value_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in rows:
+        table.add_row(key, _show(value))
+    return table
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"

@@ -1,0 +1,118 @@
+"""Chat templates, and rendering a conversation into segments that are trained or not.
+
+A conversation is rendered with the template one message at a time, so each assistant reply is known
+exactly as a span of text: the generation prompt before it is context, the reply and the end-of-turn
+token that closes it are trained. Each segment is tokenized on its own, as at inference time, where
+the prompt (ending in the generation prompt) is tokenized alone and the reply is generated after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+# The QLoRA paper's OASST1 / Guanaco text form, for base models that have no chat template.
+GUANACO_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}### Human: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}### Assistant: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant: {% endif %}"
+)
+
+NAMED_TEMPLATES = {"guanaco": GUANACO_TEMPLATE}
+TEMPLATE_KEYWORDS = ("auto", "tokenizer", *NAMED_TEMPLATES)
+
+
+def is_jinja(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def resolve_template(setting: str, tokenizer) -> str:
+    """The Jinja chat template to train with, from the recipe's `data.template` setting.
+
+    Raises:
+        UserError: `tokenizer` was asked for but the tokenizer has no chat template.
+    """
+    own = getattr(tokenizer, "chat_template", None)
+    if setting == "auto":
+        return own or GUANACO_TEMPLATE
+    if setting == "tokenizer":
+        if not own:
+            raise UserError("data.template: the tokenizer has no chat template; use `guanaco` or a Jinja string")
+        return own
+    if setting in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[setting]
+    return setting
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trained: bool
+
+
+def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _special_token_strings(tokenizer) -> list[str]:
+    specials = set(tokenizer.all_special_tokens)
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    return [s for s in specials if s]
+
+
+def split_reply(reply_text: str, content: str, special_tokens: list[str], eos_token: str) -> tuple[str, str]:
+    """Split the rendered text of one assistant message into (trained, context).
+
+    The trained part is the reply up to and including the end-of-turn token the template writes after
+    the content; what follows it (a newline before the next turn) is context. A template that writes
+    no special token after the reply gets the EOS token appended, so the model learns to stop.
+    """
+    stripped = content.strip()
+    start = reply_text.find(stripped) if stripped else -1
+    content_end = start + len(stripped) if start >= 0 else len(reply_text.rstrip())
+    ends = [(reply_text.find(tok, content_end), tok) for tok in special_tokens]
+    ends = [(index, tok) for index, tok in ends if index >= 0]
+    if ends:
+        index, token = min(ends)
+        cut = index + len(token)
+        return reply_text[:cut], reply_text[cut:]
+    return reply_text[:content_end] + eos_token, reply_text[content_end:]
+
+
+def render_segments(tokenizer, template: str, messages: list[dict], train_on_prompt: bool = False) -> list[Segment]:
+    """Render a conversation into consecutive segments whose texts join to the full rendering
+    (plus an EOS token after each reply where the template writes no end-of-turn token).
+
+    Raises:
+        ValueError: the template does not render a conversation as an extension of its prefixes
+            (it rewrites earlier turns), so the trained spans cannot be located.
+    """
+    specials = _special_token_strings(tokenizer)
+    segments: list[Segment] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, template, messages[:index], generation_prompt=True)
+        full = _render(tokenizer, template, messages[: index + 1], generation_prompt=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise ValueError(
+                "the chat template rewrites earlier turns when a message is added, so replies cannot be "
+                "located; use another `data.template`"
+            )
+        trained, tail = split_reply(full[len(prompt):], message["content"], specials, tokenizer.eos_token)
+        segments.append(Segment(prompt[len(rendered):], train_on_prompt))
+        segments.append(Segment(trained, True))
+        if tail:
+            segments.append(Segment(tail, train_on_prompt))
+        rendered = full
+    return [s for s in segments if s.text]

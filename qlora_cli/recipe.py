@@ -1,0 +1,469 @@
+"""The recipe: one pydantic schema that is the single source of keys, defaults and help text.
+
+`load_recipe` reads a YAML file (safely), applies `--set` overrides, validates everything and reports
+every problem at once with the file, line and dotted key path. Nothing here imports torch, so
+`qlora validate` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import Problem, UserError
+
+BUNDLED_MODEL_ALIAS = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    base: str = Field(
+        description=(
+            "Base model: a hub id (org/name), a local Hugging Face model directory, a .gguf file, "
+            f"or `{BUNDLED_MODEL_ALIAS}` for the bundled SmolLM2-135M-Instruct."
+        )
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Only for sources you trust."
+    )
+
+
+class QuantizationSection(Section):
+    bits: Literal[4, 8, 16] = Field(
+        4, description="Bits of the frozen base weights: 4 (QLoRA), 8 (LLM.int8), or 16 (no quantization, plain LoRA)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: NormalFloat4 (the paper's) or FP4.")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves ~0.37 bits per parameter)."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description=(
+            "Dtype the 4-bit weights are dequantized to for matmuls. `auto`: bfloat16 on GPUs that support it, "
+            "float16 on older GPUs, float32 on CPU."
+        ),
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(64, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear",
+        description="Modules that get adapters: `all-linear` (every linear layer except the output head) or a list of names.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be `all-linear`")
+        return value
+
+
+DATA_FORMATS = ("auto", "alpaca", "chat")
+
+
+class DataSource(Section):
+    path: Path = Field(description="A local .jsonl file. Relative paths resolve against the recipe's folder.")
+    format: Literal["auto", "alpaca", "chat"] = Field(
+        "auto",
+        description=(
+            "`alpaca` (instruction, input, output), `chat` (`messages` with role/content, or ShareGPT "
+            "`conversations` with from/value), or `auto` to detect it from each row's columns."
+        ),
+    )
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(min_length=1, description="Training files, each with its format.")
+    max_seq_len: int = Field(512, ge=8, description="Examples longer than this many tokens are truncated.")
+    template: str = Field(
+        "auto",
+        description=(
+            "Prompt template: `auto` (the tokenizer's chat template, else `guanaco`), `tokenizer`, `guanaco`, "
+            "or a Jinja chat template string."
+        ),
+    )
+    train_on_prompt: bool = Field(False, description="Compute the loss on prompts too, not only on responses.")
+
+
+class TrainingSection(Section):
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    batch_size: int = Field(1, ge=1, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(16, ge=1, description="Steps accumulated before each optimizer update.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer updates to run; overrides `epochs` when set."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when `max_steps` is not set).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warmup."
+    )
+    warmup: float = Field(
+        0.03, ge=0, description="Linear warmup: a fraction of the updates if below 1, else a number of updates."
+    )
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = Field(
+        "paged_adamw_32bit", description="Optimizer; the paged ones spill optimizer state to CPU memory under pressure."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: much less memory, ~30% more compute."
+    )
+    seed: int = Field(0, ge=0, description="Seed for initialisation, dropout and data order.")
+    logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every this many updates.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Save a checkpoint under RUN_DIR/checkpoints every this many updates (none: only at the end)."
+    )
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup_steps_whole(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a warmup of 1 or more is a number of updates and must be a whole number")
+        return value
+
+
+class OutputSection(Section):
+    dir: Path | None = Field(
+        None,
+        description=(
+            "Run directory. Relative paths resolve against the recipe's folder; "
+            "unset: `runs/<recipe name>` in the current directory."
+        ),
+    )
+    merge: bool = Field(False, description="Also write a merged full-precision checkpoint into RUN_DIR/merged.")
+
+
+class Recipe(Section):
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+KeyPath = tuple[Union[str, int], ...]
+
+
+def _dotted(path: KeyPath) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _compose_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[KeyPath]) -> None:
+    """Record the 1-based line of every key path below `node`; note duplicated mapping keys."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            child = path + (key,)
+            if key in seen:
+                duplicates.append(child)
+            seen.add(key)
+            lines[child] = key_node.start_mark.line + 1
+            _compose_lines(value_node, child, lines, duplicates)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = path + (index,)
+            lines[child] = item.start_mark.line + 1
+            _compose_lines(item, child, lines, duplicates)
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """Parse a recipe file with `yaml.safe_load` semantics and map each key path to its line.
+
+    Raises:
+        UserError: the file is missing, unreadable, not YAML, not a mapping, or repeats a key.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(Problem("recipe file not found", file=path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(Problem(f"cannot read recipe: {exc}", file=path)) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise UserError(
+            Problem(f"not valid YAML: {reason}", file=path, line=mark.line + 1 if mark else None)
+        ) from None
+    if data is None:
+        raise UserError(Problem("the recipe is empty", file=path))
+    if not isinstance(data, dict):
+        raise UserError(Problem("a recipe must be a mapping of sections (model, data, ...)", file=path, line=1))
+    lines: dict[KeyPath, int] = {}
+    duplicates: list[KeyPath] = []
+    _compose_lines(node, (), lines, duplicates)
+    if duplicates:
+        raise UserError(
+            [Problem("key given twice", file=path, line=lines[d], key=_dotted(d)) for d in duplicates]
+        )
+    return data, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# --set overrides
+
+_SET_PATTERN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|\d+))*)=(.*)$", re.S)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _section_model(path: KeyPath) -> type[BaseModel] | None:
+    """The pydantic model that holds the keys under `path`, or None if `path` is not a section."""
+    model: type[BaseModel] = Recipe
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        candidates = [annotation, *(inner or [])]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[Problem], set[KeyPath]]:
+    """Apply `--set a.b=value` overrides to the raw recipe data.
+
+    Values are parsed as YAML (`true`, `[q_proj, v_proj]`, `2e-4`) and typed by the schema later.
+
+    Returns:
+        the updated data, the problems found, and the key paths that were overridden.
+    """
+    problems: list[Problem] = []
+    overridden: set[KeyPath] = set()
+    for item in overrides:
+        match = _SET_PATTERN.match(item.strip())
+        if not match:
+            problems.append(Problem(f"`{item}` is not KEY=VALUE with a dotted key (training.learning_rate=1e-4)", key="--set"))
+            continue
+        dotted, raw_value = match.groups()
+        path: KeyPath = tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+        parent_model = _section_model(path[:-1])
+        leaf = path[-1]
+        if parent_model is None or (isinstance(leaf, str) and leaf not in parent_model.model_fields):
+            choices = _field_names(parent_model) if parent_model else _field_names(Recipe)
+            problems.append(Problem(f"unknown key `{dotted}`{_suggest(str(leaf), choices)}", key="--set"))
+            continue
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError:
+            value = raw_value
+        cursor: Any = data
+        ok = True
+        for part in path[:-1]:
+            if isinstance(part, int):
+                if not isinstance(cursor, list) or part >= len(cursor):
+                    problems.append(Problem(f"`{dotted}`: no item {part} in that list", key="--set"))
+                    ok = False
+                    break
+                cursor = cursor[part]
+            else:
+                if not isinstance(cursor, dict):
+                    ok = False
+                    break
+                cursor = cursor.setdefault(part, {})
+        if not ok:
+            continue
+        if isinstance(leaf, int):
+            if not isinstance(cursor, list) or leaf >= len(cursor):
+                problems.append(Problem(f"`{dotted}`: no item {leaf} in that list", key="--set"))
+                continue
+        cursor[leaf] = value
+        overridden.add(path)
+    return data, problems, overridden
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation errors -> problems with locations
+
+def _field_path(loc: tuple) -> KeyPath:
+    # pydantic adds union member tags such as "list[str]" to `loc`; those are not keys.
+    return tuple(p for p in loc if isinstance(p, int) or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(p)))
+
+
+def _allowed_keys(path: KeyPath) -> list[str]:
+    model = _section_model(path)
+    return _field_names(model) if model else []
+
+
+def _problem_for(error: dict, source: Path, lines: dict[KeyPath, int], overridden: set[KeyPath]) -> Problem:
+    path = _field_path(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(path[:-1])
+        message = f"unknown key{_suggest(str(path[-1]), allowed)}; allowed here: {', '.join(allowed)}"
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+        if "input" in error and not isinstance(error["input"], (dict, list)):
+            message = f"{message} (got {error['input']!r})"
+    if path in overridden:
+        return Problem(message, key=f"--set {_dotted(path)}")
+    line = None
+    for depth in range(len(path), -1, -1):
+        if path[:depth] in lines:
+            line = lines[path[:depth]]
+            break
+    return Problem(message, file=source, line=line, key=_dotted(path) or None)
+
+
+def _merge_union_problems(problems: list[Problem]) -> list[Problem]:
+    """A value that fits no member of a union yields one error per member: say them in one line."""
+    merged: dict[tuple, Problem] = {}
+    for problem in problems:
+        slot = (problem.file, problem.line, problem.key)
+        if slot in merged:
+            previous = merged[slot]
+            merged[slot] = Problem(f"{previous.message}; or {problem.message}", previous.file, previous.line, previous.key)
+        else:
+            merged[slot] = problem
+    return list(merged.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+def _resolve(path: Path, base_dir: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(".gguf") or "\\" in value
+
+
+def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) -> list[Problem]:
+    """Resolve relative paths against the recipe's folder, check that input files exist, and check
+    combinations of keys that no single field can judge."""
+    base_dir = source.parent.resolve()
+    problems: list[Problem] = []
+
+    def where(path: KeyPath) -> dict:
+        return {"file": source, "line": lines.get(path), "key": _dotted(path)}
+
+    for index, item in enumerate(recipe.data.train):
+        item.path = _resolve(item.path, base_dir)
+        if not item.path.exists():
+            problems.append(Problem(f"data file not found: {item.path}", **where(("data", "train", index, "path"))))
+        elif item.path.is_dir():
+            problems.append(Problem(f"expected a .jsonl file, got a folder: {item.path}", **where(("data", "train", index, "path"))))
+    base = recipe.model.base
+    if base != BUNDLED_MODEL_ALIAS:
+        candidate = _resolve(Path(base), base_dir)
+        if candidate.exists():
+            recipe.model.base = str(candidate)
+        elif _looks_like_path(base):
+            problems.append(Problem(f"model not found: {candidate}", **where(("model", "base"))))
+        elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base):
+            problems.append(
+                Problem(
+                    f"`{base}` is neither an existing path, a hub id (org/name) nor `{BUNDLED_MODEL_ALIAS}`",
+                    **where(("model", "base")),
+                )
+            )
+    if recipe.output.dir is not None:
+        recipe.output.dir = _resolve(recipe.output.dir, base_dir)
+    quant = recipe.quantization
+    if quant.bits != 4 and quant.quant_type != "nf4":
+        problems.append(
+            Problem("only applies to bits: 4; remove it or set quantization.bits: 4", **where(("quantization", "quant_type")))
+        )
+    return problems
+
+
+def default_run_dir(source: Path) -> Path:
+    return (Path.cwd() / "runs" / source.stem).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load_recipe(path: Path | str, overrides: list[str] | None = None, output_dir: Path | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe.
+
+    Args:
+        path: the recipe YAML file.
+        overrides: `--set KEY=VALUE` strings, applied in order.
+        output_dir: `--output-dir`, which wins over `output.dir`.
+
+    Returns:
+        the validated recipe with absolute paths and `output.dir` set.
+
+    Raises:
+        UserError: with every problem found, each with file, line and key path.
+    """
+    source = Path(path)
+    data, lines = read_yaml(source)
+    data, problems, overridden = apply_overrides(data, overrides or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems += _merge_union_problems([_problem_for(e, source, lines, overridden) for e in exc.errors()])
+        raise UserError(problems, title=f"{source}: the recipe has {len(problems)} problem(s):") from None
+    problems += _resolve_and_check(recipe, source, lines)
+    if problems:
+        raise UserError(problems, title=f"{source}: the recipe has {len(problems)} problem(s):")
+    if output_dir is not None:
+        recipe.output.dir = Path(output_dir).expanduser().resolve()
+    elif recipe.output.dir is None:
+        recipe.output.dir = default_run_dir(source)
+    return recipe
+
+
+def flatten(recipe: Recipe) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, help text) for every leaf of the recipe, in schema order."""
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            key = f"{prefix}{name}"
+            if isinstance(value, BaseModel):
+                walk(value, key + ".")
+            elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                for index, item in enumerate(value):
+                    walk(item, f"{key}.{index}.")
+            else:
+                rows.append((key, value, field.description or ""))
+
+    walk(recipe, "")
+    return rows
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, loadable again by `load_recipe`."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,382 @@
+"""The training stage: check the data, load the model, train on the transformers Trainer, write the run.
+
+Reads top to bottom: `run_training` checks everything that can be checked before the model loads,
+then loads, trains and writes the run directory:
+
+    RUN_DIR/recipe.yaml       the resolved recipe
+    RUN_DIR/adapter/          PEFT adapter (safetensors) + tokenizer with the chat template trained with
+    RUN_DIR/metrics.jsonl     one JSON object per logged step
+    RUN_DIR/summary.json      tokens, time, losses, memory, dtype, versions
+    RUN_DIR/loss.png          the loss curve
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .console import format_seconds, key_value_table, recipe_table
+from .data.formats import Example, read_jsonl
+from .errors import Problem, UserError
+from .recipe import Recipe, to_yaml
+
+MAX_ROW_PROBLEMS_SHOWN = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need no model
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to train into a non-empty run directory unless asked to overwrite it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir: {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(
+            f"output.dir: {run_dir} already holds a run; pass --overwrite to replace it, "
+            "or --output-dir DIR to write elsewhere"
+        )
+
+
+def read_training_data(recipe: Recipe) -> list[Example]:
+    """Every training row, checked; all bad rows are reported at once.
+
+    Raises:
+        UserError: one problem per bad row (file, line, reason), at most MAX_ROW_PROBLEMS_SHOWN shown.
+    """
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    for source in recipe.data.train:
+        result = read_jsonl(source.path, source.format)
+        examples += result.examples
+        problems += result.problems
+    if problems:
+        shown = problems[:MAX_ROW_PROBLEMS_SHOWN]
+        more = len(problems) - len(shown)
+        title = f"{len(problems)} bad data row(s)" + (f"; the first {len(shown)}:" if more else ":")
+        raise UserError(shown, title=title)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer set-up
+
+def scheduler_name(recipe: Recipe) -> str:
+    # transformers' "constant" ignores warmup; the paper's schedule is constant after a warmup.
+    name = recipe.training.lr_scheduler
+    if name == "constant" and recipe.training.warmup > 0:
+        return "constant_with_warmup"
+    return name
+
+
+def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: str):
+    import torch
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    warmup = t.warmup if t.warmup < 1 else int(t.warmup)
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        num_train_epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=scheduler_name(recipe),
+        warmup_steps=warmup,
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        adam_beta2=t.adam_beta2,
+        optim=t.optimizer,
+        # Checkpointing was switched on when the model was prepared (non-reentrant); the Trainer
+        # would switch it on a second time with its own settings.
+        gradient_checkpointing=False,
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=on_device == "cpu",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def make_callbacks(run_dir: Path, console: Console):
+    """Callbacks that write metrics.jsonl and show progress (a bar on a TTY, lines otherwise)."""
+    from transformers import TrainerCallback
+
+    class MetricsWriter(TrainerCallback):
+        def __init__(self) -> None:
+            self.path = run_dir / "metrics.jsonl"
+            self.records: list[dict[str, Any]] = []
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            record = {
+                "step": state.global_step,
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "epoch": logs.get("epoch"),
+                "tokens": state.num_input_tokens_seen,
+                "elapsed_seconds": round(time.perf_counter() - self.started, 3),
+            }
+            self.records.append(record)
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    class ProgressReporter(TrainerCallback):
+        def __init__(self) -> None:
+            self.live = console.is_terminal
+            self.progress = None
+            self.task = None
+            self.started = time.perf_counter()
+            self.last: dict[str, Any] = {}
+
+        def _fields(self, state) -> dict[str, str]:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            loss = self.last.get("loss")
+            lr = self.last.get("learning_rate")
+            return {
+                "loss": f"{loss:.4f}" if loss is not None else "-",
+                "lr": f"{lr:.2e}" if lr is not None else "-",
+                "tps": f"{state.num_input_tokens_seen / elapsed:,.0f}",
+            }
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            if self.live:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+                self.progress = Progress(
+                    TextColumn("[bold]train"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                    TimeElapsedColumn(),
+                    TextColumn("eta"),
+                    TimeRemainingColumn(),
+                    console=console,
+                )
+                self.progress.start()
+                self.task = self.progress.add_task("train", total=state.max_steps, loss="-", lr="-", tps="0")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step, **self._fields(state))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            self.last = logs
+            if self.progress is not None:
+                self.progress.update(self.task, **self._fields(state))
+                return
+            fields = self._fields(state)
+            elapsed = time.perf_counter() - self.started
+            remaining = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+            console.print(
+                f"step {state.global_step}/{state.max_steps}  loss {fields['loss']}  lr {fields['lr']}  "
+                f"{fields['tps']} tok/s  eta {format_seconds(remaining)}"
+            )
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.stop()
+
+    return MetricsWriter(), ProgressReporter()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+def save_adapter(model, tokenizer, template: str, target: Path) -> None:
+    """Write the PEFT adapter and the tokenizer with the chat template it was trained with.
+
+    Written to a staging folder and renamed, so `adapter/` is either complete or absent.
+    """
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    staging.replace(path)
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=120)
+    axes.plot([r["step"] for r in records], [r["loss"] for r in records], marker="o", markersize=2)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def peak_memory_bytes(on_device: str) -> tuple[int, str]:
+    import torch
+
+    if on_device == "cuda":
+        return int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("qlora-cli", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Train the recipe and write its run directory.
+
+    Returns:
+        the summary written to summary.json.
+
+    Raises:
+        UserError: bad recipe, data, model source or run directory, found before training starts.
+    """
+    console = console or Console()
+    run_dir = recipe.output.dir
+    assert run_dir is not None, "load_recipe sets output.dir"
+    check_run_dir(run_dir, overwrite)
+    examples = read_training_data(recipe)
+    console.print(recipe_table(recipe))
+    console.print(f"Read {len(examples)} training rows from {len(recipe.data.train)} file(s).")
+
+    import torch
+    from transformers import PrinterCallback, Trainer, set_seed
+
+    from .data.templates import resolve_template
+    from .data.tokenize import PadToLongest, tokenize_examples
+    from .models import choose_compute_dtype, count_parameters, device, load_model, load_tokenizer, resolve_model_path
+
+    on_device = device()
+    dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device)
+    console.print(f"Device: {on_device}; compute dtype: {str(dtype.dtype).removeprefix('torch.')} ({dtype.reason})")
+    if on_device == "cpu" and dtype.dtype == torch.bfloat16:
+        console.print("[yellow]bfloat16 on CPU: most CPUs have no native bfloat16 matmul; float32 is usually far faster.")
+    if recipe.model.trust_remote_code:
+        console.print("[bold red]model.trust_remote_code is on: the model repository's Python code will run.")
+
+    model_path = resolve_model_path(recipe.model.base, say=console.print)
+    tokenizer = load_tokenizer(model_path, recipe)
+    template = resolve_template(recipe.data.template, tokenizer)
+    rows, stats = tokenize_examples(
+        tokenizer, template, examples, max_seq_len=recipe.data.max_seq_len, train_on_prompt=recipe.data.train_on_prompt
+    )
+    console.print(
+        f"Tokenized {stats.examples} examples: {stats.tokens:,} tokens, {stats.trained_tokens:,} trained "
+        f"({stats.trained_tokens / stats.tokens:.0%}); longest {stats.longest}; "
+        f"{stats.truncated} truncated to {recipe.data.max_seq_len}; "
+        f"{stats.dropped_no_trained_tokens} dropped with no trained token left"
+        + (f" (first: {', '.join(stats.dropped_rows[:3])})" if stats.dropped_rows else "")
+    )
+
+    # Everything checkable is checked: only now is an old run replaced.
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
+
+    set_seed(recipe.training.seed)
+    model = load_model(model_path, recipe, dtype.dtype, on_device)
+    trainable, total = count_parameters(model)
+    console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
+
+    collator = PadToLongest(tokenizer.pad_token_id)
+    metrics, progress = make_callbacks(run_dir, console)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(recipe, run_dir, dtype.dtype, on_device),
+        train_dataset=rows,
+        data_collator=collator,
+        callbacks=[metrics, progress],
+    )
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - started
+
+    save_adapter(model, tokenizer, template, run_dir / "adapter")
+    if metrics.records:
+        plot_loss(metrics.records, run_dir / "loss.png")
+    peak, peak_kind = peak_memory_bytes(on_device)
+    train_tokens = int(trainer.state.num_input_tokens_seen)
+    summary = {
+        "steps": trainer.state.global_step,
+        "examples": stats.examples,
+        "train_tokens": train_tokens,
+        "train_seconds": round(train_seconds, 3),
+        "tokens_per_second": round(train_tokens / train_seconds, 1) if train_seconds else None,
+        "first_loss": metrics.records[0]["loss"] if metrics.records else None,
+        "final_loss": metrics.records[-1]["loss"] if metrics.records else None,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "compute_dtype": str(dtype.dtype).removeprefix("torch."),
+        "device": on_device,
+        "trainable_parameters": trainable,
+        "base_model": model_path,
+        "truncated_examples": stats.truncated,
+        "dropped_examples": stats.dropped_no_trained_tokens,
+        "versions": library_versions(),
+    }
+    write_json(run_dir / "summary.json", summary)
+    console.print(
+        key_value_table(
+            "Summary",
+            [
+                ("run directory", str(run_dir)),
+                ("steps", summary["steps"]),
+                ("loss (first → last)", f"{summary['first_loss']:.4f} → {summary['final_loss']:.4f}" if metrics.records else "-"),
+                ("tokens trained on", f"{train_tokens:,}"),
+                ("time", format_seconds(train_seconds)),
+                ("tokens/s", summary["tokens_per_second"]),
+                ("peak memory", f"{peak / 2**20:,.0f} MiB ({peak_kind})"),
+                ("adapter", str(run_dir / "adapter")),
+            ],
+        )
+    )
+    return summary
