@@ -71,14 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except Exception as error:  # click's usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
+    except Exception as error:
+        # Usage errors (unknown flag, missing argument) come from the click that typer carries.
+        if hasattr(error, "show") and getattr(error, "exit_code", None) is not None:
             error.show()
             sys.exit(EXIT_USER_ERROR)
         raise
-
 
 if __name__ == "__main__":
     main()

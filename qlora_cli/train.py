@@ -13,12 +13,13 @@ then loads, trains and writes the run directory:
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import shutil
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,6 @@ def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: 
         weight_decay=t.weight_decay,
         adam_beta2=t.adam_beta2,
         optim=t.optimizer,
-        # Checkpointing was switched on when the model was prepared (non-reentrant); the Trainer
-        # would switch it on a second time with its own settings.
-        gradient_checkpointing=False,
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         use_cpu=on_device == "cpu",
@@ -269,11 +267,28 @@ def library_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 
-def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
+@dataclass
+class TrainingRun:
+    summary: dict[str, Any]
+    model: Any  # the trained PeftModel, still in memory
+    tokenizer: Any
+
+
+def quiet_libraries(console: Console) -> None:
+    """Silence what the libraries say that a user cannot act on."""
+    from transformers.utils import logging as hf_logging
+
+    # Deprecation notices about arguments transformers' own helpers pass (gradient_checkpointing).
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    if not console.is_terminal:
+        hf_logging.disable_progress_bar()
+
+
+def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainingRun:
     """Train the recipe and write its run directory.
 
     Returns:
-        the summary written to summary.json.
+        the summary written to summary.json, and the trained model.
 
     Raises:
         UserError: bad recipe, data, model source or run directory, found before training starts.
@@ -293,6 +308,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     from .data.tokenize import PadToLongest, tokenize_examples
     from .models import choose_compute_dtype, count_parameters, device, load_model, load_tokenizer, resolve_model_path
 
+    quiet_libraries(console)
     on_device = device()
     dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device)
     console.print(f"Device: {on_device}; compute dtype: {str(dtype.dtype).removeprefix('torch.')} ({dtype.reason})")
@@ -340,6 +356,9 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     trainer.train()
     train_seconds = time.perf_counter() - started
 
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # the Trainer makes it even when it saves nothing there
     save_adapter(model, tokenizer, template, run_dir / "adapter")
     if metrics.records:
         plot_loss(metrics.records, run_dir / "loss.png")
@@ -379,4 +398,4 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
             ],
         )
     )
-    return summary
+    return TrainingRun(summary=summary, model=model, tokenizer=tokenizer)

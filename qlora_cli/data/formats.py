@@ -113,7 +113,7 @@ def detect_format(row: dict) -> str | None:
     """The format a row's columns say it is in, or None."""
     if "messages" in row or "conversations" in row:
         return "chat"
-    if "instruction" in row and "output" in row:
+    if "instruction" in row or "output" in row:
         return "alpaca"
     return None
 

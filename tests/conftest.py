@@ -1,0 +1,155 @@
+"""Shared fixtures: a tiny Llama and a tokenizer built here, so no test downloads anything."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A Zephyr-style template that ends every turn with the EOS token, as many chat models do.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Arr! The capital o' Japan be Tokyo, matey. Yo ho ho!",
+    "Add two and three. Two plus three makes five.",
+    "Write a haiku about the sea. Waves fold into foam, the gull cries over the grey, salt wind on my face.",
+    "You are a helpful assistant. Answer briefly and politely.",
+    "system user assistant instruction input output question answer",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()[]{}<>|/-_\n",
+]
+
+
+def build_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer that adds BOS like Llama's, with a chat template and no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(CORPUS, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_tiny_llama(directory: Path, vocab_size: int) -> None:
+    """A 2-layer Llama with random weights, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(directory)
+    assert tokenizer.convert_tokens_to_ids(["<s>", "</s>"]) == [1, 2]
+    build_tiny_llama(directory, len(tokenizer))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+ALPACA_ROWS = [
+    {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+    {"instruction": "Add two and three.", "input": "", "output": "Two plus three makes five."},
+    {"instruction": "Answer the question.", "input": "What is the capital of Japan?", "output": "Arr! Tokyo, matey."},
+    {"instruction": "Write a haiku about the sea.", "input": "", "output": "Waves fold into foam, the gull cries over the grey, salt wind on my face."},
+]
+
+CHAT_ROWS = [
+    {"messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Japan?"},
+        {"role": "assistant", "content": "Tokyo, matey."},
+    ]},
+    {"conversations": [
+        {"from": "human", "value": "Add two and three."},
+        {"from": "gpt", "value": "Five."},
+    ]},
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def tiny_recipe_text(model_dir: Path, data_files: list[str], **training) -> str:
+    """A recipe for the tiny model, with the quickstart's shape and a few steps."""
+    options = {"batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 4, "logging_steps": 1,
+               "learning_rate": 1e-3, "gradient_checkpointing": True, **training}
+    lines = [
+        "model:",
+        f"  base: {model_dir}",
+        "lora:",
+        "  r: 8",
+        "  alpha: 16",
+        "  dropout: 0.0",
+        "data:",
+        "  train:",
+        *[f"    - path: {name}" for name in data_files],
+        "  max_seq_len: 128",
+        "training:",
+        *[f"  {key}: {json.dumps(value)}" for key, value in options.items()],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
+    """A recipe file with alpaca and chat data beside it; the run goes to tmp_path/run."""
+    write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
+    write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl", "chat.jsonl"]) + "output:\n  dir: run\n",
+        encoding="utf-8",
+    )
+    return recipe

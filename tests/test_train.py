@@ -1,0 +1,174 @@
+"""The training stage on a tiny 2-layer Llama, through the same code path as a real run."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+
+from qlora_cli.cli import main
+from qlora_cli.models import load_model
+from qlora_cli.recipe import load_recipe
+from qlora_cli.train import run_training
+
+# Losses of the golden run below (CPU, float32, seed 0). A change here is a change in what is trained.
+GOLDEN_LOSSES = [5.978673458099365, 6.022075653076172, 5.99796724319458, 5.897457599639893]
+
+EXPECTED_TREE = [
+    "adapter",
+    "adapter/README.md",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/chat_template.jinja",
+    "adapter/tokenizer.json",
+    "adapter/tokenizer_config.json",
+    "loss.png",
+    "metrics.jsonl",
+    "recipe.yaml",
+    "summary.json",
+]
+
+PROBE_IDS = [[1, 40, 41, 42, 43, 44, 45, 2]]
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+@pytest.fixture(scope="module")
+def golden_run(tmp_path_factory, tiny_model_dir):
+    import bitsandbytes as bnb
+    from conftest import ALPACA_ROWS, CHAT_ROWS, tiny_recipe_text, write_jsonl
+
+    folder = tmp_path_factory.mktemp("golden")
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    write_jsonl(folder / "chat.jsonl", CHAT_ROWS)
+    path = folder / "tiny.yaml"
+    path.write_text(tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl", "chat.jsonl"]) + "output:\n  dir: run\n")
+    run = run_training(load_recipe(path), console=quiet())
+    # Read before the eval forward below: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit
+    # weights for inference (un-nesting the quantization constants) on the first no-grad forward.
+    run.quant_states_as_trained = [
+        (m.weight.quant_state.quant_type, m.weight.quant_state.nested)
+        for m in run.model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    ]
+    run.model.eval()
+    with torch.no_grad():
+        logits = run.model(input_ids=torch.tensor(PROBE_IDS)).logits
+    return folder / "run", run, logits
+
+
+def test_golden_run_losses_and_tree(golden_run):
+    run_dir, run, _ = golden_run
+    tree = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    assert tree == EXPECTED_TREE
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    losses = [r["loss"] for r in records]
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-4, abs=1e-5)
+    assert all(set(r) >= {"step", "loss", "learning_rate", "tokens"} for r in records)
+    # Tokens only ever grow and end at the summary's count of non-padding tokens.
+    tokens = [r["tokens"] for r in records]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_tokens"] == tokens[-1]
+    assert summary["final_loss"] == losses[-1] and summary["first_loss"] == losses[0]
+    assert summary["compute_dtype"] == "float32" and summary["device"] == "cpu"
+    assert summary["train_seconds"] > 0 and summary["peak_memory_bytes"] > 0
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(summary["versions"])
+
+
+def test_run_is_4bit_nf4_double_quant_with_lora_on_every_linear(golden_run):
+    import bitsandbytes as bnb
+
+    _, run, _ = golden_run
+    base = run.model.base_model.model
+    linear4 = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    assert run.quant_states_as_trained == [("nf4", True)] * len(linear4)
+    lora_targets = {name.split(".")[-4] for name, _ in run.model.named_parameters() if "lora_A" in name}
+    assert lora_targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not isinstance(base.lm_head, bnb.nn.Linear4bit)
+
+
+def test_adapter_reloads_in_a_fresh_process_with_identical_logits(golden_run, tmp_path):
+    run_dir, _, logits = golden_run
+    expected = tmp_path / "expected.pt"
+    torch.save(logits, expected)
+    script = f"""
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import BitsAndBytesConfig
+quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+model = AutoPeftModelForCausalLM.from_pretrained({str(run_dir / "adapter")!r}, quantization_config=quant,
+                                                 dtype=torch.float32, device_map={{"": "cpu"}})
+model.eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor({PROBE_IDS})).logits
+expected = torch.load({str(expected)!r})
+difference = (logits - expected).abs().max().item()
+print("max_abs_diff", difference)
+assert difference < 1e-5, difference
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_abs_diff" in result.stdout
+
+
+def test_adapter_carries_the_chat_template(golden_run, tiny_tokenizer):
+    run_dir, _, _ = golden_run
+    saved = (run_dir / "adapter" / "chat_template.jinja").read_text()
+    assert saved == tiny_tokenizer.chat_template
+
+
+def test_every_lora_b_gets_a_gradient_with_checkpointing(tiny_recipe, tiny_model_dir):
+    recipe = load_recipe(tiny_recipe)
+    assert recipe.training.gradient_checkpointing
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model_dir), recipe, torch.float32, "cpu")
+    assert model.base_model.model.is_gradient_checkpointing
+    model.train()
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 2]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    assert len(lora_b) == 14
+    for name, parameter in lora_b.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_existing_run_dir_is_refused_and_left_alone(tiny_recipe, capsys):
+    run_dir = tiny_recipe.parent / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tiny_recipe)])
+    assert exited.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run_dir / "keep.txt").read_text() == "precious"
+
+
+def test_bad_row_stops_before_anything_is_written(tiny_recipe, capsys):
+    with (tiny_recipe.parent / "chat.jsonl").open("a") as handle:
+        handle.write('{"messages": [{"role": "user", "content": "no reply"}]}\n')
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tiny_recipe)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "chat.jsonl:3" in err and "no assistant message" in err
+    assert "Traceback" not in err
+    assert not (tiny_recipe.parent / "run").exists()
+
+
+def test_fp16_on_cpu_is_refused_with_the_fix(tiny_recipe, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tiny_recipe), "--set", "quantization.compute_dtype=float16"])
+    assert exited.value.code == 2
+    assert "use float32 or auto" in capsys.readouterr().err
+    assert not (tiny_recipe.parent / "run").exists()
