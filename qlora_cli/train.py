@@ -18,7 +18,6 @@ import resource
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,16 +273,6 @@ class TrainingRun:
     tokenizer: Any
 
 
-def quiet_libraries(console: Console) -> None:
-    """Silence what the libraries say that a user cannot act on."""
-    from transformers.utils import logging as hf_logging
-
-    # Deprecation notices about arguments transformers' own helpers pass (gradient_checkpointing).
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
-    if not console.is_terminal:
-        hf_logging.disable_progress_bar()
-
-
 def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainingRun:
     """Train the recipe and write its run directory.
 
@@ -306,9 +295,11 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
 
     from .data.templates import resolve_template
     from .data.tokenize import PadToLongest, tokenize_examples
-    from .models import choose_compute_dtype, count_parameters, device, load_model, load_tokenizer, resolve_model_path
+    from .models import (
+        choose_compute_dtype, count_parameters, device, load_model, load_tokenizer, quiet_libraries, resolve_model_path,
+    )
 
-    quiet_libraries(console)
+    quiet_libraries(console.is_terminal)
     on_device = device()
     dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device)
     console.print(f"Device: {on_device}; compute dtype: {str(dtype.dtype).removeprefix('torch.')} ({dtype.reason})")

@@ -205,3 +205,8 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "lora.r" in result.stderr and ":7:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_recipe_reference_is_current():
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_reference.py"), "--check"])
+    assert result.returncode == 0, "README.md's recipe reference is stale: run python scripts/recipe_reference.py"

@@ -116,3 +116,14 @@ def render_segments(tokenizer, template: str, messages: list[dict], train_on_pro
             segments.append(Segment(tail, train_on_prompt))
         rendered = full
     return [s for s in segments if s.text]
+
+
+def end_of_turn_token(tokenizer, template: str) -> str | None:
+    """The special token that closes an assistant reply under `template` (what generation stops at)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        segments = render_segments(tokenizer, template, probe)
+    except Exception:  # a template that cannot render the probe: fall back to the EOS token alone
+        return None
+    reply = next(s.text for s in segments if s.trained)
+    return next((token for token in _special_token_strings(tokenizer) if reply.endswith(token)), None)

@@ -1,0 +1,155 @@
+"""Generation: load a run (4-bit base + adapter, as trained), a merged directory or any model, and answer
+prompts with the chat template the model was trained with."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .data.templates import end_of_turn_token
+from .data.tokenize import tokenizer_adds_bos
+from .errors import Problem, UserError
+from .models import choose_compute_dtype, device, quantization_config, resolve_model_path
+from .recipe import Recipe
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    description: str
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file() and (path / "adapter").exists()
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run was trained with (its paths are already absolute)."""
+    path = run_dir / "recipe.yaml"
+    try:
+        return Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except Exception as exc:
+        raise UserError(Problem(f"not a readable run recipe: {exc}", file=path)) from None
+
+
+def load_run(run_dir: Path) -> LoadedModel:
+    """The model as it was trained: the base quantized as in the recipe, with the adapter on top.
+
+    Raises:
+        UserError: the adapter is missing or unreadable.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = read_run_recipe(run_dir)
+    adapter = run_dir / "adapter"
+    config_path = adapter / "adapter_config.json"
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(Problem(f"missing or corrupt adapter config: {exc}", file=config_path)) from None
+    on_device = device()
+    dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device).dtype
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        quantization_config=quantization_config(recipe, dtype),
+        dtype=dtype,
+        device_map={"": 0 if on_device == "cuda" else "cpu"},
+        trust_remote_code=recipe.model.trust_remote_code,
+        use_safetensors=True,
+    )
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except Exception as exc:  # peft raises several types for a damaged adapter
+        raise UserError(Problem(f"cannot load the adapter: {exc}", file=adapter)) from None
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    return LoadedModel(model.eval(), tokenizer, f"{run_dir} (4-bit base + adapter)")
+
+
+def load_plain(reference: str) -> LoadedModel:
+    """A full-precision model: a merged directory, a local model, a hub id, a .gguf or the bundled alias."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(reference)
+    on_device = device()
+    dtype = torch.float32 if on_device == "cpu" else choose_compute_dtype("auto", on_device).dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, device_map={"": 0 if on_device == "cuda" else "cpu"}, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise UserError(f"cannot load model {reference}: {exc}") from None
+    return LoadedModel(model.eval(), tokenizer, reference)
+
+
+def load_for_generation(reference: str) -> LoadedModel:
+    path = Path(reference).expanduser()
+    if path.is_dir() and is_run_dir(path):
+        return load_run(path)
+    return load_plain(reference)
+
+
+def prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat ending in the generation prompt, with BOS exactly as in training."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer_adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids.insert(0, tokenizer.bos_token_id)
+    return ids
+
+
+def stop_token_ids(loaded: LoadedModel) -> list[int]:
+    """EOS ids of the model plus the token the chat template closes replies with."""
+    tokenizer = loaded.tokenizer
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.chat_template:
+        end = end_of_turn_token(tokenizer, tokenizer.chat_template)
+        if end is not None:
+            ids.add(tokenizer.convert_tokens_to_ids(end))
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(
+    loaded: LoadedModel,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    system: str | None = None,
+    streamer=None,
+) -> list[str]:
+    """Answer each prompt; left-padded batches, sampling when temperature > 0, greedy at 0."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [prompt_ids(tokenizer, p, system) for p in prompts]
+    longest = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(encoded):
+        input_ids[row, longest - len(ids):] = torch.tensor(ids)
+        attention_mask[row, longest - len(ids):] = 1
+    device_ = next(model.parameters()).device
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids.to(device_),
+            attention_mask=attention_mask.to(device_),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_token_ids(loaded),
+            pad_token_id=pad_id,
+            streamer=streamer,
+            **sampling,
+        )
+    return [tokenizer.decode(row[longest:], skip_special_tokens=True).strip() for row in output]
