@@ -101,6 +101,29 @@ def generate(
             console.print()
 
 
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `qlora train`.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: RUN_DIR/merged).")] = None,
+    dtype: Annotated[str, typer.Option(help="Dtype of the merged weights: bfloat16, float16 or float32.")] = "bfloat16",
+    base: Annotated[str, typer.Option(help="Merge into the `dequantized` 4-bit weights the adapter was trained against, or the `original` weights.")] = "dequantized",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+) -> None:
+    """Export a merged checkpoint that plain transformers loads, with a parity report."""
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype: {dtype!r} is not one of bfloat16, float16, float32")
+    if base not in ("dequantized", "original"):
+        raise UserError(f"--base: {base!r} is not one of dequantized, original")
+    from .console import key_value_table, make_console
+    from .merge import merge_run
+    from .models import quiet_libraries
+
+    console = make_console()
+    quiet_libraries(console.is_terminal)
+    report = merge_run(run_dir, out=out, dtype_name=dtype, base=base, overwrite=overwrite, say=console.print)
+    console.print(key_value_table("Merge", [(key, value) for key, value in report.items()]))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print their problems and exit 2, never a traceback."""
     try:

@@ -217,6 +217,20 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
     return model
 
 
+def keep_training_numerics(model) -> None:
+    """Make no-grad forwards compute as training did.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for inference on its first no-grad
+    forward in eval mode, rounding the quantization constants to bfloat16 for good. Comparisons with
+    the trained model (merge parity, reloaded logits) must not see that.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as the parameters they pack."""
     trainable = total = 0

@@ -148,7 +148,13 @@ class OutputSection(Section):
             "unset: `runs/<recipe name>` in the current directory."
         ),
     )
-    merge: bool = Field(False, description="Also write a merged full-precision checkpoint into RUN_DIR/merged.")
+    merge: bool = Field(
+        False,
+        description=(
+            "After training, also write a merged bfloat16 checkpoint with a parity report into RUN_DIR/merged "
+            "(as `qlora merge RUN_DIR`; run that for other dtypes or bases)."
+        ),
+    )
 
 
 class Recipe(Section):

@@ -373,6 +373,11 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
         "dropped_examples": stats.dropped_no_trained_tokens,
         "versions": library_versions(),
     }
+    if recipe.output.merge:
+        from .merge import merge_run
+
+        report = merge_run(run_dir, say=console.print)
+        summary["merged"] = {key: report[key] for key in ("out", "dtype", "max_abs_logit_diff", "mean_kl_nats_per_token")}
     write_json(run_dir / "summary.json", summary)
     console.print(
         key_value_table(

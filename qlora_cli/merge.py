@@ -1,0 +1,203 @@
+"""Merging: a full-precision checkpoint that computes what the trained model (4-bit base + adapter) computed.
+
+The adapter learned against dequant(quant(W)), not W. So by default the LoRA delta is added to the
+dequantized 4-bit weights (`base: dequantized`); `base: original` adds it to the original weights, as
+reloading the 16-bit base and calling peft's merge does, and the parity report says how far that drifts.
+Nothing is ever merged into 4-bit weights and re-quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
+PARITY_PROMPTS = 4
+PARITY_MAX_TOKENS = 128
+
+
+@dataclass
+class ParityReport:
+    max_abs_logit_diff: float
+    mean_kl: float  # KL(trained || merged), nats per token
+    tokens: int
+
+
+def dense_weights(trained_model, base: str) -> dict[str, torch.Tensor]:
+    """The float32 weight of every quantized linear layer after merging, by module name in the base model.
+
+    Args:
+        trained_model: the PeftModel on the 4-bit (or 8-bit) base, as trained.
+        base: `dequantized` to merge into the weights the adapter was trained against, `original` to
+            merge into the original checkpoint's weights (returned only for the adapted layers).
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from peft.tuners.lora import LoraLayer
+
+    weights: dict[str, torch.Tensor] = {}
+    inner = trained_model.base_model.model
+    for name, module in inner.named_modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            delta = sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters)
+            if base == "dequantized" and isinstance(layer, bnb.nn.Linear4bit):
+                weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            elif base == "dequantized" and isinstance(layer, bnb.nn.Linear8bitLt):
+                raise UserError("merging an 8-bit run is not supported yet; train with quantization.bits: 4 or 16")
+            else:
+                weight = None  # the original weight, filled in from the dense model
+            weights[name] = (weight, delta)
+        elif base == "dequantized" and isinstance(module, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
+            weights[name] = (dequantize_4bit(module.weight.data, module.weight.quant_state).float(), None)
+    return weights
+
+
+def build_merged(trained_model, base_path: str, base: str, dtype: torch.dtype, trust_remote_code: bool):
+    """A dense model of the base architecture holding the merged weights, in `dtype`, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    merged_weights = dense_weights(trained_model, base)
+    # Load in float32 so that `original` merges add to unrounded weights; cast once at the end.
+    dense = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=torch.float32, device_map={"": "cpu"}, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, (weight, delta) in merged_weights.items():
+            target = modules[name].weight
+            value = (weight if weight is not None else target.data.float()).to(target.device)
+            if delta is not None:
+                value = value + delta.to(target.device)
+            target.data.copy_(value)
+    return dense.to(dtype).eval()
+
+
+def parity(trained_model, merged_model, batches: list[list[int]]) -> ParityReport:
+    """Max |Δlogit| and mean KL(trained || merged) per token over the prompts."""
+    max_diff, kl_sum, tokens = 0.0, 0.0, 0
+    trained_device = next(trained_model.parameters()).device
+    with torch.no_grad():
+        for ids in batches:
+            tensor = torch.tensor([ids])
+            reference = trained_model(input_ids=tensor.to(trained_device)).logits.float().cpu()[0]
+            candidate = merged_model(input_ids=tensor).logits.float()[0]
+            max_diff = max(max_diff, (reference - candidate).abs().max().item())
+            log_p = torch.log_softmax(reference, dim=-1)
+            log_q = torch.log_softmax(candidate, dim=-1)
+            # KL is never negative; float rounding can make a per-token value a hair below zero.
+            kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
+            tokens += len(ids)
+    return ParityReport(max_abs_logit_diff=max_diff, mean_kl=kl_sum / tokens, tokens=tokens)
+
+
+def parity_prompts(run_dir: Path, tokenizer) -> list[list[int]]:
+    """Token ids of the first rows of the run's training data, as the model saw them in training."""
+    from .data.tokenize import tokenize_examples
+    from .generate import read_run_recipe
+    from .train import read_training_data
+
+    recipe = read_run_recipe(run_dir)
+    try:
+        examples = read_training_data(recipe)[:PARITY_PROMPTS]
+    except UserError:
+        examples = []
+    if not examples:
+        raise UserError(f"{run_dir}: the run's training data is gone, so there are no prompts to check the merge on")
+    rows, _ = tokenize_examples(
+        tokenizer, tokenizer.chat_template, examples, max_seq_len=PARITY_MAX_TOKENS, train_on_prompt=False
+    )
+    return [row["input_ids"] for row in rows]
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.1:
+        raise UserError(f"not enough free disk in {folder}: the merged model needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+
+
+def merge_run(
+    run_dir: Path,
+    *,
+    out: Path | None = None,
+    dtype_name: str = "bfloat16",
+    base: str = "dequantized",
+    overwrite: bool = False,
+    say=print,
+) -> dict:
+    """Merge a run's adapter into its base and write a checkpoint plain transformers loads.
+
+    The output is written to a staging folder and renamed at the end: a failure, a failed parity
+    check or Ctrl-C leaves no output folder.
+
+    Returns:
+        the parity report, also written to OUT/merge_report.json.
+
+    Raises:
+        UserError: not a run directory, damaged adapter, existing output, no disk space, or a
+            float32 dequantized merge whose KL exceeds KL_LIMIT.
+    """
+    from .generate import is_run_dir, load_run, read_run_recipe
+    from .models import keep_training_numerics
+
+    run_dir = Path(run_dir).resolve()
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
+    out = Path(out).resolve() if out is not None else run_dir / "merged"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    dtype = getattr(torch, dtype_name)
+    started = time.perf_counter()
+
+    loaded = load_run(run_dir)
+    trained = loaded.model
+    keep_training_numerics(trained)
+    trust_remote_code = read_run_recipe(run_dir).model.trust_remote_code
+    base_path = trained.peft_config["default"].base_model_name_or_path
+    say(f"Merging {run_dir / 'adapter'} into {base_path} ({base} base, {dtype_name})")
+    merged = build_merged(trained, base_path, base, dtype, trust_remote_code=trust_remote_code)
+    report = parity(trained, merged, parity_prompts(run_dir, loaded.tokenizer))
+    enforced = base == "dequantized" and dtype == torch.float32
+    result = {
+        "base": base,
+        "dtype": dtype_name,
+        "base_model": base_path,
+        "adapter": str(run_dir / "adapter"),
+        "prompts": f"first {PARITY_PROMPTS} rows of the run's training data, at most {PARITY_MAX_TOKENS} tokens each",
+        "tokens": report.tokens,
+        "max_abs_logit_diff": report.max_abs_logit_diff,
+        "mean_kl_nats_per_token": report.mean_kl,
+        "kl_limit": KL_LIMIT if enforced else None,
+    }
+    if enforced and not report.mean_kl < KL_LIMIT:
+        raise UserError(
+            f"the merged model differs from the trained one: mean KL {report.mean_kl:.3g} nats/token "
+            f"(limit {KL_LIMIT}); nothing was written"
+        )
+
+    parameters = sum(p.numel() for p in merged.parameters())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(out.parent, parameters * torch.finfo(dtype).bits // 8)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        merged.save_pretrained(staging, max_shard_size="2GB")
+        loaded.tokenizer.save_pretrained(staging)
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result["out"] = str(out)
+    return result
