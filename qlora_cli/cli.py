@@ -102,6 +102,26 @@ def generate(
 
 
 @app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.", show_default=False)],
+    system: Annotated[Optional[str], typer.Option(help="The system message to start with.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Talk with a model: multi-turn, streamed, with /reset and /system."""
+    from .chat import chat_loop
+    from .generate import load_for_generation
+    from .models import quiet_libraries
+
+    quiet_libraries(sys.stdout.isatty())
+    loaded = load_for_generation(model)
+    chat_loop(loaded, input, sys.stdout, system=system, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_p=top_p, seed=seed)
+
+
+@app.command()
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `qlora train`.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: RUN_DIR/merged).")] = None,

@@ -98,6 +98,11 @@ def load_for_generation(reference: str) -> LoadedModel:
 def prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     """Token ids of a one-turn chat ending in the generation prompt, with BOS exactly as in training."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return conversation_ids(tokenizer, messages)
+
+
+def conversation_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat ending in the generation prompt, with BOS exactly as in training."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if tokenizer_adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
@@ -120,7 +125,7 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
 
 def generate(
     loaded: LoadedModel,
-    prompts: list[str],
+    prompts: list[str] | list[list[dict[str, str]]],
     *,
     max_new_tokens: int = 256,
     temperature: float = 0.7,
@@ -129,10 +134,13 @@ def generate(
     system: str | None = None,
     streamer=None,
 ) -> list[str]:
-    """Answer each prompt; left-padded batches, sampling when temperature > 0, greedy at 0."""
+    """Answer each prompt (a string, or a whole conversation as messages); left-padded batches,
+    sampling when temperature > 0, greedy at 0."""
     tokenizer, model = loaded.tokenizer, loaded.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [prompt_ids(tokenizer, p, system) for p in prompts]
+    encoded = [
+        prompt_ids(tokenizer, p, system) if isinstance(p, str) else conversation_ids(tokenizer, p) for p in prompts
+    ]
     longest = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
