@@ -99,23 +99,24 @@ def parity(trained_model, merged_model, batches: list[list[int]]) -> ParityRepor
     return ParityReport(max_abs_logit_diff=max_diff, mean_kl=kl_sum / tokens, tokens=tokens)
 
 
-def parity_prompts(run_dir: Path, tokenizer) -> list[list[int]]:
-    """Token ids of the first rows of the run's training data, as the model saw them in training."""
-    from .data.tokenize import tokenize_examples
+def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
+    """Token ids of the first evaluation rows of the run (else its first training rows), as the model
+    saw them in training, and a description of where they came from."""
+    from .data.sources import load_datasets
+    from .data.tokenize import TokenizeOptions, tokenize_examples
     from .generate import read_run_recipe
-    from .train import read_training_data
 
     recipe = read_run_recipe(run_dir)
     try:
-        examples = read_training_data(recipe)[:PARITY_PROMPTS]
+        datasets = load_datasets(recipe.data, recipe.training.seed)
     except UserError:
-        examples = []
-    if not examples:
-        raise UserError(f"{run_dir}: the run's training data is gone, so there are no prompts to check the merge on")
-    rows, _ = tokenize_examples(
-        tokenizer, tokenizer.chat_template, examples, max_seq_len=PARITY_MAX_TOKENS, train_on_prompt=False
-    )
-    return [row["input_ids"] for row in rows]
+        raise UserError(f"{run_dir}: the run's data cannot be read any more, so there are no prompts to check the merge on") from None
+    held_out = bool(datasets.eval)
+    examples = (datasets.eval if held_out else datasets.train)[:PARITY_PROMPTS]
+    options = TokenizeOptions(max_seq_len=PARITY_MAX_TOKENS, truncation="right")
+    rows, _ = tokenize_examples(tokenizer, tokenizer.chat_template, examples, options)
+    where = "evaluation" if held_out else "training (the run has no evaluation rows)"
+    return [row["input_ids"] for row in rows], f"first {len(rows)} {where} rows, at most {PARITY_MAX_TOKENS} tokens each"
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -164,14 +165,15 @@ def merge_run(
     base_path = trained.peft_config["default"].base_model_name_or_path
     say(f"Merging {run_dir / 'adapter'} into {base_path} ({base} base, {dtype_name})")
     merged = build_merged(trained, base_path, base, dtype, trust_remote_code=trust_remote_code)
-    report = parity(trained, merged, parity_prompts(run_dir, loaded.tokenizer))
+    prompts, prompts_from = parity_prompts(run_dir, loaded.tokenizer)
+    report = parity(trained, merged, prompts)
     enforced = base == "dequantized" and dtype == torch.float32
     result = {
         "base": base,
         "dtype": dtype_name,
         "base_model": base_path,
         "adapter": str(run_dir / "adapter"),
-        "prompts": f"first {PARITY_PROMPTS} rows of the run's training data, at most {PARITY_MAX_TOKENS} tokens each",
+        "prompts": prompts_from,
         "tokens": report.tokens,
         "max_abs_logit_diff": report.max_abs_logit_diff,
         "mean_kl_nats_per_token": report.mean_kl,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_dir
 from .errors import UserError
 from .recipe import BUNDLED_MODEL_ALIAS, Recipe
 
@@ -38,11 +39,6 @@ def quiet_libraries(interactive: bool) -> None:
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     if not interactive:
         hf_logging.disable_progress_bar()
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $QLORA_CACHE, else ~/.cache/qlora."""
-    return Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora")).expanduser()
 
 
 def bundled_gguf_path() -> Path:

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Problem, UserError
 
 BUNDLED_MODEL_ALIAS = "smollm2-135m-instruct"
+# Kept in step with data/named_templates.py by a test; listed here so validation needs no import of it.
+TEMPLATE_NAMES = ("alpaca", "guanaco", "chatml", "llama3", "llama2", "mistral", "zephyr", "phi3", "gemma")
 
 
 class Section(BaseModel):
@@ -76,31 +78,102 @@ class LoraSection(Section):
         return value
 
 
-DATA_FORMATS = ("auto", "alpaca", "chat")
+DataFormat = Literal["auto", "alpaca", "chat", "oasst", "input-output", "prompt-completion", "text"]
 
 
 class DataSource(Section):
-    path: Path = Field(description="A local .jsonl file. Relative paths resolve against the recipe's folder.")
-    format: Literal["auto", "alpaca", "chat"] = Field(
-        "auto",
+    path: Path | None = Field(
+        None,
         description=(
-            "`alpaca` (instruction, input, output), `chat` (`messages` with role/content, or ShareGPT "
-            "`conversations` with from/value), or `auto` to detect it from each row's columns."
+            "A local .jsonl, .json, .csv, .tsv or .parquet file, or a folder of them. "
+            "Relative paths resolve against the recipe's folder."
         ),
     )
+    hub: str | None = Field(None, description="A Hugging Face hub dataset id instead of `path` (needs network access).")
+    subset: str | None = Field(None, description="The hub dataset's subset (configuration) name.")
+    split: str = Field("train", description="The hub dataset's split.")
+    format: DataFormat = Field(
+        "auto",
+        description=(
+            "`alpaca` (instruction, input, output), `chat` (`messages` role/content or ShareGPT `conversations` "
+            "from/value), `oasst` (`text` as `### Human: ... ### Assistant: ...`), `input-output` (template-free "
+            "`segments` of {text, label}), `prompt-completion`, `text` (raw text, loss on all of it), or `auto` "
+            "to tell each row's format from its columns."
+        ),
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns to the names the format expects, as `{expected: actual}`, e.g. `{output: answer}`.",
+    )
+    weight: float | None = Field(
+        None, gt=0, description="Repeat (above 1) or subsample (below 1) this source's rows in the mixture."
+    )
+    samples: int | None = Field(
+        None, ge=1, description="Use exactly this many rows of this source (sampled with the seed; repeated if fewer)."
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "DataSource":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` and `hub`")
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("give at most one of `weight` and `samples`")
+        return self
 
 
 class DataSection(Section):
-    train: list[DataSource] = Field(min_length=1, description="Training files, each with its format.")
-    max_seq_len: int = Field(512, ge=8, description="Examples longer than this many tokens are truncated.")
+    train: list[DataSource] = Field(min_length=1, description="Training sources, each with its format.")
+    eval: list[DataSource] = Field(default_factory=list, description="Evaluation sources (instead of `eval_size`).")
+    eval_size: float = Field(
+        0,
+        ge=0,
+        description="Hold out this many training rows (1 or more) or this fraction (below 1) for evaluation, with the seed.",
+    )
+    max_seq_len: int = Field(512, ge=8, description="Longest example in tokens; see `truncation` for longer ones.")
+    truncation: Literal["right", "left", "drop"] = Field(
+        "right",
+        description="Longer examples: `right` keeps their start, `left` keeps their end (and the BOS), `drop` skips them.",
+    )
     template: str = Field(
         "auto",
         description=(
-            "Prompt template: `auto` (the tokenizer's chat template, else `guanaco`), `tokenizer`, `guanaco`, "
-            "or a Jinja chat template string."
+            "Chat template: `auto` (the tokenizer's own, else `guanaco`), `tokenizer`, a name ("
+            + ", ".join(f"`{name}`" for name in TEMPLATE_NAMES)
+            + "), or a Jinja chat template string."
         ),
     )
     train_on_prompt: bool = Field(False, description="Compute the loss on prompts too, not only on responses.")
+    packing: bool = Field(
+        False,
+        description=(
+            "Concatenate each batch into one row with no padding; position ids restart per example so no "
+            "example attends to another."
+        ),
+    )
+    group_by_length: bool = Field(
+        True, description="Without packing, batch examples of similar length together to waste less on padding."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A bad data row stops the run before the model loads (`error`) or is counted and skipped."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value in ("auto", "tokenizer", *TEMPLATE_NAMES) or "{{" in value or "{%" in value:
+            return value
+        raise ValueError(
+            f"unknown template {value!r}{_suggest(value, ['auto', 'tokenizer', *TEMPLATE_NAMES])}; "
+            "use a name or a Jinja chat template string"
+        )
+
+    @model_validator(mode="after")
+    def _one_eval(self) -> "DataSection":
+        if self.eval and self.eval_size:
+            raise ValueError("give `eval` sources or `eval_size`, not both")
+        if self.eval_size >= 1 and self.eval_size != int(self.eval_size):
+            raise ValueError("an `eval_size` of 1 or more is a number of rows and must be whole")
+        return self
 
 
 class TrainingSection(Section):
@@ -128,6 +201,9 @@ class TrainingSection(Section):
     )
     seed: int = Field(0, ge=0, description="Seed for initialisation, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every this many updates.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate on the eval rows every this many updates (none: once, at the end)."
+    )
     save_steps: int | None = Field(
         None, ge=1, description="Save a checkpoint under RUN_DIR/checkpoints every this many updates (none: only at the end)."
     )
@@ -385,12 +461,13 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
     def where(path: KeyPath) -> dict:
         return {"file": source, "line": lines.get(path), "key": _dotted(path)}
 
-    for index, item in enumerate(recipe.data.train):
-        item.path = _resolve(item.path, base_dir)
-        if not item.path.exists():
-            problems.append(Problem(f"data file not found: {item.path}", **where(("data", "train", index, "path"))))
-        elif item.path.is_dir():
-            problems.append(Problem(f"expected a .jsonl file, got a folder: {item.path}", **where(("data", "train", index, "path"))))
+    for section in ("train", "eval"):
+        for index, item in enumerate(getattr(recipe.data, section)):
+            if item.path is None:
+                continue
+            item.path = _resolve(item.path, base_dir)
+            if not item.path.exists():
+                problems.append(Problem(f"data path not found: {item.path}", **where(("data", section, index, "path"))))
     base = recipe.model.base
     if base != BUNDLED_MODEL_ALIAS:
         candidate = _resolve(Path(base), base_dir)

@@ -25,11 +25,9 @@ from typing import Any
 from rich.console import Console
 
 from .console import format_seconds, key_value_table, recipe_table
-from .data.formats import Example, read_jsonl
-from .errors import Problem, UserError
+from .data.sources import Datasets, load_datasets
+from .errors import UserError
 from .recipe import Recipe, to_yaml
-
-MAX_ROW_PROBLEMS_SHOWN = 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,26 +44,6 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def read_training_data(recipe: Recipe) -> list[Example]:
-    """Every training row, checked; all bad rows are reported at once.
-
-    Raises:
-        UserError: one problem per bad row (file, line, reason), at most MAX_ROW_PROBLEMS_SHOWN shown.
-    """
-    examples: list[Example] = []
-    problems: list[Problem] = []
-    for source in recipe.data.train:
-        result = read_jsonl(source.path, source.format)
-        examples += result.examples
-        problems += result.problems
-    if problems:
-        shown = problems[:MAX_ROW_PROBLEMS_SHOWN]
-        more = len(problems) - len(shown)
-        title = f"{len(problems)} bad data row(s)" + (f"; the first {len(shown)}:" if more else ":")
-        raise UserError(shown, title=title)
-    return examples
-
-
 # ---------------------------------------------------------------------------------------------
 # Trainer set-up
 
@@ -77,7 +55,7 @@ def scheduler_name(recipe: Recipe) -> str:
     return name
 
 
-def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: str):
+def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: str, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
@@ -105,16 +83,54 @@ def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: 
         save_steps=t.save_steps or 500,
         seed=t.seed,
         data_seed=t.seed,
+        train_sampling_strategy=(
+            "group_by_length" if recipe.data.group_by_length and not recipe.data.packing else "random"
+        ),
+        per_device_eval_batch_size=t.batch_size,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        prediction_loss_only=True,
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
 
 
-def make_callbacks(run_dir: Path, console: Console):
-    """Callbacks that write metrics.jsonl and show progress (a bar on a TTY, lines otherwise)."""
+def make_collator(recipe: Recipe, tokenizer):
+    from .data.tokenize import PackBatch, PadToLongest
+
+    return PackBatch() if recipe.data.packing else PadToLongest(tokenizer.pad_token_id)
+
+
+def make_trainer(model, args, prepared, train_collator, eval_collator, callbacks):
+    """The transformers Trainer, with its own collator for evaluation so that the training collator
+    counts exactly the tokens fed to training steps."""
+    from transformers import PrinterCallback, Trainer
+
+    class RecipeTrainer(Trainer):
+        def get_eval_dataloader(self, eval_dataset=None):
+            training_collator, self.data_collator = self.data_collator, eval_collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = training_collator
+
+    trainer = RecipeTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval or None,
+        data_collator=train_collator,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def make_callbacks(run_dir: Path, console: Console, fed):
+    """Callbacks that write metrics.jsonl (and eval_metrics.jsonl) and show progress (a bar on a TTY,
+    lines otherwise). `fed` counts the tokens the training collator has handed to the model."""
     from transformers import TrainerCallback
 
     class MetricsWriter(TrainerCallback):
@@ -126,7 +142,18 @@ def make_callbacks(run_dir: Path, console: Console):
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
+            self.eval_records: list[dict[str, Any]] = []
+
+        def _append(self, path: Path, record: dict[str, Any]) -> None:
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
+            elapsed = round(time.perf_counter() - self.started, 3)
+            if logs and "eval_loss" in logs:
+                record = {"step": state.global_step, "eval_loss": logs["eval_loss"], "elapsed_seconds": elapsed}
+                self.eval_records.append(record)
+                self._append(run_dir / "eval_metrics.jsonl", record)
             if not logs or "loss" not in logs:
                 return
             record = {
@@ -135,12 +162,11 @@ def make_callbacks(run_dir: Path, console: Console):
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "epoch": logs.get("epoch"),
-                "tokens": state.num_input_tokens_seen,
-                "elapsed_seconds": round(time.perf_counter() - self.started, 3),
+                "tokens": fed.tokens,
+                "elapsed_seconds": elapsed,
             }
             self.records.append(record)
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self._append(self.path, record)
 
     class ProgressReporter(TrainerCallback):
         def __init__(self) -> None:
@@ -157,7 +183,7 @@ def make_callbacks(run_dir: Path, console: Console):
             return {
                 "loss": f"{loss:.4f}" if loss is not None else "-",
                 "lr": f"{lr:.2e}" if lr is not None else "-",
-                "tps": f"{state.num_input_tokens_seen / elapsed:,.0f}",
+                "tps": f"{fed.tokens / elapsed:,.0f}",
             }
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -273,6 +299,34 @@ class TrainingRun:
     tokenizer: Any
 
 
+def describe_data(console: Console, datasets: Datasets, prepared, recipe: Recipe) -> float:
+    """Print what will be trained on; return the padding fraction the batching is expected to feed."""
+    from .data.prepare import expected_padding
+
+    for name, count in datasets.rows_per_source.items():
+        console.print(f"  {count:>7,} rows  {name}")
+    if datasets.skipped:
+        console.print(f"[yellow]Skipped {len(datasets.skipped)} bad row(s) (data.on_bad_row: skip); the first:")
+        for problem in datasets.skipped[:5]:
+            console.print(f"[yellow]  {problem.render()}", markup=True)
+    stats = prepared.train_stats
+    console.print(
+        f"Tokenized {stats.examples:,} training examples{' (cached)' if prepared.cache_hit else ''}: "
+        f"{stats.tokens:,} tokens, {stats.trained_tokens:,} trained ({stats.trained_tokens / stats.tokens:.0%}); "
+        f"longest {stats.longest}; {stats.truncated} truncated to {recipe.data.max_seq_len}; "
+        f"{stats.dropped_too_long} dropped as too long; {stats.dropped_no_trained_tokens} dropped with no trained token"
+        + (f" (first: {', '.join(stats.dropped_rows[:3])})" if stats.dropped_rows else "")
+    )
+    if prepared.eval_stats is not None:
+        console.print(f"Evaluation: {prepared.eval_stats.examples:,} examples, {prepared.eval_stats.tokens:,} tokens")
+    padding = expected_padding(recipe, [len(row["input_ids"]) for row in prepared.train])
+    batching = "packed, no padding" if recipe.data.packing else (
+        "grouped by length" if recipe.data.group_by_length else "random batches"
+    )
+    console.print(f"Batching: {batching}; expected padding {padding:.1%} of fed positions")
+    return padding
+
+
 def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainingRun:
     """Train the recipe and write its run directory.
 
@@ -286,15 +340,15 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     run_dir = recipe.output.dir
     assert run_dir is not None, "load_recipe sets output.dir"
     check_run_dir(run_dir, overwrite)
-    examples = read_training_data(recipe)
+    datasets = load_datasets(recipe.data, recipe.training.seed)
     console.print(recipe_table(recipe))
-    console.print(f"Read {len(examples)} training rows from {len(recipe.data.train)} file(s).")
+    console.print(f"Read {len(datasets.train):,} training and {len(datasets.eval):,} evaluation rows.")
 
     import torch
-    from transformers import PrinterCallback, Trainer, set_seed
+    from transformers import set_seed
 
+    from .data.prepare import prepare
     from .data.templates import resolve_template
-    from .data.tokenize import PadToLongest, tokenize_examples
     from .models import (
         choose_compute_dtype, count_parameters, device, load_model, load_tokenizer, quiet_libraries, resolve_model_path,
     )
@@ -311,16 +365,8 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     model_path = resolve_model_path(recipe.model.base, say=console.print)
     tokenizer = load_tokenizer(model_path, recipe)
     template = resolve_template(recipe.data.template, tokenizer)
-    rows, stats = tokenize_examples(
-        tokenizer, template, examples, max_seq_len=recipe.data.max_seq_len, train_on_prompt=recipe.data.train_on_prompt
-    )
-    console.print(
-        f"Tokenized {stats.examples} examples: {stats.tokens:,} tokens, {stats.trained_tokens:,} trained "
-        f"({stats.trained_tokens / stats.tokens:.0%}); longest {stats.longest}; "
-        f"{stats.truncated} truncated to {recipe.data.max_seq_len}; "
-        f"{stats.dropped_no_trained_tokens} dropped with no trained token left"
-        + (f" (first: {', '.join(stats.dropped_rows[:3])})" if stats.dropped_rows else "")
-    )
+    prepared = prepare(recipe, tokenizer, template, datasets)
+    describe_data(console, datasets, prepared, recipe)
 
     # Everything checkable is checked: only now is an old run replaced.
     if run_dir.exists():
@@ -333,19 +379,16 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
 
-    collator = PadToLongest(tokenizer.pad_token_id)
-    metrics, progress = make_callbacks(run_dir, console)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(recipe, run_dir, dtype.dtype, on_device),
-        train_dataset=rows,
-        data_collator=collator,
-        callbacks=[metrics, progress],
-    )
-    trainer.remove_callback(PrinterCallback)
+    train_collator = make_collator(recipe, tokenizer)
+    metrics, progress = make_callbacks(run_dir, console, train_collator.fed)
+    args = training_arguments(recipe, run_dir, dtype.dtype, on_device, has_eval=bool(prepared.eval))
+    trainer = make_trainer(model, args, prepared, train_collator, make_collator(recipe, tokenizer), [metrics, progress])
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
+    eval_loss = None
+    if prepared.eval:
+        eval_loss = trainer.evaluate()["eval_loss"]
 
     checkpoints = run_dir / "checkpoints"
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
@@ -354,23 +397,29 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     if metrics.records:
         plot_loss(metrics.records, run_dir / "loss.png")
     peak, peak_kind = peak_memory_bytes(on_device)
-    train_tokens = int(trainer.state.num_input_tokens_seen)
+    fed = train_collator.fed
+    stats = prepared.train_stats
     summary = {
         "steps": trainer.state.global_step,
         "examples": stats.examples,
-        "train_tokens": train_tokens,
+        "train_tokens": fed.tokens,
+        "fed_positions": fed.positions,
+        "padding_fraction": round(fed.padding_fraction, 4),
         "train_seconds": round(train_seconds, 3),
-        "tokens_per_second": round(train_tokens / train_seconds, 1) if train_seconds else None,
+        "tokens_per_second": round(fed.tokens / train_seconds, 1) if train_seconds else None,
         "first_loss": metrics.records[0]["loss"] if metrics.records else None,
         "final_loss": metrics.records[-1]["loss"] if metrics.records else None,
+        "eval_loss": eval_loss,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "compute_dtype": str(dtype.dtype).removeprefix("torch."),
         "device": on_device,
         "trainable_parameters": trainable,
         "base_model": model_path,
+        "rows_per_source": datasets.rows_per_source,
+        "skipped_bad_rows": len(datasets.skipped),
         "truncated_examples": stats.truncated,
-        "dropped_examples": stats.dropped_no_trained_tokens,
+        "dropped_examples": stats.dropped_too_long + stats.dropped_no_trained_tokens,
         "versions": library_versions(),
     }
     if recipe.output.merge:
@@ -386,7 +435,8 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
                 ("run directory", str(run_dir)),
                 ("steps", summary["steps"]),
                 ("loss (first → last)", f"{summary['first_loss']:.4f} → {summary['final_loss']:.4f}" if metrics.records else "-"),
-                ("tokens trained on", f"{train_tokens:,}"),
+                *([("eval loss", f"{eval_loss:.4f}")] if eval_loss is not None else []),
+                ("tokens trained on", f"{fed.tokens:,} ({fed.padding_fraction:.1%} padding fed)"),
                 ("time", format_seconds(train_seconds)),
                 ("tokens/s", summary["tokens_per_second"]),
                 ("peak memory", f"{peak / 2**20:,.0f} MiB ({peak_kind})"),

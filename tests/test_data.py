@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from conftest import ALPACA_ROWS, CHAT_ROWS, write_jsonl
-from qlora_cli.data.formats import Example, detect_format, read_jsonl
+from qlora_cli.data.formats import detect_format
+from qlora_cli.data.sources import load_datasets
 from qlora_cli.data.templates import GUANACO_TEMPLATE, resolve_template
-from qlora_cli.data.tokenize import IGNORE_INDEX, PadToLongest, tokenize_examples
+from qlora_cli.data.tokenize import IGNORE_INDEX, PadToLongest, TokenizeOptions, tokenize_examples
+from qlora_cli.errors import UserError
+from qlora_cli.recipe import DataSection
 
 CHATML_WITH_BOS = (
     "{{ bos_token }}{% for message in messages %}"
@@ -34,12 +37,17 @@ def trained_spans(labels: list[int]) -> list[list[int]]:
     return spans
 
 
+def read(tmp_path, rows, name="rows.jsonl", **source):
+    """Examples of rows written to a JSONL file, read through the recipe's data section."""
+    path = write_jsonl(tmp_path / name, rows)
+    data = DataSection(train=[{"path": path, **source}])
+    return load_datasets(data, seed=0).train
+
+
 def tokenize(tokenizer, rows, template=None, tmp_path=None, **options):
-    path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    result = read_jsonl(path, "auto")
-    assert not result.problems, result.problems
-    kwargs = {"max_seq_len": 512, "train_on_prompt": False, **options}
-    return tokenize_examples(tokenizer, template or tokenizer.chat_template, result.examples, **kwargs)
+    examples = read(tmp_path, rows)
+    kwargs = {"max_seq_len": 512, **options}
+    return tokenize_examples(tokenizer, template or tokenizer.chat_template, examples, TokenizeOptions(**kwargs))
 
 
 def test_alpaca_trains_on_response_and_eos_only(tiny_tokenizer, tmp_path):
@@ -88,11 +96,23 @@ def test_end_of_turn_token_other_than_eos_is_trained(tiny_tokenizer, tmp_path):
 def test_template_without_end_token_gets_eos_appended(tiny_tokenizer, tmp_path):
     no_end = (
         "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
     )
     rows, _ = tokenize(tiny_tokenizer, ALPACA_ROWS[:1], template=no_end, tmp_path=tmp_path)
     spans = [tiny_tokenizer.decode(span) for span in trained_spans(rows[0]["labels"])]
-    assert spans == ["The capital of France is Paris.</s>"]
+    # The space after "assistant:" is the reply's to generate (" The"), so it is trained with it.
+    assert spans == [" The capital of France is Paris.</s>"]
+
+
+def test_a_token_straddling_prompt_and_reply_is_trained(tiny_tokenizer, tmp_path):
+    # The generation prompt ends in a space that merges with the reply's first word (" The").
+    trailing_space = (
+        "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    rows, _ = tokenize(tiny_tokenizer, ALPACA_ROWS[:1], template=trailing_space, tmp_path=tmp_path)
+    spans = [tiny_tokenizer.decode(span) for span in trained_spans(rows[0]["labels"])]
+    assert spans == [" The capital of France is Paris.</s>"]
 
 
 def test_guanaco_template(tiny_tokenizer, tmp_path):
@@ -100,7 +120,7 @@ def test_guanaco_template(tiny_tokenizer, tmp_path):
     text = tiny_tokenizer.decode(rows[0]["input_ids"])
     assert text == "<s>### Human: What is the capital of France?\n### Assistant: The capital of France is Paris.</s>\n"
     spans = [tiny_tokenizer.decode(span) for span in trained_spans(rows[0]["labels"])]
-    assert spans == ["The capital of France is Paris.</s>"]
+    assert spans == [" The capital of France is Paris.</s>"]
 
 
 def test_train_on_prompt_trains_everything_but_bos(tiny_tokenizer, tmp_path):
@@ -151,6 +171,15 @@ def test_detect_format(row, expected):
     assert detect_format(row) == expected
 
 
+def bad_rows(tmp_path, lines: list[str], **source) -> dict[int, str]:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        load_datasets(DataSection(train=[{"path": path, **source}]), seed=0)
+    assert all(p.file == str(path) or p.file == path for p in caught.value.problems)
+    return {p.line: p.message for p in caught.value.problems}
+
+
 def test_bad_rows_are_reported_with_line_numbers(tmp_path):
     lines = [
         json.dumps(ALPACA_ROWS[0]),
@@ -162,41 +191,168 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path):
         json.dumps({"instruction": 3, "output": "x"}),
         json.dumps(["a list"]),
         "",
-        json.dumps({"text": "raw"}),
+        json.dumps({"colour": "raw"}),
+        json.dumps({"text": "### Human: hi"}),
+        json.dumps({"segments": [{"text": "a", "label": False}]}),
+        json.dumps({"prompt": "p"}),
     ]
-    path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = read_jsonl(path, "auto")
-    assert len(result.examples) == 1
-    found = {p.line: p.message for p in result.problems}
-    assert all(p.file == path for p in result.problems)
+    found = bad_rows(tmp_path, lines)
     assert "not valid JSON" in found[2]
     assert "missing field `output`" in found[3]
     assert "field `output` is empty" in found[4]
     assert "unknown role 'wizard'" in found[5]
     assert "no assistant message" in found[6]
     assert "must be a string" in found[7]
-    assert "must be a JSON object" in found[8]
-    assert "cannot detect the format" in found[10]
-    assert 9 not in found  # blank lines are skipped
+    assert "must be an object" in found[8]
+    assert "cannot tell the format" in found[10]
+    assert "oasst row" in found[11] and "no assistant message" in found[11]
+    assert "nothing would be trained" in found[12]
+    assert "missing field `completion`" in found[13]
+    assert 1 not in found and 9 not in found  # a good row and a blank line
 
 
 def test_explicit_format_mismatch_is_a_row_error(tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", [ALPACA_ROWS[0]])
-    result = read_jsonl(path, "chat")
-    assert [p.line for p in result.problems] == [1]
-    assert "missing field `messages`" in result.problems[0].message
+    found = bad_rows(tmp_path, [json.dumps(ALPACA_ROWS[0])], format="chat")
+    assert list(found) == [1] and "missing field `messages`" in found[1]
 
 
 def test_roles_must_alternate(tmp_path):
     row = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}
-    result = read_jsonl(write_jsonl(tmp_path / "rows.jsonl", [row]), "auto")
-    assert "roles must alternate" in result.problems[0].message
+    assert "roles must alternate" in bad_rows(tmp_path, [json.dumps(row)])[1]
+
+
+def test_skip_bad_rows_keeps_the_good_ones(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(ALPACA_ROWS[0]) + "\n{oops\n" + json.dumps(ALPACA_ROWS[1]) + "\n")
+    datasets = load_datasets(DataSection(train=[{"path": path}], on_bad_row="skip"), seed=0)
+    assert [e.location.line for e in datasets.train] == [1, 3]
+    assert [p.line for p in datasets.skipped] == [2]
 
 
 def test_examples_keep_their_origin(tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", ALPACA_ROWS[:2])
-    result = read_jsonl(path, "alpaca")
-    assert [(e.file, e.line) for e in result.examples] == [(path, 1), (path, 2)]
-    assert isinstance(result.examples[0], Example)
-    assert result.formats == {"alpaca": 2}
+    examples = read(tmp_path, ALPACA_ROWS[:2], format="alpaca")
+    assert [(str(e.location.file), e.location.line) for e in examples] == [(str(tmp_path / "rows.jsonl"), 1), (str(tmp_path / "rows.jsonl"), 2)]
+
+
+# --- every format, decoded -----------------------------------------------------------------------
+
+def decoded_spans(tokenizer, rows):
+    return [[tokenizer.decode(span) for span in trained_spans(row["labels"])] for row in rows]
+
+
+def test_oasst_multi_turn_trains_every_assistant_turn(tiny_tokenizer, tmp_path):
+    row = {"text": "### Human: What is the capital of France?### Assistant: Paris.### Human: And of Japan?### Assistant: Tokyo, matey."}
+    rows, _ = tokenize(tiny_tokenizer, [row], tmp_path=tmp_path)
+    assert decoded_spans(tiny_tokenizer, rows) == [["Paris.</s>", "Tokyo, matey.</s>"]]
+    rows, _ = tokenize(tiny_tokenizer, [row], template=GUANACO_TEMPLATE, tmp_path=tmp_path)
+    assert decoded_spans(tiny_tokenizer, rows) == [[" Paris.</s>", " Tokyo, matey.</s>"]]
+    # With the paper's own template the text comes back in the Guanaco form.
+    rows, _ = tokenize(tiny_tokenizer, [row], template=GUANACO_TEMPLATE, tmp_path=tmp_path)
+    assert tiny_tokenizer.decode(rows[0]["input_ids"]) == (
+        "<s>### Human: What is the capital of France?\n### Assistant: Paris.</s>\n"
+        "### Human: And of Japan?\n### Assistant: Tokyo, matey.</s>\n"
+    )
+
+
+def test_sharegpt_conversations(tiny_tokenizer, tmp_path):
+    rows, _ = tokenize(tiny_tokenizer, [CHAT_ROWS[1]], tmp_path=tmp_path)
+    assert decoded_spans(tiny_tokenizer, rows) == [["Five.</s>"]]
+
+
+def test_input_output_is_template_free(tiny_tokenizer, tmp_path):
+    row = {"segments": [{"text": "Q: capital of France?\nA:", "label": False}, {"text": " Paris.</s>", "label": True}]}
+    rows, _ = tokenize(tiny_tokenizer, [row], tmp_path=tmp_path)
+    assert tiny_tokenizer.decode(rows[0]["input_ids"]) == "<s>Q: capital of France?\nA: Paris.</s>"
+    assert decoded_spans(tiny_tokenizer, rows) == [[" Paris.</s>"]]
+
+
+def test_prompt_completion_strings_and_messages(tiny_tokenizer, tmp_path):
+    plain = {"prompt": "Add two and three. ", "completion": "Five."}
+    conversational = {"prompt": [{"role": "user", "content": "Add two and three."}], "completion": "Five."}
+    rows, _ = tokenize(tiny_tokenizer, [plain, conversational], tmp_path=tmp_path)
+    assert tiny_tokenizer.decode(rows[0]["input_ids"]) == "<s>Add two and three. Five.</s>"
+    assert decoded_spans(tiny_tokenizer, rows) == [["Five.</s>"], ["Five.</s>"]]
+    assert "<|assistant|>" in tiny_tokenizer.decode(rows[1]["input_ids"])
+
+
+def test_text_trains_on_everything_with_eos(tiny_tokenizer, tmp_path):
+    rows, _ = tokenize(tiny_tokenizer, [{"text": "Waves fold into foam."}], tmp_path=tmp_path)
+    assert decoded_spans(tiny_tokenizer, rows) == [["Waves fold into foam.</s>"]]
+    assert rows[0]["input_ids"][0] == tiny_tokenizer.bos_token_id and rows[0]["labels"][0] == IGNORE_INDEX
+
+
+def test_column_mapping(tiny_tokenizer, tmp_path):
+    rows = [{"question": "What is the capital of France?", "answer": "Paris."}]
+    examples = read(tmp_path, rows, columns={"instruction": "question", "output": "answer"})
+    assert examples[0].messages[-1] == {"role": "assistant", "content": "Paris."}
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"messages": []}, "chat"),
+        ({"conversations": []}, "chat"),
+        ({"instruction": "a", "output": "b"}, "alpaca"),
+        ({"instruction": "a"}, "alpaca"),
+        ({"prompt": "a", "completion": "b"}, "prompt-completion"),
+        ({"segments": []}, "input-output"),
+        ({"text": "### Human: a ### Assistant: b"}, "oasst"),
+        ({"text": "plain"}, "text"),
+        ({"colour": "a"}, None),
+    ],
+)
+def test_detect_format(row, expected):
+    assert detect_format(row) == expected
+
+
+# --- length ---------------------------------------------------------------------------------------
+
+def test_truncation_policies(tiny_tokenizer, tmp_path):
+    long_row = {"instruction": "Add two and three.", "input": "", "output": "Two plus three makes five. " * 20}
+    rows, stats = tokenize(tiny_tokenizer, [long_row], tmp_path=tmp_path, max_seq_len=40)
+    assert len(rows[0]["input_ids"]) == 40 and stats.truncated == 1
+    assert tiny_tokenizer.decode(rows[0]["input_ids"]).startswith("<s><|user|>\nAdd two")
+    rows, _ = tokenize(tiny_tokenizer, [long_row], tmp_path=tmp_path, max_seq_len=40, truncation="left")
+    assert len(rows[0]["input_ids"]) == 40 and rows[0]["input_ids"][0] == tiny_tokenizer.bos_token_id
+    assert tiny_tokenizer.decode(rows[0]["input_ids"]).endswith("five. </s>\n")
+    rows, stats = tokenize(tiny_tokenizer, [long_row, ALPACA_ROWS[0]], tmp_path=tmp_path, max_seq_len=40, truncation="drop")
+    assert len(rows) == 1 and stats.dropped_too_long == 1
+
+
+# --- sources: mixing and evaluation split ---------------------------------------------------------
+
+def test_mixture_respects_weights_and_samples(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(10)])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"text": f"c{i}"} for i in range(10)])
+    data = DataSection(train=[{"path": a, "weight": 2.5}, {"path": b, "weight": 0.3}, {"path": c, "samples": 4}])
+    datasets = load_datasets(data, seed=0)
+    counts = {}
+    for example in datasets.train:
+        counts[example.segments[0].text[0]] = counts.get(example.segments[0].text[0], 0) + 1
+    assert counts == {"a": 25, "b": 3, "c": 4}
+    assert datasets.rows_per_source == {str(a): 25, str(b): 3, str(c): 4}
+    # Every row of `a` is used twice, and half of them a third time.
+    texts = [e.segments[0].text for e in datasets.train if e.segments[0].text[0] == "a"]
+    assert sorted(set(texts)) == [f"a{i}" for i in range(10)]
+    # Same seed, same mixture.
+    again = load_datasets(data, seed=0)
+    assert [e.segments[0].text for e in again.train] == [e.segments[0].text for e in datasets.train]
+
+
+def test_eval_split_is_held_out_before_mixing(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(20)])
+    datasets = load_datasets(DataSection(train=[{"path": a, "weight": 3}], eval_size=0.25), seed=1)
+    held = {e.segments[0].text for e in datasets.eval}
+    trained = {e.segments[0].text for e in datasets.train}
+    assert len(held) == 5 and len(datasets.train) == 45
+    assert not held & trained
+    counted = load_datasets(DataSection(train=[{"path": a}], eval_size=3), seed=1)
+    assert len(counted.eval) == 3 and len(counted.train) == 17
+
+
+def test_eval_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
+    b = write_jsonl(tmp_path / "b.jsonl", CHAT_ROWS)
+    datasets = load_datasets(DataSection(train=[{"path": a}], eval=[{"path": b}]), seed=0)
+    assert len(datasets.train) == len(ALPACA_ROWS) and len(datasets.eval) == len(CHAT_ROWS)

@@ -1,4 +1,5 @@
-"""Readers: every supported row format becomes one form, a list of chat messages.
+"""Row formats: every supported row becomes one `Example`, either a chat conversation (rendered later
+with the chat template) or template-free text segments (tokenized as given).
 
 Rows are checked here, before any model or tokenizer loads, so that a bad row is reported with its
 file and line at start-up instead of crashing a run an hour in.
@@ -6,25 +7,33 @@ file and line at start-up instead of crashing a run an hour in.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+import re
+from dataclasses import dataclass
+from typing import Callable
 
-from ..errors import Problem
+from .readers import Location
+from .templates import Segment
 
+FORMATS = ("alpaca", "chat", "oasst", "input-output", "prompt-completion", "text")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names and the chat role each one means.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+OASST_TURN = re.compile(r"### (Human|Assistant):[ \t]?")
 
 
 @dataclass
 class Example:
-    """One training example: chat messages, and where the row came from."""
+    """One training example and where its row came from.
 
-    messages: list[dict[str, str]]
-    file: Path
-    line: int
+    Exactly one of `messages` (a conversation for the chat template) and `segments` (template-free
+    text, trained or not, tokenized as given) is set. `add_eos` asks for the EOS token after the last
+    segment, trained like that segment, so template-free examples still learn to stop.
+    """
+
+    location: Location
+    messages: list[dict[str, str]] | None = None
+    segments: list[Segment] | None = None
+    add_eos: bool = False
 
 
 class RowError(ValueError):
@@ -42,19 +51,6 @@ def _text(row: dict, key: str, *, required: bool = True) -> str:
     if required and not value.strip():
         raise RowError(f"field `{key}` is empty")
     return value
-
-
-def alpaca_to_messages(row: dict) -> list[dict[str, str]]:
-    """`instruction` (+ optional `input`) is the user turn, `output` the assistant turn."""
-    instruction = _text(row, "instruction")
-    extra = _text(row, "input", required=False)
-    output = _text(row, "output")
-    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = []
-    system = _text(row, "system", required=False)
-    if system.strip():
-        messages.append({"role": "system", "content": system})
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 def _check_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -77,16 +73,7 @@ def _check_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return messages
 
 
-def chat_to_messages(row: dict) -> list[dict[str, str]]:
-    """OpenAI-style `messages` (role/content) or ShareGPT `conversations` (from/value)."""
-    if "messages" in row:
-        raw, role_key, content_key, roles = row["messages"], "role", "content", {r: r for r in ROLES}
-        column = "messages"
-    elif "conversations" in row:
-        raw, role_key, content_key, roles = row["conversations"], "from", "value", SHAREGPT_ROLES
-        column = "conversations"
-    else:
-        raise RowError("missing field `messages` (or `conversations`)")
+def _messages(raw: object, column: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
     if not isinstance(raw, list):
         raise RowError(f"field `{column}` must be a list of messages, got {type(raw).__name__}")
     messages = []
@@ -100,12 +87,87 @@ def chat_to_messages(row: dict) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise RowError(f"{column}[{index}]: `{content_key}` must be a string, got {type(content).__name__}")
         messages.append({"role": roles[role], "content": content})
-    return _check_conversation(messages)
+    return messages
 
 
-CONVERTERS: dict[str, Callable[[dict], list[dict[str, str]]]] = {
-    "alpaca": alpaca_to_messages,
-    "chat": chat_to_messages,
+def alpaca(row: dict, location: Location) -> Example:
+    """`instruction` (+ optional `input`) is the user turn, `output` the assistant turn."""
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", required=False)
+    output = _text(row, "output")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    system = _text(row, "system", required=False)
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return Example(location, messages=messages)
+
+
+def chat(row: dict, location: Location) -> Example:
+    """OpenAI-style `messages` (role/content) or ShareGPT `conversations` (from/value)."""
+    if "messages" in row:
+        messages = _messages(row["messages"], "messages", "role", "content", {r: r for r in ROLES})
+    elif "conversations" in row:
+        messages = _messages(row["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    else:
+        raise RowError("missing field `messages` (or `conversations`)")
+    return Example(location, messages=_check_conversation(messages))
+
+
+def oasst(row: dict, location: Location) -> Example:
+    """The Guanaco / OpenAssistant text form: `### Human: ... ### Assistant: ...`, any number of turns."""
+    text = _text(row, "text")
+    parts = OASST_TURN.split(text)
+    if parts[0].strip():
+        raise RowError("text before the first `### Human:`")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if not messages:
+        raise RowError("no `### Human:` / `### Assistant:` turns in `text`")
+    return Example(location, messages=_check_conversation(messages))
+
+
+def input_output(row: dict, location: Location) -> Example:
+    """Template-free: `segments` of `{"text", "label"}`, tokenized exactly as given; loss where label is true."""
+    raw = row.get("segments")
+    if not isinstance(raw, list) or not raw:
+        raise RowError("field `segments` must be a non-empty list of {text, label} objects")
+    segments = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not isinstance(item.get("label"), bool):
+            raise RowError(f"segments[{index}] must be an object with a string `text` and a true/false `label`")
+        segments.append(Segment(item["text"], item["label"]))
+    if not any(s.trained and s.text.strip() for s in segments):
+        raise RowError("no segment has `label: true` and text, so nothing would be trained")
+    return Example(location, segments=segments)
+
+
+def prompt_completion(row: dict, location: Location) -> Example:
+    """`prompt` and `completion`: strings (template-free, EOS appended) or message lists (a conversation)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list):
+        messages = _messages(prompt, "prompt", "role", "content", {r: r for r in ROLES})
+        if isinstance(completion, list):
+            reply = _messages(completion, "completion", "role", "content", {r: r for r in ROLES})
+        else:
+            reply = [{"role": "assistant", "content": _text(row, "completion")}]
+        return Example(location, messages=_check_conversation(messages + reply))
+    prompt_text, completion_text = _text(row, "prompt"), _text(row, "completion")
+    return Example(location, segments=[Segment(prompt_text, False), Segment(completion_text, True)], add_eos=True)
+
+
+def text(row: dict, location: Location) -> Example:
+    """Raw text for continued pre-training: the loss is on every token, EOS appended."""
+    return Example(location, segments=[Segment(_text(row, "text"), True)], add_eos=True)
+
+
+CONVERTERS: dict[str, Callable[[dict, Location], Example]] = {
+    "alpaca": alpaca,
+    "chat": chat,
+    "oasst": oasst,
+    "input-output": input_output,
+    "prompt-completion": prompt_completion,
+    "text": text,
 }
 
 
@@ -115,68 +177,46 @@ def detect_format(row: dict) -> str | None:
         return "chat"
     if "instruction" in row or "output" in row:
         return "alpaca"
+    if "prompt" in row or "completion" in row:
+        return "prompt-completion"
+    if "segments" in row:
+        return "input-output"
+    if "text" in row:
+        body = row["text"]
+        return "oasst" if isinstance(body, str) and body.lstrip().startswith("### Human:") else "text"
     return None
 
 
-@dataclass
-class ReadResult:
-    examples: list[Example] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    formats: dict[str, int] = field(default_factory=dict)  # rows read per format
+def rename_columns(row: dict, columns: dict[str, str]) -> dict:
+    """The row with its columns renamed to what the format expects; `columns` maps expected -> actual."""
+    if not columns:
+        return row
+    renamed = dict(row)
+    for expected, actual in columns.items():
+        if actual in row:
+            renamed.pop(actual)
+            renamed[expected] = row[actual]
+    return renamed
 
 
-def read_jsonl(path: Path, data_format: str) -> ReadResult:
-    """Read and check every row of a JSONL file.
+def to_example(row: object, location: Location, data_format: str, columns: dict[str, str]) -> Example:
+    """Convert one raw row.
 
-    Args:
-        path: the file.
-        data_format: a key of CONVERTERS, or `auto` to detect it row by row.
-
-    Returns:
-        the examples of the good rows and one problem (file, line, reason) per bad row.
+    Raises:
+        RowError: the row is not an object, its format cannot be told, or it breaks its format's rules.
     """
-    result = ReadResult()
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be an object, got {type(row).__name__}")
+    row = rename_columns(row, columns)
+    row_format = detect_format(row) if data_format == "auto" else data_format
+    if row_format is None:
+        names = ", ".join(sorted(map(str, row))) or "none"
+        raise RowError(
+            f"cannot tell the format from the columns ({names}); expected `messages`, `conversations`, "
+            "`instruction`+`output`, `prompt`+`completion`, `segments` or `text`; set the source's `format` "
+            "or map columns with `columns`"
+        )
     try:
-        handle = path.open("rb")
-    except OSError as exc:
-        result.problems.append(Problem(f"cannot read: {exc}", file=path))
-        return result
-    with handle:
-        for line_number, raw_line in enumerate(handle, start=1):
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError:
-                result.problems.append(Problem("not valid UTF-8", file=path, line=line_number))
-                continue
-            if not line.strip():
-                continue
-            try:
-                row: Any = json.loads(line)
-            except json.JSONDecodeError as exc:
-                result.problems.append(Problem(f"not valid JSON: {exc.msg} (column {exc.colno})", file=path, line=line_number))
-                continue
-            if not isinstance(row, dict):
-                result.problems.append(Problem(f"a row must be a JSON object, got {type(row).__name__}", file=path, line=line_number))
-                continue
-            row_format = detect_format(row) if data_format == "auto" else data_format
-            if row_format is None:
-                columns = ", ".join(sorted(row)) or "none"
-                result.problems.append(
-                    Problem(
-                        f"cannot detect the format from the columns ({columns}); expected `messages`, "
-                        "`conversations`, or `instruction` + `output`; or set the source's `format`",
-                        file=path,
-                        line=line_number,
-                    )
-                )
-                continue
-            result.formats[row_format] = result.formats.get(row_format, 0) + 1
-            try:
-                messages = CONVERTERS[row_format](row)
-            except RowError as exc:
-                result.problems.append(Problem(f"{row_format} row: {exc}", file=path, line=line_number))
-                continue
-            result.examples.append(Example(messages=messages, file=path, line=line_number))
-    if not result.examples and not result.problems:
-        result.problems.append(Problem("the file has no rows", file=path))
-    return result
+        return CONVERTERS[row_format](row, location)
+    except RowError as error:
+        raise RowError(f"{row_format} row: {error}") from None

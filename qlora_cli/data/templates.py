@@ -11,25 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-
-# The QLoRA paper's OASST1 / Guanaco text form, for base models that have no chat template.
-GUANACO_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}### Human: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}### Assistant: {{ message['content'] }}{{ eos_token }}\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}### Assistant: {% endif %}"
-)
-
-NAMED_TEMPLATES = {"guanaco": GUANACO_TEMPLATE}
-TEMPLATE_KEYWORDS = ("auto", "tokenizer", *NAMED_TEMPLATES)
-
-
-def is_jinja(value: str) -> bool:
-    return "{{" in value or "{%" in value
-
+from .named_templates import GUANACO_TEMPLATE, NAMED_TEMPLATES
 
 def resolve_template(setting: str, tokenizer) -> str:
     """The Jinja chat template to train with, from the recipe's `data.template` setting.
@@ -42,7 +24,7 @@ def resolve_template(setting: str, tokenizer) -> str:
         return own or GUANACO_TEMPLATE
     if setting == "tokenizer":
         if not own:
-            raise UserError("data.template: the tokenizer has no chat template; use `guanaco` or a Jinja string")
+            raise UserError("data.template: the tokenizer has no chat template; use a template name or a Jinja string")
         return own
     if setting in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[setting]

@@ -1,4 +1,4 @@
-"""Tokenization with labels, and the collator that pads batches.
+"""Tokenization with labels, the tokenization cache, and the collators that batch examples.
 
 Labels are the input ids where the loss is taken and IGNORE_INDEX elsewhere. Padding is masked by
 position, never by comparing ids with the pad id: many chat models pad with their EOS token, and
@@ -7,15 +7,20 @@ masking by id would silently stop the model from learning to end its replies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..errors import Problem, UserError
+from ..errors import UserError
 from .formats import Example
 from .templates import Segment, render_segments
 
 IGNORE_INDEX = -100
+CACHE_VERSION = 1
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -27,28 +32,62 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 
 
 def encode_segments(tokenizer, segments: list[Segment], *, bos_id: int | None) -> tuple[list[int], list[int]]:
-    """Token ids and labels of a rendered conversation.
+    """Token ids and labels of a rendered conversation or of template-free segments."""
+    return encode_batch(tokenizer, [segments], bos_id=bos_id)[0]
+
+
+def encode_batch(tokenizer, batch: list[list[Segment]], *, bos_id: int | None) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels of several segmented texts, in one batched (parallel) tokenizer call.
+
+    Each text is tokenized whole, exactly as the template renders it, and a token is trained when any
+    of its characters lies in a trained segment, so a token that merges the last character of a
+    prompt with the first of a reply still trains the reply's start. Tokenizing segments one by one
+    instead would give different tokens at their seams with SentencePiece tokenizers, which put a
+    word-start marker before every piece of text they are given.
 
     Args:
         bos_id: the BOS id to start with, or None if the model uses none. A template that already
             writes the BOS token keeps its own: there is exactly one either way.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for segment in segments:
-        piece = tokenizer(segment.text, add_special_tokens=False)["input_ids"]
-        input_ids += piece
-        labels += piece if segment.trained else [IGNORE_INDEX] * len(piece)
-    if bos_id is not None and (not input_ids or input_ids[0] != bos_id):
-        input_ids.insert(0, bos_id)
-        labels.insert(0, IGNORE_INDEX)
-    return input_ids, labels
+    texts = ["".join(s.text for s in segments) for segments in batch]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": []}
+    results = []
+    for index, segments in enumerate(batch):
+        spans, position = [], 0
+        for segment in segments:
+            if segment.trained:
+                spans.append((position, position + len(segment.text)))
+            position += len(segment.text)
+        input_ids = list(encoded["input_ids"][index])
+        labels = [
+            token if any(_overlaps(begin, finish, start, end) for start, end in spans) else IGNORE_INDEX
+            for token, (begin, finish) in zip(input_ids, encoded["offset_mapping"][index])
+        ]
+        if bos_id is not None and (not input_ids or input_ids[0] != bos_id):
+            input_ids.insert(0, bos_id)
+            labels.insert(0, IGNORE_INDEX)
+        results.append((input_ids, labels))
+    return results
+
+
+def _overlaps(begin: int, finish: int, start: int, end: int) -> bool:
+    if begin == finish:  # a token with no characters of its own: where it stands decides
+        return start <= begin < end
+    return begin < end and finish > start
+
+
+@dataclass
+class TokenizeOptions:
+    max_seq_len: int
+    truncation: str = "right"  # right | left | drop
+    train_on_prompt: bool = False
 
 
 @dataclass
 class TokenizeStats:
     examples: int = 0
     truncated: int = 0
+    dropped_too_long: int = 0
     dropped_no_trained_tokens: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -56,45 +95,148 @@ class TokenizeStats:
     dropped_rows: list[str] = field(default_factory=list)
 
 
+def segments_of(tokenizer, template: str, example: Example, train_on_prompt: bool) -> list[Segment]:
+    """The segments to tokenize for an example: its conversation rendered, or its own text."""
+    if example.messages is not None:
+        return render_segments(tokenizer, template, example.messages, train_on_prompt)
+    segments = [Segment(s.text, s.trained or train_on_prompt) for s in example.segments]
+    if example.add_eos:
+        segments.append(Segment(tokenizer.eos_token, segments[-1].trained))
+    return segments
+
+
+def truncate(input_ids: list[int], labels: list[int], options: TokenizeOptions, bos_id: int | None):
+    """Cut a sequence to max_seq_len by the truncation policy; None when the policy drops it."""
+    limit = options.max_seq_len
+    if len(input_ids) <= limit:
+        return input_ids, labels
+    if options.truncation == "drop":
+        return None
+    if options.truncation == "left":
+        keep_bos = bos_id is not None and input_ids[0] == bos_id
+        head = 1 if keep_bos else 0
+        return input_ids[:head] + input_ids[len(input_ids) - (limit - head):], labels[:head] + labels[len(labels) - (limit - head):]
+    return input_ids[:limit], labels[:limit]
+
+
 def tokenize_examples(
-    tokenizer, template: str, examples: list[Example], *, max_seq_len: int, train_on_prompt: bool
+    tokenizer, template: str, examples: list[Example], options: TokenizeOptions
 ) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
-    """Tokenize every example, truncating to `max_seq_len` tokens.
+    """Tokenize every example and apply the length policy.
 
     Examples left with no trained token (their replies truncated away) are dropped and counted.
 
     Raises:
-        UserError: the template cannot render an example; names the file and line.
+        UserError: the template cannot render some examples; names their rows.
     """
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     stats = TokenizeStats()
     rows: list[dict[str, list[int]]] = []
-    problems: list[Problem] = []
+    problems = []
+    rendered: list[tuple[Example, list[Segment]]] = []
     for example in examples:
         try:
-            segments = render_segments(tokenizer, template, example.messages, train_on_prompt)
-        except Exception as exc:  # a Jinja template is user input: any failure is theirs to fix
-            problems.append(Problem(f"the chat template cannot render this row: {exc}", file=example.file, line=example.line))
+            rendered.append((example, segments_of(tokenizer, template, example, options.train_on_prompt)))
+        except Exception as error:  # a Jinja template is user input: any failure is theirs to fix
+            problems.append(example.location.problem(f"the chat template cannot render this row: {error}"))
+    if problems:
+        raise UserError(problems[:20], title=f"{len(problems)} row(s) cannot be rendered with the chat template:")
+    encoded = encode_batch(tokenizer, [segments for _, segments in rendered], bos_id=bos_id)
+    for (example, _), (input_ids, labels) in zip(rendered, encoded):
+        cut = truncate(input_ids, labels, options, bos_id)
+        if cut is None:
+            stats.dropped_too_long += 1
+            stats.dropped_rows.append(str(example.location))
             continue
-        input_ids, labels = encode_segments(tokenizer, segments, bos_id=bos_id)
-        if len(input_ids) > max_seq_len:
-            input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
+        if len(cut[0]) < len(input_ids):
             stats.truncated += 1
+        input_ids, labels = cut
         trained = sum(label != IGNORE_INDEX for label in labels)
         if trained == 0:
             stats.dropped_no_trained_tokens += 1
-            stats.dropped_rows.append(f"{example.file}:{example.line}")
+            stats.dropped_rows.append(str(example.location))
             continue
         rows.append({"input_ids": input_ids, "labels": labels})
         stats.examples += 1
         stats.tokens += len(input_ids)
         stats.trained_tokens += trained
         stats.longest = max(stats.longest, len(input_ids))
-    if problems:
-        raise UserError(problems[:20], title=f"{len(problems)} row(s) cannot be rendered:")
-    if not rows:
-        raise UserError("no example is left to train on: every reply was truncated away; raise data.max_seq_len")
     return rows, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache: a second run of the same data, tokenizer, template and options does not tokenize again.
+
+def _example_payload(example: Example) -> list:
+    if example.messages is not None:
+        return ["m", example.messages]
+    return ["s", [[s.text, s.trained] for s in example.segments], example.add_eos]
+
+
+def cache_key(tokenizer, template: str, examples: list[Example], options: TokenizeOptions) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, template, asdict(options)]).encode())
+    # The tokenizer's full serialization, so a changed vocabulary or normalizer is a new key.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer_adds_bos(tokenizer)]).encode())
+    for example in examples:
+        digest.update(json.dumps(_example_payload(example)).encode())
+    return digest.hexdigest()[:24]
+
+
+def save_tokenized(path: Path, rows: list[dict[str, list[int]]], stats: TokenizeStats) -> None:
+    """Flat int32 arrays with offsets (no pickle), written to a temporary name and renamed."""
+    lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter((t for r in rows for t in r["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
+    labels = np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32, count=int(offsets[-1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp.npz")
+    np.savez(staging, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(asdict(stats))))
+    staging.replace(path)
+
+
+def load_tokenized(path: Path) -> tuple[list[dict[str, list[int]]], TokenizeStats] | None:
+    """The cached rows and stats, or None if the cache file is missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ids, labels, offsets = data["input_ids"], data["labels"], data["offsets"]
+            stats = TokenizeStats(**json.loads(str(data["stats"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    rows = [
+        {"input_ids": ids[a:b].tolist(), "labels": labels[a:b].tolist()} for a, b in zip(offsets[:-1], offsets[1:])
+    ]
+    return rows, stats
+
+
+def tokenize_cached(tokenizer, template: str, examples: list[Example], options: TokenizeOptions, cache_folder: Path | None):
+    """`tokenize_examples`, reusing a cached result for the same inputs. Returns (rows, stats, cache_hit)."""
+    if cache_folder is None:
+        return (*tokenize_examples(tokenizer, template, examples, options), False)
+    path = cache_folder / f"{cache_key(tokenizer, template, examples, options)}.npz"
+    cached = load_tokenized(path)
+    if cached is not None:
+        return (*cached, True)
+    rows, stats = tokenize_examples(tokenizer, template, examples, options)
+    save_tokenized(path, rows, stats)
+    return rows, stats, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Collators
+
+@dataclass
+class FedTokens:
+    """Counts what the collators hand to the model: every position, and the real (non-padding) tokens."""
+
+    positions: int = 0
+    tokens: int = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.tokens / self.positions if self.positions else 0.0
 
 
 @dataclass
@@ -102,6 +244,7 @@ class PadToLongest:
     """Collate examples into a right-padded batch; padding positions get IGNORE_INDEX labels."""
 
     pad_token_id: int
+    fed: FedTokens = field(default_factory=FedTokens)
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -114,4 +257,36 @@ class PadToLongest:
             input_ids[row, :length] = torch.tensor(feature["input_ids"])
             labels[row, :length] = torch.tensor(feature["labels"])
             attention_mask[row, :length] = 1
+        self.fed.positions += batch * longest
+        self.fed.tokens += int(attention_mask.sum())
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass
+class PackBatch:
+    """Concatenate a batch into one row with no padding (transformers' DataCollatorWithFlattening).
+
+    Position ids restart at 0 for every example and no attention mask is passed, so transformers
+    builds a block-diagonal causal mask: no token attends across an example boundary. The first label
+    of every example is IGNORE_INDEX, so no example is trained to predict the next one's start.
+    """
+
+    fed: FedTokens = field(default_factory=FedTokens)
+
+    def __post_init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self._flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = self._flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        count = int(batch["input_ids"].numel())
+        self.fed.positions += count
+        self.fed.tokens += count
+        return batch
+
+
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """The padding fraction of batches (lists of example indices) each padded to its longest."""
+    positions = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    return 1 - sum(lengths[i] for batch in batches for i in batch) / positions if positions else 0.0

@@ -1,0 +1,58 @@
+"""Tokenize the examples of a recipe, once, and describe what the model will be fed."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..cache import cache_dir
+from ..recipe import Recipe
+from .sources import Datasets
+from .tokenize import TokenizeOptions, TokenizeStats, padding_fraction, tokenize_cached
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    train_stats: TokenizeStats
+    eval_stats: TokenizeStats | None
+    cache_hit: bool
+
+
+def options_of(recipe: Recipe) -> TokenizeOptions:
+    data = recipe.data
+    return TokenizeOptions(max_seq_len=data.max_seq_len, truncation=data.truncation, train_on_prompt=data.train_on_prompt)
+
+
+def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, use_cache: bool = True) -> PreparedData:
+    """Tokenized training and evaluation rows; a cached tokenization is reused."""
+    folder = cache_dir() / "tokenized" if use_cache else None
+    options = options_of(recipe)
+    train, train_stats, hit = tokenize_cached(tokenizer, template, datasets.train, options, folder)
+    eval_rows, eval_stats = [], None
+    if datasets.eval:
+        eval_rows, eval_stats, _ = tokenize_cached(tokenizer, template, datasets.eval, options, folder)
+    return PreparedData(train, eval_rows, train_stats, eval_stats, hit)
+
+
+def expected_padding(recipe: Recipe, lengths: list[int]) -> float:
+    """The padding fraction the recipe's batching will feed over one epoch (seeded like training).
+
+    Packing feeds none. Otherwise batches are drawn at random or, with `group_by_length`, by the
+    transformers sampler the Trainer uses.
+    """
+    if recipe.data.packing or not lengths:
+        return 0.0
+    size = recipe.training.batch_size
+    if recipe.data.group_by_length:
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(recipe.training.seed)
+        order = get_length_grouped_indices(lengths, size, generator=generator)
+    else:
+        order = list(range(len(lengths)))
+        random.Random(recipe.training.seed).shuffle(order)
+    batches = [order[i: i + size] for i in range(0, len(order), size)]
+    return padding_fraction(lengths, batches)

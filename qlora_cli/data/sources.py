@@ -1,0 +1,115 @@
+"""From the recipe's data sources to the training and evaluation examples: read, check, mix, hold out.
+
+Everything here runs before any model or tokenizer loads.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..errors import Problem, UserError
+from ..recipe import DataSection, DataSource
+from .formats import Example, RowError, to_example
+from .readers import RawRows, read_hub, read_path
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+def source_name(source: DataSource) -> str:
+    if source.hub:
+        return f"hub:{source.hub}" + (f"/{source.subset}" if source.subset else "") + f":{source.split}"
+    return str(source.path)
+
+
+def read_source(source: DataSource) -> tuple[list[Example], list[Problem]]:
+    """Every row of one source converted to an example; one problem per bad row."""
+    raw: RawRows = read_hub(source.hub, source.subset, source.split) if source.hub else read_path(source.path)
+    examples: list[Example] = []
+    problems = list(raw.problems)
+    for location, row in raw.rows:
+        try:
+            examples.append(to_example(row, location, source.format, source.columns))
+        except RowError as error:
+            problems.append(location.problem(str(error)))
+    if not examples and not problems:
+        problems.append(Problem(f"{source_name(source)} has no rows"))
+    return examples, problems
+
+
+def resample(examples: list[Example], source: DataSource, rng: random.Random) -> list[Example]:
+    """Apply a source's `weight` (repeat or subsample) or `samples` (an exact count)."""
+    if source.samples is not None:
+        target = source.samples
+    elif source.weight is not None:
+        target = round(len(examples) * source.weight)
+    else:
+        return examples
+    whole, rest = divmod(target, len(examples)) if examples else (0, 0)
+    return examples * whole + rng.sample(examples, rest)
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    eval: list[Example]
+    rows_per_source: dict[str, int] = field(default_factory=dict)  # rows used for training, after mixing
+    skipped: list[Problem] = field(default_factory=list)  # bad rows skipped under on_bad_row: skip
+
+
+def _report(problems: list[Problem], what: str) -> UserError:
+    shown = problems[:MAX_PROBLEMS_SHOWN]
+    more = f"; the first {len(shown)}:" if len(problems) > len(shown) else ":"
+    return UserError(shown, title=f"{len(problems)} bad {what}{more}")
+
+
+def load_datasets(data: DataSection, seed: int) -> Datasets:
+    """Read every source, then hold out the evaluation rows, then mix the training rows by weight.
+
+    Evaluation rows are held out before mixing so that a row repeated by a weight is never in both.
+
+    Raises:
+        UserError: bad rows (all of them, when `on_bad_row: error`), or nothing left to train on.
+    """
+    rng = random.Random(seed)
+    per_source: list[tuple[DataSource, list[Example]]] = []
+    problems: list[Problem] = []
+    for source in data.train:
+        examples, bad = read_source(source)
+        per_source.append((source, examples))
+        problems += bad
+    eval_examples: list[Example] = []
+    for source in data.eval:
+        examples, bad = read_source(source)
+        eval_examples += examples
+        problems += bad
+    skipped: list[Problem] = []
+    if problems:
+        if data.on_bad_row == "error":
+            raise _report(problems, "data row(s)")
+        skipped = problems
+
+    if data.eval_size:
+        pooled = [(index, example) for index, (_, examples) in enumerate(per_source) for example in examples]
+        count = int(data.eval_size) if data.eval_size >= 1 else round(len(pooled) * data.eval_size)
+        if not 0 < count < len(pooled):
+            raise UserError(
+                f"data.eval_size: {data.eval_size} holds out {count} of {len(pooled)} rows; leave at least one row on each side"
+            )
+        held = set(rng.sample(range(len(pooled)), count))
+        eval_examples = [example for position, (_, example) in enumerate(pooled) if position in held]
+        kept: list[list[Example]] = [[] for _ in per_source]
+        for position, (index, example) in enumerate(pooled):
+            if position not in held:
+                kept[index].append(example)
+        per_source = [(source, examples) for (source, _), examples in zip(per_source, kept)]
+
+    train: list[Example] = []
+    rows_per_source: dict[str, int] = {}
+    for source, examples in per_source:
+        mixed = resample(examples, source, rng)
+        rows_per_source[source_name(source)] = len(mixed)
+        train += mixed
+    if not train:
+        raise UserError("no training rows are left" + (" after skipping bad rows" if skipped else ""))
+    return Datasets(train=train, eval=eval_examples, rows_per_source=rows_per_source, skipped=skipped)
