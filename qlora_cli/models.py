@@ -185,7 +185,9 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
         )
     except OSError as exc:
         raise UserError(f"model.base: cannot load {model_path}: {exc}") from None
-    model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
+    model.config.use_cache = False  # useless in training; it also hides packed-sequence boundaries
+    # An evaluation between training steps must not repack the 4-bit weights for inference.
+    keep_training_numerics(model)
     checkpointing = recipe.training.gradient_checkpointing
     if quant_config is not None:
         model = prepare_model_for_kbit_training(
@@ -214,11 +216,12 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
 
 
 def keep_training_numerics(model) -> None:
-    """Make no-grad forwards compute as training did.
+    """Make no-grad forwards compute as training does.
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for inference on its first no-grad
-    forward in eval mode, rounding the quantization constants to bfloat16 for good. Comparisons with
-    the trained model (merge parity, reloaded logits) must not see that.
+    forward in eval mode, rounding the quantization constants to bfloat16 for good; training after
+    that backpropagates through a kernel with no autograd support. Training (which evaluates between
+    steps) and comparisons with the trained model (merge parity) must never see that repacking.
     """
     import bitsandbytes as bnb
 

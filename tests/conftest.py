@@ -153,3 +153,11 @@ def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
         encoding="utf-8",
     )
     return recipe
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Converted models and tokenized data go to a folder of the test session, not the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QLORA_CACHE", str(tmp_path_factory.mktemp("qlora-cache")))
+        yield

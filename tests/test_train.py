@@ -51,8 +51,6 @@ def golden_run(tmp_path_factory, tiny_model_dir):
     path = folder / "tiny.yaml"
     path.write_text(tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl", "chat.jsonl"]) + "output:\n  dir: run\n")
     run = run_training(load_recipe(path), console=quiet())
-    # Read before the eval forward below: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit
-    # weights for inference (un-nesting the quantization constants) on the first no-grad forward.
     run.quant_states_as_trained = [
         (m.weight.quant_state.quant_type, m.weight.quant_state.nested)
         for m in run.model.modules()
@@ -110,6 +108,9 @@ quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bi
 model = AutoPeftModelForCausalLM.from_pretrained({str(run_dir / "adapter")!r}, quantization_config=quant,
                                                  dtype=torch.float32, device_map={{"": "cpu"}})
 model.eval()
+# The same 4-bit kernels as in training (see keep_training_numerics) on both sides of the comparison.
+from qlora_cli.models import keep_training_numerics
+keep_training_numerics(model)
 with torch.no_grad():
     logits = model(input_ids=torch.tensor({PROBE_IDS})).logits
 expected = torch.load({str(expected)!r})
@@ -172,3 +173,24 @@ def test_fp16_on_cpu_is_refused_with_the_fix(tiny_recipe, capsys):
     assert exited.value.code == 2
     assert "use float32 or auto" in capsys.readouterr().err
     assert not (tiny_recipe.parent / "run").exists()
+
+
+def test_packed_run_with_evaluation(tiny_recipe):
+    text = tiny_recipe.read_text().replace("data:\n", "data:\n  packing: true\n  eval_size: 2\n")
+    text = text.replace("training:\n", "training:\n  eval_steps: 2\n")
+    tiny_recipe.write_text(text)
+    run = run_training(load_recipe(tiny_recipe), console=quiet())
+    run_dir = tiny_recipe.parent / "run"
+    summary = run.summary
+    assert summary["padding_fraction"] == 0 and summary["fed_positions"] == summary["train_tokens"]
+    evals = [json.loads(line) for line in (run_dir / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 4]  # every 2 updates, and once more at the end
+    assert summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
+    assert summary["rows_per_source"] == {str(tiny_recipe.parent / "alpaca.jsonl"): 3, str(tiny_recipe.parent / "chat.jsonl"): 1}
+
+
+def test_padded_run_reports_its_padding(golden_run):
+    run_dir, run, _ = golden_run
+    summary = run.summary
+    assert 0 < summary["padding_fraction"] < 1
+    assert summary["fed_positions"] > summary["train_tokens"]
