@@ -22,6 +22,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+data_app = typer.Typer(help="Look at the training data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
     Optional[list[str]],
@@ -57,6 +60,32 @@ def train(
     from .train import run_training
 
     run_training(resolved, overwrite=overwrite, console=make_console())
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: RecipeArg,
+    count: Annotated[int, typer.Option("-n", "--count", min=0, help="How many examples to show.")] = 3,
+    set_: SetOption = None,
+) -> None:
+    """Show tokenized examples with the trained tokens marked, and statistics of the data."""
+    from .console import make_console
+    from .data.sources import load_datasets
+    from .recipe import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [])
+    datasets = load_datasets(resolved.data, resolved.training.seed)
+    from .data.prepare import prepare
+    from .data.preview import show_preview
+    from .data.templates import resolve_template
+    from .models import load_tokenizer, quiet_libraries, resolve_model_path
+
+    console = make_console()
+    quiet_libraries(console.is_terminal)
+    tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, say=console.print), resolved)
+    template = resolve_template(resolved.data.template, tokenizer)
+    prepared = prepare(resolved, tokenizer, template, datasets)
+    show_preview(console, resolved, tokenizer, datasets, prepared, count)
 
 
 @app.command()

@@ -1,0 +1,95 @@
+"""`qlora data preview`: what the model is trained on, token by token, and statistics of the data."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..recipe import Recipe
+from .prepare import PreparedData, expected_padding
+from .sources import Datasets
+from .tokenize import IGNORE_INDEX
+
+# Without colour (not a terminal), trained tokens are written between these marks.
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+def render_example(tokenizer, row: dict[str, list[int]], colour: bool) -> Text:
+    """The example's tokens decoded one by one: trained ones green (or between marks), special ones
+    magenta and written out, so that BOS, EOS and end-of-turn tokens are visible."""
+    specials = set(tokenizer.all_special_ids)
+    text = Text()
+    in_trained = False
+    for token, label in zip(row["input_ids"], row["labels"]):
+        trained = label != IGNORE_INDEX
+        if not colour and trained != in_trained:
+            text.append(TRAINED_OPEN if trained else TRAINED_CLOSE)
+            in_trained = trained
+        piece = tokenizer.decode([token], skip_special_tokens=False)
+        style = ("bold green" if trained else "dim") if colour else None
+        if token in specials and colour:
+            style = "bold magenta" if trained else "magenta"
+        text.append(piece, style=style)
+    if in_trained:
+        text.append(TRAINED_CLOSE)
+    return text
+
+
+def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    """A text histogram of token lengths."""
+    if not lengths:
+        return []
+    low, high = min(lengths), max(lengths)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * bins
+    for length in lengths:
+        counts[min((length - low) // step, bins - 1)] += 1
+    peak = max(counts)
+    lines = []
+    for index, count in enumerate(counts):
+        start = low + index * step
+        if start > high:
+            break
+        bar = "█" * max(1 if count else 0, round(width * count / peak))
+        lines.append(f"{start:>6}-{min(start + step - 1, high):<6} {count:>7,} {bar}")
+    return lines
+
+
+def statistics(recipe: Recipe, datasets: Datasets, prepared: PreparedData) -> Table:
+    stats = prepared.train_stats
+    lengths = sorted(len(row["input_ids"]) for row in prepared.train)
+    table = Table(title="Training data", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, count in datasets.rows_per_source.items():
+        table.add_row("rows", f"{count:,}  {name}")
+    table.add_row("bad rows skipped", str(len(datasets.skipped)))
+    table.add_row("examples", f"{stats.examples:,} (+ {len(prepared.eval):,} for evaluation)")
+    table.add_row("tokens", f"{stats.tokens:,}; median {lengths[len(lengths) // 2]}, longest {stats.longest}")
+    table.add_row("trained tokens", f"{stats.trained_tokens:,} ({stats.trained_tokens / stats.tokens:.1%})")
+    table.add_row("truncated", f"{stats.truncated:,} to {recipe.data.max_seq_len} tokens ({recipe.data.truncation})")
+    table.add_row("dropped", f"{stats.dropped_too_long:,} too long, {stats.dropped_no_trained_tokens:,} with no trained token")
+    batching = "packed" if recipe.data.packing else ("grouped by length" if recipe.data.group_by_length else "random")
+    table.add_row(
+        "padding",
+        f"{expected_padding(recipe, [len(r['input_ids']) for r in prepared.train]):.1%} of fed positions "
+        f"(batch {recipe.training.batch_size}, {batching})",
+    )
+    return table
+
+
+def show_preview(console: Console, recipe: Recipe, tokenizer, datasets: Datasets, prepared: PreparedData, count: int) -> None:
+    colour = console.is_terminal and console.color_system is not None
+    legend = "trained tokens in green, special tokens in magenta" if colour else (
+        f"trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}"
+    )
+    console.print(f"The first {min(count, len(prepared.train))} training examples as the model sees them ({legend}):")
+    for index, row in enumerate(prepared.train[:count]):
+        console.rule(f"example {index + 1}: {len(row['input_ids'])} tokens")
+        console.print(render_example(tokenizer, row, colour))
+    console.rule()
+    console.print(statistics(recipe, datasets, prepared))
+    console.print("Token lengths:")
+    for line in histogram([len(row["input_ids"]) for row in prepared.train]):
+        console.print(line, markup=False)
