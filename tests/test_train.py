@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,12 @@ def test_padded_run_reports_its_padding(golden_run):
     summary = run.summary
     assert 0 < summary["padding_fraction"] < 1
     assert summary["fed_positions"] > summary["train_tokens"]
+
+
+def test_every_format_recipe_trains_through_every_reader(tiny_model_dir, tmp_path):
+    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "examples" / "every-format.yaml"
+    recipe = load_recipe(recipe_path, [f"model.base={tiny_model_dir}", "training.max_steps=2", "training.eval_steps=1"],
+                         output_dir=tmp_path / "run")
+    summary = run_training(recipe, console=quiet()).summary
+    assert len(summary["rows_per_source"]) == 7 and all(count > 0 for count in summary["rows_per_source"].values())
+    assert summary["steps"] == 2 and summary["padding_fraction"] == 0 and summary["eval_loss"] is not None
