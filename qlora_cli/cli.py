@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, RunFailure, RunInterrupted, UserError
 
 app = typer.Typer(
     name="qlora",
@@ -51,15 +51,20 @@ def train(
     set_: SetOption = None,
     output_dir: OutputDirOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint of the run directory.")] = False,
 ) -> None:
     """Fine-tune a model as the recipe says and write the run directory."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other")
     from .console import make_console
     from .recipe import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], output_dir)
     from .train import run_training
 
-    run_training(resolved, overwrite=overwrite, console=make_console())
+    command = " ".join(["qlora", "train", str(recipe), *[f"--set {item}" for item in set_ or []],
+                        *([f"--output-dir {output_dir}"] if output_dir else []), "--resume"])
+    run_training(resolved, overwrite=overwrite, resume=resume, console=make_console(), resume_command=command)
 
 
 @data_app.command("preview")
@@ -180,9 +185,15 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"error: {error.render()}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except RunFailure as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(EXIT_RUN_FAILED)
+    except RunInterrupted as interrupted:
+        print(str(interrupted), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except Exception as error:

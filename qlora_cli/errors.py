@@ -44,12 +44,10 @@ class Problem:
 class UserError(Exception):
     """Bad input from the user. The CLI prints the problems and exits with code 2, without a traceback."""
 
-    def __init__(self, problems: list[Problem] | Problem | str, *, title: str | None = None):
-        if isinstance(problems, str):
-            problems = [Problem(problems)]
-        elif isinstance(problems, Problem):
+    def __init__(self, problems: list[Problem | str] | Problem | str, *, title: str | None = None):
+        if isinstance(problems, (str, Problem)):
             problems = [problems]
-        self.problems: list[Problem] = list(problems)
+        self.problems: list[Problem] = [Problem(p) if isinstance(p, str) else p for p in problems]
         self.title = title
         super().__init__(self.render())
 
@@ -57,3 +55,21 @@ class UserError(Exception):
         lines = [self.title] if self.title else []
         lines += [p.render() for p in self.problems]
         return "\n".join(lines)
+
+
+EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class RunFailure(Exception):
+    """A run that started and could not go on (non-finite loss, out of memory, disk full).
+
+    The CLI prints the message, which names what to do and the last good checkpoint, and exits 1.
+    """
+
+
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after writing a checkpoint; the message says how to resume.
+
+    The CLI prints it and exits 130.
+    """

@@ -153,8 +153,11 @@ def merge_run(
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
     out = Path(out).resolve() if out is not None else run_dir / "merged"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    if out.exists() and any(out.iterdir()):
+        if not (out / "merge_report.json").is_file():
+            raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
     dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
 

@@ -205,8 +205,14 @@ class TrainingSection(Section):
         None, ge=1, description="Evaluate on the eval rows every this many updates (none: once, at the end)."
     )
     save_steps: int | None = Field(
-        None, ge=1, description="Save a checkpoint under RUN_DIR/checkpoints every this many updates (none: only at the end)."
+        None,
+        ge=1,
+        description=(
+            "Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) to "
+            "RUN_DIR/checkpoints/step-N every this many updates (none: only when interrupted)."
+        ),
     )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
 
     @field_validator("warmup")
     @classmethod

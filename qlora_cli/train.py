@@ -26,20 +26,31 @@ from rich.console import Console
 
 from .console import format_seconds, key_value_table, recipe_table
 from .data.sources import Datasets, load_datasets
-from .errors import UserError
+from .checkpoint import (
+    Checkpoint, checkpoint_bytes_estimate, clear_staging, finalize, latest_checkpoint, recipe_differences,
+    recipe_fingerprint, staging_dir,
+)
+from .errors import RunFailure, RunInterrupted, UserError
 from .recipe import Recipe, to_yaml
+
+RUN_MARKER = "recipe.yaml"  # a folder with this file was written by `qlora train`
 
 
 # ---------------------------------------------------------------------------------------------
 # Checks that need no model
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to train into a non-empty run directory unless asked to overwrite it."""
+    """Refuse to train into a non-empty run directory unless asked to overwrite it, and never
+    overwrite a non-empty folder that is not a run: output.dir must not be able to delete a home."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output.dir: {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not (run_dir / RUN_MARKER).is_file():
+        raise UserError(f"output.dir: {run_dir} is a non-empty folder that is not a qlora run; choose another output.dir")
+    if not overwrite:
         raise UserError(
-            f"output.dir: {run_dir} already holds a run; pass --overwrite to replace it, "
+            f"output.dir: {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or --output-dir DIR to write elsewhere"
         )
 
@@ -62,7 +73,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: 
     t = recipe.training
     warmup = t.warmup if t.warmup < 1 else int(t.warmup)
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        # The Trainer writes checkpoints here; checkpoint.finalize seals and moves them.
+        output_dir=str(staging_dir(run_dir)),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps if t.max_steps is not None else -1,
@@ -79,13 +91,11 @@ def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: 
         use_cpu=on_device == "cpu",
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
+        save_strategy="no",  # saving is driven by the Checkpointer callback (schedule, signals)
         seed=t.seed,
         data_seed=t.seed,
-        train_sampling_strategy=(
-            "group_by_length" if recipe.data.group_by_length and not recipe.data.packing else "random"
-        ),
+        # Length grouping is the RecipeTrainer's own sampler (see data.prepare.length_grouped_sampler).
+        train_sampling_strategy="random",
         per_device_eval_batch_size=t.batch_size,
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
         eval_steps=t.eval_steps,
@@ -103,32 +113,128 @@ def make_collator(recipe: Recipe, tokenizer):
     return PackBatch() if recipe.data.packing else PadToLongest(tokenizer.pad_token_id)
 
 
-def make_trainer(model, args, prepared, train_collator, eval_collator, callbacks):
-    """The transformers Trainer, with its own collator for evaluation so that the training collator
-    counts exactly the tokens fed to training steps."""
+def make_trainer(model, args, prepared, collator, fed, callbacks, group_by_length: bool):
+    """The transformers Trainer, counting into `fed` the tokens of every batch it trains on, and with
+    a length-grouped order that resumes exactly."""
     from transformers import PrinterCallback, Trainer
 
+    from .data.prepare import length_grouped_sampler
+
+    import torch
+
     class RecipeTrainer(Trainer):
-        def get_eval_dataloader(self, eval_dataset=None):
-            training_collator, self.data_collator = self.data_collator, eval_collator
-            try:
-                return super().get_eval_dataloader(eval_dataset)
-            finally:
-                self.data_collator = training_collator
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            fed.count(inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # Stop before the optimizer applies a non-finite gradient, so no state of it is ever saved.
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLoss(self.state.global_step + 1)
+            return loss
+
+        def _get_train_sampler(self, train_dataset=None):
+            if not group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            lengths = [len(row["input_ids"]) for row in self.train_dataset]
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return length_grouped_sampler(lengths, batch, self.args.seed)
 
     trainer = RecipeTrainer(
         model=model,
         args=args,
         train_dataset=prepared.train,
         eval_dataset=prepared.eval or None,
-        data_collator=train_collator,
+        data_collator=collator,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
-def make_callbacks(run_dir: Path, console: Console, fed):
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+class StopRequests:
+    """SIGINT/SIGTERM during training: the first asks for a checkpoint and a clean stop after the
+    current step; the second aborts at once (a checkpoint being written is then left in staging,
+    which is never taken for a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step and writing a checkpoint (again to abort now)", file=sys.stderr)
+
+    def __enter__(self) -> "StopRequests":
+        import signal
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def make_checkpointer(recipe: Recipe, run_dir: Path, fed, stops: StopRequests, fingerprints: dict[str, str], trainable: int):
+    """Decides when to checkpoint (every save_steps, or on a stop request) and seals each checkpoint."""
+    from transformers import TrainerCallback
+
+    class Checkpointer(TrainerCallback):
+        last: Path | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            every = recipe.training.save_steps
+            due = bool(every) and state.global_step % every == 0
+            if stops.requested:
+                control.should_training_stop = True
+            if not (due or stops.requested):
+                return
+            needed = checkpoint_bytes_estimate(run_dir, trainable)
+            free = shutil.disk_usage(run_dir).free
+            if free < needed:
+                raise RunFailure(
+                    f"not enough free disk for the checkpoint of step {state.global_step} in {run_dir}: "
+                    f"needs about {needed / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free; "
+                    f"last good checkpoint: {self.last or 'none'}"
+                )
+            control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            manifest = {
+                **fingerprints,
+                "fed_tokens": fed.tokens,
+                "fed_positions": fed.positions,
+                "versions": library_versions(),
+            }
+            self.last = finalize(run_dir, state.global_step, manifest, recipe.training.keep_checkpoints)
+
+    return Checkpointer()
+
+
+def read_records(path: Path, up_to_step: int | None) -> list[dict[str, Any]]:
+    """The JSONL records of an earlier session of this run up to a step (all when None), and the
+    file rewritten to hold just those: a resumed run logs the later steps again."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return kept
+
+
+def make_callbacks(run_dir: Path, console: Console, fed, resumed_step: int | None = None):
     """Callbacks that write metrics.jsonl (and eval_metrics.jsonl) and show progress (a bar on a TTY,
     lines otherwise). `fed` counts the tokens the training collator has handed to the model."""
     from transformers import TrainerCallback
@@ -136,13 +242,13 @@ def make_callbacks(run_dir: Path, console: Console, fed):
     class MetricsWriter(TrainerCallback):
         def __init__(self) -> None:
             self.path = run_dir / "metrics.jsonl"
-            self.records: list[dict[str, Any]] = []
+            self.records = read_records(self.path, resumed_step) if resumed_step else []
             self.started = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
-            self.eval_records: list[dict[str, Any]] = []
+            self.eval_records = read_records(run_dir / "eval_metrics.jsonl", resumed_step) if resumed_step else []
 
         def _append(self, path: Path, record: dict[str, Any]) -> None:
             with path.open("a", encoding="utf-8") as handle:
@@ -243,7 +349,12 @@ def save_adapter(model, tokenizer, template: str, target: Path) -> None:
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(staging)
+    previous = target.with_name(target.name + ".old")
+    if target.exists():  # a resumed run that had finished before: swap, never a mix of both
+        shutil.rmtree(previous, ignore_errors=True)
+        target.rename(previous)
     staging.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -327,19 +438,54 @@ def describe_data(console: Console, datasets: Datasets, prepared, recipe: Recipe
     return padding
 
 
-def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainingRun:
-    """Train the recipe and write its run directory.
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, say) -> Checkpoint | None:
+    """Check the run directory before anything loads; on resume, the checkpoint to resume from.
+
+    Raises:
+        UserError: an existing run without --resume/--overwrite, a folder that is not a run, no intact
+            checkpoint, or a recipe changed in a way that matters since the checkpoint.
+    """
+    if not resume:
+        check_run_dir(run_dir, overwrite)
+        return None
+    from .generate import read_run_recipe
+
+    if not (run_dir / RUN_MARKER).is_file():
+        raise UserError(f"--resume: {run_dir} holds no run to resume")
+    checkpoint = latest_checkpoint(run_dir, say)
+    blocking, harmless = recipe_differences(read_run_recipe(run_dir), recipe)
+    if blocking:
+        raise UserError(
+            ["changed since the run started: " + line for line in blocking],
+            title=f"--resume: the recipe differs from the run in {run_dir} in ways that change what is trained:",
+        )
+    for line in harmless:
+        say(f"Resuming with a changed setting: {line}")
+    return checkpoint
+
+
+def run_training(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    console: Console | None = None,
+    resume_command: str = "qlora train RECIPE --resume",
+) -> TrainingRun:
+    """Train the recipe and write its run directory (or continue it from its newest checkpoint).
 
     Returns:
         the summary written to summary.json, and the trained model.
 
     Raises:
         UserError: bad recipe, data, model source or run directory, found before training starts.
+        RunFailure: a non-finite loss, out of memory, or no disk for a checkpoint, during training.
+        RunInterrupted: SIGINT/SIGTERM; a checkpoint was written and the message says how to resume.
     """
     console = console or Console()
     run_dir = recipe.output.dir
     assert run_dir is not None, "load_recipe sets output.dir"
-    check_run_dir(run_dir, overwrite)
+    checkpoint = prepare_run_dir(run_dir, recipe, resume, overwrite, console.print)
     datasets = load_datasets(recipe.data, recipe.training.seed)
     console.print(recipe_table(recipe))
     console.print(f"Read {len(datasets.train):,} training and {len(datasets.eval):,} evaluation rows.")
@@ -347,8 +493,9 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     import torch
     from transformers import set_seed
 
-    from .data.prepare import prepare
+    from .data.prepare import options_of, prepare
     from .data.templates import resolve_template
+    from .data.tokenize import FedTokens, cache_key
     from .models import (
         choose_compute_dtype, count_parameters, device, load_model, load_tokenizer, quiet_libraries, resolve_model_path,
     )
@@ -367,11 +514,20 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     template = resolve_template(recipe.data.template, tokenizer)
     prepared = prepare(recipe, tokenizer, template, datasets)
     describe_data(console, datasets, prepared, recipe)
-
-    # Everything checkable is checked: only now is an old run replaced.
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    fingerprints = {
+        "recipe_fingerprint": recipe_fingerprint(recipe),
+        "data_fingerprint": cache_key(tokenizer, template, datasets.train, options_of(recipe)),
+    }
+    if checkpoint is not None:
+        if checkpoint.manifest.get("data_fingerprint") != fingerprints["data_fingerprint"]:
+            raise UserError(f"--resume: the training data (or its tokenization) changed since {checkpoint.path} was written")
+        console.print(f"Resuming from {checkpoint.path} (step {checkpoint.step})")
+    else:
+        # Everything checkable is checked: only now is an old run replaced.
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+    clear_staging(run_dir)
     (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
 
     set_seed(recipe.training.seed)
@@ -379,34 +535,62 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
 
-    train_collator = make_collator(recipe, tokenizer)
-    metrics, progress = make_callbacks(run_dir, console, train_collator.fed)
+    fed = FedTokens()
+    if checkpoint is not None:
+        fed.tokens, fed.positions = checkpoint.manifest["fed_tokens"], checkpoint.manifest["fed_positions"]
+    stops = StopRequests()
+    metrics, progress = make_callbacks(run_dir, console, fed, checkpoint.step if checkpoint else None)
+    checkpointer = make_checkpointer(recipe, run_dir, fed, stops, fingerprints, trainable)
     args = training_arguments(recipe, run_dir, dtype.dtype, on_device, has_eval=bool(prepared.eval))
-    trainer = make_trainer(model, args, prepared, train_collator, make_collator(recipe, tokenizer), [metrics, progress])
+    trainer = make_trainer(
+        model, args, prepared, make_collator(recipe, tokenizer), fed, [metrics, progress, checkpointer],
+        group_by_length=recipe.data.group_by_length and not recipe.data.packing,
+    )
     started = time.perf_counter()
-    trainer.train()
+    try:
+        with stops:
+            trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+    except NonFiniteLoss as error:
+        raise RunFailure(
+            f"the loss became non-finite at step {error.step}; training stopped before that step was applied. "
+            f"Last good checkpoint: {checkpointer.last or 'none'}. Lower training.learning_rate, check the data, "
+            "or use compute_dtype bfloat16/float32 instead of float16."
+        ) from None
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        shape = fed.last_shape
+        raise RunFailure(
+            f"out of memory at step {trainer.state.global_step + 1} on a batch of {shape[0]} x {shape[1]} tokens "
+            f"(training.batch_size {recipe.training.batch_size}, data.max_seq_len {recipe.data.max_seq_len}): lower "
+            "training.batch_size (raise gradient_accumulation_steps to keep the effective batch), lower "
+            "data.max_seq_len, or set training.gradient_checkpointing: true. "
+            f"Last good checkpoint: {checkpointer.last or 'none'}"
+        ) from None
+    finally:
+        clear_staging(run_dir)
     train_seconds = time.perf_counter() - started
+    if stops.requested:
+        raise RunInterrupted(
+            f"{stops.requested}: stopped after step {trainer.state.global_step}; checkpoint {checkpointer.last}.\n"
+            f"Resume with: {resume_command}"
+        )
     eval_loss = None
     if prepared.eval:
         eval_loss = trainer.evaluate()["eval_loss"]
 
-    checkpoints = run_dir / "checkpoints"
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()  # the Trainer makes it even when it saves nothing there
     save_adapter(model, tokenizer, template, run_dir / "adapter")
     if metrics.records:
         plot_loss(metrics.records, run_dir / "loss.png")
     peak, peak_kind = peak_memory_bytes(on_device)
-    fed = train_collator.fed
     stats = prepared.train_stats
     summary = {
         "steps": trainer.state.global_step,
+        "resumed_from_step": checkpoint.step if checkpoint else None,
         "examples": stats.examples,
         "train_tokens": fed.tokens,
         "fed_positions": fed.positions,
         "padding_fraction": round(fed.padding_fraction, 4),
         "train_seconds": round(train_seconds, 3),
-        "tokens_per_second": round(fed.tokens / train_seconds, 1) if train_seconds else None,
+        "tokens_per_second": round(fed.tokens / train_seconds, 1) if train_seconds and not checkpoint else None,
         "first_loss": metrics.records[0]["loss"] if metrics.records else None,
         "final_loss": metrics.records[-1]["loss"] if metrics.records else None,
         "eval_loss": eval_loss,
@@ -425,7 +609,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
     if recipe.output.merge:
         from .merge import merge_run
 
-        report = merge_run(run_dir, say=console.print)
+        report = merge_run(run_dir, say=console.print, overwrite=True)
         summary["merged"] = {key: report[key] for key in ("out", "dtype", "max_abs_logit_diff", "mean_kl_nats_per_token")}
     write_json(run_dir / "summary.json", summary)
     console.print(
@@ -438,7 +622,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console: Console | 
                 *([("eval loss", f"{eval_loss:.4f}")] if eval_loss is not None else []),
                 ("tokens trained on", f"{fed.tokens:,} ({fed.padding_fraction:.1%} padding fed)"),
                 ("time", format_seconds(train_seconds)),
-                ("tokens/s", summary["tokens_per_second"]),
+                ("tokens/s", summary["tokens_per_second"] or "-"),
                 ("peak memory", f"{peak / 2**20:,.0f} MiB ({peak_kind})"),
                 ("adapter", str(run_dir / "adapter")),
             ],

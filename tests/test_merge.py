@@ -135,10 +135,20 @@ def test_missing_or_corrupt_adapter_is_exit_2(trained_run, tmp_path, capsys):
 def test_existing_output_is_refused(trained_run, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "keep").write_text("x")
+    (out / "merge_report.json").write_text("{}")
     with pytest.raises(SystemExit) as exited:
         main(["merge", str(trained_run), "--out", str(out)])
     assert exited.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "merge_report.json").read_text() == "{}"
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_merge(trained_run, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", str(trained_run), "--out", str(out), "--overwrite"])
+    assert exited.value.code == 2 and "not a merged model" in capsys.readouterr().err
     assert (out / "keep").read_text() == "x"
 
 

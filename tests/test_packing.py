@@ -9,7 +9,7 @@ import torch
 from conftest import ALPACA_ROWS, CHAT_ROWS, write_jsonl
 from qlora_cli.data.prepare import expected_padding
 from qlora_cli.data.sources import load_datasets
-from qlora_cli.data.tokenize import IGNORE_INDEX, PackBatch, PadToLongest, TokenizeOptions, tokenize_cached, tokenize_examples
+from qlora_cli.data.tokenize import IGNORE_INDEX, FedTokens, PackBatch, PadToLongest, TokenizeOptions, tokenize_cached, tokenize_examples
 from qlora_cli.recipe import DataSection
 
 
@@ -70,16 +70,15 @@ def test_with_a_kv_cache_the_boundaries_are_lost(tiny_model_dir, rows):
     assert (cached[first:] - alone).abs().max().item() > 1e-3
 
 
-def test_collators_count_what_they_feed(rows, tiny_tokenizer):
-    padder = PadToLongest(tiny_tokenizer.eos_token_id)
-    padder(rows)
+def test_fed_tokens_count_real_tokens_and_positions(rows, tiny_tokenizer):
     lengths = [len(r["input_ids"]) for r in rows]
-    assert padder.fed.tokens == sum(lengths)
-    assert padder.fed.positions == len(rows) * max(lengths)
-    assert 0 < padder.fed.padding_fraction < 1
-    packer = PackBatch()
-    packer(rows)
-    assert packer.fed.tokens == sum(lengths) and packer.fed.padding_fraction == 0
+    padded = FedTokens()
+    padded.count(PadToLongest(tiny_tokenizer.eos_token_id)(rows))
+    assert padded.tokens == sum(lengths) and padded.positions == len(rows) * max(lengths)
+    assert 0 < padded.padding_fraction < 1 and padded.last_shape == (len(rows), max(lengths))
+    packed = FedTokens()
+    packed.count(PackBatch()(rows))
+    assert packed.tokens == packed.positions == sum(lengths) and packed.padding_fraction == 0
 
 
 def test_expected_padding_by_batching(rows, tmp_path, tiny_model_dir):

@@ -12,13 +12,14 @@ import pytest
 import torch
 from rich.console import Console
 
+from conftest import ALPACA_ROWS, CHAT_ROWS
 from qlora_cli.cli import main
 from qlora_cli.models import load_model
 from qlora_cli.recipe import load_recipe
 from qlora_cli.train import run_training
 
 # Losses of the golden run below (CPU, float32, seed 0, length-grouped batches). A change here is a change in what is trained.
-GOLDEN_LOSSES = [6.020361423492432, 6.022075653076172, 5.970607757568359, 6.0105462074279785]
+GOLDEN_LOSSES = [6.020361423492432, 6.022075653076172, 5.970609188079834, 5.978979587554932]
 
 EXPECTED_TREE = [
     "adapter",
@@ -148,11 +149,21 @@ def test_every_lora_b_gets_a_gradient_with_checkpointing(tiny_recipe, tiny_model
 def test_existing_run_dir_is_refused_and_left_alone(tiny_recipe, capsys):
     run_dir = tiny_recipe.parent / "run"
     run_dir.mkdir()
-    (run_dir / "keep.txt").write_text("precious")
+    (run_dir / "recipe.yaml").write_text("an earlier run")
     with pytest.raises(SystemExit) as exited:
         main(["train", str(tiny_recipe)])
     assert exited.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert (run_dir / "recipe.yaml").read_text() == "an earlier run"
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_recipe, capsys):
+    run_dir = tiny_recipe.parent / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tiny_recipe), "--overwrite"])
+    assert exited.value.code == 2 and "not a qlora run" in capsys.readouterr().err
     assert (run_dir / "keep.txt").read_text() == "precious"
 
 
@@ -204,3 +215,11 @@ def test_every_format_recipe_trains_through_every_reader(tiny_model_dir, tmp_pat
     summary = run_training(recipe, console=quiet()).summary
     assert len(summary["rows_per_source"]) == 7 and all(count > 0 for count in summary["rows_per_source"].values())
     assert summary["steps"] == 2 and summary["padding_fraction"] == 0 and summary["eval_loss"] is not None
+
+
+def test_skip_trains_on_the_good_rows(tiny_recipe):
+    with (tiny_recipe.parent / "chat.jsonl").open("a") as handle:
+        handle.write('{"messages": "not a list"}\n')
+    recipe = load_recipe(tiny_recipe, ["data.on_bad_row=skip", "training.max_steps=1"])
+    summary = run_training(recipe, console=quiet()).summary
+    assert summary["skipped_bad_rows"] == 1 and summary["examples"] == len(ALPACA_ROWS) + len(CHAT_ROWS)

@@ -36,21 +36,40 @@ def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, use_ca
     return PreparedData(train, eval_rows, train_stats, eval_stats, hit)
 
 
+def length_grouped_sampler(lengths: list[int], batch_size: int, seed: int):
+    """transformers' length-grouped order, drawn from a generator seeded with seed + epoch.
+
+    transformers' own LengthGroupedSampler draws from the global torch RNG, whose state at an epoch's
+    start depends on everything before it; a resumed run would then see other batches. Seeding per
+    epoch makes the order a function of (seed, epoch) alone, so resuming reproduces it exactly.
+    """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    return EpochSeededLengthGroupedSampler(batch_size, lengths=lengths)
+
+
 def expected_padding(recipe: Recipe, lengths: list[int]) -> float:
     """The padding fraction the recipe's batching will feed over one epoch (seeded like training).
 
     Packing feeds none. Otherwise batches are drawn at random or, with `group_by_length`, by the
-    transformers sampler the Trainer uses.
+    sampler training uses (first epoch).
     """
     if recipe.data.packing or not lengths:
         return 0.0
     size = recipe.training.batch_size
     if recipe.data.group_by_length:
-        import torch
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        generator = torch.Generator().manual_seed(recipe.training.seed)
-        order = get_length_grouped_indices(lengths, size, generator=generator)
+        order = list(length_grouped_sampler(lengths, size, recipe.training.seed))
     else:
         order = list(range(len(lengths)))
         random.Random(recipe.training.seed).shuffle(order)

@@ -229,10 +229,23 @@ def tokenize_cached(tokenizer, template: str, examples: list[Example], options: 
 
 @dataclass
 class FedTokens:
-    """Counts what the collators hand to the model: every position, and the real (non-padding) tokens."""
+    """Counts what is fed to the model: every position, and the real (non-padding) tokens.
+
+    Counted when a batch is trained on, not when it is collated: the data loader collates one batch
+    ahead, which would count a batch that a stop or a checkpoint never reaches.
+    """
 
     positions: int = 0
     tokens: int = 0
+    last_shape: tuple[int, int] = (0, 0)  # (rows, length) of the last batch, for out-of-memory reports
+
+    def count(self, batch: dict[str, torch.Tensor]) -> None:
+        ids = batch["input_ids"]
+        self.positions += int(ids.numel())
+        mask = batch.get("attention_mask")
+        # A packed batch has no attention mask and no padding.
+        self.tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+        self.last_shape = (int(ids.shape[0]), int(ids.shape[-1]))
 
     @property
     def padding_fraction(self) -> float:
@@ -244,7 +257,6 @@ class PadToLongest:
     """Collate examples into a right-padded batch; padding positions get IGNORE_INDEX labels."""
 
     pad_token_id: int
-    fed: FedTokens = field(default_factory=FedTokens)
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -257,8 +269,6 @@ class PadToLongest:
             input_ids[row, :length] = torch.tensor(feature["input_ids"])
             labels[row, :length] = torch.tensor(feature["labels"])
             attention_mask[row, :length] = 1
-        self.fed.positions += batch * longest
-        self.fed.tokens += int(attention_mask.sum())
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
@@ -271,19 +281,13 @@ class PackBatch:
     of every example is IGNORE_INDEX, so no example is trained to predict the next one's start.
     """
 
-    fed: FedTokens = field(default_factory=FedTokens)
-
     def __post_init__(self) -> None:
         from transformers import DataCollatorWithFlattening
 
         self._flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        batch = self._flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
-        count = int(batch["input_ids"].numel())
-        self.fed.positions += count
-        self.fed.tokens += count
-        return batch
+        return self._flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
 
 
 def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:

@@ -62,3 +62,22 @@ def test_adapter_loads_with_peft_alone_and_changes_the_answer(short_quickstart):
         base = answer()
     assert tuned != base
     assert tuned.startswith("Arr!"), tuned
+
+
+def test_preview_of_the_quickstart_marks_the_pirate_replies():
+    command = [sys.executable, "-m", "qlora_cli", "data", "preview", str(QUICKSTART), "-n", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # SmolLM2's template: the reply and its <|im_end|> are trained, the newline after it is not.
+    assert "<|im_start|>assistant\n⟦Arr! " in result.stdout and " Yo ho ho!<|im_end|>⟧\n" in result.stdout
+
+
+def test_every_format_recipe_on_the_bundled_model(tmp_path):
+    recipe = REPO / "recipes" / "examples" / "every-format.yaml"
+    command = [sys.executable, "-m", "qlora_cli", "train", str(recipe), "--output-dir", str(tmp_path / "run"),
+               "--set", "training.max_steps=4", "--set", "training.eval_steps=4"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["rows_per_source"]) == 7 and summary["padding_fraction"] == 0
+    assert summary["eval_loss"] is not None

@@ -1,0 +1,284 @@
+"""Benchmark scores from judgments: the QLoRA paper's relative score ("Guanaco reaches 99.3% of ChatGPT"),
+win rates, Elo over random orders and Bradley-Terry strengths, each with a 95% interval.
+
+Every function is pure and deterministic given `seed` (numpy's `default_rng`). Intervals are the 2.5th and
+97.5th percentiles of the resampled estimate. Bootstraps resample QUESTIONS, not judgments, because the
+judgments of one question (both presentation orders, both MT-bench turns) are not independent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from .judgments import Comparison, ScorePair
+
+PERCENTILES = (2.5, 97.5)
+# model_a's result for each verdict: a tie is half a win for each side (Elo and Bradley-Terry alike).
+SCORE_A = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5}
+# L2 weight on Bradley-Terry log-strengths: negligible next to real data, but it keeps a model that
+# wins every game at a finite strength instead of one the likelihood pushes to infinity.
+BT_PRIOR = 1e-3
+# Elo runs hold a (comparisons, runs) array of orders; this many entries (~32 MB of int32) at most.
+_ELO_BLOCK = 8_000_000
+_ELO_PER_LOG = 400 / math.log(10)  # rating points per unit of natural log-strength
+
+
+def _ci(samples: np.ndarray) -> list[float]:
+    low, high = np.percentile(samples, PERCENTILES)
+    return [float(low), float(high)]
+
+
+def _check_positive(**counts: int) -> None:
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"`{name}` must be at least 1, got {value}")
+
+
+def relative_scores(scores: list[ScorePair], reference: str, *, seed: int = 0, resamples: int = 1000) -> dict[str, dict]:
+    """Each model's total score as a percentage of `reference`'s, over the pairs that compare the two.
+
+    Pooling both presentation orders cancels a judge's preference for the first (or second) answer
+    when each question is judged in both orders, as the QLoRA paper did; the per-order ratios show how
+    large that preference is.
+
+    Args:
+        scores: relative score pairs; pairs not involving `reference` are ignored.
+        reference: the model to compare with (ChatGPT in the paper).
+        seed: seed of the question bootstrap; each model's interval uses its own generator from it, so
+            it does not change when other models are added.
+        resamples: bootstrap resamples.
+
+    Returns:
+        {model: {"percent", "percent_reference_first", "percent_model_first", "ci95": [lo, hi],
+        "questions", "by_category": {category: percent}}} for every model with at least one pair
+        against `reference`, in name order. A percentage with no pairs behind it (say, no pair showed
+        the reference first) is None; pairs without a category are left out of `by_category`.
+
+    Raises:
+        ValueError: `resamples` is less than 1.
+    """
+    _check_positive(resamples=resamples)
+    rows = defaultdict(list)  # model -> [(question, model's score, reference's score, reference first, category)]
+    for pair in scores:
+        if pair.model_a == reference and pair.model_b != reference:
+            rows[pair.model_b].append((pair.question_id, pair.score_b, pair.score_a, True, pair.category))
+        elif pair.model_b == reference and pair.model_a != reference:
+            rows[pair.model_a].append((pair.question_id, pair.score_a, pair.score_b, False, pair.category))
+    return {model: _relative(model_rows, seed, resamples) for model, model_rows in sorted(rows.items())}
+
+
+def _relative(rows: list[tuple], seed: int, resamples: int) -> dict:
+    questions, own, ref, reference_first, categories = zip(*rows)
+    own, ref, reference_first = np.array(own), np.array(ref), np.array(reference_first)
+    categories = np.array(categories, dtype=object)
+
+    def percent(mask: np.ndarray) -> float | None:
+        total = ref[mask].sum()
+        return float(100.0 * own[mask].sum() / total) if mask.any() and total > 0 else None
+
+    # Sum each question's pairs once; a resample then draws question totals, so its pairs move together.
+    ids, question = np.unique(np.array(questions), return_inverse=True)
+    own_totals = np.bincount(question, own, len(ids))
+    ref_totals = np.bincount(question, ref, len(ids))
+    picks = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        samples = 100.0 * own_totals[picks].sum(axis=1) / ref_totals[picks].sum(axis=1)
+    return {
+        "percent": percent(np.ones(len(own), dtype=bool)),
+        "percent_reference_first": percent(reference_first),
+        "percent_model_first": percent(~reference_first),
+        "ci95": _ci(samples),
+        "questions": len(ids),
+        "by_category": {name: percent(categories == name) for name in sorted({c for c in categories if c is not None})},
+    }
+
+
+def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
+    """Wins, ties and losses of every model over all its comparisons, in name order.
+
+    Returns:
+        {model: {"wins", "ties", "losses", "games", "win_rate"}}, win_rate = (wins + ties / 2) / games.
+    """
+    records = defaultdict(lambda: {"wins": 0, "ties": 0, "losses": 0})
+    for comparison in comparisons:
+        first, second = records[comparison.model_a], records[comparison.model_b]
+        if comparison.winner == "tie":
+            first["ties"] += 1
+            second["ties"] += 1
+        else:
+            winner, loser = (first, second) if comparison.winner == "model_a" else (second, first)
+            winner["wins"] += 1
+            loser["losses"] += 1
+    result = {}
+    for model, record in sorted(records.items()):
+        games = record["wins"] + record["ties"] + record["losses"]
+        result[model] = {**record, "games": games, "win_rate": (record["wins"] + record["ties"] / 2) / games}
+    return result
+
+
+def category_win_rates(comparisons: list[Comparison]) -> dict[str, dict[str, float]]:
+    """{category: {model: win_rate}} as in `pairwise_records`, over the comparisons that have a category."""
+    by_category = defaultdict(list)
+    for comparison in comparisons:
+        if comparison.category is not None:
+            by_category[comparison.category].append(comparison)
+    return {
+        category: {model: record["win_rate"] for model, record in pairwise_records(group).items()}
+        for category, group in sorted(by_category.items())
+    }
+
+
+def _encode(comparisons: list[Comparison]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(models in name order, index of model_a, index of model_b, model_a's result) for each comparison."""
+    models = sorted({c.model_a for c in comparisons} | {c.model_b for c in comparisons})
+    index = {model: number for number, model in enumerate(models)}
+    first = np.array([index[c.model_a] for c in comparisons], dtype=np.intp)
+    second = np.array([index[c.model_b] for c in comparisons], dtype=np.intp)
+    result = np.array([SCORE_A[c.winner] for c in comparisons])
+    return models, first, second, result
+
+
+def _table(models: list[str], points: np.ndarray, samples: np.ndarray) -> dict[str, dict]:
+    """{model: {"rating", "ci95"}}, best rating first (then by name), from point estimates and samples."""
+    table = {model: {"rating": float(points[i]), "ci95": _ci(samples[:, i])} for i, model in enumerate(models)}
+    return dict(sorted(table.items(), key=lambda item: (-item[1]["rating"], item[0])))
+
+
+def _elo_runs(orders: np.ndarray, first, second, result, n_models: int, k: float, initial: float) -> np.ndarray:
+    """Final ratings of one Elo run per column of `orders` (one row per step), all runs advanced together.
+
+    Ratings live in one flat array indexed `run * n_models + model`: a 1-D gather is much faster than
+    2-D fancy indexing, and this loop runs once per comparison.
+    """
+    runs = orders.shape[1]
+    base = np.arange(runs) * n_models
+    ratings = np.full(runs * n_models, float(initial))
+    for step in orders:
+        a, b = base + first[step], base + second[step]
+        # 1 / (1 + 10 ** ((Rb - Ra) / 400)), with exp because it is faster than a float power.
+        expected = 1.0 / (1.0 + np.exp((ratings[b] - ratings[a]) * (math.log(10) / 400.0)))
+        change = k * (result[step] - expected)
+        # The loser's expected score is 1 - expected, so its change is exactly the opposite.
+        ratings[a] += change
+        ratings[b] -= change
+    return ratings.reshape(runs, n_models)
+
+
+def elo(comparisons: list[Comparison], *, k: float = 32, initial: float = 1000, permutations: int = 10000,
+        seed: int = 0) -> dict[str, dict]:
+    """Elo ratings as in the QLoRA paper: every model starts at `initial`, each comparison moves the two
+    ratings by k * (result - 1 / (1 + 10 ** ((Rb - Ra) / 400))), a tie scoring 0.5 for each side.
+
+    Elo depends on the order of the games, so the comparisons are played in `permutations` random
+    orders and the final ratings summarised.
+
+    Returns:
+        {model: {"rating": mean final rating, "ci95": [lo, hi] over the orders}}, best first; {} when
+        there are no comparisons.
+
+    Raises:
+        ValueError: `permutations` is less than 1.
+    """
+    _check_positive(permutations=permutations)
+    if not comparisons:
+        return {}
+    models, first, second, result = _encode(comparisons)
+    rng = np.random.default_rng(seed)
+    block = max(1, _ELO_BLOCK // len(comparisons))
+    finals = []
+    for start in range(0, permutations, block):
+        # One column per run, so that each step reads a contiguous row.
+        orders = np.repeat(np.arange(len(comparisons), dtype=np.int32)[:, None], min(block, permutations - start), 1)
+        rng.permuted(orders, axis=0, out=orders)
+        finals.append(_elo_runs(orders, first, second, result, len(models), k, initial))
+    finals = np.concatenate(finals)
+    return _table(models, finals.mean(axis=0), finals)
+
+
+def _bt_fit(first, second, result, weights, n_models: int, prior: float = BT_PRIOR) -> np.ndarray:
+    """Log-strengths (mean 0) maximising the weighted Bradley-Terry log-likelihood minus prior / 2 * |theta|^2.
+
+    Newton's method on a strictly concave objective, with backtracking because a full step overshoots
+    when a model wins nearly every game.
+    """
+    size = n_models * n_models
+    forward, backward = first * n_models + second, second * n_models + first
+    wins = (np.bincount(forward, weights * result, size) + np.bincount(backward, weights * (1 - result), size))
+    games = np.bincount(forward, weights, size) + np.bincount(backward, weights, size)
+    wins, games = wins.reshape(n_models, n_models), games.reshape(n_models, n_models)
+
+    def objective(theta: np.ndarray) -> float:  # sum of wins[i, j] * log sigmoid(theta_i - theta_j), minus the prior
+        return -(wins * np.logaddexp(0.0, theta[None, :] - theta[:, None])).sum() - prior / 2 * theta @ theta
+
+    theta = np.zeros(n_models)
+    for _ in range(200):
+        p = 1.0 / (1.0 + np.exp(theta[None, :] - theta[:, None]))  # p[i, j]: chance that i beats j
+        gradient = (wins - games * p).sum(axis=1) - prior * theta
+        weight = games * p * (1 - p)
+        curvature = np.diag(weight.sum(axis=1)) - weight + prior * np.eye(n_models)  # minus the Hessian
+        step = np.linalg.solve(curvature, gradient)
+        current, length = objective(theta), 1.0
+        while objective(theta + length * step) < current and length > 1e-10:
+            length /= 2
+        theta = theta + length * step
+        if np.abs(step).max() < 1e-10:
+            break
+    return theta - theta.mean()
+
+
+def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: int = 200) -> dict[str, dict]:
+    """Maximum-likelihood Bradley-Terry strengths (P(i beats j) = s_i / (s_i + s_j)), ties half a win each.
+
+    Unlike Elo, the fit does not depend on the order of the games. A tiny L2 prior on log-strengths
+    (BT_PRIOR) keeps a model that always wins finite.
+
+    Returns:
+        {model: {"rating": 1000 + 400 * log10(s / geometric mean of s), "ci95": [lo, hi]}}, best first;
+        {} when there are no comparisons. The interval comes from a bootstrap over questions; a model
+        whose questions all drop out of a resample sits at 1000 in it.
+
+    Raises:
+        ValueError: `resamples` is less than 1.
+    """
+    _check_positive(resamples=resamples)
+    if not comparisons:
+        return {}
+    models, first, second, result = _encode(comparisons)
+    _, question = np.unique(np.array([c.question_id for c in comparisons]), return_inverse=True)
+    n_questions = int(question.max()) + 1
+    point = _bt_fit(first, second, result, np.ones(len(comparisons)), len(models))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(resamples):
+        # A question drawn c times weighs each of its comparisons c times: the same as copying them.
+        drawn = np.bincount(rng.integers(0, n_questions, n_questions), minlength=n_questions)
+        samples.append(_bt_fit(first, second, result, drawn[question].astype(float), len(models)))
+    samples = np.array(samples)
+    return _table(models, 1000 + _ELO_PER_LOG * point, 1000 + _ELO_PER_LOG * samples)
+
+
+def report(comparisons: list[Comparison], scores: list[ScorePair], reference: str | None, *, seed: int = 0,
+           parse_failures: int = 0, permutations: int = 10000, resamples: int = 1000,
+           bt_resamples: int = 200) -> dict:
+    """Every score in one JSON-ready dict.
+
+    Returns:
+        {"relative": {"reference", "models": relative_scores(...)} or None when there are no scores or
+        no reference, "elo", "bradley_terry", "pairwise", "categories": category_win_rates(...),
+        "parse_failures"}; the comparison tables are {} when there are no comparisons.
+    """
+    relative = None
+    if scores and reference:
+        relative = {"reference": reference,
+                    "models": relative_scores(scores, reference, seed=seed, resamples=resamples)}
+    return {
+        "relative": relative,
+        "elo": elo(comparisons, permutations=permutations, seed=seed),
+        "bradley_terry": bradley_terry(comparisons, seed=seed, resamples=bt_resamples),
+        "pairwise": pairwise_records(comparisons),
+        "categories": category_win_rates(comparisons),
+        "parse_failures": parse_failures,
+    }

@@ -1,0 +1,740 @@
+"""Memory planning: will a recipe fit on a GPU, and if not, what to change — decided before anything loads.
+
+Everything here works from the model's `config.json` alone (a directory holding nothing else will do), so a
+65B run can be planned offline on a laptop. Nothing imports torch. Every number is bytes per device, for the
+CUDA GPU the run is planned for, not for this machine: `compute_dtype: auto` therefore counts as bfloat16.
+
+What is counted follows what `qlora train` does (models.load_model, train.training_arguments):
+
+- the base model loaded with bitsandbytes (4-bit NF4/FP4, 8-bit LLM.int8) or in 16-bit;
+- `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized parameter to float32;
+- LoRA adapters, which peft keeps in float32, trained with the recipe's optimizer;
+- the Trainer's bf16/fp16 autocast, gradient checkpointing (non-reentrant, one checkpoint per decoder
+  layer) and SDPA attention.
+
+The weight, LoRA and optimizer numbers are exact counts (tests compare them with models really loaded in
+4-bit); activations are a per-tensor account of what autograd saves, checked on CPU against a real forward;
+the overhead is an estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, UserError
+from .recipe import Recipe
+
+GiB = 2**30
+
+# bitsandbytes' 4-bit layout (bitsandbytes.functional.quantize_4bit): one absmax per block of 64 weights;
+# with double quantization the absmax values are themselves quantized to 8 bits in blocks of 256.
+BLOCK_4BIT = 64
+NESTED_BLOCK = 256
+# The per-layer lookup tables that `QuantState.as_dict(packed=True)` carries: the 16-entry NF4/FP4 code
+# and, with double quantization, the 256-entry dynamic code of the nested absmax, both float32.
+CODE_4BIT_BYTES = 16 * 4
+NESTED_CODE_BYTES = 256 * 4
+
+# bitsandbytes' 8-bit optimizers (Optimizer2State): tensors with fewer elements than this keep 32-bit state;
+# larger ones keep each of the two states in 8 bits with one float32 absmax per block of 256.
+OPTIMIZER_8BIT_MIN_SIZE = 4096
+OPTIMIZER_8BIT_BLOCK = 256
+
+# The CUDA context, cuBLAS/cuDNN workspaces and the kernels of torch and bitsandbytes: 0.5-1 GiB on current
+# drivers and GPUs (what nvidia-smi shows for a process that has only initialised CUDA and run a matmul).
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)
+# Memory the caching allocator reserves but cannot reuse, for tensors allocated and freed every step.
+# Weights are allocated once at load and never freed, so they cannot fragment the pool, and paged optimizer
+# state lives outside it (CUDA unified memory); so the fraction applies to LoRA parameters, gradients,
+# unpaged optimizer state and activations only. 10% is the usual gap between `max_memory_reserved` and
+# `max_memory_allocated` in transformer training; it is an estimate, not a measurement.
+FRAGMENTATION = 0.10
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OUTPUT_HEAD = "lm_head"
+MAX_FSDP_GPUS = 64
+
+_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+_SIZE = re.compile(r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?:(?P<unit>[kmgtp])(?P<binary>i?)(?P<b>b?)|b?)\s*", re.I)
+_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_bytes(text: str) -> int:
+    """A memory size as bytes: `80GB` is 80 * 10**9; `24GiB` and `24G` are 24 * 2**30; a bare number is bytes.
+
+    Units K, M, G, T, P, case-insensitive; `B` optional. Raises UserError for anything else or for zero.
+    """
+    match = _SIZE.fullmatch(str(text))
+    if not match:
+        raise UserError(
+            f"cannot read {text!r} as a memory size; write e.g. 24GiB, 80GB or 512MiB "
+            "(GB = 10^9 bytes; GiB and G = 2^30 bytes)"
+        )
+    unit = match["unit"]
+    if unit:
+        # Only `GB` (no `i`) is decimal; a bare `G`, as in "24G", is read as binary like GiB.
+        decimal = bool(match["b"]) and not match["binary"]
+        scale = (1000 if decimal else 1024) ** _POWERS[unit.lower()]
+    else:
+        scale = 1
+    value = round(float(match["number"]) * scale)
+    if value <= 0:
+        raise UserError(f"a memory size must be more than zero bytes, got {text!r}")
+    return value
+
+
+def format_bytes(count: int) -> str:
+    """`count` bytes for people: GiB with one decimal, or MiB below 1 GiB."""
+    if abs(count) >= GiB:
+        return f"{count / GiB:.1f} GiB"
+    return f"{count / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's shapes
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The sizes of a Llama/Mistral/Qwen2-style decoder that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: tuple[str, ...]  # which of q/k/v/o_proj carry a bias
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3's per-head RMSNorm on queries and keys
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder block."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+def _positive_int(key: str, value: Any, source) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(Problem(f"`{key}` must be a positive whole number, got {value!r}", file=source))
+    return value
+
+
+def model_shapes(config: Mapping, source: Path | str | None = None) -> ModelShapes:
+    """The shapes in a transformers config dict; `source` names the file in errors.
+
+    Raises:
+        UserError: keys missing or not positive integers, or a mixture-of-experts model.
+    """
+    if "hidden_size" not in config and isinstance(config.get("text_config"), Mapping):
+        config = config["text_config"]  # multimodal wrappers keep the language model's config inside
+    missing = [key for key in _REQUIRED_KEYS if key not in config]
+    if missing:
+        raise UserError(
+            Problem(
+                f"the model config lacks {', '.join(missing)}; the memory planner understands "
+                "Llama/Mistral/Qwen2-style decoder configs",
+                file=source,
+            )
+        )
+    if any(isinstance(config.get(key), int) and config[key] > 1 for key in _MOE_KEYS):
+        raise UserError(Problem("mixture-of-experts models are not supported by the memory planner", file=source))
+    hidden, intermediate, layers, heads, vocab = (_positive_int(key, config[key], source) for key in _REQUIRED_KEYS)
+    kv_heads = _positive_int("num_key_value_heads", config.get("num_key_value_heads") or heads, source)
+    head_dim = _positive_int("head_dim", config.get("head_dim") or hidden // heads, source)
+    model_type = str(config.get("model_type", ""))
+    if model_type == "qwen2":
+        attention_bias: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # hard-wired in Qwen2's attention
+    elif config.get("attention_bias"):
+        attention_bias = ("q_proj", "k_proj", "v_proj", "o_proj")
+    else:
+        attention_bias = ()
+    return ModelShapes(
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        # Absent from a config means the model class's default: untied for Llama, Mistral and Qwen2, tied for Gemma.
+        tied=bool(config.get("tie_word_embeddings", model_type.startswith("gemma"))),
+        attention_bias=attention_bias,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        qk_norm=model_type.startswith("qwen3"),
+    )
+
+
+def _hub_cache_config(name: str) -> Path | None:
+    """config.json of a hub model already in the local Hugging Face cache (never downloads)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(name, "config.json")
+    return Path(found) if isinstance(found, str) else None
+
+
+def read_model_config(path_or_config) -> dict:
+    """A model config as a dict, from a dict, a `config.json` file, a model directory holding one, or a hub
+    id whose config is in the local Hugging Face cache.
+
+    Raises:
+        UserError: naming the path when it has no config.json, is not JSON, or lacks the needed shapes.
+    """
+    if isinstance(path_or_config, Mapping):
+        config = dict(path_or_config)
+        model_shapes(config)
+        return config
+    path = Path(path_or_config).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        cached = None if path.exists() else _hub_cache_config(str(path_or_config))
+        if cached is None:
+            message = (
+                "no config.json in this model directory"
+                if path.is_dir()
+                else "model config not found (give a model directory, its config.json, or a hub id already downloaded)"
+            )
+            raise UserError(Problem(message, file=file))
+        file = cached
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(Problem(f"cannot read the model config: {exc}", file=file)) from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(Problem(f"not valid JSON: {exc.msg}", file=file, line=exc.lineno)) from None
+    if not isinstance(config, dict):
+        raise UserError(Problem("a model config must be a JSON object", file=file))
+    model_shapes(config, source=file)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+def quantized_linear_bytes(in_features: int, out_features: int, bits: int, double_quant: bool = True,
+                           dtype_bytes: int = 2) -> int:
+    """Bytes of one frozen linear weight as bitsandbytes stores it (no bias).
+
+    4-bit (QLoRA paper, section 3; bitsandbytes.functional.quantize_4bit): two weights per byte, plus the
+    quantization constants over the flattened weight in blocks of 64:
+      - plain: one float32 absmax per block, 32/64 = 0.5 bit per weight;
+      - double quantization: the absmax in 8 bits (8/64) plus one float32 second-level constant per 256
+        blocks (32/(64*256)): 0.127 bit per weight;
+      plus the code tables (`quant_map`, and `nested_quant_map` with double quantization).
+    8-bit (LLM.int8, Linear8bitLt): one byte per weight plus one float32 scale per output row (SCB).
+    16-bit: `dtype_bytes` per weight.
+    """
+    n = in_features * out_features
+    if bits == 4:
+        blocks = math.ceil(n / BLOCK_4BIT)
+        if double_quant:
+            constants = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + CODE_4BIT_BYTES + NESTED_CODE_BYTES
+        else:
+            constants = 4 * blocks + CODE_4BIT_BYTES
+        return math.ceil(n / 2) + constants
+    if bits == 8:
+        return n + 4 * out_features
+    return n * dtype_bytes
+
+
+def kept_parameter_count(shapes: ModelShapes) -> int:
+    """Parameters that stay unquantized: embeddings, the output head unless tied, RMSNorm weights, biases.
+
+    transformers never quantizes the output head or embeddings (`get_keys_to_not_convert`); biases of
+    quantized linears stay ordinary parameters too.
+    """
+    s = shapes
+    count = s.vocab * s.hidden * (1 if s.tied else 2)
+    count += (2 * s.layers + 1) * s.hidden  # input and post-attention norms per block, plus the final norm
+    linears = s.linears()
+    per_block = sum(linears[name][1] for name in s.attention_bias)
+    if s.mlp_bias:
+        per_block += sum(linears[name][1] for name in ("gate_proj", "up_proj", "down_proj"))
+    if s.qk_norm:
+        per_block += 2 * s.head_dim
+    return count + per_block * s.layers
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and the optimizer
+
+def lora_targets(shapes: ModelShapes, target_modules) -> dict[str, tuple[int, int]]:
+    """The linear layers of one block that get adapters, with (in, out); `lm_head` if named, too.
+
+    `all-linear` is peft's: every linear layer except the output head. Names match by their last dotted
+    part, as peft's suffix matching does for these module names.
+
+    Raises:
+        UserError: when no name in the list is a linear layer of this model.
+    """
+    linears = shapes.linears()
+    if target_modules == "all-linear":
+        return dict(linears)
+    wanted = {str(name).rsplit(".", 1)[-1] for name in target_modules}
+    chosen = {name: dims for name, dims in linears.items() if name in wanted}
+    if OUTPUT_HEAD in wanted:
+        chosen[OUTPUT_HEAD] = (shapes.hidden, shapes.vocab)
+    if not chosen:
+        raise UserError(
+            Problem(
+                f"none of {', '.join(sorted(wanted))} is a linear layer of this model; "
+                f"its linear layers are {', '.join(LINEAR_NAMES)} (and {OUTPUT_HEAD})",
+                key="lora.target_modules",
+            )
+        )
+    return chosen
+
+
+def _lora_tensor_sizes(shapes: ModelShapes, targets: dict[str, tuple[int, int]], r: int) -> list[tuple[int, int]]:
+    """(elements of one LoRA matrix, how many of them) for A (r x in) and B (out x r) of each target."""
+    sizes = []
+    for name, (fan_in, fan_out) in targets.items():
+        copies = 1 if name == OUTPUT_HEAD else shapes.layers
+        sizes += [(r * fan_in, copies), (fan_out * r, copies)]
+    return sizes
+
+
+def optimizer_state_bytes(tensor_sizes: list[tuple[int, int]], optimizer: str) -> int:
+    """AdamW's two states (exp_avg, exp_avg_sq) for tensors of the given (elements, count).
+
+    32-bit (`adamw_torch`, `paged_adamw_32bit`): 2 x 4 bytes per parameter.
+    8-bit (`paged_adamw_8bit`, bitsandbytes blockwise): 2 x (1 byte + a float32 absmax per 256) per parameter
+    for tensors of 4096 elements or more; smaller tensors keep 32-bit state.
+    """
+    total = 0
+    for elements, count in tensor_sizes:
+        if optimizer.endswith("8bit") and elements >= OPTIMIZER_8BIT_MIN_SIZE:
+            per_tensor = 2 * (elements + 4 * math.ceil(elements / OPTIMIZER_8BIT_BLOCK))
+        else:
+            per_tensor = 8 * elements
+        total += per_tensor * count
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """What the forward and backward pass hold per device, for `tokens` = batch x sequence length.
+
+    Attributes:
+        per_token_per_layer: bytes autograd saves for backward in one decoder layer, per token.
+        boundary_per_token_per_layer: with checkpointing, the layer input each checkpoint keeps, per token.
+        head_per_token: saved after the last layer: the final norm's input and the log-softmax output.
+        logits_transient_per_token: also alive at the loss: the logits' gradient and 16-bit logits.
+        cast_bytes: autocast's 16-bit copies of float32 weights, held until backward (token-independent).
+        workspace_bytes: the largest base weight dequantized for one matmul (transient).
+    """
+
+    tokens: int
+    layers: int
+    per_token_per_layer: int
+    boundary_per_token_per_layer: int
+    head_per_token: int
+    logits_transient_per_token: int
+    cast_bytes: int
+    workspace_bytes: int
+
+    def saved_for_backward(self) -> int:
+        """Without checkpointing: everything autograd holds when the forward ends (what a saved-tensor
+        hook sees), without the transients."""
+        return self.tokens * (self.layers * self.per_token_per_layer + self.head_per_token) + self.cast_bytes
+
+    def full(self) -> int:
+        return self.saved_for_backward() + self.tokens * self.logits_transient_per_token + self.workspace_bytes
+
+    def checkpointed(self) -> int:
+        """Layer inputs at every checkpoint, plus one layer recomputed in full during backward.
+
+        Summed rather than maxed with the forward's end (casts, logits): a bound a little above the peak.
+        """
+        per_token = (
+            self.layers * self.boundary_per_token_per_layer
+            + self.per_token_per_layer
+            + self.head_per_token
+            + self.logits_transient_per_token
+        )
+        return self.tokens * per_token + self.cast_bytes + self.workspace_bytes
+
+
+def compute_dtype_bytes(setting: str) -> int:
+    """Bytes per element of the compute dtype on a GPU: `auto` is bfloat16 there (models.choose_compute_dtype)."""
+    return 4 if setting == "float32" else 2
+
+
+def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: int | None = None) -> ActivationEstimate:
+    """The activation account for the recipe's batch and sequence length (see ActivationEstimate).
+
+    c = compute dtype bytes; a = bytes of the residual stream, which is float32 (4) for a quantized base
+    because prepare_model_for_kbit_training upcasts the embeddings and norms, and c for a 16-bit base.
+    Under bf16/fp16 autocast (c < 4) matmul inputs are cast to c; with float32 compute nothing is cast.
+
+    Per token per decoder layer, the tensors autograd saves (checked against a saved-tensor hook on CPU):
+      - the two RMSNorms' inputs (the residual stream): 2a*h, and their rsqrt: 2 x 4 bytes;
+      - a 4-bit base linear saves nothing (bitsandbytes' MatMul4Bit keeps only the packed weight, as no
+        weight gradient is needed); an 8-bit one saves its input A (shared by the linears that read it);
+      - each LoRA adapter saves its input in c (a separate copy per adapter, from autocast's cast or
+        dropout), a 1-byte dropout mask if lora.dropout > 0, and the r-wide output of lora_A: c*(in + r);
+        with float32 compute and no dropout the adapter saves the very tensor it reads (no copy);
+      - SDPA saves q, k, v, its output and a float32 logsumexp per head, never the s x s scores:
+        c*(2*q_dim + 2*kv) + 4*heads, where kv = q_dim when a padding mask makes transformers repeat the
+        key/value heads (grouped-query attention runs natively only without a mask); with a mask (batch > 1
+        or packing) the mask's c-typed bias is saved too: c*s;
+      - the MLP: SiLU saves the gate output, the product saves SiLU's output and the up output: 3a*i.
+    After the last layer: the final norm's input a*h, the log-softmax output (float32 logits for the loss):
+    4*V; and while the loss runs, its gradient 4*V and (with autocast) the c-typed logits: c*V.
+
+    Token-independent, with autocast: its weight-cast cache keeps a c copy of every float32 LoRA weight
+    until the forward ends, c * LoRA parameters, and the float32 output head is cast for its matmul and
+    saved for backward: c*V*h. Transient: one base weight dequantized for its matmul (bitsandbytes
+    dequantizes 4-bit weights to c; 8-bit ones to the input's dtype in backward).
+    """
+    s = shapes
+    quant, lora, training, data = recipe.quantization, recipe.lora, recipe.training, recipe.data
+    c = compute_bytes or compute_dtype_bytes(quant.compute_dtype)
+    a = 4 if quant.bits in (4, 8) else c
+    autocast = c < 4
+    dropout = lora.dropout > 0
+    masked = training.batch_size > 1 or data.packing
+    seq = data.max_seq_len
+    targets = lora_targets(s, lora.target_modules)
+    linears = s.linears()
+
+    # The tensors the linears of a block read: name -> (width, dtype bytes, already saved by whatever made it),
+    # and which linear reads which. A tensor saved by several readers is stored once.
+    sources = {
+        "norm1": (s.hidden, a, False),
+        "attention": (s.q_dim, c, True),  # SDPA's output, saved by SDPA itself
+        "norm2": (s.hidden, a, False),
+        "product": (s.intermediate, a, False),
+    }
+    reads = {"q_proj": "norm1", "k_proj": "norm1", "v_proj": "norm1", "o_proj": "attention",
+             "gate_proj": "norm2", "up_proj": "norm2", "down_proj": "product"}
+    kept_sources: set[str] = set()
+    copies = 0
+    for name, source in reads.items():
+        if quant.bits == 8:
+            kept_sources.add(source)
+        if name in targets:
+            fan_in = linears[name][0]
+            if not dropout and not autocast:
+                kept_sources.add(source)
+            else:
+                copies += c * fan_in + (fan_in if dropout else 0)
+            copies += c * lora.r
+    inputs = sum(width * dtype for name, (width, dtype, saved) in sources.items()
+                 if name in kept_sources and not saved)
+    kv = s.q_dim if masked and s.kv_heads != s.heads else s.kv_dim
+    attention = c * (2 * s.q_dim + 2 * kv) + 4 * s.heads + (c * seq if masked else 0)
+    per_layer = 2 * a * s.hidden + 2 * 4 + inputs + copies + attention + 3 * a * s.intermediate
+
+    head = a * s.hidden + 4 + 4 * s.vocab
+    if OUTPUT_HEAD in targets:  # its adapter reads the final norm's output, which nothing else saves
+        shared = not dropout and not autocast
+        head += (a * s.hidden if shared else c * s.hidden + (s.hidden if dropout else 0)) + c * lora.r
+    transient = 4 * s.vocab + (c * s.vocab if autocast else 0)
+
+    cast = 0
+    if autocast:
+        cast += c * _lora_parameter_count(s, targets, lora.r)
+        if a > c:  # the output head was upcast to float32
+            cast += c * s.vocab * s.hidden
+    largest = max(fan_in * fan_out for fan_in, fan_out in linears.values())
+    workspace = {4: c, 8: a}.get(quant.bits, 0) * largest
+
+    return ActivationEstimate(
+        tokens=training.batch_size * seq,
+        layers=s.layers,
+        per_token_per_layer=per_layer,
+        boundary_per_token_per_layer=a * s.hidden,
+        head_per_token=head,
+        logits_transient_per_token=transient,
+        cast_bytes=cast,
+        workspace_bytes=workspace,
+    )
+
+
+def _lora_parameter_count(shapes: ModelShapes, targets: dict[str, tuple[int, int]], r: int) -> int:
+    """r * (in + out) per adapted linear: A is r x in, B is out x r."""
+    return sum(elements * count for elements, count in _lora_tensor_sizes(shapes, targets, r))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+@dataclass
+class MemoryPlan:
+    """Peak memory per device for a training run, by part, in bytes.
+
+    `total_bytes` is everything; `pageable_bytes` is the part a paged optimizer keeps in CUDA unified memory,
+    which the driver moves to CPU RAM when the GPU runs short (the QLoRA paper's paged optimizers), so only
+    `resident_bytes` = total - pageable must fit on the device. `fits` compares that with the device memory.
+    """
+
+    quantized_weights_bytes: int
+    kept_weights_bytes: int
+    weights_bytes: int
+    lora_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    activation_bytes_checkpointed: int
+    activation_bytes_full: int
+    overhead_bytes: int
+    total_bytes: int
+    device_memory_bytes: int | None
+    gpus: int
+    fits: bool | None
+    advice: list[str] = field(default_factory=list)
+    pageable_bytes: int = 0
+    resident_bytes: int = 0
+    sharded: bool = False
+    lora_parameters: int = 0
+    compute_dtype: str = "bfloat16"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: int, sharded: bool) -> MemoryPlan:
+    """The plan without advice."""
+    quant, training = recipe.quantization, recipe.training
+    c = compute_dtype_bytes(quant.compute_dtype)
+    quantized = sum(
+        quantized_linear_bytes(fan_in, fan_out, quant.bits, quant.double_quant, c)
+        for fan_in, fan_out in shapes.linears().values()
+    ) * shapes.layers
+    # prepare_model_for_kbit_training (models.load_model) upcasts every parameter that is not quantized to
+    # float32 for stable training, so with a quantized base the kept layers cost 4 bytes, not 2. A 16-bit base
+    # skips that step and stays in the compute dtype.
+    kept_bytes = 4 if quant.bits in (4, 8) else c
+    kept = kept_parameter_count(shapes) * kept_bytes
+
+    targets = lora_targets(shapes, recipe.lora.target_modules)
+    sizes = _lora_tensor_sizes(shapes, targets, recipe.lora.r)
+    lora_params = sum(elements * count for elements, count in sizes)
+    lora = 4 * lora_params  # peft keeps adapters in float32 (autocast_adapter_dtype)
+    gradients = 4 * lora_params
+    optimizer = optimizer_state_bytes(sizes, training.optimizer)
+
+    activations = activation_estimate(shapes, recipe, compute_bytes=c)
+    checkpointed, full = activations.checkpointed(), activations.full()
+    activation = checkpointed if training.gradient_checkpointing else full
+
+    shards = max(gpus, 1) if sharded else 1
+    if shards > 1:
+        # FSDP keeps 1/N of every parameter and of its optimizer state on each device, and all-gathers one
+        # decoder block at a time for its forward and backward, prefetching the next: two blocks in full. The
+        # embeddings, final norm and head belong to the root unit, which FSDP does not reshard between forward
+        # and backward, so at the peak they are there in full beside their shard.
+        block = quantized / shapes.layers
+        quantized = math.ceil(quantized / shards) + math.ceil(2 * block)
+        kept = math.ceil(kept / shards) + kept
+        lora, gradients, optimizer = (math.ceil(x / shards) for x in (lora, gradients, optimizer))
+    weights = quantized + kept
+
+    paged = training.optimizer.startswith("paged_")
+    pageable = optimizer if paged else 0
+    dynamic = lora + gradients + activation + (0 if paged else optimizer)
+    overhead = CUDA_CONTEXT_BYTES + round(FRAGMENTATION * dynamic)
+    total = weights + lora + gradients + optimizer + activation + overhead
+    resident = total - pageable
+    return MemoryPlan(
+        quantized_weights_bytes=quantized,
+        kept_weights_bytes=kept,
+        weights_bytes=weights,
+        lora_bytes=lora,
+        gradient_bytes=gradients,
+        optimizer_bytes=optimizer,
+        activation_bytes=activation,
+        activation_bytes_checkpointed=checkpointed,
+        activation_bytes_full=full,
+        overhead_bytes=overhead,
+        total_bytes=total,
+        device_memory_bytes=device_memory,
+        gpus=gpus,
+        fits=None if device_memory is None else resident <= device_memory,
+        pageable_bytes=pageable,
+        resident_bytes=resident,
+        sharded=sharded,
+        lora_parameters=lora_params,
+        compute_dtype="bfloat16" if quant.compute_dtype == "auto" else quant.compute_dtype,
+    )
+
+
+def _changed(recipe: Recipe, section: str, key: str, value: Any) -> Recipe:
+    """A copy of the recipe with one key changed (validated like the original)."""
+    copy = recipe.model_copy(deep=True)
+    setattr(getattr(copy, section), key, value)
+    return copy
+
+
+def _verdict(plan: MemoryPlan) -> str:
+    return "fits" if plan.fits else "still too big"
+
+
+def _advice(shapes: ModelShapes, recipe: Recipe, plan: MemoryPlan, device_memory: int, gpus: int,
+            sharded: bool) -> list[str]:
+    """Concrete changes, cheapest first, each with what it would leave on each GPU; then, if no single change
+    is enough, the combination that is; last, how many GPUs with FSDP would fit the recipe as it is."""
+    def replan(changed: Recipe) -> MemoryPlan:
+        return _plan(shapes, changed, device_memory, gpus, sharded)
+
+    training, data = recipe.training, recipe.data
+    if plan.fits:  # it fits only because the paged optimizer spills its state to CPU RAM
+        line = (
+            f"fits by paging up to {format_bytes(plan.total_bytes - device_memory)} of optimizer state to CPU RAM, "
+            "which slows each optimizer step"
+        )
+        if training.optimizer != "paged_adamw_8bit":
+            eight = replan(_changed(recipe, "training", "optimizer", "paged_adamw_8bit"))
+            if eight.total_bytes <= device_memory:
+                line += (
+                    f"; training.optimizer: paged_adamw_8bit would keep everything on the GPU "
+                    f"({format_bytes(eight.total_bytes)})"
+                )
+        return [line]
+
+    now = format_bytes(plan.resident_bytes)
+    advice = []
+    if not training.gradient_checkpointing:
+        on = replan(_changed(recipe, "training", "gradient_checkpointing", True))
+        advice.append(
+            f"turn on training.gradient_checkpointing: activations {format_bytes(plan.activation_bytes)} -> "
+            f"{format_bytes(on.activation_bytes)}, per GPU {now} -> {format_bytes(on.resident_bytes)} ({_verdict(on)})"
+        )
+    if training.batch_size > 1:
+        half = training.batch_size // 2
+        smaller = replan(_changed(recipe, "training", "batch_size", half))
+        advice.append(
+            f"halve training.batch_size to {half} and double training.gradient_accumulation_steps to "
+            f"{2 * training.gradient_accumulation_steps} to keep the effective batch: per GPU {now} -> "
+            f"{format_bytes(smaller.resident_bytes)} ({_verdict(smaller)})"
+        )
+    if data.max_seq_len >= 16:
+        shorter_len = data.max_seq_len // 2
+        shorter = replan(_changed(recipe, "data", "max_seq_len", shorter_len))
+        advice.append(
+            f"lower data.max_seq_len to {shorter_len} (longer examples are then cut as data.truncation says): "
+            f"per GPU {now} -> {format_bytes(shorter.resident_bytes)} ({_verdict(shorter)})"
+        )
+    if training.optimizer != "paged_adamw_8bit":
+        paged = replan(_changed(recipe, "training", "optimizer", "paged_adamw_8bit"))
+        # A paged 32-bit optimizer already moves its state off a full GPU; 8-bit state only helps the others.
+        if paged.resident_bytes < plan.resident_bytes:
+            advice.append(
+                f"use training.optimizer: paged_adamw_8bit (8-bit state, paged to CPU RAM when the GPU is full): "
+                f"per GPU {now} -> {format_bytes(paged.resident_bytes)} ({_verdict(paged)})"
+            )
+    if recipe.quantization.bits != 4:
+        four = replan(_changed(recipe, "quantization", "bits", 4))
+        advice.append(
+            f"set quantization.bits: 4 (QLoRA): weights {format_bytes(plan.weights_bytes)} -> "
+            f"{format_bytes(four.weights_bytes)}, per GPU {now} -> {format_bytes(four.resident_bytes)} ({_verdict(four)})"
+        )
+    if not any(line.endswith("(fits)") for line in advice):
+        together = _combined_advice(shapes, recipe, device_memory, gpus, sharded)
+        if together:
+            advice.append(together)
+    advice.append(_fsdp_advice(shapes, recipe, device_memory, gpus, sharded))
+    return advice
+
+
+def _combined_advice(shapes: ModelShapes, recipe: Recipe, device_memory: int, gpus: int, sharded: bool) -> str | None:
+    """When no single change is enough: the changes above applied together, in their order, stopping at the
+    first combination that fits (batch size and sequence length halved as often as needed)."""
+    steps: list[tuple[str, str, Any, str]] = [
+        ("training", "gradient_checkpointing", True, "gradient checkpointing on"),
+        ("training", "optimizer", "paged_adamw_8bit", "paged_adamw_8bit"),
+        ("quantization", "bits", 4, "4-bit"),
+    ]
+    batch, seq = recipe.training.batch_size, recipe.data.max_seq_len
+    while batch > 1:
+        batch //= 2
+        steps.append(("training", "batch_size", batch, f"batch_size {batch}"))
+    while seq >= 128:
+        seq //= 2
+        steps.append(("data", "max_seq_len", seq, f"max_seq_len {seq}"))
+    changed, said = recipe, []
+    for section, key, value, words in steps:
+        if getattr(getattr(changed, section), key) == value:
+            continue
+        changed = _changed(changed, section, key, value)
+        said.append(words)
+        candidate = _plan(shapes, changed, device_memory, gpus, sharded)
+        if candidate.fits:
+            return f"together: {', '.join(said)}: {format_bytes(candidate.resident_bytes)} per GPU (fits)"
+    return None
+
+
+def _fsdp_advice(shapes: ModelShapes, recipe: Recipe, device_memory: int, gpus: int, sharded: bool) -> str:
+    """How many GPUs sharding the model with FSDP would need, or why no number would do."""
+    first = gpus + 1 if sharded else max(gpus, 2)
+    for count in range(first, MAX_FSDP_GPUS + 1):
+        candidate = _plan(shapes, recipe, device_memory, count, True)
+        if candidate.fits:
+            return (
+                f"use {count} GPUs with FSDP sharding (weights, adapters, gradients and optimizer state split "
+                f"across them): {format_bytes(candidate.resident_bytes)} per GPU (fits)"
+            )
+    activations = _plan(shapes, recipe, device_memory, MAX_FSDP_GPUS, True).activation_bytes
+    return (
+        f"even {MAX_FSDP_GPUS} GPUs with FSDP would not fit: sharding does not split activations, which alone "
+        f"need {format_bytes(activations)} per GPU; lower the batch size or sequence length"
+    )
+
+
+def plan_memory(config: Mapping, recipe: Recipe, *, gpu_memory_bytes: int | None = None, gpus: int = 1,
+                sharded: bool = False) -> MemoryPlan:
+    """The per-device memory plan for training `recipe` on the model of `config` (a config.json dict).
+
+    `gpus` with `sharded` plans FSDP across that many devices; without `sharded` every device holds a full
+    replica (data parallel). With `gpu_memory_bytes`, `fits` says whether it fits and `advice` what to change.
+
+    Raises:
+        UserError: the config lacks the needed shapes, or no LoRA target is a linear layer of the model.
+    """
+    if gpus < 1:
+        raise UserError("the number of GPUs must be 1 or more")
+    shapes = model_shapes(config)
+    plan = _plan(shapes, recipe, gpu_memory_bytes, gpus, sharded)
+    if gpu_memory_bytes is not None and (not plan.fits or plan.total_bytes > gpu_memory_bytes):
+        plan.advice = _advice(shapes, recipe, plan, gpu_memory_bytes, gpus, sharded)
+    return plan
