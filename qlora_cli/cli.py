@@ -67,6 +67,49 @@ def train(
     run_training(resolved, overwrite=overwrite, resume=resume, console=make_console(), resume_command=command)
 
 
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="Memory of each GPU, e.g. 24GiB or 80GB.")] = None,
+    gpus: Annotated[int, typer.Option(min=1, help="How many GPUs.")] = 1,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, LoRA and optimizer states across the GPUs (FSDP).")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="A model config.json (or its folder) instead of model.base's.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Plan GPU memory for a recipe from the model's config alone, before anything loads."""
+    import json as json_module
+
+    from .plan import parse_bytes, plan_memory, read_model_config
+    from .plan_report import plan_table
+    from .recipe import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [])
+    source = config if config is not None else model_config_source(resolved.model.base)
+    result = plan_memory(
+        read_model_config(source), resolved,
+        gpu_memory_bytes=parse_bytes(gpu_memory) if gpu_memory else None, gpus=gpus, sharded=fsdp,
+    )
+    if as_json:
+        print(json_module.dumps(result.to_json(), indent=2))
+        return
+    from .console import make_console
+
+    make_console().print(plan_table(result, title=f"Memory plan for {recipe} (per GPU)"))
+
+
+def model_config_source(base: str):
+    """Where the planner reads the model's config: a local directory or hub id as is; the converted
+    checkpoint for a .gguf file or the bundled model (converting once if needed)."""
+    from .recipe import BUNDLED_MODEL_ALIAS
+
+    if base == BUNDLED_MODEL_ALIAS or base.endswith(".gguf"):
+        from .models import resolve_model_path
+
+        return resolve_model_path(base)
+    return base
+
+
 @data_app.command("preview")
 def data_preview(
     recipe: RecipeArg,

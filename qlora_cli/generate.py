@@ -61,7 +61,7 @@ def load_run(run_dir: Path) -> LoadedModel:
         dtype=dtype,
         device_map={"": 0 if on_device == "cuda" else "cpu"},
         trust_remote_code=recipe.model.trust_remote_code,
-        use_safetensors=True,
+        use_safetensors=None if recipe.model.allow_pickle_weights else True,
     )
     try:
         model = PeftModel.from_pretrained(model, adapter)

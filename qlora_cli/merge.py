@@ -61,14 +61,16 @@ def dense_weights(trained_model, base: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def build_merged(trained_model, base_path: str, base: str, dtype: torch.dtype, trust_remote_code: bool):
+def build_merged(trained_model, base_path: str, base: str, dtype: torch.dtype, trust_remote_code: bool,
+                 allow_pickle_weights: bool = False):
     """A dense model of the base architecture holding the merged weights, in `dtype`, on the CPU."""
     from transformers import AutoModelForCausalLM
 
     merged_weights = dense_weights(trained_model, base)
     # Load in float32 so that `original` merges add to unrounded weights; cast once at the end.
     dense = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=torch.float32, device_map={"": "cpu"}, trust_remote_code=trust_remote_code, use_safetensors=True
+        base_path, dtype=torch.float32, device_map={"": "cpu"}, trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle_weights else True,
     )
     modules = dict(dense.named_modules())
     with torch.no_grad():
@@ -164,10 +166,10 @@ def merge_run(
     loaded = load_run(run_dir)
     trained = loaded.model
     keep_training_numerics(trained)
-    trust_remote_code = read_run_recipe(run_dir).model.trust_remote_code
+    run_model = read_run_recipe(run_dir).model
     base_path = trained.peft_config["default"].base_model_name_or_path
     say(f"Merging {run_dir / 'adapter'} into {base_path} ({base} base, {dtype_name})")
-    merged = build_merged(trained, base_path, base, dtype, trust_remote_code=trust_remote_code)
+    merged = build_merged(trained, base_path, base, dtype, run_model.trust_remote_code, run_model.allow_pickle_weights)
     prompts, prompts_from = parity_prompts(run_dir, loaded.tokenizer)
     report = parity(trained, merged, prompts)
     enforced = base == "dequantized" and dtype == torch.float32

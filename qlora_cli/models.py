@@ -166,6 +166,14 @@ def load_tokenizer(model_path: str, recipe: Recipe):
     return tokenizer
 
 
+def pickle_weights_only(model_path: str) -> bool:
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return False
+    names = [p.name for p in folder.iterdir()]
+    return not any(n.endswith(".safetensors") for n in names) and any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+
+
 def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_device: str):
     """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -180,10 +188,15 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
             quantization_config=quant_config,
             dtype=compute_dtype,
             device_map={"": 0 if on_device == "cuda" else "cpu"},
-            # Pickled weights can run code when loaded: only safetensors.
-            use_safetensors=True,
+            # Pickled weights can run code when loaded: only safetensors, unless the recipe opts in.
+            use_safetensors=None if recipe.model.allow_pickle_weights else True,
         )
     except OSError as exc:
+        if not recipe.model.allow_pickle_weights and pickle_weights_only(model_path):
+            raise UserError(
+                f"model.base: {model_path} has only pickle weights (.bin/.pt), which can run code when loaded; "
+                "set model.allow_pickle_weights: true if you trust it"
+            ) from None
         raise UserError(f"model.base: cannot load {model_path}: {exc}") from None
     model.config.use_cache = False  # useless in training; it also hides packed-sequence boundaries
     # An evaluation between training steps must not repack the 4-bit weights for inference.

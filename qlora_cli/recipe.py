@@ -42,6 +42,13 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Only for sources you trust."
     )
+    allow_pickle_weights: bool = Field(
+        False,
+        description=(
+            "Also load weights stored as pickle (.bin/.pt), which can run code when loaded. "
+            "Off: only safetensors weights load."
+        ),
+    )
 
 
 class QuantizationSection(Section):
@@ -258,23 +265,37 @@ def _dotted(path: KeyPath) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _compose_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[KeyPath]) -> None:
-    """Record the 1-based line of every key path below `node`; note duplicated mapping keys."""
+class _RecursiveAlias(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _compose_lines(
+    node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[KeyPath], open_nodes: frozenset = frozenset()
+) -> None:
+    """Record the 1-based line of every key path below `node`; note duplicated mapping keys.
+
+    Raises:
+        _RecursiveAlias: an alias refers to a node that contains it (`&a [*a]`), which has no end.
+    """
+    if id(node) in open_nodes:
+        raise _RecursiveAlias(node.start_mark.line + 1)
+    inside = open_nodes | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else f"<{key_node.tag.rsplit(':', 1)[-1]}>"
             child = path + (key,)
             if key in seen:
                 duplicates.append(child)
             seen.add(key)
             lines[child] = key_node.start_mark.line + 1
-            _compose_lines(value_node, child, lines, duplicates)
+            _compose_lines(value_node, child, lines, duplicates, inside)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             child = path + (index,)
             lines[child] = item.start_mark.line + 1
-            _compose_lines(item, child, lines, duplicates)
+            _compose_lines(item, child, lines, duplicates, inside)
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
@@ -291,7 +312,13 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
         raise UserError(Problem(f"cannot read recipe: {exc}", file=path)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        lines: dict[KeyPath, int] = {}
+        duplicates: list[KeyPath] = []
+        if node is not None:
+            _compose_lines(node, (), lines, duplicates)
         data = yaml.safe_load(text)
+    except _RecursiveAlias as recursive:
+        raise UserError(Problem("an alias refers to a value that contains it", file=path, line=recursive.line)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)
@@ -302,9 +329,6 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
         raise UserError(Problem("the recipe is empty", file=path))
     if not isinstance(data, dict):
         raise UserError(Problem("a recipe must be a mapping of sections (model, data, ...)", file=path, line=1))
-    lines: dict[KeyPath, int] = {}
-    duplicates: list[KeyPath] = []
-    _compose_lines(node, (), lines, duplicates)
     if duplicates:
         raise UserError(
             [Problem("key given twice", file=path, line=lines[d], key=_dotted(d)) for d in duplicates]
@@ -374,25 +398,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
         except yaml.YAMLError:
             value = raw_value
         cursor: Any = data
-        ok = True
-        for part in path[:-1]:
+        problem = None
+        for depth, part in enumerate(path):
+            is_leaf = depth == len(path) - 1
+            parent = _dotted(path[:depth]) or "the recipe"
             if isinstance(part, int):
                 if not isinstance(cursor, list) or part >= len(cursor):
-                    problems.append(Problem(f"`{dotted}`: no item {part} in that list", key="--set"))
-                    ok = False
+                    problem = f"`{dotted}`: `{parent}` has no item {part}"
                     break
-                cursor = cursor[part]
-            else:
-                if not isinstance(cursor, dict):
-                    ok = False
-                    break
-                cursor = cursor.setdefault(part, {})
-        if not ok:
+            elif not isinstance(cursor, dict):
+                problem = f"`{dotted}`: `{parent}` is not a mapping"
+                break
+            if is_leaf:
+                break
+            cursor = cursor[part] if isinstance(part, int) else cursor.setdefault(part, {})
+        if problem:
+            problems.append(Problem(problem, key="--set"))
             continue
-        if isinstance(leaf, int):
-            if not isinstance(cursor, list) or leaf >= len(cursor):
-                problems.append(Problem(f"`{dotted}`: no item {leaf} in that list", key="--set"))
-                continue
         cursor[leaf] = value
         overridden.add(path)
     return data, problems, overridden
@@ -401,9 +423,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
 # ---------------------------------------------------------------------------------------------
 # Validation errors -> problems with locations
 
-def _field_path(loc: tuple) -> KeyPath:
-    # pydantic adds union member tags such as "list[str]" to `loc`; those are not keys.
-    return tuple(p for p in loc if isinstance(p, int) or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(p)))
+def _field_path(loc: tuple, data: Any) -> KeyPath:
+    """The key path of a validation error's location.
+
+    pydantic adds union member tags such as "list[str]" to `loc`; those are neither keys of the data
+    nor fields of the schema, and are dropped (a user's own odd key, like `out@put`, is kept).
+    """
+    path: list[Union[str, int]] = []
+    cursor: Any = data
+    for part in loc:
+        model = _section_model(tuple(path))
+        if isinstance(part, int) and isinstance(cursor, list):
+            path.append(part)
+            cursor = cursor[part] if part < len(cursor) else None
+        elif isinstance(cursor, dict) and part in cursor:
+            path.append(part)
+            cursor = cursor[part]
+        elif model is not None and part in model.model_fields:
+            path.append(part)  # a missing field
+            cursor = None
+    return tuple(path)
 
 
 def _allowed_keys(path: KeyPath) -> list[str]:
@@ -411,10 +450,10 @@ def _allowed_keys(path: KeyPath) -> list[str]:
     return _field_names(model) if model else []
 
 
-def _problem_for(error: dict, source: Path, lines: dict[KeyPath, int], overridden: set[KeyPath]) -> Problem:
-    path = _field_path(error["loc"])
+def _problem_for(error: dict, source: Path, data: Any, lines: dict[KeyPath, int], overridden: set[KeyPath]) -> Problem:
+    path = _field_path(error["loc"], data)
     kind = error["type"]
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and path:
         allowed = _allowed_keys(path[:-1])
         message = f"unknown key{_suggest(str(path[-1]), allowed)}; allowed here: {', '.join(allowed)}"
     elif kind == "missing":
@@ -524,7 +563,7 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None, output_dir
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems += _merge_union_problems([_problem_for(e, source, lines, overridden) for e in exc.errors()])
+        problems += _merge_union_problems([_problem_for(e, source, data, lines, overridden) for e in exc.errors()])
         raise UserError(problems, title=f"{source}: the recipe has {len(problems)} problem(s):") from None
     problems += _resolve_and_check(recipe, source, lines)
     if problems:

@@ -522,18 +522,19 @@ def run_training(
         if checkpoint.manifest.get("data_fingerprint") != fingerprints["data_fingerprint"]:
             raise UserError(f"--resume: the training data (or its tokenization) changed since {checkpoint.path} was written")
         console.print(f"Resuming from {checkpoint.path} (step {checkpoint.step})")
-    else:
-        # Everything checkable is checked: only now is an old run replaced.
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-    clear_staging(run_dir)
-    (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
 
     set_seed(recipe.training.seed)
     model = load_model(model_path, recipe, dtype.dtype, on_device)
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
+
+    if checkpoint is None:
+        # Everything checkable is checked and the model loaded: only now is an old run replaced.
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+    clear_staging(run_dir)
+    (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
 
     fed = FedTokens()
     if checkpoint is not None:

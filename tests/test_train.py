@@ -223,3 +223,19 @@ def test_skip_trains_on_the_good_rows(tiny_recipe):
     recipe = load_recipe(tiny_recipe, ["data.on_bad_row=skip", "training.max_steps=1"])
     summary = run_training(recipe, console=quiet()).summary
     assert summary["skipped_bad_rows"] == 1 and summary["examples"] == len(ALPACA_ROWS) + len(CHAT_ROWS)
+
+
+def test_pickle_weights_need_an_explicit_opt_in(tiny_model_dir, tmp_path, tiny_recipe, capsys):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model_dir, pickled)
+    model = AutoModelForCausalLM.from_pretrained(pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tiny_recipe), "--set", f"model.base={pickled}", "--set", "training.max_steps=1"])
+    assert exited.value.code == 2 and "allow_pickle_weights" in capsys.readouterr().err
+    assert not (tiny_recipe.parent / "run").exists()
