@@ -174,8 +174,42 @@ def pickle_weights_only(model_path: str) -> bool:
     return not any(n.endswith(".safetensors") for n in names) and any(n.endswith((".bin", ".pt", ".pth")) for n in names)
 
 
-def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_device: str):
-    """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached."""
+def available_memory_bytes(on_device: str) -> int:
+    """Memory a run can use: the GPU's total, or the RAM the operating system says is available."""
+    if on_device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def decide_checkpointing(recipe: Recipe, model_path: str, compute_dtype: torch.dtype, on_device: str) -> tuple[bool, str]:
+    """Whether to checkpoint activations, and why: as the recipe says, or for `auto` what the memory
+    plan says for this device (on CPU the plan counts float32 compute and half the available RAM)."""
+    setting = recipe.training.gradient_checkpointing
+    if setting != "auto":
+        return setting, "set in the recipe"
+    from .plan import checkpointing_needed, read_model_config
+
+    memory = available_memory_bytes(on_device)
+    planned = recipe
+    if on_device == "cpu":
+        planned = recipe.model_copy(deep=True)
+        planned.quantization.compute_dtype = str(compute_dtype).removeprefix("torch.")
+        memory //= 2  # leave room for the data, the tokenizer and the rest of the machine
+    try:
+        config = read_model_config(model_path)
+    except UserError:
+        return True, "auto: no model config to plan from, so on"
+    needed = checkpointing_needed(config, planned, memory)
+    return needed, f"auto: the memory plan {'needs' if needed else 'fits without'} it in {memory / 2**30:.1f} GiB"
+
+
+def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_device: str,
+               checkpointing: bool | None = None):
+    """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached.
+
+    Args:
+        checkpointing: gradient checkpointing on or off; None decides as `decide_checkpointing` does.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -201,7 +235,8 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
     model.config.use_cache = False  # useless in training; it also hides packed-sequence boundaries
     # An evaluation between training steps must not repack the 4-bit weights for inference.
     keep_training_numerics(model)
-    checkpointing = recipe.training.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = decide_checkpointing(recipe, model_path, compute_dtype, on_device)[0]
     if quant_config is not None:
         model = prepare_model_for_kbit_training(
             model,

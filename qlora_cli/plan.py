@@ -721,6 +721,17 @@ def _fsdp_advice(shapes: ModelShapes, recipe: Recipe, device_memory: int, gpus: 
     )
 
 
+def checkpointing_needed(config: Mapping, recipe: Recipe, memory_bytes: int | None, *, gpus: int = 1,
+                         sharded: bool = False) -> bool:
+    """What `gradient_checkpointing: auto` means for this run: on unless the plan without it fits in
+    `memory_bytes` (on when the memory is unknown, the safe choice)."""
+    if memory_bytes is None:
+        return True
+    without = _plan(model_shapes(config), _changed(recipe, "training", "gradient_checkpointing", False),
+                    memory_bytes, gpus, sharded)
+    return not without.fits
+
+
 def plan_memory(config: Mapping, recipe: Recipe, *, gpu_memory_bytes: int | None = None, gpus: int = 1,
                 sharded: bool = False) -> MemoryPlan:
     """The per-device memory plan for training `recipe` on the model of `config` (a config.json dict).
@@ -734,6 +745,9 @@ def plan_memory(config: Mapping, recipe: Recipe, *, gpu_memory_bytes: int | None
     if gpus < 1:
         raise UserError("the number of GPUs must be 1 or more")
     shapes = model_shapes(config)
+    if recipe.training.gradient_checkpointing == "auto":
+        on = checkpointing_needed(config, recipe, gpu_memory_bytes, gpus=gpus, sharded=sharded)
+        recipe = _changed(recipe, "training", "gradient_checkpointing", on)
     plan = _plan(shapes, recipe, gpu_memory_bytes, gpus, sharded)
     if gpu_memory_bytes is not None and (not plan.fits or plan.total_bytes > gpu_memory_bytes):
         plan.advice = _advice(shapes, recipe, plan, gpu_memory_bytes, gpus, sharded)

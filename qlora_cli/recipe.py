@@ -203,8 +203,12 @@ class TrainingSection(Section):
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = Field(
         "paged_adamw_32bit", description="Optimizer; the paged ones spill optimizer state to CPU memory under pressure."
     )
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: much less memory, ~30% more compute."
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description=(
+            "Recompute activations in the backward pass: much less memory, about a third more compute. "
+            "`auto`: on only when the memory plan says the run does not fit without it."
+        ),
     )
     seed: int = Field(0, ge=0, description="Seed for initialisation, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every this many updates.")

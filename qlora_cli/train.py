@@ -497,7 +497,8 @@ def run_training(
     from .data.templates import resolve_template
     from .data.tokenize import FedTokens, cache_key
     from .models import (
-        choose_compute_dtype, count_parameters, device, load_model, load_tokenizer, quiet_libraries, resolve_model_path,
+        choose_compute_dtype, count_parameters, decide_checkpointing, device, load_model, load_tokenizer, quiet_libraries,
+        resolve_model_path,
     )
 
     quiet_libraries(console.is_terminal)
@@ -523,8 +524,10 @@ def run_training(
             raise UserError(f"--resume: the training data (or its tokenization) changed since {checkpoint.path} was written")
         console.print(f"Resuming from {checkpoint.path} (step {checkpoint.step})")
 
+    checkpointing, why = decide_checkpointing(recipe, model_path, dtype.dtype, on_device)
+    console.print(f"Gradient checkpointing: {'on' if checkpointing else 'off'} ({why})")
     set_seed(recipe.training.seed)
-    model = load_model(model_path, recipe, dtype.dtype, on_device)
+    model = load_model(model_path, recipe, dtype.dtype, on_device, checkpointing)
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
 
@@ -598,6 +601,7 @@ def run_training(
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "compute_dtype": str(dtype.dtype).removeprefix("torch."),
+        "gradient_checkpointing": checkpointing,
         "device": on_device,
         "trainable_parameters": trainable,
         "base_model": model_path,

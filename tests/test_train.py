@@ -239,3 +239,16 @@ def test_pickle_weights_need_an_explicit_opt_in(tiny_model_dir, tmp_path, tiny_r
         main(["train", str(tiny_recipe), "--set", f"model.base={pickled}", "--set", "training.max_steps=1"])
     assert exited.value.code == 2 and "allow_pickle_weights" in capsys.readouterr().err
     assert not (tiny_recipe.parent / "run").exists()
+
+
+def test_auto_checkpointing_follows_the_memory_plan(tiny_recipe, tiny_model_dir, monkeypatch):
+    import qlora_cli.models as models
+
+    recipe = load_recipe(tiny_recipe, ["training.gradient_checkpointing=auto"])
+    on, why = models.decide_checkpointing(recipe, str(tiny_model_dir), torch.float32, "cpu")
+    assert on is False and "fits without" in why
+    monkeypatch.setattr(models, "available_memory_bytes", lambda device: 2 * 1024 * 1024)
+    on, why = models.decide_checkpointing(recipe, str(tiny_model_dir), torch.float32, "cpu")
+    assert on is True and "needs" in why
+    explicit = load_recipe(tiny_recipe)
+    assert models.decide_checkpointing(explicit, str(tiny_model_dir), torch.float32, "cpu") == (True, "set in the recipe")
