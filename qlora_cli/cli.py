@@ -25,6 +25,10 @@ app = typer.Typer(
 data_app = typer.Typer(help="Look at the training data as the model will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+eval_app = typer.Typer(help="Chatbot benchmarks: answers, a judge, relative scores, Elo and Bradley-Terry.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+EVAL_COMMANDS = ("run", "score", "--help", "-h")
+
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
     Optional[list[str]],
@@ -221,8 +225,60 @@ def merge(
     console.print(key_value_table("Merge", [(key, value) for key, value in report.items()]))
 
 
+@eval_app.command("run")
+def eval_run(
+    model: Annotated[str, typer.Argument(help="The model under test: a run directory, a merged/local model, a hub id.", show_default=False)],
+    baseline: Annotated[Optional[list[str]], typer.Option(help="A model to compare with (repeatable); `base` is a run's base model. The first is the reference for relative scores.")] = None,
+    questions: Annotated[Optional[Path], typer.Option(help="Questions (Vicuna, MT-bench, OpenAssistant, prompts); default: the 80 shipped ones.")] = None,
+    judge: Annotated[str, typer.Option(help="An OpenAI-compatible base URL (http...), or a local model reference.")] = "smollm2-135m-instruct",
+    judge_model: Annotated[Optional[str], typer.Option(help="The model name an HTTP judge serves.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the HTTP judge's API key.")] = "OPENAI_API_KEY",
+    mode: Annotated[str, typer.Option(help="pairwise, relative, or both.")] = "both",
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN_DIR/eval, else eval/<model>).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N questions.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Answer sampling temperature (the paper: 0.7).")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Answer nucleus sampling (the paper: 0.9).")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Answer sampling seed.")] = 0,
+) -> None:
+    """Answer the questions with each model, judge every pair in both orders, and write the report."""
+    modes = {"both": ["relative", "pairwise"], "pairwise": ["pairwise"], "relative": ["relative"]}.get(mode)
+    if modes is None:
+        raise UserError(f"--mode: {mode!r} is not one of pairwise, relative, both")
+    from .console import make_console
+    from .evaluation.answers import Sampling, slug
+    from .evaluation.run import run_eval
+    from .generate import is_run_dir
+    from .models import quiet_libraries
+
+    console = make_console()
+    quiet_libraries(console.is_terminal)
+    target = Path(model)
+    folder = out or (target / "eval" if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
+    run_eval(model, baselines=baseline or ["base"], questions_path=questions, judge_spec=judge, judge_model=judge_model,
+             api_key_env=api_key_env, modes=modes, out=folder, limit=limit,
+             sampling=Sampling(temperature, top_p, max_new_tokens, seed), console=console)
+
+
+@eval_app.command("score")
+def eval_score(
+    files: Annotated[list[Path], typer.Argument(help="Judgment files: plain JSONL or FastChat llm_judge output.", show_default=False)],
+    reference: Annotated[Optional[str], typer.Option(help="The reference model for relative scores.")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("eval-report"),
+) -> None:
+    """Score judgments made elsewhere: relative score, win rates, Elo and Bradley-Terry with CIs."""
+    from .console import make_console
+    from .evaluation.run import score_files
+
+    score_files(files, reference, out, make_console())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print their problems and exit 2, never a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `qlora eval MODEL ...` is `qlora eval run MODEL ...`.
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1] not in EVAL_COMMANDS:
+        argv.insert(1, "run")
     try:
         app(args=argv, standalone_mode=False)
     except UserError as error:

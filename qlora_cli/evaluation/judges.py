@@ -19,36 +19,40 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
 
 from ..errors import Problem, UserError
 from .judgments import Comparison, ScorePair, Winner
 from .questions import Question
+
+if TYPE_CHECKING:
+    from ..generate import LoadedModel
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["pairwise", "relative"]
 Answer = str | Sequence[str]  # one string, or one string per turn of a multi-turn question
 
-_INSTRUCTION = (
+_INTRO = (
     "[Instruction]\nAct as an impartial judge of two AI assistants. Below is a user's question (or a "
     "conversation of several user turns) and the answers of Assistant A and Assistant B. Judge how helpful, "
     "relevant, accurate, deep and detailed each answer is, and whether it does what the user asked; for a "
     "conversation, judge every turn. Do not let the order in which the answers appear, their length or the "
-    "assistants' names sway you: judge the content only.\n"
+    "assistants' names sway you: judge the content only.\n\n{dialogue}\n[Your Task]\n"
 )
-PAIRWISE = _INSTRUCTION + (
+# The output format comes last, after the answers, where judges follow it most reliably.
+PAIRWISE = _INTRO + (
     "Compare the two answers and explain your reasoning briefly and objectively. Then give your verdict on "
     "the last line in exactly this form: [[A]] if Assistant A is better, [[B]] if Assistant B is better, "
-    "or [[C]] if they are equally good. Write no other text in double brackets.\n\n{dialogue}"
+    "or [[C]] if they are equally good. Write no other text in double brackets."
 )
-RELATIVE = _INSTRUCTION + (
+RELATIVE = _INTRO + (
     "Give each answer an overall score from 1 to 10, where a higher score means a better answer. Your "
     "FIRST line must hold only the two scores, in exactly this form:\nScore A: <score> Score B: <score>\n"
-    "Then, from the second line on, explain your scores.\n\n{dialogue}"
+    "Then, from the second line on, explain your scores."
 )
 TEMPLATES = {"pairwise": PAIRWISE, "relative": RELATIVE}
 SCORE_RANGE = (1.0, 10.0)
@@ -83,17 +87,17 @@ def _as_turns(answer: Answer) -> tuple[str, ...]:
 
 
 def render_dialogue(question: Question, answer_a: Answer, answer_b: Answer) -> str:
-    """The question and both answers as the judge sees them. An answer with one string per turn is shown as
-    a conversation; a single string is shown after all the turns.
+    """The question and both answers as the judge sees them. Answers with one string per turn are shown as
+    two conversations; single strings are shown after all the turns.
 
     Raises:
-        ValueError: an answer has several strings, but not one per turn.
+        ValueError: the answers are not both one string or both one string per turn.
     """
     parts = []
     answers = {"A": _as_turns(answer_a), "B": _as_turns(answer_b)}
-    if any(len(a) not in (1, len(question.turns)) for a in answers.values()):
-        raise ValueError(f"question {question.question_id}: an answer must be one string or one per turn")
-    if all(len(a) == 1 for a in answers.values()):
+    if not (len(answers["A"]) == len(answers["B"]) and len(answers["A"]) in (1, len(question.turns))):
+        raise ValueError(f"question {question.question_id}: the answers must both be one string or both one per turn")
+    if len(answers["A"]) == 1:
         for number, turn in enumerate(question.turns, start=1):
             label = "User Question" if len(question.turns) == 1 else f"User Question, turn {number}"
             parts.append(f"[{label}]\n{turn}\n")
@@ -102,8 +106,6 @@ def render_dialogue(question: Question, answer_a: Answer, answer_b: Answer) -> s
         return "\n".join(parts)
     for name, replies in answers.items():
         lines = [f"[The Start of Assistant {name}'s Conversation with User]"]
-        if len(replies) == 1:
-            replies = ("",) * (len(question.turns) - 1) + replies
         for turn, reply in zip(question.turns, replies):
             lines += ["", "### User:", turn, "", f"### Assistant {name}:", reply]
         parts.append("\n".join(lines + [f"[The End of Assistant {name}'s Conversation with User]\n"]))
@@ -111,7 +113,7 @@ def render_dialogue(question: Question, answer_a: Answer, answer_b: Answer) -> s
 
 
 def build_prompt(mode: Mode, question: Question, answer_a: Answer, answer_b: Answer) -> str:
-    """The full judge prompt: the PAIRWISE or RELATIVE instruction with the dialogue filled in."""
+    """The full judge prompt: PAIRWISE or RELATIVE with the question and both answers filled in."""
     return TEMPLATES[mode].format(dialogue=render_dialogue(question, answer_a, answer_b))
 
 
@@ -122,7 +124,8 @@ def prompt_kind(mode: Mode) -> str:
 
 def cache_key(judge: str, kind: str, question: Question, answer_a: Answer, answer_b: Answer) -> str:
     """sha256 of everything a reply depends on; JSON, so no choice of separator can make two inputs collide."""
-    fields = [judge, kind, question.question_id, list(question.turns), list(_as_turns(answer_a)), list(_as_turns(answer_b))]
+    fields = [judge, kind, question.question_id, list(question.turns),
+              list(_as_turns(answer_a)), list(_as_turns(answer_b))]
     return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -148,6 +151,16 @@ class Judge(Protocol):
     name: str
 
     def complete(self, prompt: str) -> JudgeReply: ...
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuses redirects: urllib would send the Authorization header on to wherever they point."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -215,13 +228,13 @@ class HttpJudge:
         text = text.replace(key, "[redacted]") if key else text
         return f": {' '.join(text.split())[:200]}" if text.strip() else ""
 
-    def _reply(self, payload: bytes, seconds: float) -> JudgeReply:
+    def _reply(self, payload: bytes, seconds: float, attempt: int) -> JudgeReply:
         try:
             data = json.loads(payload)
             text = data["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise JudgeError(f"{self.url}: the reply is not a chat completion (no choices[0].message.content)",
-                             url=self.url, status=200, attempts=1) from None
+                             url=self.url, status=200, attempts=attempt) from None
         usage = data.get("usage") or {}
         return JudgeReply(str(text), usage.get("prompt_tokens"), usage.get("completion_tokens"), seconds)
 
@@ -236,11 +249,12 @@ class HttpJudge:
         for attempt in range(1, attempts + 1):
             status, wait = None, None
             try:
-                with urllib.request.urlopen(self._request(prompt), timeout=self.timeout) as response:
+                with _OPENER.open(self._request(prompt), timeout=self.timeout) as response:
                     payload = response.read()
-                return self._reply(payload, time.monotonic() - start)
+                return self._reply(payload, time.monotonic() - start, attempt)
             except urllib.error.HTTPError as error:
-                status, wait, reason = error.code, _retry_after(error.headers.get("Retry-After")), self._detail(error)
+                status, reason = error.code, self._detail(error)
+                wait = _retry_after((error.headers or {}).get("Retry-After"))
                 error.close()
                 if status != _RETRYABLE and status < 500:
                     raise JudgeError(f"{self.url}: HTTP {status}{reason} (attempt {attempt}, not retried)",
@@ -256,8 +270,8 @@ class HttpJudge:
         raise JudgeError(f"{self.url}: gave up after {attempts} attempts; last: {what}",
                          url=self.url, status=status, attempts=attempts)
 
-    def complete_many(self, prompts: list[str],
-                      on_reply: Callable[[int, JudgeReply | JudgeError], None] | None = None) -> list[JudgeReply | JudgeError]:
+    def complete_many(self, prompts: list[str], on_reply: Callable[[int, JudgeReply | JudgeError], None] | None = None
+                      ) -> list[JudgeReply | JudgeError]:
         """Replies in the order of `prompts`, at most `concurrency` requests in flight; a failed call is its
         JudgeError. `on_reply(index, result)` is called as each call ends, from a worker thread."""
         def one(index: int, prompt: str) -> JudgeReply | JudgeError:
@@ -271,3 +285,194 @@ class HttpJudge:
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(one, range(len(prompts)), prompts))
+
+
+class LocalJudge:
+    """A transformers model judging in-process, greedily, one prompt at a time: batching would pad prompts
+    together, and a judgment must not depend on which other prompts it was batched with.
+
+    With `constrained`, a pairwise verdict is the most likely of the three verdict tokens after the prompt
+    and "[[" (as multiple-choice benchmarks score answers), so a small model that would not follow the
+    output format still gives a verdict; relative judgments are generated freely either way.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_new_tokens: int = 256, constrained: bool = True):
+        self.loaded, self.max_new_tokens, self.constrained = loaded, max_new_tokens, constrained
+        self.name = loaded.description + (" (constrained verdicts)" if constrained else "")
+
+    def _verdict(self, prompt: str) -> str:
+        import torch
+
+        from ..generate import prompt_ids
+
+        tokenizer, model = self.loaded.tokenizer, self.loaded.model
+        ids = prompt_ids(tokenizer, prompt) + tokenizer("[[", add_special_tokens=False)["input_ids"]
+        choices = {letter: tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in "ABC"}
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids], device=next(model.parameters()).device)).logits[0, -1]
+        best = max(choices, key=lambda letter: logits[choices[letter]].item())
+        return f"[[{best}]]"
+
+    def complete(self, prompt: str) -> JudgeReply:
+        """The model's greedy reply; completion_tokens counts the reply re-tokenized, so it is approximate."""
+        from ..generate import generate, prompt_ids  # here, not at the top: it imports torch
+
+        start, tokenizer = time.monotonic(), self.loaded.tokenizer
+        if self.constrained and prompt.endswith(PAIRWISE.split("{dialogue}", 1)[1]):
+            text = self._verdict(prompt)
+        else:
+            text = generate(self.loaded, [prompt], max_new_tokens=self.max_new_tokens, temperature=0)[0]
+        completion = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return JudgeReply(text, len(prompt_ids(tokenizer, prompt)), completion, time.monotonic() - start)
+
+
+class JudgmentCache:
+    """Judge replies in a JSON Lines file, one record per line, keyed by `cache_key`.
+
+    Each record is appended with one write and fsync'd, so a crash can only cut the LAST line short; such
+    a line is ignored on read and cut off before the next append. Any other bad line is a UserError.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self._records, self._lock = Path(path), {}, threading.Lock()
+        self._good_size = self._torn_size = 0
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        self._good_size, self._torn_size = data.rfind(b"\n") + 1, len(data)
+        problems = []
+        for number, line in enumerate(data[:self._good_size].split(b"\n")[:-1], start=1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record["text"], str):
+                    raise TypeError("`text` is not a string")
+                self._records[str(record["key"])] = record
+            except (ValueError, KeyError, TypeError):
+                if line.strip():
+                    problems.append(Problem("not a cache record; delete the file to start afresh", file=str(self.path),
+                                            line=number))
+        if problems:
+            raise UserError(problems, title=f"{self.path}: the judgment cache is damaged:")
+
+    def get(self, key: str) -> dict | None:
+        return self._records.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        """Appends `record` (with its key) as one line; safe to call from several threads."""
+        record = {**record, "key": key}
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._torn_size > self._good_size:  # a torn last line: appending to it would corrupt both
+                os.truncate(self.path, self._good_size)
+                self._torn_size = self._good_size
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(descriptor, data[written:])
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            self._good_size = self._torn_size = self._good_size + len(data)
+            self._records[key] = record
+
+
+def _games(questions: list[Question], answers: dict[str, dict[str, Answer]],
+           pairs: list[tuple[str, str]]) -> list[tuple[Question, str, str]]:
+    """(question, model shown first, model shown second) for every question and pair, in both orders.
+
+    Raises:
+        UserError: a model of a pair has no answer to some question. ValueError: a pair names one model twice.
+    """
+    if any(first == second for first, second in pairs):
+        raise ValueError("a pair compares a model with itself")
+    problems = []
+    for model in dict.fromkeys(model for pair in pairs for model in pair):
+        missing = [q.question_id for q in questions if q.question_id not in answers.get(model, {})]
+        if missing:
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            problems.append(f"model `{model}` has no answer to question(s) {', '.join(missing[:10])}{more}")
+    if problems:
+        raise UserError(problems, title="cannot judge: answers are missing:")
+    return [(q, one, two) for q in questions for first, second in pairs
+            for one, two in ((first, second), (second, first))]
+
+
+def _complete_all(judge: Judge, prompts: list[str], on_reply: Callable[[int, JudgeReply | JudgeError], None]) -> None:
+    """Every prompt through `judge.complete_many` when the judge has one (concurrent), else one by one."""
+    if hasattr(judge, "complete_many"):
+        judge.complete_many(prompts, on_reply=on_reply)
+        return
+    for index, prompt in enumerate(prompts):
+        try:
+            reply = judge.complete(prompt)
+        except JudgeError as error:
+            reply = error
+        on_reply(index, reply)
+
+
+def _judgment(mode: Mode, text: str, question: Question, a: str, b: str, judge: str) -> Comparison | ScorePair | None:
+    common = {"category": question.category, "judge": judge}
+    if mode == "pairwise":
+        verdict = parse_pairwise(text)
+        return None if verdict is None else Comparison(question.question_id, a, b, verdict, **common)
+    scores = parse_relative(text)
+    return None if scores is None else ScorePair(question.question_id, a, b, *scores, **common)
+
+
+def judge_pairs(judge: Judge, questions: list[Question], answers: dict[str, dict[str, Answer]],
+                pairs: list[tuple[str, str]], *, mode: Mode, cache: JudgmentCache | None = None
+                ) -> tuple[list[Comparison] | list[ScorePair], int, list[dict]]:
+    """Judges every pair on every question in both orders (A/B, then B/A), asking only what `cache` lacks.
+
+    Args:
+        answers: {model: {question_id: answer}}; an answer is one string, or one string per turn.
+        mode: "pairwise" gives `Comparison`s, "relative" gives `ScorePair`s.
+
+    Returns:
+        (judgments, parse_failures, calls): one judgment per reply the parser read, in game order; how
+        many replies it could not read (never scored); and one dict per game, {question_id, model_a,
+        model_b, judge, seconds, prompt_tokens, completion_tokens, cached}, `cached` True when this run
+        made no call for it (its seconds and tokens are then those of the call that did).
+
+    Raises:
+        UserError: answers are missing. JudgeError: some calls failed; the others are cached first, so
+            running again asks only for the failed ones.
+    """
+    if mode not in TEMPLATES:
+        raise ValueError(f"`mode` must be one of {', '.join(TEMPLATES)}, got {mode!r}")
+    games, kind = _games(questions, answers, pairs), prompt_kind(mode)
+    shown = [(q, answers[a][q.question_id], answers[b][q.question_id]) for q, a, b in games]
+    keys = [cache_key(judge.name, kind, *game) for game in shown]
+    todo: dict[str, tuple[str, str]] = {}  # key -> (question id, prompt); asked once even if two games share it
+    for key, game in zip(keys, shown):
+        if key not in todo and (cache is None or cache.get(key) is None):
+            todo[key] = (game[0].question_id, build_prompt(mode, *game))
+    todo_keys, fresh, errors = list(todo), {}, []
+
+    def on_reply(index: int, reply: JudgeReply | JudgeError) -> None:
+        if isinstance(reply, JudgeError):
+            errors.append(reply)
+            return
+        key = todo_keys[index]
+        fresh[key] = {"judge": judge.name, "kind": kind, "question_id": todo[key][0], **asdict(reply)}
+        if cache is not None:
+            cache.put(key, fresh[key])
+
+    _complete_all(judge, [prompt for _, prompt in todo.values()], on_reply)
+    if errors:
+        raise JudgeError(f"{len(errors)} of {len(todo)} judge calls failed ({len(fresh)} succeeded"
+                         f"{' and are cached' if cache is not None else ''}); first: {errors[0]}",
+                         url=errors[0].url, status=errors[0].status, attempts=errors[0].attempts)
+    judgments, calls, made = [], [], set(fresh)
+    for key, (question, a, b) in zip(keys, games):
+        record = fresh.get(key) or cache.get(key)
+        calls.append({"question_id": question.question_id, "model_a": a, "model_b": b, "judge": judge.name,
+                      "seconds": record.get("seconds"), "prompt_tokens": record.get("prompt_tokens"),
+                      "completion_tokens": record.get("completion_tokens"), "cached": key not in made})
+        made.discard(key)  # a second game with the same key made no call of its own
+        judgment = _judgment(mode, record["text"], question, a, b, judge.name)
+        judgments += [judgment] if judgment is not None else []
+    return judgments, len(games) - len(judgments), calls

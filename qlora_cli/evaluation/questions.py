@@ -6,8 +6,9 @@ Accepted rows (JSON Lines, a JSON array, CSV/TSV with these columns, or plain te
     OpenAssistant style     {"text": "### Human: ... ### Assistant:"}   (one human turn, no reply yet)
     plain prompt            {"prompt": "..."}
     a `.txt` file           one prompt per non-blank line
-`question_id` (a number or a string) and `category` (a string) are optional everywhere: a row without an
-id is numbered by its line (or, in a JSON array, its row), and one without a category is "general".
+`question_id` (a number or a string) and `category` (a string) are optional everywhere (an empty CSV cell
+counts as absent): a row without an id is numbered by its line (or, in a JSON array, its row), and one
+without a category is "general".
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def _text(row: dict, key: str) -> str:
 
 
 def _question_id(row: dict, location: Location) -> str:
-    """The row's id as a string, or its line (row) number when it has none."""
-    if row.get("question_id") is None:
+    """The row's id as a string, or its line (row) number when it has none (or an empty CSV cell)."""
+    if row.get("question_id") in (None, ""):
         return str(location.line if location.line is not None else location.row)
     value = row["question_id"]
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -118,7 +119,7 @@ def parse_question(row: object, location: Location) -> Question:
     if not isinstance(row, dict):
         raise _Bad(f"expected a JSON object, got {_type_name(row)}")
     turns = _turns(row)
-    category = _text(row, "category") if row.get("category") is not None else DEFAULT_CATEGORY
+    category = _text(row, "category") if row.get("category") not in (None, "") else DEFAULT_CATEGORY
     return Question(_question_id(row, location), category, turns)
 
 
@@ -159,7 +160,9 @@ def _questions_from(path: Path) -> list[Question]:
             problems.append(location.problem(str(exc)))
             continue
         if question.question_id in first_seen:
-            where = first_seen[question.question_id]
+            first = first_seen[question.question_id]
+            where = f"line {first.line}" if first.line else f"row {first.row}"
+            where = where if first.file == location.file else str(first)
             problems.append(location.problem(f"duplicate question id `{question.question_id}` (first at {where})"))
             continue
         first_seen[question.question_id] = location

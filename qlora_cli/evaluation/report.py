@@ -1,0 +1,134 @@
+"""The evaluation report: report.json, report.md, plots, and tables on the console."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _ci(entry: dict) -> str:
+    low, high = entry.get("ci95") or (None, None)
+    return f"[{low:.1f}, {high:.1f}]" if low is not None else "-"
+
+
+def tables(report: dict) -> list[Table]:
+    """Rich tables of the relative scores, Elo, Bradley-Terry and pairwise records."""
+    result = []
+    relative = report.get("relative")
+    if relative:
+        table = Table(title=f"Relative score (% of {relative['reference']}'s total)", title_justify="left")
+        for column in ("model", "pooled %", "95% CI", "reference first %", "model first %", "questions"):
+            table.add_column(column, justify="right")
+        for model, entry in relative["models"].items():
+            table.add_row(model, _num(entry.get("percent")), _ci(entry), _num(entry.get("percent_reference_first")),
+                          _num(entry.get("percent_model_first")), str(entry.get("questions", "")))
+        result.append(table)
+    if report.get("elo"):
+        table = Table(title="Ratings (Elo: 10,000 orderings, K=32; Bradley-Terry: maximum likelihood)", title_justify="left")
+        for column in ("model", "Elo", "95% CI", "Bradley-Terry", "95% CI", "wins", "ties", "losses", "win rate"):
+            table.add_column(column, justify="right")
+        for model, entry in report["elo"].items():
+            bt, record = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
+            table.add_row(model, _num(entry["rating"]), _ci(entry), _num(bt.get("rating")), _ci(bt) if bt else "-",
+                          str(record.get("wins", "")), str(record.get("ties", "")), str(record.get("losses", "")),
+                          f"{record.get('win_rate', 0):.1%}")
+        result.append(table)
+    return result
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """report.md: the same tables in Markdown, with the notes."""
+    lines = ["# Evaluation report", ""]
+    for note in report.get("notes", []):
+        lines += [f"> {note}", ""]
+    relative = report.get("relative")
+    if relative:
+        lines += [f"## Relative score (% of {relative['reference']}'s total score, both presentation orders)", "",
+                  "| model | pooled % | 95% CI | reference first % | model first % |", "| --- | --- | --- | --- | --- |"]
+        for model, e in relative["models"].items():
+            lines.append(f"| {model} | {_num(e.get('percent'))} | {_ci(e)} | {_num(e.get('percent_reference_first'))} "
+                         f"| {_num(e.get('percent_model_first'))} |")
+        lines.append("")
+    if report.get("elo"):
+        lines += ["## Ratings", "", "| model | Elo | 95% CI | Bradley-Terry | 95% CI | W / T / L | win rate |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for model, e in report["elo"].items():
+            bt, r = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
+            lines.append(f"| {model} | {_num(e['rating'])} | {_ci(e)} | {_num(bt.get('rating'))} | {_ci(bt) if bt else '-'} "
+                         f"| {r.get('wins', 0)} / {r.get('ties', 0)} / {r.get('losses', 0)} | {r.get('win_rate', 0):.1%} |")
+        lines.append("")
+    if report.get("categories"):
+        models = sorted({m for rates in report["categories"].values() for m in rates})
+        lines += ["## Win rate by category", "", "| category | " + " | ".join(models) + " |",
+                  "| --- |" + " --- |" * len(models)]
+        for category, rates in sorted(report["categories"].items()):
+            lines.append(f"| {category} | " + " | ".join(f"{rates.get(m, 0):.0%}" for m in models) + " |")
+        lines.append("")
+    lines += [f"Judge replies that could not be parsed (never scored): {report.get('parse_failures', 0)}", ""]
+    if report.get("timings"):
+        lines += ["## Time", ""] + [f"- {stage}: {seconds:.1f} s" for stage, seconds in report["timings"].items()] + [""]
+    return "\n".join(lines)
+
+
+def plots(report: dict, folder: Path) -> list[Path]:
+    """elo.png (ratings with 95% intervals) and categories.png (win rate per category), when there are
+    comparisons."""
+    if not report.get("elo"):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    models = list(report["elo"])
+    ratings = [report["elo"][m]["rating"] for m in models]
+    errors = [[r - report["elo"][m]["ci95"][0] for m, r in zip(models, ratings)],
+              [report["elo"][m]["ci95"][1] - r for m, r in zip(models, ratings)]]
+    figure, axes = plt.subplots(figsize=(6, 0.6 * len(models) + 1.5), dpi=120)
+    axes.barh(models, ratings, xerr=errors, capsize=4, color="#4c72b0")
+    axes.axvline(1000, color="grey", linewidth=0.8)
+    axes.set_xlabel("Elo (mean of 10,000 orderings, 95% interval)")
+    axes.set_xlim(min(ratings) - 100, max(ratings) + 100)
+    figure.tight_layout()
+    figure.savefig(folder / "elo.png")
+    plt.close(figure)
+    written.append(folder / "elo.png")
+    categories = sorted(report.get("categories") or {})
+    if categories:
+        figure, axes = plt.subplots(figsize=(max(6, len(categories) * 0.9), 3.5), dpi=120)
+        width = 0.8 / len(models)
+        for index, model in enumerate(models):
+            axes.bar([c + index * width for c in range(len(categories))],
+                     [report["categories"][cat].get(model, 0) for cat in categories], width, label=model)
+        axes.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, rotation=30, ha="right")
+        axes.set_ylabel("win rate (tie = half)")
+        axes.set_ylim(0, 1)
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(folder / "categories.png")
+        plt.close(figure)
+        written.append(folder / "categories.png")
+    return written
+
+
+def write_report(report: dict, folder: Path, console: Console) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / "report.json.tmp"
+    staging.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    staging.replace(folder / "report.json")
+    (folder / "report.md").write_text(markdown(report), encoding="utf-8")
+    plots(report, folder)
+    for note in report.get("notes", []):
+        console.print(f"[yellow]{note}")
+    for table in tables(report):
+        console.print(table)
+    console.print(f"Parse failures (never scored): {report.get('parse_failures', 0)}")
+    console.print(f"Report: {folder / 'report.json'}, {folder / 'report.md'}")
