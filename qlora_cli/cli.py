@@ -230,6 +230,7 @@ def eval_run(
     model: Annotated[str, typer.Argument(help="The model under test: a run directory, a merged/local model, a hub id.", show_default=False)],
     baseline: Annotated[Optional[list[str]], typer.Option(help="A model to compare with (repeatable); `base` is a run's base model. The first is the reference for relative scores.")] = None,
     questions: Annotated[Optional[Path], typer.Option(help="Questions (Vicuna, MT-bench, OpenAssistant, prompts); default: the 80 shipped ones.")] = None,
+    answers: Annotated[Optional[list[Path]], typer.Option("--answers", help="Answers made elsewhere (JSONL, this project's or FastChat's form): another model to compare (repeatable).")] = None,
     judge: Annotated[str, typer.Option(help="An OpenAI-compatible base URL (http...), or a local model reference.")] = "smollm2-135m-instruct",
     judge_model: Annotated[Optional[str], typer.Option(help="The model name an HTTP judge serves.")] = None,
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the HTTP judge's API key.")] = "OPENAI_API_KEY",
@@ -257,7 +258,7 @@ def eval_run(
     folder = out or (target / "eval" if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
     run_eval(model, baselines=baseline or ["base"], questions_path=questions, judge_spec=judge, judge_model=judge_model,
              api_key_env=api_key_env, modes=modes, out=folder, limit=limit,
-             sampling=Sampling(temperature, top_p, max_new_tokens, seed), console=console)
+             sampling=Sampling(temperature, top_p, max_new_tokens, seed), console=console, answer_files=answers or [])
 
 
 @eval_app.command("score")

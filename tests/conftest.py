@@ -161,3 +161,39 @@ def private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("QLORA_CACHE", str(tmp_path_factory.mktemp("qlora-cache")))
         yield
+
+
+def trained_spans(labels: list[int]) -> list[list[int]]:
+    """Maximal runs of trained label ids (what the loss is taken on), for decoding."""
+    from qlora_cli.data.tokenize import IGNORE_INDEX
+
+    spans, current = [], []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    if current:
+        spans.append(current)
+    return spans
+
+
+def train_tiny_run(folder: Path, model_dir: Path, chat: bool = False, **training):
+    """Train the tiny model on the alpaca rows (and the chat rows) into folder/run; returns the TrainingRun."""
+    import io
+
+    from rich.console import Console
+
+    from qlora_cli.recipe import load_recipe
+    from qlora_cli.train import run_training
+
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    files = ["alpaca.jsonl"]
+    if chat:
+        write_jsonl(folder / "chat.jsonl", CHAT_ROWS)
+        files.append("chat.jsonl")
+    path = folder / "tiny.yaml"
+    path.write_text(tiny_recipe_text(model_dir, files, **training) + "output:\n  dir: run\n")
+    return run_training(load_recipe(path), console=Console(file=io.StringIO(), width=120))

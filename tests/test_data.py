@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import ALPACA_ROWS, CHAT_ROWS, write_jsonl
+from conftest import ALPACA_ROWS, CHAT_ROWS, trained_spans, write_jsonl
 from qlora_cli.data.formats import detect_format
 from qlora_cli.data.sources import load_datasets
 from qlora_cli.data.templates import GUANACO_TEMPLATE, resolve_template
@@ -20,21 +20,6 @@ CHATML_WITH_BOS = (
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|system|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-
-
-def trained_spans(labels: list[int]) -> list[list[int]]:
-    """Maximal runs of trained label ids."""
-    spans, current = [], []
-    for label in labels:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    if current:
-        spans.append(current)
-    return spans
 
 
 def read(tmp_path, rows, name="rows.jsonl", **source):
@@ -155,20 +140,6 @@ def test_resolve_template_auto_falls_back_to_guanaco(tiny_tokenizer):
 
     assert resolve_template("auto", tiny_tokenizer) == tiny_tokenizer.chat_template
     assert resolve_template("auto", NoTemplate()) == GUANACO_TEMPLATE
-
-
-@pytest.mark.parametrize(
-    "row, expected",
-    [
-        ({"messages": []}, "chat"),
-        ({"conversations": []}, "chat"),
-        ({"instruction": "a", "output": "b"}, "alpaca"),
-        ({"instruction": "a"}, "alpaca"),
-        ({"text": "a"}, None),
-    ],
-)
-def test_detect_format(row, expected):
-    assert detect_format(row) == expected
 
 
 def bad_rows(tmp_path, lines: list[str], **source) -> dict[int, str]:

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
-from rich.console import Console
 
+from conftest import train_tiny_run
 from qlora_cli.cli import main
-from qlora_cli.recipe import load_recipe
-from qlora_cli.train import run_training
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
-    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
-
     folder = tmp_path_factory.mktemp("eval")
-    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
-    path = folder / "tiny.yaml"
-    path.write_text(tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=2) + "output:\n  dir: run\n")
-    run_training(load_recipe(path), console=Console(file=io.StringIO()))
+    train_tiny_run(folder, tiny_model_dir, max_steps=2)
     return folder / "run"
 
 
@@ -89,3 +81,18 @@ def test_eval_baseline_base_needs_a_run_dir(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["eval", str(tiny_model_dir), "--limit", "1", "--out", str(tmp_path / "out")])
     assert exited.value.code == 2 and "needs a run directory" in capsys.readouterr().err
+
+
+def test_answers_made_elsewhere_join_the_comparison(run_dir, tiny_model_dir, tmp_path):
+    from qlora_cli.evaluation.questions import read_questions
+
+    questions = read_questions(None)[:2]
+    supplied = tmp_path / "other.jsonl"
+    supplied.write_text("".join(json.dumps({"question_id": q.question_id, "model_id": "other-bot",
+                                            "choices": [{"index": 0, "turns": ["Arr!"]}]}) + "\n" for q in questions))
+    out = tmp_path / "report"
+    main(["eval", str(run_dir), "--judge", str(tiny_model_dir), "--limit", "2", "--max-new-tokens", "4",
+          "--mode", "pairwise", "--answers", str(supplied), "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"] == ["run", "run-base", "other-bot"]
+    assert report["pairwise"]["other-bot"]["wins"] + report["pairwise"]["other-bot"]["ties"] + report["pairwise"]["other-bot"]["losses"] == 4

@@ -5,25 +5,17 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
-from rich.console import Console
 
+from conftest import train_tiny_run
 from qlora_cli.chat import chat_loop
 from qlora_cli.cli import main
 from qlora_cli.generate import conversation_ids, generate, load_for_generation, stop_token_ids
-from qlora_cli.recipe import load_recipe
-from qlora_cli.train import run_training
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
-    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
-
     folder = tmp_path_factory.mktemp("generate")
-    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
-    path = folder / "tiny.yaml"
-    path.write_text(tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=2) + "output:\n  dir: run\n")
-    run_training(load_recipe(path), console=Console(file=io.StringIO()))
+    train_tiny_run(folder, tiny_model_dir, max_steps=2)
     return folder / "run"
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from conftest import train_tiny_run
 from qlora_cli.cli import main
 from qlora_cli.generate import load_run
 from qlora_cli.merge import merge_run
@@ -23,16 +24,9 @@ PROMPT_IDS = [1, 40, 41, 42, 43, 44, 45]
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
-    from conftest import ALPACA_ROWS, CHAT_ROWS, tiny_recipe_text, write_jsonl
-
     folder = tmp_path_factory.mktemp("merge")
-    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
-    write_jsonl(folder / "chat.jsonl", CHAT_ROWS)
-    path = folder / "tiny.yaml"
     # Enough steps at a high rate that the adapter moves the logits well away from the base's.
-    path.write_text(tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl", "chat.jsonl"], max_steps=8, learning_rate=5e-3)
-                    + "output:\n  dir: run\n")
-    run_training(load_recipe(path), console=Console(file=io.StringIO()))
+    train_tiny_run(folder, tiny_model_dir, chat=True, max_steps=8, learning_rate=5e-3)
     return folder / "run"
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from conftest import trained_spans
+
 from qlora_cli.data import templates
 from qlora_cli.data.named_templates import NAMED_TEMPLATES
 from qlora_cli.data.templates import render_segments
@@ -251,21 +253,6 @@ def encode(tokenizer, name: str, messages: list[dict]) -> tuple[list[int], list[
     segments = render_segments(tokenizer, NAMED_TEMPLATES[name], messages)
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     return encode_segments(tokenizer, segments, bos_id=bos_id)
-
-
-def trained_spans(labels: list[int]) -> list[list[int]]:
-    """Maximal runs of trained label ids."""
-    spans, current = [], []
-    for label in labels:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    if current:
-        spans.append(current)
-    return spans
 
 
 def test_every_named_template_is_covered():

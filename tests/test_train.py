@@ -252,3 +252,14 @@ def test_auto_checkpointing_follows_the_memory_plan(tiny_recipe, tiny_model_dir,
     assert on is True and "needs" in why
     explicit = load_recipe(tiny_recipe)
     assert models.decide_checkpointing(explicit, str(tiny_model_dir), torch.float32, "cpu") == (True, "set in the recipe")
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_8_bit_and_unquantized_bases_train(tiny_recipe, bits):
+    recipe = load_recipe(tiny_recipe, [f"quantization.bits={bits}", "training.max_steps=2"])
+    run = run_training(recipe, console=quiet())
+    assert run.summary["steps"] == 2 and run.summary["final_loss"] == run.summary["final_loss"]  # finite
+    import bitsandbytes as bnb
+
+    layer = run.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear8bitLt) if bits == 8 else type(layer) is torch.nn.Linear

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
-from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, slug
+from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug
 from .judges import HttpJudge, JudgmentCache, LocalJudge, judge_pairs
 from .judgments import Comparison, ScorePair
 from .questions import read_questions
@@ -89,15 +89,26 @@ def plain_judgment(judgment) -> dict:
 
 def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, judge_spec: str,
              judge_model: str | None, api_key_env: str | None, modes: list[str], out: Path, limit: int | None,
-             sampling: Sampling, console) -> dict:
-    """Answer, judge both orders, score against the first baseline, and write the report into `out`."""
+             sampling: Sampling, console, answer_files: list[Path] = ()) -> dict:
+    """Answer, judge both orders, score against the first baseline, and write the report into `out`.
+
+    `answer_files` are answers made elsewhere (this project's form or FastChat's): each adds a model,
+    named as in the file (else by the file name), compared with the model under test like a baseline.
+    """
     timings: dict[str, float] = {}
     questions = read_questions(questions_path)[:limit]
     models = Models(target)
     names = [models.name(target)] + [models.name(b) for b in baselines]
+    supplied = {}
+    for path in answer_files:
+        name, rows = read_answers(path)
+        supplied[name or slug(path.stem)] = rows
+    names += list(supplied)
     if len(set(names)) != len(names):
         raise UserError(f"the models to compare must differ, got {', '.join(names)}")
-    answers = {}
+    answers = {name: rows for name, rows in supplied.items()}
+    for name in supplied:
+        missing_answers(name, answers[name], questions)
     for reference, name in zip([target, *baselines], names):
         path = out / "answers" / f"{slug(name)}.jsonl"
         answers[name], seconds = ensure_answers(path, name, questions, sampling, models.loader(reference), console.print)
