@@ -32,6 +32,7 @@ HARMLESS_KEYS = (
     "training.logging_steps",
     "training.save_steps",
     "training.eval_steps",
+    "training.eval_mmlu",
     "training.keep_checkpoints",
     "output.",
 )

@@ -27,7 +27,7 @@ app.add_typer(data_app, name="data")
 
 eval_app = typer.Typer(help="Chatbot benchmarks: answers, a judge, relative scores, Elo and Bradley-Terry.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-EVAL_COMMANDS = ("run", "score", "--help", "-h")
+EVAL_COMMANDS = ("run", "score", "mmlu", "--help", "-h")
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
@@ -272,6 +272,37 @@ def eval_score(
     from .evaluation.run import score_files
 
     score_files(files, reference, out, make_console())
+
+
+@eval_app.command("mmlu")
+def eval_mmlu(
+    model: Annotated[str, typer.Argument(help="A run directory, a merged or local model, a hub id, a .gguf, or smollm2-135m-instruct.", show_default=False)],
+    data: Annotated[Path, typer.Option(help="An MMLU-layout folder (dev/, test/ CSVs) or a JSONL file of multiple-choice rows.")],
+    shots: Annotated[int, typer.Option(min=0, max=5, help="Few-shot examples from the dev split.")] = 5,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many test questions per subject.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Multiple-choice accuracy (MMLU-style): argmax over the four letter tokens, per subject and averaged."""
+    import json as json_module
+
+    from .evaluation.mmlu import evaluate, read_mmlu
+    from .generate import load_for_generation
+    from .models import keep_training_numerics, quiet_libraries
+
+    dev, test = read_mmlu(data)
+    quiet_libraries(sys.stdout.isatty())
+    loaded = load_for_generation(model)
+    keep_training_numerics(loaded.model)  # score with the kernels the model was trained with
+    result = evaluate(loaded.model, loaded.tokenizer, dev, test, shots=shots, limit=limit)
+    result.update(model=model, shots=shots)
+    if as_json:
+        print(json_module.dumps(result, indent=2))
+        return
+    from .console import key_value_table, make_console
+
+    rows = [(subject, f"{entry['accuracy']:.1%} of {entry['questions']}") for subject, entry in result["subjects"].items()]
+    rows += [("mean over subjects", f"{result['accuracy']:.1%}"), ("over all questions", f"{result['accuracy_over_questions']:.1%}")]
+    make_console().print(key_value_table(f"Multiple-choice accuracy of {model} ({shots}-shot)", rows))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -183,6 +183,12 @@ class DataSection(Section):
         return self
 
 
+class MmluSection(Section):
+    data: Path = Field(description="An MMLU-layout folder (dev/ and test/ CSVs) or a JSONL file of multiple-choice rows.")
+    shots: int = Field(5, ge=0, le=5, description="Few-shot examples per question, from the dev split.")
+    limit: int | None = Field(None, ge=1, description="Score at most this many test questions per subject.")
+
+
 class TrainingSection(Section):
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     batch_size: int = Field(1, ge=1, description="Examples per device per step.")
@@ -212,6 +218,10 @@ class TrainingSection(Section):
     )
     seed: int = Field(0, ge=0, description="Seed for initialisation, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every this many updates.")
+    eval_mmlu: MmluSection | None = Field(
+        None,
+        description="Multiple-choice accuracy (MMLU-style) at every evaluation and at the end, as the paper tracked.",
+    )
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate on the eval rows every this many updates (none: once, at the end)."
     )
@@ -531,6 +541,11 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
                     **where(("model", "base")),
                 )
             )
+    if recipe.training.eval_mmlu is not None:
+        mmlu = recipe.training.eval_mmlu
+        mmlu.data = _resolve(mmlu.data, base_dir)
+        if not mmlu.data.exists():
+            problems.append(Problem(f"multiple-choice data not found: {mmlu.data}", **where(("training", "eval_mmlu", "data"))))
     if recipe.output.dir is not None:
         recipe.output.dir = _resolve(recipe.output.dir, base_dir)
     quant = recipe.quantization

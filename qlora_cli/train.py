@@ -234,6 +234,34 @@ def read_records(path: Path, up_to_step: int | None) -> list[dict[str, Any]]:
     return kept
 
 
+def make_mmlu_evaluator(recipe: Recipe, run_dir: Path, tokenizer, mmlu_data, console: Console):
+    """Multiple-choice accuracy every `eval_steps` updates, logged to eval_metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    from .evaluation.mmlu import evaluate
+
+    settings = recipe.training.eval_mmlu
+
+    class MmluEvaluator(TrainerCallback):
+        last: float | None = None
+
+        def measure(self, model, step: int) -> float:
+            result = evaluate(model, tokenizer, *mmlu_data, shots=settings.shots, limit=settings.limit)
+            self.last = result["accuracy"]
+            with (run_dir / "eval_metrics.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, "mmlu_accuracy": self.last,
+                                         "mmlu_questions": result["questions"]}) + "\n")
+            console.print(f"step {step}: multiple-choice accuracy {self.last:.1%} on {result['questions']} questions")
+            return self.last
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            every = recipe.training.eval_steps
+            if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                self.measure(model, state.global_step)
+
+    return MmluEvaluator()
+
+
 def make_callbacks(run_dir: Path, console: Console, fed, resumed_step: int | None = None):
     """Callbacks that write metrics.jsonl (and eval_metrics.jsonl) and show progress (a bar on a TTY,
     lines otherwise). `fed` counts the tokens the training collator has handed to the model."""
@@ -487,6 +515,11 @@ def run_training(
     assert run_dir is not None, "load_recipe sets output.dir"
     checkpoint = prepare_run_dir(run_dir, recipe, resume, overwrite, console.print)
     datasets = load_datasets(recipe.data, recipe.training.seed)
+    mmlu_data = None
+    if recipe.training.eval_mmlu is not None:
+        from .evaluation.mmlu import read_mmlu
+
+        mmlu_data = read_mmlu(recipe.training.eval_mmlu.data)
     console.print(recipe_table(recipe))
     console.print(f"Read {len(datasets.train):,} training and {len(datasets.eval):,} evaluation rows.")
 
@@ -545,9 +578,10 @@ def run_training(
     stops = StopRequests()
     metrics, progress = make_callbacks(run_dir, console, fed, checkpoint.step if checkpoint else None)
     checkpointer = make_checkpointer(recipe, run_dir, fed, stops, fingerprints, trainable)
+    mmlu = make_mmlu_evaluator(recipe, run_dir, tokenizer, mmlu_data, console) if mmlu_data else None
     args = training_arguments(recipe, run_dir, dtype.dtype, on_device, has_eval=bool(prepared.eval))
     trainer = make_trainer(
-        model, args, prepared, make_collator(recipe, tokenizer), fed, [metrics, progress, checkpointer],
+        model, args, prepared, make_collator(recipe, tokenizer), fed, [metrics, progress, checkpointer, *([mmlu] if mmlu else [])],
         group_by_length=recipe.data.group_by_length and not recipe.data.packing,
     )
     started = time.perf_counter()
@@ -580,6 +614,7 @@ def run_training(
     eval_loss = None
     if prepared.eval:
         eval_loss = trainer.evaluate()["eval_loss"]
+    mmlu_accuracy = mmlu.measure(model, trainer.state.global_step) if mmlu else None
 
     save_adapter(model, tokenizer, template, run_dir / "adapter")
     if metrics.records:
@@ -598,6 +633,7 @@ def run_training(
         "first_loss": metrics.records[0]["loss"] if metrics.records else None,
         "final_loss": metrics.records[-1]["loss"] if metrics.records else None,
         "eval_loss": eval_loss,
+        "mmlu_accuracy": mmlu_accuracy,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "compute_dtype": str(dtype.dtype).removeprefix("torch."),

@@ -81,3 +81,14 @@ def test_every_format_recipe_on_the_bundled_model(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["rows_per_source"]) == 7 and summary["padding_fraction"] == 0
     assert summary["eval_loss"] is not None
+
+
+def test_mmlu_on_the_bundled_model_and_the_shipped_set():
+    command = [sys.executable, "-m", "qlora_cli", "eval", "mmlu", "smollm2-135m-instruct",
+               "--data", str(REPO / "recipes" / "data" / "mmlu-mini"), "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["questions"] == 40 and set(report["subjects"]) == {
+        "astronomy", "elementary_mathematics", "high_school_computer_science", "high_school_geography"}
+    assert all(entry["shots"] == 5 for entry in report["subjects"].values())
