@@ -277,7 +277,7 @@ def eval_score(
 @eval_app.command("mmlu")
 def eval_mmlu(
     model: Annotated[str, typer.Argument(help="A run directory, a merged or local model, a hub id, a .gguf, or smollm2-135m-instruct.", show_default=False)],
-    data: Annotated[Path, typer.Option(help="An MMLU-layout folder (dev/, test/ CSVs) or a JSONL file of multiple-choice rows.")],
+    data: Annotated[Path, typer.Option(help="An MMLU-layout folder (dev/, test/ CSVs), a JSONL file of multiple-choice rows, or a hub id like cais/mmlu (online).")],
     shots: Annotated[int, typer.Option(min=0, max=5, help="Few-shot examples from the dev split.")] = 5,
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many test questions per subject.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -543,8 +543,9 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
             )
     if recipe.training.eval_mmlu is not None:
         mmlu = recipe.training.eval_mmlu
-        mmlu.data = _resolve(mmlu.data, base_dir)
-        if not mmlu.data.exists():
+        if (base_dir / mmlu.data).exists() or mmlu.data.is_absolute() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(mmlu.data)):
+            mmlu.data = _resolve(mmlu.data, base_dir)
+        if not mmlu.data.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(recipe.training.eval_mmlu.data)):
             problems.append(Problem(f"multiple-choice data not found: {mmlu.data}", **where(("training", "eval_mmlu", "data"))))
     if recipe.output.dir is not None:
         recipe.output.dir = _resolve(recipe.output.dir, base_dir)

@@ -377,11 +377,12 @@ def test_missing_answers_are_a_user_error():
 # --- a local model as judge ---------------------------------------------------------------------
 
 
-def test_local_judge_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("constrained", [True, False])
+def test_local_judge_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, constrained):
     from qlora_cli.generate import load_for_generation
 
-    judge = LocalJudge(load_for_generation(str(tiny_model_dir)), max_new_tokens=6)
-    assert judge.name == str(tiny_model_dir)
+    judge = LocalJudge(load_for_generation(str(tiny_model_dir)), max_new_tokens=6, constrained=constrained)
+    assert judge.name == str(tiny_model_dir) + (" (constrained verdicts)" if constrained else "")
     questions = [Question("1", "general", ("What is the capital of France?",)),
                  Question("2", "writing", ("Write a haiku.", "Make it sadder."))]
     answers = {"a": {"1": "Paris.", "2": ["Waves fold into foam.", "Grey salt wind."]},
@@ -393,6 +394,8 @@ def test_local_judge_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert len(calls) == len(records) == 4 and all(call["prompt_tokens"] > 50 for call in calls)
     unreadable = sum(parse_pairwise(record["text"]) is None for record in records)
     assert failures == unreadable and len(judgments) == 4 - unreadable
+    if constrained:  # the verdict is the likeliest of the three verdict tokens: always readable
+        assert unreadable == 0 and all(record["text"] in ("[[A]]", "[[B]]", "[[C]]") for record in records)
     assert judge.complete("Hello").text == judge.complete("Hello").text  # greedy
 
 

@@ -121,3 +121,12 @@ def test_the_shipped_set_has_four_subjects_of_ten_questions():
     dev, test = read_mmlu(data)
     assert len(test) == 4 and all(len(items) == 10 for items in test.values())
     assert all(len(items) == 5 for items in dev.values())
+
+
+def test_a_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as caught:
+        read_mmlu(Path("someone/not-downloaded-mmlu"))
+    assert "network access" in caught.value.render()

@@ -1,6 +1,6 @@
 """Multiple-choice accuracy (MMLU-style), as the QLoRA paper tracked during training.
 
-Data: the standard MMLU layout (`dev/{subject}_dev.csv` for few-shot examples, `test/{subject}_test.csv`
+Data: a hub dataset laid out like `cais/mmlu` (with network access), the standard MMLU layout (`dev/{subject}_dev.csv` for few-shot examples, `test/{subject}_test.csv`
 to score; no header; question, four choices, answer letter), or JSONL rows
 `{"subject", "question", "choices": [4 strings], "answer": "A".."D" or 0..3}` with `"split": "dev"|"test"`
 (test when absent). The prompt is the original MMLU evaluation's, written raw (no chat template):
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,8 @@ def read_mmlu(path: Path) -> tuple[dict[str, list[Item]], dict[str, list[Item]]]
                 into[subject].append(_item(subject, row.get("question"), row.get("choices"), row.get("answer")))
             except ValueError as error:  # JSONDecodeError is a ValueError
                 problems.append(Problem(str(error), file=path, line=line))
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        return read_mmlu_hub(str(path))
     else:
         raise UserError(Problem("MMLU data not found", file=path))
     if problems:
@@ -101,6 +104,32 @@ def read_mmlu(path: Path) -> tuple[dict[str, list[Item]], dict[str, list[Item]]]
     if not test:
         raise UserError(Problem("no test questions", file=path))
     return dict(dev), dict(test)
+
+
+def read_mmlu_hub(name: str, subset: str = "all") -> tuple[dict[str, list[Item]], dict[str, list[Item]]]:
+    """The dev and test splits of a hub dataset laid out like `cais/mmlu` (question, subject, choices,
+    answer index). Needs network access.
+
+    Raises:
+        UserError: the dataset cannot be loaded, or its rows are not in that layout.
+    """
+    try:
+        from datasets import load_dataset
+
+        splits = {split: load_dataset(name, subset, split=split) for split in ("dev", "test")}
+    except Exception as error:  # offline, unknown dataset or split: the library's reason is the message
+        raise UserError(f"--data {name}: cannot load the hub dataset ({error}); hub datasets need network access") from None
+    result = []
+    for split in ("dev", "test"):
+        by_subject: dict[str, list[Item]] = defaultdict(list)
+        for index, row in enumerate(splits[split], start=1):
+            try:
+                subject = str(row.get("subject") or subset)
+                by_subject[subject].append(_item(subject, row.get("question"), row.get("choices"), row.get("answer")))
+            except ValueError as error:
+                raise UserError(Problem(str(error), file=f"hub:{name}/{subset}:{split}", key=f"row {index}")) from None
+        result.append(dict(by_subject))
+    return result[0], result[1]
 
 
 def format_item(item: Item, with_answer: bool) -> str:
