@@ -360,7 +360,20 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
+# Names other tools use for keys of ours, for "did you mean" where spelling alone cannot tell.
+KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size", "max_length": "max_seq_len", "sequence_len": "max_seq_len",
+    "cutoff_len": "max_seq_len", "output_dir": "dir", "model_name_or_path": "base", "base_model": "base",
+    "optim": "optimizer", "warmup_ratio": "warmup", "warmup_steps": "warmup", "bnb_4bit_quant_type": "quant_type",
+    "load_in_4bit": "bits", "datasets": "train", "dataset": "train",
+}
+
+
 def _suggest(name: str, choices: list[str]) -> str:
+    if KNOWN_ALIASES.get(name) in choices:
+        return f" (did you mean `{KNOWN_ALIASES[name]}`?)"
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
 

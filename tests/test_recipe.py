@@ -211,3 +211,10 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
 def test_readme_recipe_reference_is_current():
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_reference.py"), "--check"])
     assert result.returncode == 0, "README.md's recipe reference is stale: run python scripts/recipe_reference.py"
+
+
+def test_names_from_other_tools_get_our_key_suggested(tmp_path):
+    text = MINIMAL.replace("data:\n", "lora:\n  rank: 8\ndata:\n") + "training:\n  num_train_epochs: 3\n"
+    problems = {p.key: p.message for p in problems_of(write(tmp_path, text))}
+    assert "did you mean `r`" in problems["lora.rank"]
+    assert "did you mean `epochs`" in problems["training.num_train_epochs"]
