@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,3 +173,15 @@ def checkpoint_bytes_estimate(run_dir: Path, trainable_parameters: int) -> int:
     if existing:
         return sum(entry["bytes"] for entry in existing[0].manifest.get("files", {}).values())
     return int(trainable_parameters * 4 * 3 * 1.2) + (1 << 20)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("qlora-cli", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
