@@ -209,8 +209,12 @@ def merge(
     dtype: Annotated[str, typer.Option(help="Dtype of the merged weights: bfloat16, float16 or float32.")] = "bfloat16",
     base: Annotated[str, typer.Option(help="Merge into the `dequantized` 4-bit weights the adapter was trained against, or the `original` weights.")] = "dequantized",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF file for llama.cpp/Ollama: f16 or q8_0 (repeatable; Llama-architecture models).")] = None,
 ) -> None:
     """Export a merged checkpoint that plain transformers loads, with a parity report."""
+    for out_type in gguf or []:
+        if out_type not in ("f16", "q8_0"):
+            raise UserError(f"--gguf: {out_type!r} is not one of f16, q8_0")
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype: {dtype!r} is not one of bfloat16, float16, float32")
     if base not in ("dequantized", "original"):
@@ -221,7 +225,8 @@ def merge(
 
     console = make_console()
     quiet_libraries(console.is_terminal)
-    report = merge_run(run_dir, out=out, dtype_name=dtype, base=base, overwrite=overwrite, say=console.print)
+    report = merge_run(run_dir, out=out, dtype_name=dtype, base=base, overwrite=overwrite,
+                       gguf_types=tuple(gguf or []), say=console.print)
     console.print(key_value_table("Merge", [(key, value) for key, value in report.items()]))
 
 

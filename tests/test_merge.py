@@ -157,3 +157,18 @@ def test_output_merge_in_the_recipe_merges_after_training(tmp_path, tiny_model_d
     assert report["dtype"] == "bfloat16" and report["base"] == "dequantized"
     assert summary["merged"]["out"] == str(tmp_path / "run" / "merged")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["merged"] == summary["merged"]
+
+
+def test_gguf_export_loads_back_with_the_same_logits_and_tokens(trained_run, tmp_path, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "merged"
+    report = merge_run(trained_run, out=out, dtype_name="float32", gguf_types=("f16", "q8_0"), say=lambda *_: None)
+    f16, q8 = report["gguf"]["f16"], report["gguf"]["q8_0"]
+    assert (out / "model-f16.gguf").is_file() and (out / "model-q8_0.gguf").is_file()
+    assert f16["mean_kl_nats_per_token"] < 1e-4 and f16["max_abs_logit_diff"] < 0.05
+    assert q8["bytes"] < f16["bytes"] and q8["mean_kl_nats_per_token"] < 1e-2
+    reloaded = AutoTokenizer.from_pretrained(out, gguf_file="model-f16.gguf")
+    text = "<s><|user|>\nWhat is the capital of France?</s>"
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert json.loads((out / "merge_report.json").read_text())["gguf"]["f16"]["file"] == "model-f16.gguf"
