@@ -80,13 +80,15 @@ def make_checkpointer(recipe: Recipe, run_dir: Path, fed, stops: StopRequests, f
             control.should_save = True
 
         def on_save(self, args, state, control, **kwargs):
-            manifest = {
-                **fingerprints,
-                "fed_tokens": fed.tokens,
-                "fed_positions": fed.positions,
-                "versions": library_versions(),
-            }
-            self.last = finalize(run_dir, state.global_step, manifest, recipe.training.keep_checkpoints)
+            from .distributed import barrier, is_main, sum_over_ranks
+
+            tokens, positions = sum_over_ranks([fed.tokens, fed.positions])
+            barrier()  # every rank has written its part (its RNG state) into staging
+            if is_main():
+                manifest = {**fingerprints, "fed_tokens": tokens, "fed_positions": positions,
+                            "versions": library_versions()}
+                self.last = finalize(run_dir, state.global_step, manifest, recipe.training.keep_checkpoints)
+            barrier()  # nobody writes into staging while it is sealed
 
     return Checkpointer()
 

@@ -6,6 +6,7 @@ import torch.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -56,8 +57,27 @@ def train(
     output_dir: OutputDirOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint of the run directory.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train data-parallel in this many processes (torchrun on this machine).")] = 1,
 ) -> None:
     """Fine-tune a model as the recipe says and write the run directory."""
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from .data.sources import load_datasets
+        from .distributed import launch
+        from .recipe import load_recipe as check
+
+        # Bad input is reported once, with exit code 2, before any process starts (each checks again).
+        checked = check(recipe, set_ or [], output_dir)
+        load_datasets(checked.data, checked.training.seed)
+        if checked.training.distributed == "fsdp":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("training.distributed: fsdp needs GPUs (accelerate shards only on accelerators); on CPU use ddp")
+
+        argv = [a for a in sys.argv[1:]]
+        index = next(i for i, a in enumerate(argv) if a.startswith("--nproc"))
+        del argv[index: index + (1 if "=" in argv[index] else 2)]
+        raise SystemExit(launch(nproc, argv))
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
     from .console import make_console

@@ -138,11 +138,16 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
 
     quant = recipe.quantization
     if quant.bits == 4:
+        from .distributed import world_size
+
+        sharded = recipe.training.distributed == "fsdp" and world_size() > 1
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            # FSDP shards flat tensors of one dtype: store the packed 4-bit weights in the dtype of the rest.
+            **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
         )
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -218,6 +218,13 @@ class TrainingSection(Section):
     )
     seed: int = Field(0, ge=0, description="Seed for initialisation, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every this many updates.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description=(
+            "With several processes (`qlora train --nproc N`, torchrun, accelerate launch): `ddp` replicates the "
+            "model on every device; `fsdp` shards the frozen 4-bit base and the LoRA weights with FSDP2."
+        ),
+    )
     eval_mmlu: MmluSection | None = Field(
         None,
         description="Multiple-choice accuracy (MMLU-style) at every evaluation and at the end, as the paper tracked.",

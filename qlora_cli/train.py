@@ -16,6 +16,7 @@ The callbacks that log, checkpoint and stop on signals are in callbacks.py.
 
 from __future__ import annotations
 
+import io
 import json
 import resource
 import shutil
@@ -73,6 +74,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: 
     import torch
     from transformers import TrainingArguments
 
+    from .distributed import world_size
+
     t = recipe.training
     warmup = t.warmup if t.warmup < 1 else int(t.warmup)
     return TrainingArguments(
@@ -105,9 +108,22 @@ def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: 
         prediction_loss_only=True,
         report_to="none",
         disable_tqdm=True,
+        # Data-parallel runs (under torchrun): gloo on CPU; LoRA leaves no parameter unused.
+        ddp_backend="gloo" if on_device == "cpu" and world_size() > 1 else None,
+        ddp_find_unused_parameters=False,
+        **(fsdp_arguments(recipe) if recipe.training.distributed == "fsdp" and world_size() > 1 else {}),
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+
+
+def fsdp_arguments(recipe: Recipe) -> dict:
+    """FSDP2 over the decoder layers, gathering a full state dict to save the adapter."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
+                        "reshard_after_forward": True, "cpu_ram_efficient_loading": False},
+    }
 
 
 def make_collator(recipe: Recipe, tokenizer):
@@ -287,10 +303,16 @@ def run_training(
         RunFailure: a non-finite loss, out of memory, or no disk for a checkpoint, during training.
         RunInterrupted: SIGINT/SIGTERM; a checkpoint was written and the message says how to resume.
     """
+    from .distributed import barrier, is_main, sum_over_ranks, world_size
+
+    main = is_main()
     console = console or Console()
+    if not main:
+        console = Console(file=io.StringIO())  # rank 0 speaks for the run
     run_dir = recipe.output.dir
     assert run_dir is not None, "load_recipe sets output.dir"
-    checkpoint = prepare_run_dir(run_dir, recipe, resume, overwrite, console.print)
+    # Every rank checks the recipe and the data; rank 0 alone owns the run directory.
+    checkpoint = prepare_run_dir(run_dir, recipe, resume, overwrite if main else True, console.print) if main or resume else None
     datasets = load_datasets(recipe.data, recipe.training.seed)
     mmlu_data = None
     if recipe.training.eval_mmlu is not None:
@@ -313,6 +335,9 @@ def run_training(
 
     quiet_libraries(console.is_terminal)
     on_device = device()
+    if recipe.training.distributed == "fsdp" and world_size() > 1 and on_device == "cpu":
+        # accelerate runs FSDP only on accelerators and would silently replicate instead: say so first.
+        raise UserError("training.distributed: fsdp needs GPUs (accelerate shards only on accelerators); on CPU use ddp")
     dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device)
     console.print(f"Device: {on_device}; compute dtype: {str(dtype.dtype).removeprefix('torch.')} ({dtype.reason})")
     if on_device == "cpu" and dtype.dtype == torch.bfloat16:
@@ -341,26 +366,30 @@ def run_training(
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
 
-    if checkpoint is None:
-        # Everything checkable is checked and the model loaded: only now is an old run replaced.
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-    clear_staging(run_dir)
-    (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
+    if main:
+        if checkpoint is None:
+            # Everything checkable is checked and the model loaded: only now is an old run replaced.
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+        clear_staging(run_dir)
+        (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
 
     fed = FedTokens()
-    if checkpoint is not None:
+    if checkpoint is not None and main:  # the manifest holds the totals of all ranks
         fed.tokens, fed.positions = checkpoint.manifest["fed_tokens"], checkpoint.manifest["fed_positions"]
     stops = StopRequests()
     metrics, progress = make_callbacks(run_dir, console, fed, checkpoint.step if checkpoint else None)
     checkpointer = make_checkpointer(recipe, run_dir, fed, stops, fingerprints, trainable)
-    mmlu = make_mmlu_evaluator(recipe, run_dir, tokenizer, mmlu_data, console) if mmlu_data else None
+    mmlu = make_mmlu_evaluator(recipe, run_dir, tokenizer, mmlu_data, console) if mmlu_data and main else None
     args = training_arguments(recipe, run_dir, dtype.dtype, on_device, has_eval=bool(prepared.eval))
+    callbacks = [metrics, progress, checkpointer, *([mmlu] if mmlu else [])] if main else [checkpointer]
     trainer = make_trainer(
-        model, args, prepared, make_collator(recipe, tokenizer), fed, [metrics, progress, checkpointer, *([mmlu] if mmlu else [])],
+        model, args, prepared, make_collator(recipe, tokenizer), fed, callbacks,
         group_by_length=recipe.data.group_by_length and not recipe.data.packing,
     )
+    if recipe.training.distributed == "fsdp" and world_size() > 1 and not trainer.is_fsdp_enabled:
+        raise RunFailure("training.distributed: fsdp was asked for, but accelerate did not enable FSDP on these devices")
     started = time.perf_counter()
     try:
         with stops:
@@ -381,7 +410,8 @@ def run_training(
             f"Last good checkpoint: {checkpointer.last or 'none'}"
         ) from None
     finally:
-        clear_staging(run_dir)
+        if main:
+            clear_staging(run_dir)
     train_seconds = time.perf_counter() - started
     if stops.requested:
         raise RunInterrupted(
@@ -391,6 +421,10 @@ def run_training(
     eval_loss = None
     if prepared.eval:
         eval_loss = trainer.evaluate()["eval_loss"]
+    fed.tokens, fed.positions = sum_over_ranks([fed.tokens, fed.positions])
+    if not main:
+        barrier()  # wait while rank 0 writes the adapter and the summary
+        return TrainingRun(summary={}, model=model, tokenizer=tokenizer)
     mmlu_accuracy = mmlu.measure(model, trainer.state.global_step) if mmlu else None
 
     save_adapter(model, tokenizer, template, run_dir / "adapter")
@@ -417,6 +451,8 @@ def run_training(
         "gradient_checkpointing": checkpointing,
         "device": on_device,
         "trainable_parameters": trainable,
+        "processes": world_size(),
+        "global_batch_size": recipe.training.batch_size * recipe.training.gradient_accumulation_steps * world_size(),
         "base_model": model_path,
         "rows_per_source": datasets.rows_per_source,
         "skipped_bad_rows": len(datasets.skipped),
@@ -446,4 +482,5 @@ def run_training(
             ],
         )
     )
+    barrier()
     return TrainingRun(summary=summary, model=model, tokenizer=tokenizer)

@@ -1,0 +1,57 @@
+"""Running on torch distributed: launching under torchrun, who is rank 0, and the few collectives the
+run needs. The Trainer (through accelerate) does the data-parallel training itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Rank 0 writes the run directory, logs, progress and plots; the other ranks only train."""
+    return rank() == 0
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sum_over_ranks(values: list[int]) -> list[int]:
+    """Each value summed over all ranks (the values themselves when not distributed)."""
+    if not _initialized():
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(tensor)
+    return [int(v) for v in tensor.tolist()]
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `qlora <argv>` in `nproc` processes on this machine with torchrun; returns its exit code.
+
+    Equivalent to `torchrun --standalone --nproc_per_node N -m qlora_cli <argv>`; for several machines run
+    torchrun yourself with its rendezvous options (--nnodes, --node_rank, --rdzv_endpoint).
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "qlora_cli", *argv]
+    return subprocess.call(command)
