@@ -85,7 +85,12 @@ def convert_gguf(path: Path, say=print) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         # Written last and renamed: a folder with config.json is a complete conversion.
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(staging)  # another process (a rank of the same run) converted it first
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

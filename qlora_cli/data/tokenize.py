@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def save_tokenized(path: Path, rows: list[dict[str, list[int]]], stats: Tokenize
     ids = np.fromiter((t for r in rows for t in r["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
     labels = np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32, count=int(offsets[-1]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp.npz")
+    # Per process: the ranks of a distributed run tokenize the same data and save it at the same time.
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     np.savez(staging, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(asdict(stats))))
     staging.replace(path)
 
