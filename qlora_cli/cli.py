@@ -35,6 +35,14 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a recipe key: --set training.learning_rate=1e-4 (repeatable)."),
 ]
+ModelArg = Annotated[str, typer.Argument(
+    help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.",
+    show_default=False)]
+# Sampling options shared by generate, chat and eval (the defaults are the paper's: top-p 0.9, temperature 0.7).
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens per answer.")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
+Seed = Annotated[int, typer.Option(help="Sampling seed.")]
 OutputDirOption = Annotated[Optional[Path], typer.Option("--output-dir", help="Run directory (overrides output.dir).")]
 
 
@@ -162,14 +170,14 @@ def data_preview(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.", show_default=False)],
+    model: ModelArg,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option("--file", help="Prompts, one per line (.txt) or JSONL rows with a `prompt` field.")] = None,
     system: Annotated[Optional[str], typer.Option(help="A system message for every prompt.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per answer.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = 0,
 ) -> None:
     """Answer prompts with a model, using the chat template it was trained with."""
     from .prompts import read_prompts
@@ -204,12 +212,12 @@ def generate(
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Argument(help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.", show_default=False)],
+    model: ModelArg,
     system: Annotated[Optional[str], typer.Option(help="The system message to start with.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = 0,
 ) -> None:
     """Talk with a model: multi-turn, streamed, with /reset and /system."""
     from .chat import chat_loop
@@ -262,10 +270,10 @@ def eval_run(
     mode: Annotated[str, typer.Option(help="pairwise, relative, or both.")] = "both",
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN_DIR/eval, else eval/<model>).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N questions.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Answer sampling temperature (the paper: 0.7).")] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Answer nucleus sampling (the paper: 0.9).")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Answer sampling seed.")] = 0,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = 0,
 ) -> None:
     """Answer the questions with each model, judge every pair in both orders, and write the report."""
     modes = {"both": ["relative", "pairwise"], "pairwise": ["pairwise"], "relative": ["relative"]}.get(mode)
@@ -301,7 +309,7 @@ def eval_score(
 
 @eval_app.command("mmlu")
 def eval_mmlu(
-    model: Annotated[str, typer.Argument(help="A run directory, a merged or local model, a hub id, a .gguf, or smollm2-135m-instruct.", show_default=False)],
+    model: ModelArg,
     data: Annotated[Path, typer.Option(help="An MMLU-layout folder (dev/, test/ CSVs), a JSONL file of multiple-choice rows, or a hub id like cais/mmlu (online).")],
     shots: Annotated[int, typer.Option(min=0, max=5, help="Few-shot examples from the dev split.")] = 5,
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many test questions per subject.")] = None,
