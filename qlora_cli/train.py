@@ -190,10 +190,14 @@ def save_adapter(model, tokenizer, template: str, target: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    staging.write_text(text, encoding="utf-8")
     staging.replace(path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
@@ -373,17 +377,20 @@ def run_training(
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True)
         clear_staging(run_dir)
-        (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
+        # Atomic: on --resume the other ranks read the run's recipe while rank 0 writes the new one.
+        write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
 
     fed = FedTokens()
     if checkpoint is not None and main:  # the manifest holds the totals of all ranks
         fed.tokens, fed.positions = checkpoint.manifest["fed_tokens"], checkpoint.manifest["fed_positions"]
     stops = StopRequests()
-    metrics, progress = make_callbacks(run_dir, console, fed, checkpoint.step if checkpoint else None)
     checkpointer = make_checkpointer(recipe, run_dir, fed, stops, fingerprints, trainable)
-    mmlu = make_mmlu_evaluator(recipe, run_dir, tokenizer, mmlu_data, console) if mmlu_data and main else None
+    callbacks = [checkpointer]
+    if main:  # only rank 0 logs: the metrics files are rewritten on resume
+        metrics, progress = make_callbacks(run_dir, console, fed, checkpoint.step if checkpoint else None)
+        mmlu = make_mmlu_evaluator(recipe, run_dir, tokenizer, mmlu_data, console) if mmlu_data else None
+        callbacks += [metrics, progress, *([mmlu] if mmlu else [])]
     args = training_arguments(recipe, run_dir, dtype.dtype, on_device, has_eval=bool(prepared.eval))
-    callbacks = [metrics, progress, checkpointer, *([mmlu] if mmlu else [])] if main else [checkpointer]
     trainer = make_trainer(
         model, args, prepared, make_collator(recipe, tokenizer), fed, callbacks,
         group_by_length=recipe.data.group_by_length and not recipe.data.packing,
