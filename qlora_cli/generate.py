@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from .data.templates import end_of_turn_token
-from .data.tokenize import tokenizer_adds_bos
+from .data.tokenize import encode_prompt
 from .errors import Problem, UserError
-from .models import choose_compute_dtype, device, quantization_config, resolve_model_path
+from .models import choose_compute_dtype, device, device_map, quantization_config, resolve_model_path
 from .recipe import Recipe
 
 
@@ -59,7 +59,7 @@ def load_run(run_dir: Path) -> LoadedModel:
         base,
         quantization_config=quantization_config(recipe, dtype),
         dtype=dtype,
-        device_map={"": 0 if on_device == "cuda" else "cpu"},
+        device_map=device_map(on_device),
         trust_remote_code=recipe.model.trust_remote_code,
         use_safetensors=None if recipe.model.allow_pickle_weights else True,
     )
@@ -80,7 +80,7 @@ def load_plain(reference: str) -> LoadedModel:
     dtype = torch.float32 if on_device == "cpu" else choose_compute_dtype("auto", on_device).dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map={"": 0 if on_device == "cuda" else "cpu"}, use_safetensors=True
+            path, dtype=dtype, device_map=device_map(on_device), use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
@@ -103,11 +103,7 @@ def prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
 
 def conversation_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat ending in the generation prompt, with BOS exactly as in training."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer_adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids.insert(0, tokenizer.bos_token_id)
-    return ids
+    return encode_prompt(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def stop_token_ids(loaded: LoadedModel) -> list[int]:

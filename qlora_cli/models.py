@@ -111,6 +111,11 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_map(on_device: str) -> dict:
+    """The whole model on one device: the first GPU (each process's own under torchrun), or the CPU."""
+    return {"": int(os.environ.get("LOCAL_RANK", "0")) if on_device == "cuda" else "cpu"}
+
+
 @dataclass(frozen=True)
 class DtypeChoice:
     dtype: torch.dtype
@@ -231,7 +236,7 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
             trust_remote_code=recipe.model.trust_remote_code,
             quantization_config=quant_config,
             dtype=compute_dtype,
-            device_map={"": 0 if on_device == "cuda" else "cpu"},
+            device_map=device_map(on_device),
             # Pickled weights can run code when loaded: only safetensors, unless the recipe opts in.
             use_safetensors=None if recipe.model.allow_pickle_weights else True,
         )

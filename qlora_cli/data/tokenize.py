@@ -32,6 +32,15 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt (generation, multiple choice): the text as written, with the BOS training
+    puts first when the model uses one, exactly once."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer_adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids.insert(0, tokenizer.bos_token_id)
+    return ids
+
+
 def encode_segments(tokenizer, segments: list[Segment], *, bos_id: int | None) -> tuple[list[int], list[int]]:
     """Token ids and labels of a rendered conversation or of template-free segments."""
     return encode_batch(tokenizer, [segments], bos_id=bos_id)[0]

@@ -154,11 +154,9 @@ def letter_token_ids(tokenizer) -> list[int]:
 def predict(model, tokenizer, prompt: str, letters: list[int]) -> int:
     import torch
 
-    from ..data.tokenize import tokenizer_adds_bos
+    from ..data.tokenize import encode_prompt
 
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer_adds_bos(tokenizer):
-        ids = [tokenizer.bos_token_id] + ids
+    ids = encode_prompt(tokenizer, prompt)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids], device=next(model.parameters()).device)).logits[0, -1]
     return int(torch.argmax(logits[letters]).item())
