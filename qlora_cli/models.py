@@ -133,7 +133,11 @@ def choose_compute_dtype(setting: str, on_device: str) -> DtypeChoice:
             if torch.cuda.is_bf16_supported():
                 return DtypeChoice(torch.bfloat16, "auto: this GPU supports bfloat16")
             return DtypeChoice(torch.float16, "auto: this GPU has no bfloat16, using float16")
-        return DtypeChoice(torch.float32, "auto: float32 on CPU (bfloat16 is several times slower on most CPUs)")
+        from .cpu import has_native_bfloat16
+
+        if has_native_bfloat16():
+            return DtypeChoice(torch.bfloat16, "auto: this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)")
+        return DtypeChoice(torch.float32, "auto: float32 on a CPU without native bfloat16, where bfloat16 is emulated and slow")
     dtype = getattr(torch, setting)
     if on_device == "cpu" and dtype == torch.float16:
         raise UserError(
@@ -275,6 +279,10 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
         model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
+    if on_device == "cpu":
+        from .cpu import use_cheap_lora_dropout
+
+        use_cheap_lora_dropout(model)
     return model
 
 

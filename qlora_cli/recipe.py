@@ -63,7 +63,7 @@ class QuantizationSection(Section):
         "auto",
         description=(
             "Dtype the 4-bit weights are dequantized to for matmuls. `auto`: bfloat16 on GPUs that support it, "
-            "float16 on older GPUs, float32 on CPU."
+            "float16 on older GPUs; on CPU bfloat16 where it is native (AVX512-BF16 or AMX), else float32."
         ),
     )
 

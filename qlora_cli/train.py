@@ -133,15 +133,29 @@ def make_collator(recipe: Recipe, tokenizer):
 
 
 def make_trainer(model, args, prepared, collator, fed, callbacks, group_by_length: bool):
-    """The transformers Trainer, counting into `fed` the tokens of every batch it trains on, and with
-    a length-grouped order that resumes exactly."""
+    """The transformers Trainer, counting into `fed` the tokens of every batch it trains on, with a
+    length-grouped order that resumes exactly, and with the loss computed on trained positions only
+    (`loss.head_only_loss`) when the model's logits are a plain output projection."""
     from transformers import PrinterCallback, Trainer
 
     from .data.prepare import length_grouped_sampler
 
     import torch
 
+    from .loss import head_only_loss, output_head
+
+    head = output_head(model)
+
     class RecipeTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if head is None or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = head_only_loss(model, head, inputs, num_items_in_batch)
+            # As the Trainer does for a model's own loss divided by a token count of all processes.
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             fed.count(inputs)
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -344,8 +358,12 @@ def run_training(
         raise UserError("training.distributed: fsdp needs GPUs (accelerate shards only on accelerators); on CPU use ddp")
     dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device)
     console.print(f"Device: {on_device}; compute dtype: {str(dtype.dtype).removeprefix('torch.')} ({dtype.reason})")
-    if on_device == "cpu" and dtype.dtype == torch.bfloat16:
-        console.print("[yellow]bfloat16 on CPU: most CPUs have no native bfloat16 matmul; float32 is usually far faster.")
+    if on_device == "cpu":
+        from .cpu import has_native_bfloat16, keep_freed_memory
+
+        keep_freed_memory()
+        if dtype.dtype == torch.bfloat16 and not has_native_bfloat16():
+            console.print("[yellow]bfloat16 on a CPU without native bfloat16: it is emulated; float32 is usually far faster.")
     if recipe.model.trust_remote_code:
         console.print("[bold red]model.trust_remote_code is on: the model repository's Python code will run.")
 

@@ -132,6 +132,9 @@ def tiny_recipe_text(model_dir: Path, data_files: list[str], **training) -> str:
         "  r: 8",
         "  alpha: 16",
         "  dropout: 0.0",
+        # `auto` picks bfloat16 on CPUs with native bfloat16: pinned so that stored figures hold on every CPU.
+        "quantization:",
+        "  compute_dtype: float32",
         "data:",
         "  train:",
         *[f"    - path: {name}" for name in data_files],

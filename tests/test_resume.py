@@ -131,13 +131,13 @@ def test_resume_without_a_checkpoint_is_exit_2(recipe_path, tmp_path, capsys):
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(recipe_path, tmp_path, capsys, monkeypatch):
     from transformers import Trainer
 
-    real = Trainer.compute_loss
+    real = Trainer.training_step
 
     def poisoned(self, model, inputs, *args, **kwargs):
         loss = real(self, model, inputs, *args, **kwargs)
         return loss * float("nan") if self.state.global_step == 4 else loss  # the 5th update
 
-    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(Trainer, "training_step", poisoned)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exited:
         main(["train", str(recipe_path), "--output-dir", str(run_dir)])
@@ -153,7 +153,7 @@ def test_out_of_memory_names_the_batch_and_what_to_lower(recipe_path, tmp_path, 
     def exhausted(self, *args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(Trainer, "compute_loss", exhausted)
+    monkeypatch.setattr(Trainer, "training_step", exhausted)
     with pytest.raises(SystemExit) as exited:
         main(["train", str(recipe_path), "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
