@@ -17,12 +17,12 @@ from contextlib import contextmanager
 
 import torch
 
+from .plan import LOGIT_TRANSFORM_KEYS, LOSS_CHUNK_ELEMENTS
+
 IGNORE_INDEX = -100
-# Logits held at once per chunk: 2**22 float32 values is 16 MiB (85 rows of a 49k vocabulary), small
-# enough for the allocator to reuse (see cpu.keep_freed_memory), large enough for an efficient matmul.
-CHUNK_ELEMENTS = 2**22
-# Configuration keys of models whose logits are not plain `lm_head(hidden)`: those keep the model's own loss.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Logits held at once per chunk (16 MiB in float32, 85 rows of a 49k vocabulary): small enough for the
+# allocator to reuse (see cpu.keep_freed_memory), large enough for an efficient matmul.
+CHUNK_ELEMENTS = LOSS_CHUNK_ELEMENTS
 
 
 def trained_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +115,7 @@ def output_head(model):
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    if any(getattr(base.config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS):
+    if any(getattr(base.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS):
         return None
     return head
 

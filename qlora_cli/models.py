@@ -202,7 +202,7 @@ def available_memory_bytes(on_device: str) -> int:
 
 def decide_checkpointing(recipe: Recipe, model_path: str, compute_dtype: torch.dtype, on_device: str) -> tuple[bool, str]:
     """Whether to checkpoint activations, and why: as the recipe says, or for `auto` what the memory
-    plan says for this device (on CPU the plan counts float32 compute and half the available RAM)."""
+    plan says for this device (on CPU the plan counts the chosen compute dtype and half the available RAM)."""
     setting = recipe.training.gradient_checkpointing
     if setting != "auto":
         return setting, "set in the recipe"

@@ -63,6 +63,10 @@ MAX_FSDP_GPUS = 64
 
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# Config keys of models whose logits are more than `lm_head(hidden)`; those train with their own loss.
+LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# The chunked loss (loss.linear_cross_entropy) holds this many logits at once: 16 MiB in float32.
+LOSS_CHUNK_ELEMENTS = 2**22
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +125,7 @@ class ModelShapes:
     attention_bias: tuple[str, ...]  # which of q/k/v/o_proj carry a bias
     mlp_bias: bool
     qk_norm: bool  # Qwen3's per-head RMSNorm on queries and keys
+    plain_head: bool = True  # logits are lm_head(hidden), so the chunked loss on trained positions applies
 
     @property
     def q_dim(self) -> int:
@@ -192,6 +197,7 @@ def model_shapes(config: Mapping, source: Path | str | None = None) -> ModelShap
         attention_bias=attention_bias,
         mlp_bias=bool(config.get("mlp_bias", False)),
         qk_norm=model_type.startswith("qwen3"),
+        plain_head=not any(config.get(key) not in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS),
     )
 
 
@@ -357,10 +363,11 @@ class ActivationEstimate:
     Attributes:
         per_token_per_layer: bytes autograd saves for backward in one decoder layer, per token.
         boundary_per_token_per_layer: with checkpointing, the layer input each checkpoint keeps, per token.
-        head_per_token: saved after the last layer: the final norm's input and the log-softmax output.
-        logits_transient_per_token: also alive at the loss: the logits' gradient and 16-bit logits.
+        head_per_token: saved after the last layer for the loss.
+        logits_transient_per_token: also alive at the loss, per token (the model's own loss only).
         cast_bytes: autocast's 16-bit copies of float32 weights, held until backward (token-independent).
-        workspace_bytes: the largest base weight dequantized for one matmul (transient).
+        workspace_bytes: token-independent memory outside autograd: the largest base weight dequantized
+            for one matmul and, with the chunked loss, one chunk of logits and the cached 16-bit output head.
     """
 
     tokens: int
@@ -418,8 +425,12 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
         key/value heads (grouped-query attention runs natively only without a mask); with a mask (batch > 1
         or packing) the mask's c-typed bias is saved too: c*s;
       - the MLP: SiLU saves the gate output, the product saves SiLU's output and the up output: 3a*i.
-    After the last layer: the final norm's input a*h, the log-softmax output (float32 logits for the loss):
-    4*V; and while the loss runs, its gradient 4*V and (with autocast) the c-typed logits: c*V.
+    After the last layer, with the chunked loss on trained positions (loss.head_only_loss, used when the
+    logits are a plain output projection that LoRA does not adapt): the final norm's input and rsqrt,
+    a*h + 4, and the hidden-state gradient the loss computes in its forward, a*h, counting every token as
+    trained (an upper bound); no logits outlive their chunk. With the model's own loss instead: the final
+    norm's input a*h + 4, the log-softmax output 4*V, and while the loss runs its gradient 4*V and (with
+    autocast) the c-typed logits c*V.
 
     Token-independent, with autocast: its weight-cast cache keeps a c copy of every float32 LoRA weight
     until the forward ends, c * LoRA parameters, and the float32 output head is cast for its matmul and
@@ -465,19 +476,25 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
     attention = c * (2 * s.q_dim + 2 * kv) + 4 * s.heads + (c * seq if masked else 0)
     per_layer = 2 * a * s.hidden + 2 * 4 + inputs + copies + attention + 3 * a * s.intermediate
 
-    head = a * s.hidden + 4 + 4 * s.vocab
-    if OUTPUT_HEAD in targets:  # its adapter reads the final norm's output, which nothing else saves
-        shared = not dropout and not autocast
-        head += (a * s.hidden if shared else c * s.hidden + (s.hidden if dropout else 0)) + c * lora.r
-    transient = 4 * s.vocab + (c * s.vocab if autocast else 0)
+    chunked_loss = s.plain_head and OUTPUT_HEAD not in targets
+    head_cast = c * s.vocab * s.hidden if autocast and a > c else 0  # the output head was upcast to float32
+    if chunked_loss:
+        head = 2 * a * s.hidden + 4
+        transient = 0
+    else:
+        head = a * s.hidden + 4 + 4 * s.vocab
+        if OUTPUT_HEAD in targets:  # its adapter reads the final norm's output, which nothing else saves
+            shared = not dropout and not autocast
+            head += (a * s.hidden if shared else c * s.hidden + (s.hidden if dropout else 0)) + c * lora.r
+        transient = 4 * s.vocab + (c * s.vocab if autocast else 0)
 
-    cast = 0
-    if autocast:
-        cast += c * _lora_parameter_count(s, targets, lora.r)
-        if a > c:  # the output head was upcast to float32
-            cast += c * s.vocab * s.hidden
+    cast = c * _lora_parameter_count(s, targets, lora.r) if autocast else 0
     largest = max(fan_in * fan_out for fan_in, fan_out in linears.values())
     workspace = {4: c, 8: a}.get(quant.bits, 0) * largest
+    if chunked_loss:  # float32 logits of one chunk, with the c-typed matmul output and gradient under autocast
+        workspace += LOSS_CHUNK_ELEMENTS * (4 + (2 * c if autocast else 0)) + head_cast
+    else:
+        cast += head_cast
 
     return ActivationEstimate(
         tokens=training.batch_size * seq,
