@@ -406,7 +406,8 @@ def compute_dtype_bytes(setting: str) -> int:
     return 4 if setting == "float32" else 2
 
 
-def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: int | None = None) -> ActivationEstimate:
+def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: int | None = None,
+                        sharded: bool = False) -> ActivationEstimate:
     """The activation account for the recipe's batch and sequence length (see ActivationEstimate).
 
     c = compute dtype bytes; a = bytes of the residual stream, which is float32 (4) for a quantized base
@@ -426,7 +427,7 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
         or packing) the mask's c-typed bias is saved too: c*s;
       - the MLP: SiLU saves the gate output, the product saves SiLU's output and the up output: 3a*i.
     After the last layer, with the chunked loss on trained positions (loss.head_only_loss, used when the
-    logits are a plain output projection that LoRA does not adapt): the final norm's input and rsqrt,
+    logits are a plain output projection that LoRA does not adapt, and not under FSDP): the final norm's input and rsqrt,
     a*h + 4, and the hidden-state gradient the loss computes in its forward, a*h, counting every token as
     trained (an upper bound); no logits outlive their chunk. With the model's own loss instead: the final
     norm's input a*h + 4, the log-softmax output 4*V, and while the loss runs its gradient 4*V and (with
@@ -476,7 +477,7 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
     attention = c * (2 * s.q_dim + 2 * kv) + 4 * s.heads + (c * seq if masked else 0)
     per_layer = 2 * a * s.hidden + 2 * 4 + inputs + copies + attention + 3 * a * s.intermediate
 
-    chunked_loss = s.plain_head and OUTPUT_HEAD not in targets
+    chunked_loss = s.plain_head and OUTPUT_HEAD not in targets and not sharded
     head_cast = c * s.vocab * s.hidden if autocast and a > c else 0  # the output head was upcast to float32
     if chunked_loss:
         head = 2 * a * s.hidden + 4
@@ -571,7 +572,7 @@ def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: 
     gradients = 4 * lora_params
     optimizer = optimizer_state_bytes(sizes, training.optimizer)
 
-    activations = activation_estimate(shapes, recipe, compute_bytes=c)
+    activations = activation_estimate(shapes, recipe, compute_bytes=c, sharded=sharded)
     checkpointed, full = activations.checkpointed(), activations.full()
     activation = checkpointed if training.gradient_checkpointing else full
 

@@ -148,7 +148,8 @@ def make_trainer(model, args, prepared, collator, fed, callbacks, group_by_lengt
 
     class RecipeTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if head is None or "labels" not in inputs:
+            # FSDP gathers a sharded weight only when its module runs, and this loss skips the head's module.
+            if head is None or self.is_fsdp_enabled or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, outputs = head_only_loss(model, head, inputs, num_items_in_batch)
             # As the Trainer does for a model's own loss divided by a token count of all processes.

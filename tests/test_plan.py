@@ -11,6 +11,7 @@ import pytest
 
 from qlora_cli.errors import UserError
 from qlora_cli.plan import (
+    LOSS_CHUNK_ELEMENTS,
     activation_estimate,
     model_shapes,
     parse_bytes,
@@ -178,7 +179,12 @@ def test_plan_json_and_checkpointing_advice():
 def test_sharding_divides_the_model_state_but_not_activations():
     one = plan_memory(LLAMA_65B, recipe())
     four = plan_memory(LLAMA_65B, recipe(), gpus=4, sharded=True)
-    assert four.activation_bytes == one.activation_bytes
+    # Not divided; larger by the per-token logits, as FSDP trains with the model's own loss, not the chunked one.
+    r = recipe()
+    tokens = r.training.batch_size * r.data.max_seq_len
+    logits = tokens * (4 + 4 + 2) * 32000  # float32 log-softmax output and gradient, bfloat16 logits
+    chunked_head = tokens * 4 * 8192 + LOSS_CHUNK_ELEMENTS * (4 + 2 * 2)  # the saved hidden-state gradient; one chunk
+    assert four.activation_bytes - one.activation_bytes == logits - chunked_head
     assert four.optimizer_bytes == pytest.approx(one.optimizer_bytes / 4, abs=1)
     # A quarter of the quantized blocks plus two of them gathered in full; the root unit's embeddings and head
     # are gathered in full next to their quarter.
