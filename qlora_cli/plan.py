@@ -366,8 +366,9 @@ class ActivationEstimate:
         head_per_token: saved after the last layer for the loss.
         logits_transient_per_token: also alive at the loss, per token (the model's own loss only).
         cast_bytes: autocast's 16-bit copies of float32 weights, held until backward (token-independent).
-        workspace_bytes: token-independent memory outside autograd: the largest base weight dequantized
-            for one matmul and, with the chunked loss, one chunk of logits and the cached 16-bit output head.
+        workspace_bytes: token-independent memory outside autograd, alive in forward and backward: the largest
+            base weight dequantized for one matmul and, with the chunked loss, the cached 16-bit output head.
+        loss_chunk_bytes: with the chunked loss, one chunk of logits while the loss runs (token-independent).
     """
 
     tokens: int
@@ -378,6 +379,7 @@ class ActivationEstimate:
     logits_transient_per_token: int
     cast_bytes: int
     workspace_bytes: int
+    loss_chunk_bytes: int = 0
 
     def saved_for_backward(self) -> int:
         """Without checkpointing: everything autograd holds when the forward ends (what a saved-tensor
@@ -385,20 +387,21 @@ class ActivationEstimate:
         return self.tokens * (self.layers * self.per_token_per_layer + self.head_per_token) + self.cast_bytes
 
     def full(self) -> int:
-        return self.saved_for_backward() + self.tokens * self.logits_transient_per_token + self.workspace_bytes
+        return (self.saved_for_backward() + self.tokens * self.logits_transient_per_token + self.workspace_bytes
+                + self.loss_chunk_bytes)
 
     def checkpointed(self) -> int:
-        """Layer inputs at every checkpoint, plus one layer recomputed in full during backward.
-
-        Summed rather than maxed with the forward's end (casts, logits): a bound a little above the peak.
+        """The larger of two moments: the loss, at the end of the forward (the layer input of every
+        checkpoint, what the head saved, the loss's transients, autocast's weight copies), and the
+        backward of the last layer, recomputed in full (the checkpoints and that layer's saved tensors;
+        autocast's copies are gone once its forward context closes). scripts/measure_plan.py compares
+        the plan with every allocation of a real run.
         """
-        per_token = (
-            self.layers * self.boundary_per_token_per_layer
-            + self.per_token_per_layer
-            + self.head_per_token
-            + self.logits_transient_per_token
-        )
-        return self.tokens * per_token + self.cast_bytes + self.workspace_bytes
+        checkpoints = self.tokens * (self.layers * self.boundary_per_token_per_layer + self.head_per_token)
+        at_loss = (checkpoints + self.tokens * self.logits_transient_per_token + self.cast_bytes
+                   + self.loss_chunk_bytes)
+        in_backward = checkpoints + self.tokens * self.per_token_per_layer
+        return max(at_loss, in_backward) + self.workspace_bytes
 
 
 def compute_dtype_bytes(setting: str) -> int:
@@ -492,8 +495,11 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
     cast = c * _lora_parameter_count(s, targets, lora.r) if autocast else 0
     largest = max(fan_in * fan_out for fan_in, fan_out in linears.values())
     workspace = {4: c, 8: a}.get(quant.bits, 0) * largest
+    loss_chunk = 0
     if chunked_loss:  # float32 logits of one chunk, with the c-typed matmul output and gradient under autocast
-        workspace += LOSS_CHUNK_ELEMENTS * (4 + (2 * c if autocast else 0)) + head_cast
+        chunk_rows = min(training.batch_size * seq, max(1, LOSS_CHUNK_ELEMENTS // s.vocab))
+        loss_chunk = chunk_rows * s.vocab * (4 + (2 * c if autocast else 0))
+        workspace += head_cast
     else:
         cast += head_cast
 
@@ -506,6 +512,7 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
         logits_transient_per_token=transient,
         cast_bytes=cast,
         workspace_bytes=workspace,
+        loss_chunk_bytes=loss_chunk,
     )
 
 
