@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import logging
 
+import torch
+
 log = logging.getLogger(__name__)
 
 # mallopt parameters, from glibc's malloc.h.
@@ -32,8 +34,6 @@ _TOP_PAD = 2**30
 
 def has_native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX)."""
-    import torch
-
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check is not None and check() for check in checks)
 
@@ -70,8 +70,6 @@ def cheap_dropout(x, p: float):
     generator, so seeds and saved RNG states reproduce the masks. On a 2-core CPU, for a 1200 x 576
     activation, torch's dropout takes 2.8 ms (a generator draw per element) and this 1.0 ms.
     """
-    import torch
-
     threshold = round(p * _MASK_LEVELS)
     draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
     # random_() fills [0, 2**63): the top bit of each draw is always 0, so use the low 15 bits of each quarter.
@@ -80,16 +78,17 @@ def cheap_dropout(x, p: float):
     return x * keep * (_MASK_LEVELS / (_MASK_LEVELS - threshold))
 
 
+class CheapDropout(torch.nn.Dropout):
+    """`torch.nn.Dropout` with `cheap_dropout`'s mask for CPU tensors in training."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return cheap_dropout(x, self.p)
+
+
 def use_cheap_lora_dropout(model) -> int:
-    """Give every LoRA layer's dropout the cheap mask above on CPU tensors; returns how many were replaced."""
-    import torch
-
-    class CheapDropout(torch.nn.Dropout):
-        def forward(self, x):
-            if not self.training or self.p == 0 or x.device.type != "cpu":
-                return super().forward(x)
-            return cheap_dropout(x, self.p)
-
+    """Give every LoRA layer's dropout the cheap mask above; returns how many were replaced."""
     replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)

@@ -13,6 +13,7 @@ gradient-accumulation step).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -40,12 +41,13 @@ _cast_cache: dict = {}
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in `dtype`, cast once while a frozen weight stays unchanged (a 49k x 576 head costs
-    ~85 ms to cast on a 2-core CPU, every step otherwise)."""
+    ~85 ms to cast on a 2-core CPU, every step otherwise). The cache holds the weight by weak reference,
+    so another model's weight at a reused address is never mistaken for it."""
     if weight.dtype == dtype or weight.requires_grad:
         return weight.to(dtype)
-    key = (weight.data_ptr(), weight._version, dtype, weight.shape)
-    if _cast_cache.get("key") != key:
-        _cast_cache.update(key=key, value=weight.detach().to(dtype))
+    source = _cast_cache.get("source")
+    if source is None or source() is not weight or _cast_cache["key"] != (weight._version, dtype):
+        _cast_cache.update(source=weakref.ref(weight), key=(weight._version, dtype), value=weight.detach().to(dtype))
     return _cast_cache["value"]
 
 

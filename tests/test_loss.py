@@ -114,3 +114,19 @@ def test_under_autocast_it_matches_the_models_autocast_loss(model, rows, tiny_to
 def test_soft_capped_logits_keep_the_models_own_loss(model):
     model.get_base_model().config.final_logit_softcapping = 30.0
     assert output_head(model) is None
+
+
+def test_the_cached_head_cast_follows_the_weight():
+    from qlora_cli.loss import cast_weight
+
+    first = torch.randn(64, 8)
+    assert torch.equal(cast_weight(first, torch.bfloat16), first.to(torch.bfloat16))
+    assert cast_weight(first, torch.bfloat16) is cast_weight(first, torch.bfloat16)  # cast once
+    with torch.no_grad():
+        first.mul_(2)  # changed in place, e.g. by loading a checkpoint
+    assert torch.equal(cast_weight(first, torch.bfloat16), first.to(torch.bfloat16))
+    del first
+    for _ in range(3):  # new weights, possibly at the freed address
+        other = torch.randn(64, 8)
+        assert torch.equal(cast_weight(other, torch.bfloat16), other.to(torch.bfloat16))
+        del other
