@@ -121,6 +121,22 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+
+@pytest.fixture(scope="session")
+def tokenized_rows(tiny_tokenizer, tmp_path_factory):
+    """ALPACA_ROWS and CHAT_ROWS tokenized for training with the tiny tokenizer's chat template."""
+    from qlora_cli.data.sources import load_datasets
+    from qlora_cli.data.tokenize import TokenizeOptions, tokenize_examples
+    from qlora_cli.recipe import DataSection
+
+    folder = tmp_path_factory.mktemp("rows")
+    write_jsonl(folder / "a.jsonl", ALPACA_ROWS)
+    write_jsonl(folder / "c.jsonl", CHAT_ROWS)
+    data = DataSection(train=[{"path": folder / "a.jsonl"}, {"path": folder / "c.jsonl"}])
+    examples = load_datasets(data, seed=0).train
+    tokenized, _ = tokenize_examples(tiny_tokenizer, tiny_tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=512))
+    return tokenized
+
 def tiny_recipe_text(model_dir: Path, data_files: list[str], **training) -> str:
     """A recipe for the tiny model, with the quickstart's shape and a few steps."""
     options = {"batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 4, "logging_steps": 1,

@@ -6,22 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ALPACA_ROWS, CHAT_ROWS, write_jsonl
-from qlora_cli.data.sources import load_datasets
-from qlora_cli.data.tokenize import IGNORE_INDEX, PackBatch, PadToLongest, TokenizeOptions, tokenize_examples
+from qlora_cli.data.tokenize import IGNORE_INDEX, PackBatch, PadToLongest
 from qlora_cli.loss import head_only_loss, linear_cross_entropy, output_head, trained_targets
-from qlora_cli.recipe import DataSection
-
-
-@pytest.fixture(scope="module")
-def rows(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("loss")
-    write_jsonl(folder / "a.jsonl", ALPACA_ROWS)
-    write_jsonl(folder / "c.jsonl", CHAT_ROWS)
-    data = DataSection(train=[{"path": folder / "a.jsonl"}, {"path": folder / "c.jsonl"}])
-    examples = load_datasets(data, seed=0).train
-    tokenized, _ = tokenize_examples(tiny_tokenizer, tiny_tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=512))
-    return tokenized
 
 
 @pytest.fixture
@@ -53,8 +39,8 @@ def test_targets_are_the_next_trained_labels():
 
 
 @pytest.mark.parametrize("batching", ["padded", "packed"])
-def test_loss_and_gradients_equal_the_models_own(model, rows, tiny_tokenizer, batching):
-    batch = PadToLongest(tiny_tokenizer.eos_token_id)(rows) if batching == "padded" else PackBatch()(rows)
+def test_loss_and_gradients_equal_the_models_own(model, tokenized_rows, tiny_tokenizer, batching):
+    batch = PadToLongest(tiny_tokenizer.eos_token_id)(tokenized_rows) if batching == "padded" else PackBatch()(tokenized_rows)
     reference = model(**batch).loss
     reference.backward()
     expected = lora_gradients(model)
@@ -74,8 +60,8 @@ def test_loss_and_gradients_equal_the_models_own(model, rows, tiny_tokenizer, ba
         assert torch.allclose(got[name], gradient, atol=1e-6, rtol=1e-4), name
 
 
-def test_num_items_in_batch_divides_the_sum(model, rows, tiny_tokenizer):
-    batch = PadToLongest(tiny_tokenizer.eos_token_id)(rows)
+def test_num_items_in_batch_divides_the_sum(model, tokenized_rows, tiny_tokenizer):
+    batch = PadToLongest(tiny_tokenizer.eos_token_id)(tokenized_rows)
     trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     with torch.no_grad():
         mean = head_only_loss(model, output_head(model), batch)[0]
@@ -101,8 +87,8 @@ def test_chunks_do_not_change_the_result(monkeypatch):
     assert torch.allclose(weight.grad, 2 * expected[1], atol=1e-6)
 
 
-def test_under_autocast_it_matches_the_models_autocast_loss(model, rows, tiny_tokenizer):
-    batch = PadToLongest(tiny_tokenizer.eos_token_id)(rows)
+def test_under_autocast_it_matches_the_models_autocast_loss(model, tokenized_rows, tiny_tokenizer):
+    batch = PadToLongest(tiny_tokenizer.eos_token_id)(tokenized_rows)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = model(**batch).loss
         loss = head_only_loss(model, output_head(model), batch)[0]

@@ -6,22 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ALPACA_ROWS, CHAT_ROWS, write_jsonl
+from conftest import ALPACA_ROWS, write_jsonl
 from qlora_cli.data.prepare import expected_padding
 from qlora_cli.data.sources import load_datasets
-from qlora_cli.data.tokenize import IGNORE_INDEX, FedTokens, PackBatch, PadToLongest, TokenizeOptions, tokenize_cached, tokenize_examples
+from qlora_cli.data.tokenize import IGNORE_INDEX, FedTokens, PackBatch, PadToLongest, TokenizeOptions, tokenize_cached
 from qlora_cli.recipe import DataSection
-
-
-@pytest.fixture(scope="module")
-def rows(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packing")
-    write_jsonl(folder / "a.jsonl", ALPACA_ROWS)
-    write_jsonl(folder / "c.jsonl", CHAT_ROWS)
-    data = DataSection(train=[{"path": folder / "a.jsonl"}, {"path": folder / "c.jsonl"}])
-    examples = load_datasets(data, seed=0).train
-    tokenized, _ = tokenize_examples(tiny_tokenizer, tiny_tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=512))
-    return tokenized
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -33,9 +22,9 @@ def model(request, tiny_model_dir):
     return model.eval()
 
 
-def test_packed_loss_equals_token_weighted_unpacked_loss(model, rows, tiny_tokenizer):
-    padded = PadToLongest(tiny_tokenizer.eos_token_id)(rows)
-    packed = PackBatch()(rows)
+def test_packed_loss_equals_token_weighted_unpacked_loss(model, tokenized_rows, tiny_tokenizer):
+    padded = PadToLongest(tiny_tokenizer.eos_token_id)(tokenized_rows)
+    packed = PackBatch()(tokenized_rows)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     with torch.no_grad():
         unpacked_loss = model(**padded).loss.item()
@@ -45,43 +34,43 @@ def test_packed_loss_equals_token_weighted_unpacked_loss(model, rows, tiny_token
     assert (packed["labels"] != IGNORE_INDEX).sum() == (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def test_no_token_attends_across_examples(model, rows):
-    packed = PackBatch()(rows)
+def test_no_token_attends_across_examples(model, tokenized_rows):
+    packed = PackBatch()(tokenized_rows)
     with torch.no_grad():
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
         offset = 0
-        for row in rows:
+        for row in tokenized_rows:
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
             length = len(row["input_ids"])
             assert (logits[offset: offset + length] - alone).abs().max().item() < 1e-5
             offset += length
 
 
-def test_with_a_kv_cache_the_boundaries_are_lost(tiny_model_dir, rows):
+def test_with_a_kv_cache_the_boundaries_are_lost(tiny_model_dir, tokenized_rows):
     # Why training turns the cache off: with use_cache, transformers does not detect packed rows.
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    packed = PackBatch()(rows[:2])
-    first = len(rows[0]["input_ids"])
+    packed = PackBatch()(tokenized_rows[:2])
+    first = len(tokenized_rows[0]["input_ids"])
     with torch.no_grad():
         cached = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=True).logits[0]
-        alone = model(input_ids=torch.tensor([rows[1]["input_ids"]]), use_cache=True).logits[0]
+        alone = model(input_ids=torch.tensor([tokenized_rows[1]["input_ids"]]), use_cache=True).logits[0]
     assert (cached[first:] - alone).abs().max().item() > 1e-3
 
 
-def test_fed_tokens_count_real_tokens_and_positions(rows, tiny_tokenizer):
-    lengths = [len(r["input_ids"]) for r in rows]
+def test_fed_tokens_count_real_tokens_and_positions(tokenized_rows, tiny_tokenizer):
+    lengths = [len(r["input_ids"]) for r in tokenized_rows]
     padded = FedTokens()
-    padded.count(PadToLongest(tiny_tokenizer.eos_token_id)(rows))
-    assert padded.tokens == sum(lengths) and padded.positions == len(rows) * max(lengths)
-    assert 0 < padded.padding_fraction < 1 and padded.last_shape == (len(rows), max(lengths))
+    padded.count(PadToLongest(tiny_tokenizer.eos_token_id)(tokenized_rows))
+    assert padded.tokens == sum(lengths) and padded.positions == len(tokenized_rows) * max(lengths)
+    assert 0 < padded.padding_fraction < 1 and padded.last_shape == (len(tokenized_rows), max(lengths))
     packed = FedTokens()
-    packed.count(PackBatch()(rows))
+    packed.count(PackBatch()(tokenized_rows))
     assert packed.tokens == packed.positions == sum(lengths) and packed.padding_fraction == 0
 
 
-def test_expected_padding_by_batching(rows, tmp_path, tiny_model_dir):
+def test_expected_padding_by_batching(tokenized_rows, tmp_path, tiny_model_dir):
     from qlora_cli.recipe import Recipe
 
     lengths = [5, 50, 6, 48, 7, 52, 5, 49]
