@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .plan import LOGIT_TRANSFORM_KEYS, LOSS_CHUNK_ELEMENTS
+from .plan import LOSS_CHUNK_ELEMENTS, logits_are_plain
 
 IGNORE_INDEX = -100
 # Logits held at once per chunk (16 MiB in float32, 85 rows of a 49k vocabulary): small enough for the
@@ -117,7 +117,7 @@ def output_head(model):
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    if any(getattr(base.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS):
+    if not logits_are_plain(lambda key: getattr(base.config, key, None)):
         return None
     return head
 
@@ -126,15 +126,13 @@ def base_model_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 @contextmanager
 def projection_skipped(model):
     """Within this block the causal LM's output projection is the identity: its "logits" are the final
     hidden states (of the positions `logits_to_keep` keeps)."""
-    base = base_model_of(unwrap(model))
+    from accelerate.utils import extract_model_from_parallel
+
+    base = base_model_of(extract_model_from_parallel(model))
     head = base.get_output_embeddings()
     name = next(name for name, child in base.named_children() if child is head)
     setattr(base, name, torch.nn.Identity())

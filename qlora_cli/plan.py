@@ -69,6 +69,11 @@ LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scalin
 LOSS_CHUNK_ELEMENTS = 2**22
 
 
+def logits_are_plain(value_of) -> bool:
+    """Whether a model's logits are `lm_head(hidden)` alone, given `value_of(key)` of its config."""
+    return all(value_of(key) in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes
 
@@ -197,7 +202,7 @@ def model_shapes(config: Mapping, source: Path | str | None = None) -> ModelShap
         attention_bias=attention_bias,
         mlp_bias=bool(config.get("mlp_bias", False)),
         qk_norm=model_type.startswith("qwen3"),
-        plain_head=not any(config.get(key) not in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS),
+        plain_head=logits_are_plain(config.get),
     )
 
 
@@ -430,9 +435,9 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
         or packing) the mask's c-typed bias is saved too: c*s;
       - the MLP: SiLU saves the gate output, the product saves SiLU's output and the up output: 3a*i.
     After the last layer, with the chunked loss on trained positions (loss.head_only_loss, used when the
-    logits are a plain output projection that LoRA does not adapt, and not under FSDP): the final norm's input and rsqrt,
-    a*h + 4, and the hidden-state gradient the loss computes in its forward, a*h, counting every token as
-    trained (an upper bound); no logits outlive their chunk. With the model's own loss instead: the final
+    logits are a plain output projection that LoRA does not adapt, and not under FSDP): the final norm's
+    input and rsqrt, a*h + 4, and the hidden-state gradient the loss computes in its forward, a*h,
+    counting every token as trained (an upper bound); no logits outlive their chunk. With the model's own loss instead: the final
     norm's input a*h + 4, the log-softmax output 4*V, and while the loss runs its gradient 4*V and (with
     autocast) the c-typed logits c*V.
 
