@@ -5,9 +5,9 @@ on batches that fill the plan's shape exactly (batch_size rows of max_seq_len to
 trained), and records every tensor allocation and free of the run with the torch profiler. The peak is
 the tensors alive when training starts (the quantized weights with their constants, the layers kept in
 float32, the adapters) plus the highest the allocations reach while it runs (gradients, optimizer
-states, activations, transients). On a GPU `torch.cuda.max_memory_allocated` is that figure; on a CPU
-no allocator keeps it, hence the profiler. The plan's side is its resident total without the CUDA
-context and allocator overhead, which a CPU does not have.
+states, activations, transients). It measures CPU runs: on a GPU `torch.cuda.max_memory_allocated` is
+that figure already, while on a CPU no allocator keeps it, hence the profiler. The plan's side is its
+resident total without the CUDA context and allocator overhead, which a CPU does not have.
 
     python scripts/measure_plan.py RECIPE [--steps 2] [--set KEY=VALUE ...] [--json out.json]
 """
@@ -62,7 +62,6 @@ def full_length_rows(count: int, words: int, seed: int = 0) -> list[dict]:
 
 def measure(recipe_path: Path, steps: int, work: Path, overrides: list[str] = ()) -> dict:
     """Train `steps` steps of the recipe on full-length rows; return the plan's figures and the measured ones."""
-    import torch
     from rich.console import Console
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -93,8 +92,7 @@ def measure(recipe_path: Path, steps: int, work: Path, overrides: list[str] = ()
         def on_train_end(self, args, state, control, **kwargs):
             self.profiler.__exit__(None, None, None)
             events = [e for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
-            measured["during_training"] = peak_of(e for e in events if e.device_type() == torch.device("cpu").type
-                                                  or str(e.device_type()).endswith("CPU"))
+            measured["during_training"] = peak_of(e for e in events if str(e.device_type()).endswith("CPU"))
 
     make_trainer = train_module.make_trainer  # qlora train's own Trainer, with the recorder added
 
@@ -136,6 +134,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key.")
     args = parser.parse_args()
+    import torch
+
+    if torch.cuda.is_available():
+        parser.exit(2, "measure_plan.py measures CPU runs; on a GPU compare torch.cuda.max_memory_allocated with the plan\n")
     with tempfile.TemporaryDirectory(prefix="qlora-measure-") as work:
         report = measure(args.recipe.resolve(), args.steps, Path(work), args.set)
     mib = 2**20
