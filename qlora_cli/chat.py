@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, TextIO
 
-from .generate import LoadedModel, generate
+from .generate import generate
+from .models import LoadedModel
 
 HELP = "Commands: /reset forgets the conversation, /system TEXT sets the system message, /exit leaves."
 

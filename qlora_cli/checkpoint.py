@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from .errors import UserError
 from .recipe import Recipe, flatten
+from .rundir import publish
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
@@ -91,9 +91,7 @@ def finalize(run_dir: Path, step: int, manifest: dict[str, Any], keep: int) -> P
     manifest = {**manifest, "step": step, "files": describe_files(written)}
     (written / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     target = checkpoints_dir(run_dir) / f"{PREFIX}{step}"
-    if target.exists():  # the same step saved again (a resume that reached it once more)
-        shutil.rmtree(target)
-    written.rename(target)
+    publish(written, target)  # replacing the same step saved before (a resume that reached it once more)
     for old in complete_checkpoints(run_dir)[keep:]:
         shutil.rmtree(old.path, ignore_errors=True)
     return target
@@ -173,15 +171,3 @@ def checkpoint_bytes_estimate(run_dir: Path, trainable_parameters: int) -> int:
     if existing:
         return sum(entry["bytes"] for entry in existing[0].manifest.get("files", {}).values())
     return int(trainable_parameters * 4 * 3 * 1.2) + (1 << 20)
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for name in ("qlora-cli", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions

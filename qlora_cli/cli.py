@@ -76,11 +76,9 @@ def train(
         # Bad input is reported once, with exit code 2, before any process starts (each checks again).
         checked = check(recipe, set_ or [], output_dir)
         load_datasets(checked.data, checked.training.seed)
-        if checked.training.distributed == "fsdp":
-            import torch
+        from .context import run_context
 
-            if not torch.cuda.is_available():
-                raise UserError("training.distributed: fsdp needs GPUs (accelerate shards only on accelerators); on CPU use ddp")
+        run_context(checked.quantization.compute_dtype, checked.training.distributed, processes=nproc)
 
         argv = [a for a in sys.argv[1:]]
         index = next(i for i, a in enumerate(argv) if a.startswith("--nproc"))
@@ -162,7 +160,7 @@ def data_preview(
 
     console = make_console()
     quiet_libraries(console.is_terminal)
-    tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, say=console.print), resolved)
+    tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, say=console.print), resolved.model)
     template = resolve_template(resolved.data.template, tokenizer)
     prepared = prepare(resolved, tokenizer, template, datasets)
     show_preview(console, resolved, tokenizer, datasets, prepared, count)
@@ -282,8 +280,8 @@ def eval_run(
     from .console import make_console
     from .evaluation.answers import Sampling, slug
     from .evaluation.run import run_eval
-    from .generate import is_run_dir
     from .models import quiet_libraries
+    from .rundir import is_run_dir
 
     console = make_console()
     quiet_libraries(console.is_terminal)
@@ -320,12 +318,11 @@ def eval_mmlu(
 
     from .evaluation.mmlu import evaluate, read_mmlu
     from .generate import load_for_generation
-    from .models import keep_training_numerics, quiet_libraries
+    from .models import quiet_libraries
 
     dev, test = read_mmlu(data)
     quiet_libraries(sys.stdout.isatty())
     loaded = load_for_generation(model)
-    keep_training_numerics(loaded.model)  # score with the kernels the model was trained with
     result = evaluate(loaded.model, loaded.tokenizer, dev, test, shots=shots, limit=limit)
     result.update(model=model, shots=shots)
     if as_json:

@@ -32,12 +32,6 @@ _TRIM_THRESHOLD = 4 * 2**30
 _TOP_PAD = 2**30
 
 
-def has_native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX)."""
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
-
-
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed blocks of up to 32 MiB for reuse instead of unmapping them.
 
@@ -89,13 +83,12 @@ class CheapDropout(torch.nn.Dropout):
 
 def use_cheap_lora_dropout(model) -> int:
     """Give every LoRA layer's dropout the cheap mask above; returns how many were replaced."""
+    from .compat import lora_dropouts
+
     replaced = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, dropout in dropouts.items():
-            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                dropouts[name] = CheapDropout(dropout.p)
-                replaced += 1
+    for dropouts, name in lora_dropouts(model):
+        dropout = dropouts[name]
+        if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+            dropouts[name] = CheapDropout(dropout.p)
+            replaced += 1
     return replaced

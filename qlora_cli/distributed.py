@@ -12,13 +12,13 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's index on its machine: its GPU."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    """Rank 0 writes the run directory, logs, progress and plots; the other ranks only train."""
-    return rank() == 0
 
 
 def _initialized() -> bool:

@@ -3,72 +3,16 @@ prompts with the chat template the model was trained with."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from .context import inference_context
 from .data.templates import end_of_turn_token
 from .data.tokenize import encode_prompt
-from .errors import Problem, UserError
-from .models import choose_compute_dtype, device, device_map, quantization_config, resolve_model_path
-from .recipe import Recipe
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    description: str
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file() and (path / "adapter").exists()
-
-
-def read_run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe a run was trained with (its paths are already absolute)."""
-    path = run_dir / "recipe.yaml"
-    try:
-        return Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except Exception as exc:
-        raise UserError(Problem(f"not a readable run recipe: {exc}", file=path)) from None
-
-
-def load_run(run_dir: Path) -> LoadedModel:
-    """The model as it was trained: the base quantized as in the recipe, with the adapter on top.
-
-    Raises:
-        UserError: the adapter is missing or unreadable.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    recipe = read_run_recipe(run_dir)
-    adapter = run_dir / "adapter"
-    config_path = adapter / "adapter_config.json"
-    try:
-        base = json.loads(config_path.read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(Problem(f"missing or corrupt adapter config: {exc}", file=config_path)) from None
-    on_device = device()
-    dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device).dtype
-    model = AutoModelForCausalLM.from_pretrained(
-        base,
-        quantization_config=quantization_config(recipe, dtype),
-        dtype=dtype,
-        device_map=device_map(on_device),
-        trust_remote_code=recipe.model.trust_remote_code,
-        use_safetensors=None if recipe.model.allow_pickle_weights else True,
-    )
-    try:
-        model = PeftModel.from_pretrained(model, adapter)
-    except Exception as exc:  # peft raises several types for a damaged adapter
-        raise UserError(Problem(f"cannot load the adapter: {exc}", file=adapter)) from None
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    return LoadedModel(model.eval(), tokenizer, f"{run_dir} (4-bit base + adapter)")
+from .errors import UserError
+from .models import LoadedModel, resolve_model_path
+from .rundir import is_run_dir, load_run
 
 
 def load_plain(reference: str) -> LoadedModel:
@@ -76,12 +20,11 @@ def load_plain(reference: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(reference)
-    on_device = device()
-    dtype = torch.float32 if on_device == "cpu" else choose_compute_dtype("auto", on_device).dtype
+    context = inference_context()
+    # Unquantized weights on a CPU stay in float32: bfloat16 would round them, not just the matmuls.
+    dtype = torch.float32 if context.device == "cpu" else context.compute_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map=device_map(on_device), use_safetensors=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=context.device_map, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise UserError(f"cannot load model {reference}: {exc}") from None

@@ -126,7 +126,7 @@ def gguf_parity(merged_dir: Path, gguf_file: Path, prompts: list[list[int]]) -> 
     """Max |Δlogit| and mean KL between the merged model and the GGUF file loaded back by transformers."""
     from transformers import AutoModelForCausalLM
 
-    from .merge import parity
+    from .parity import parity
 
     original = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()

@@ -14,16 +14,12 @@ gradient-accumulation step).
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 
 import torch
 
-from .plan import LOSS_CHUNK_ELEMENTS, logits_are_plain
-
-IGNORE_INDEX = -100
-# Logits held at once per chunk (16 MiB in float32, 85 rows of a 49k vocabulary): small enough for the
-# allocator to reuse (see cpu.keep_freed_memory), large enough for an efficient matmul.
-CHUNK_ELEMENTS = LOSS_CHUNK_ELEMENTS
+from . import compat
+from .data.tokenize import IGNORE_INDEX
+from .loss_spec import CHUNK_ELEMENTS, logits_are_plain
 
 
 def trained_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,34 +108,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def output_head(model):
     """The plain `nn.Linear` output projection of a causal LM (PEFT-wrapped or not), or None when its
-    logits are more than that projection (soft-capping, scaling, a bias) and the model's own loss must run."""
+    logits are more than that projection (soft-capping, scaling, a bias) or its forward cannot keep only
+    some positions, and the model's own loss must run."""
     base = base_model_of(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
     if not logits_are_plain(lambda key: getattr(base.config, key, None)):
         return None
+    if not compat.output_projection_is_sliceable(base):
+        return None
     return head
 
 
 def base_model_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextmanager
-def projection_skipped(model):
-    """Within this block the causal LM's output projection is the identity: its "logits" are the final
-    hidden states (of the positions `logits_to_keep` keeps)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    base = base_model_of(extract_model_from_parallel(model))
-    head = base.get_output_embeddings()
-    name = next(name for name, child in base.named_children() if child is head)
-    setattr(base, name, torch.nn.Identity())
-    try:
-        yield
-    finally:
-        setattr(base, name, head)
 
 
 def head_only_loss(model, head: torch.nn.Linear, inputs: dict, num_items_in_batch=None):
@@ -149,7 +132,10 @@ def head_only_loss(model, head: torch.nn.Linear, inputs: dict, num_items_in_batc
     It runs with its output projection skipped and keeps only the trained positions, so the
     vocabulary is projected here, a chunk at a time; `outputs.logits` holds those positions' hidden states.
     """
+    from accelerate.utils import extract_model_from_parallel
+
     mask, targets = trained_targets(inputs["labels"])
-    with projection_skipped(model):
+    with compat.output_projection_skipped(base_model_of(extract_model_from_parallel(model)), head):
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=mask)
+    compat.check_kept_hidden_states(outputs.logits, len(targets), head.in_features)
     return linear_cross_entropy(outputs.logits, head.weight, targets, num_items_in_batch), outputs

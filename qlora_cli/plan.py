@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, UserError
+from .loss_spec import chunk_rows, logits_are_plain
 from .recipe import Recipe
 
 GiB = 2**30
@@ -63,17 +64,6 @@ MAX_FSDP_GPUS = 64
 
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-# Config keys of models whose logits are more than `lm_head(hidden)`; those train with their own loss.
-LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-# The chunked loss (loss.linear_cross_entropy) holds this many logits at once: 16 MiB in float32.
-LOSS_CHUNK_ELEMENTS = 2**22
-
-
-def logits_are_plain(value_of) -> bool:
-    """Whether a model's logits are `lm_head(hidden)` alone, given `value_of(key)` of its config."""
-    return all(value_of(key) in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sizes
 
@@ -502,8 +492,8 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
     workspace = {4: c, 8: a}.get(quant.bits, 0) * largest
     loss_chunk = 0
     if chunked_loss:  # float32 logits of one chunk, with the c-typed matmul output and gradient under autocast
-        chunk_rows = min(training.batch_size * seq, max(1, LOSS_CHUNK_ELEMENTS // s.vocab))
-        loss_chunk = chunk_rows * s.vocab * (4 + (2 * c if autocast else 0))
+        rows = min(training.batch_size * seq, chunk_rows(s.vocab))
+        loss_chunk = rows * s.vocab * (4 + (2 * c if autocast else 0))
         workspace += head_cast
     else:
         cast += head_cast

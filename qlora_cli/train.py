@@ -1,259 +1,206 @@
-"""The training stage: check the data, load the model, train on the transformers Trainer, write the run.
+"""The training stage, in three steps that read top to bottom:
 
-Reads top to bottom: `run_training` checks everything that can be checked before the model loads,
-then loads, trains and writes the run directory:
+    run = setup(recipe)                  everything checkable is checked, then the data and the model load
+    result = fit(run, callbacks=[...])   the transformers Trainer's loop, with any callbacks a tool adds
+    summary = finish(run, result)        the adapter, the loss curve, summary.json, and the merge if asked
 
-    RUN_DIR/recipe.yaml         the resolved recipe
-    RUN_DIR/adapter/            PEFT adapter (safetensors) + tokenizer with the chat template trained with
-    RUN_DIR/metrics.jsonl       one JSON object per logged step
-    RUN_DIR/eval_metrics.jsonl  evaluation loss and multiple-choice accuracy, when the recipe asks
-    RUN_DIR/checkpoints/step-N  resumable checkpoints (see checkpoint.py)
-    RUN_DIR/summary.json        tokens, time, losses, memory, dtype, versions
-    RUN_DIR/loss.png            the loss curve
-
-The callbacks that log, checkpoint and stop on signals are in callbacks.py.
+`run_training` does all three, as `qlora train` does. The run directory's layout is in rundir.py, the
+callbacks that log, checkpoint and stop on signals in callbacks.py, the loss in loss.py.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
+from transformers import PrinterCallback, Trainer
 
+from . import compat
+from .callbacks import Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteLoss, ProgressReporter, StopRequests
+from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint, staging_dir
 from .console import format_seconds, key_value_table, recipe_table
+from .context import RunContext, run_context
+from .data.prepare import EpochSeededLengthGroupedSampler, PreparedData, expected_padding, options_of, prepare
 from .data.sources import Datasets, load_datasets
-from .callbacks import NonFiniteLoss, StopRequests, make_callbacks, make_checkpointer, make_mmlu_evaluator
-from .checkpoint import (
-    Checkpoint, clear_staging, latest_checkpoint, library_versions, recipe_differences, recipe_fingerprint, staging_dir,
-)
+from .data.tokenize import FedTokens, PackBatch, PadToLongest, cache_key
+from .distributed import barrier, sum_over_ranks
 from .errors import RunFailure, RunInterrupted, UserError
-from .recipe import Recipe, to_yaml
-
-RUN_MARKER = "recipe.yaml"  # a folder with this file was written by `qlora train`
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks that need no model
-
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to train into a non-empty run directory unless asked to overwrite it, and never
-    overwrite a non-empty folder that is not a run: output.dir must not be able to delete a home."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir: {run_dir} exists and is not a directory")
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
-    if not (run_dir / RUN_MARKER).is_file():
-        raise UserError(f"output.dir: {run_dir} is a non-empty folder that is not a qlora run; choose another output.dir")
-    if not overwrite:
-        raise UserError(
-            f"output.dir: {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            "or --output-dir DIR to write elsewhere"
-        )
+from .loss import head_only_loss, output_head
+from .recipe import Recipe, TrainingSection, to_yaml
+from .rundir import (
+    ADAPTER, LOSS_PLOT, RECIPE, SUMMARY, check_writable, is_run, read_run_recipe, save_adapter, start_fresh, write_atomic,
+    write_json,
+)
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainer set-up
+# The Trainer
 
-def scheduler_name(recipe: Recipe) -> str:
+def scheduler_name(training: TrainingSection) -> str:
     # transformers' "constant" ignores warmup; the paper's schedule is constant after a warmup.
-    name = recipe.training.lr_scheduler
-    if name == "constant" and recipe.training.warmup > 0:
+    if training.lr_scheduler == "constant" and training.warmup > 0:
         return "constant_with_warmup"
-    return name
+    return training.lr_scheduler
 
 
-def training_arguments(recipe: Recipe, run_dir: Path, compute_dtype, on_device: str, has_eval: bool):
-    import torch
+FSDP_ARGUMENTS = {
+    # FSDP2 over the decoder layers, gathering a full state dict to save the adapter.
+    "fsdp": True,
+    "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
+                    "reshard_after_forward": True, "cpu_ram_efficient_loading": False},
+}
+
+
+def training_arguments(training: TrainingSection, run_dir: Path, context: RunContext, has_eval: bool):
     from transformers import TrainingArguments
 
-    from .distributed import world_size
-
-    t = recipe.training
-    warmup = t.warmup if t.warmup < 1 else int(t.warmup)
     return TrainingArguments(
         # The Trainer writes checkpoints here; checkpoint.finalize seals and moves them.
         output_dir=str(staging_dir(run_dir)),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_steps=t.max_steps if t.max_steps is not None else -1,
-        num_train_epochs=t.epochs,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=scheduler_name(recipe),
-        warmup_steps=warmup,
-        max_grad_norm=t.max_grad_norm,
-        weight_decay=t.weight_decay,
-        adam_beta2=t.adam_beta2,
-        optim=t.optimizer,
-        bf16=compute_dtype == torch.bfloat16,
-        fp16=compute_dtype == torch.float16,
-        use_cpu=on_device == "cpu",
-        logging_steps=t.logging_steps,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_steps=training.max_steps if training.max_steps is not None else -1,
+        num_train_epochs=training.epochs,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=scheduler_name(training),
+        warmup_steps=training.warmup if training.warmup < 1 else int(training.warmup),
+        max_grad_norm=training.max_grad_norm,
+        weight_decay=training.weight_decay,
+        adam_beta2=training.adam_beta2,
+        optim=training.optimizer,
+        bf16=context.compute_dtype == torch.bfloat16,
+        fp16=context.compute_dtype == torch.float16,
+        use_cpu=context.device == "cpu",
+        logging_steps=training.logging_steps,
         logging_first_step=True,
         save_strategy="no",  # saving is driven by the Checkpointer callback (schedule, signals)
-        seed=t.seed,
-        data_seed=t.seed,
-        # Length grouping is the RecipeTrainer's own sampler (see data.prepare.length_grouped_sampler).
+        seed=training.seed,
+        data_seed=training.seed,
+        # Length grouping is the RecipeTrainer's own sampler (see data.prepare.EpochSeededLengthGroupedSampler).
         train_sampling_strategy="random",
-        per_device_eval_batch_size=t.batch_size,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=training.batch_size,
+        eval_strategy="steps" if has_eval and training.eval_steps else "no",
+        eval_steps=training.eval_steps,
         prediction_loss_only=True,
         report_to="none",
         disable_tqdm=True,
         # Data-parallel runs (under torchrun): gloo on CPU; LoRA leaves no parameter unused.
-        ddp_backend="gloo" if on_device == "cpu" and world_size() > 1 else None,
+        ddp_backend="gloo" if context.device == "cpu" and context.distributed else None,
         ddp_find_unused_parameters=False,
-        **(fsdp_arguments(recipe) if recipe.training.distributed == "fsdp" and world_size() > 1 else {}),
+        **(FSDP_ARGUMENTS if context.sharded else {}),
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
 
 
-def fsdp_arguments(recipe: Recipe) -> dict:
-    """FSDP2 over the decoder layers, gathering a full state dict to save the adapter."""
-    return {
-        "fsdp": True,
-        "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
-                        "reshard_after_forward": True, "cpu_ram_efficient_loading": False},
-    }
+class RecipeTrainer(Trainer):
+    """The transformers Trainer, counting into `fed` the tokens of every batch it trains on, stopping before
+    a non-finite loss is applied, and computing the loss on trained positions only (`loss.head_only_loss`)
+    when the model's logits are a plain output projection `head`."""
+
+    def __init__(self, *args, fed: FedTokens, head, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fed = fed
+        self.head = head
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # FSDP gathers a sharded weight only when its module runs, and this loss skips the head's module.
+        if self.head is None or self.is_fsdp_enabled or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = head_only_loss(model, self.head, inputs, num_items_in_batch)
+        loss = loss * compat.trainer_loss_scale(self, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.fed.count(inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Stop before the optimizer applies a non-finite gradient, so no state of it is ever saved.
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(self.state.global_step + 1)
+        return loss
 
 
-def make_collator(recipe: Recipe, tokenizer):
-    from .data.tokenize import PackBatch, PadToLongest
-
-    return PackBatch() if recipe.data.packing else PadToLongest(tokenizer.pad_token_id)
-
-
-def make_trainer(model, args, prepared, collator, fed, callbacks, group_by_length: bool):
-    """The transformers Trainer, counting into `fed` the tokens of every batch it trains on, with a
-    length-grouped order that resumes exactly, and with the loss computed on trained positions only
-    (`loss.head_only_loss`) when the model's logits are a plain output projection."""
-    from transformers import PrinterCallback, Trainer
-
-    from .data.prepare import length_grouped_sampler
-
-    import torch
-
-    from .loss import head_only_loss, output_head
-
-    head = output_head(model)
-
-    class RecipeTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # FSDP gathers a sharded weight only when its module runs, and this loss skips the head's module.
-            if head is None or self.is_fsdp_enabled or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, outputs = head_only_loss(model, head, inputs, num_items_in_batch)
-            # As the Trainer does for a model's own loss divided by a token count of all processes.
-            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes
-            return (loss, outputs) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            fed.count(inputs)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # Stop before the optimizer applies a non-finite gradient, so no state of it is ever saved.
-            if not torch.isfinite(loss).all():
-                raise NonFiniteLoss(self.state.global_step + 1)
-            return loss
-
-        def _get_train_sampler(self, train_dataset=None):
-            if not group_by_length:
-                return super()._get_train_sampler(train_dataset)
-            lengths = [len(row["input_ids"]) for row in self.train_dataset]
-            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return length_grouped_sampler(lengths, batch, self.args.seed)
-
+def make_trainer(run: "Run", fed: FedTokens, callbacks: list) -> RecipeTrainer:
+    recipe = run.recipe
+    collator = PackBatch() if recipe.data.packing else PadToLongest(run.tokenizer.pad_token_id)
     trainer = RecipeTrainer(
-        model=model,
-        args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval or None,
+        model=run.model,
+        args=training_arguments(recipe.training, run.run_dir, run.context, has_eval=bool(run.prepared.eval)),
+        train_dataset=run.prepared.train,
+        eval_dataset=run.prepared.eval or None,
         data_collator=collator,
         callbacks=callbacks,
+        fed=fed,
+        head=output_head(run.model),
     )
     trainer.remove_callback(PrinterCallback)
+    if recipe.data.group_by_length and not recipe.data.packing:
+        window = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
+        compat.install_train_sampler(trainer, lambda dataset: EpochSeededLengthGroupedSampler(
+            [len(row["input_ids"]) for row in dataset], window, trainer.args.seed))
     return trainer
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs
-
-def save_adapter(model, tokenizer, template: str, target: Path) -> None:
-    """Write the PEFT adapter and the tokenizer with the chat template it was trained with.
-
-    Written to a staging folder and renamed, so `adapter/` is either complete or absent.
-    """
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.chat_template = template
-    tokenizer.save_pretrained(staging)
-    previous = target.with_name(target.name + ".old")
-    if target.exists():  # a resumed run that had finished before: swap, never a mix of both
-        shutil.rmtree(previous, ignore_errors=True)
-        target.rename(previous)
-    staging.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text, encoding="utf-8")
-    staging.replace(path)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=120)
-    axes.plot([r["step"] for r in records], [r["loss"] for r in records], marker="o", markersize=2)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("training loss")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
-def peak_memory_bytes(on_device: str) -> tuple[int, str]:
-    import torch
-
-    if on_device == "cuda":
-        return int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"
-
-
-# ---------------------------------------------------------------------------------------------
+# Set-up: everything that can be checked before the model loads, then the data and the model
 
 @dataclass
-class TrainingRun:
-    summary: dict[str, Any]
-    model: Any  # the trained PeftModel, still in memory
+class Run:
+    """A run ready to train: its recipe, context, data, tokenizer and model, and where it writes."""
+
+    recipe: Recipe
+    context: RunContext
+    console: Console
+    run_dir: Path
+    resume_from: Checkpoint | None
+    resume_command: str
+    datasets: Datasets
+    mmlu_data: Any
+    model_path: str
     tokenizer: Any
+    template: str
+    prepared: PreparedData
+    fingerprints: dict[str, str]
+    checkpointing: bool
+    model: Any
+    trainable_parameters: int
 
 
-def describe_data(console: Console, datasets: Datasets, prepared, recipe: Recipe) -> float:
+def checkpoint_to_resume(run_dir: Path, recipe: Recipe, say) -> Checkpoint:
+    """The newest intact checkpoint of the run, after checking that the recipe still trains the same thing.
+
+    Raises:
+        UserError: no run to resume, no intact checkpoint, or a recipe changed in a way that matters.
+    """
+    if not is_run(run_dir):
+        raise UserError(f"--resume: {run_dir} holds no run to resume")
+    checkpoint = latest_checkpoint(run_dir, say)
+    blocking, harmless = recipe_differences(read_run_recipe(run_dir), recipe)
+    if blocking:
+        raise UserError(
+            ["changed since the run started: " + line for line in blocking],
+            title=f"--resume: the recipe differs from the run in {run_dir} in ways that change what is trained:",
+        )
+    for line in harmless:
+        say(f"Resuming with a changed setting: {line}")
+    return checkpoint
+
+
+def describe_context(console: Console, context: RunContext) -> None:
+    console.print(f"Device: {context.device}; compute dtype: {context.dtype_name} ({context.dtype_reason})")
+    if context.device == "cpu" and context.compute_dtype == torch.bfloat16 and not compat.cpu_has_native_bfloat16():
+        console.print("[yellow]bfloat16 on a CPU without native bfloat16: it is emulated; float32 is usually far faster.")
+
+
+def describe_data(console: Console, datasets: Datasets, prepared: PreparedData, recipe: Recipe) -> float:
     """Print what will be trained on; return the padding fraction the batching is expected to feed."""
-    from .data.prepare import expected_padding
-
     for name, count in datasets.rows_per_source.items():
         console.print(f"  {count:>7,} rows  {name}")
     if datasets.skipped:
@@ -278,30 +225,270 @@ def describe_data(console: Console, datasets: Datasets, prepared, recipe: Recipe
     return padding
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, say) -> Checkpoint | None:
-    """Check the run directory before anything loads; on resume, the checkpoint to resume from.
+def setup(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    console: Console | None = None,
+    resume_command: str = "qlora train RECIPE --resume",
+) -> Run:
+    """Check, load and prepare a run. Nothing in the run directory changes until the model has loaded.
 
     Raises:
-        UserError: an existing run without --resume/--overwrite, a folder that is not a run, no intact
-            checkpoint, or a recipe changed in a way that matters since the checkpoint.
+        UserError: bad recipe, data, model source or run directory.
     """
-    if not resume:
-        check_run_dir(run_dir, overwrite)
-        return None
-    from .generate import read_run_recipe
+    from transformers import set_seed
 
-    if not (run_dir / RUN_MARKER).is_file():
-        raise UserError(f"--resume: {run_dir} holds no run to resume")
-    checkpoint = latest_checkpoint(run_dir, say)
-    blocking, harmless = recipe_differences(read_run_recipe(run_dir), recipe)
-    if blocking:
-        raise UserError(
-            ["changed since the run started: " + line for line in blocking],
-            title=f"--resume: the recipe differs from the run in {run_dir} in ways that change what is trained:",
+    from .data.templates import resolve_template
+    from .models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
+
+    context = run_context(recipe.quantization.compute_dtype, recipe.training.distributed)
+    console = console or Console()
+    if not context.is_main:
+        console = Console(file=io.StringIO())  # rank 0 speaks for the run
+    run_dir = recipe.output.dir
+    assert run_dir is not None, "load_recipe sets output.dir"
+    # Every rank checks the recipe and the data; rank 0 alone owns the run directory.
+    resume_from = checkpoint_to_resume(run_dir, recipe, console.print) if resume else None
+    if not resume and context.is_main:
+        check_writable(run_dir, overwrite)
+    datasets = load_datasets(recipe.data, recipe.training.seed)
+    mmlu_data = None
+    if recipe.training.eval_mmlu is not None:
+        from .evaluation.mmlu import read_mmlu
+
+        mmlu_data = read_mmlu(recipe.training.eval_mmlu.data)
+    console.print(recipe_table(recipe))
+    console.print(f"Read {len(datasets.train):,} training and {len(datasets.eval):,} evaluation rows.")
+
+    quiet_libraries(console.is_terminal)
+    describe_context(console, context)
+    if context.device == "cpu":
+        from .cpu import keep_freed_memory
+
+        keep_freed_memory()
+    if recipe.model.trust_remote_code:
+        console.print("[bold red]model.trust_remote_code is on: the model repository's Python code will run.")
+
+    model_path = resolve_model_path(recipe.model.base, say=console.print)
+    tokenizer = load_tokenizer(model_path, recipe.model)
+    template = resolve_template(recipe.data.template, tokenizer)
+    prepared = prepare(recipe, tokenizer, template, datasets)
+    describe_data(console, datasets, prepared, recipe)
+    fingerprints = {
+        "recipe_fingerprint": recipe_fingerprint(recipe),
+        "data_fingerprint": cache_key(tokenizer, template, datasets.train, options_of(recipe)),
+    }
+    if resume_from is not None:
+        if resume_from.manifest.get("data_fingerprint") != fingerprints["data_fingerprint"]:
+            raise UserError(f"--resume: the training data (or its tokenization) changed since {resume_from.path} was written")
+        console.print(f"Resuming from {resume_from.path} (step {resume_from.step})")
+
+    checkpointing, why = decide_checkpointing(recipe, model_path, context)
+    console.print(f"Gradient checkpointing: {'on' if checkpointing else 'off'} ({why})")
+    set_seed(recipe.training.seed)
+    model = load_model(model_path, recipe, context, checkpointing)
+    trainable, total = count_parameters(model)
+    console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
+
+    if context.is_main:
+        if resume_from is None:
+            # Everything checkable is checked and the model loaded: only now is an old run replaced.
+            start_fresh(run_dir, recipe)
+        else:
+            clear_staging(run_dir)
+            # Atomic: the other ranks read the run's recipe while rank 0 writes the new one.
+            write_atomic(run_dir / RECIPE, to_yaml(recipe))
+    return Run(recipe, context, console, run_dir, resume_from, resume_command, datasets, mmlu_data, model_path,
+               tokenizer, template, prepared, fingerprints, checkpointing, model, trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit
+
+@dataclass
+class FitResult:
+    trainer: RecipeTrainer
+    fed: FedTokens  # totals over all ranks
+    train_seconds: float
+    metrics: MetricsWriter | None  # rank 0 only
+    mmlu: MmluEvaluator | None
+    eval_loss: float | None
+
+
+def fit(run: Run, callbacks: list | tuple = ()) -> FitResult:
+    """Train, with the project's callbacks and `callbacks` added (a profiler, a memory recorder, ...).
+
+    Raises:
+        RunFailure: a non-finite loss, out of memory, or no disk for a checkpoint.
+        RunInterrupted: SIGINT/SIGTERM; a checkpoint was written and the message says how to resume.
+    """
+    recipe, context, run_dir = run.recipe, run.context, run.run_dir
+    fed = FedTokens()
+    resumed_step = run.resume_from.step if run.resume_from else None
+    if run.resume_from is not None and context.is_main:  # the manifest holds the totals of all ranks
+        fed.tokens, fed.positions = run.resume_from.manifest["fed_tokens"], run.resume_from.manifest["fed_positions"]
+    stops = StopRequests()
+    checkpointer = Checkpointer(run_dir, recipe.training.save_steps, recipe.training.keep_checkpoints, fed, stops,
+                                run.fingerprints, run.trainable_parameters, context)
+    ours: list = [checkpointer]
+    metrics = mmlu = None
+    if context.is_main:  # only rank 0 logs: the metrics files are rewritten on resume
+        metrics = MetricsWriter(run_dir, fed, resumed_step)
+        ours += [metrics, ProgressReporter(run.console, fed)]
+        if run.mmlu_data is not None:
+            mmlu = MmluEvaluator(recipe.training.eval_mmlu, recipe.training.eval_steps, run_dir, run.tokenizer,
+                                 run.mmlu_data, run.console)
+            ours.append(mmlu)
+    trainer = make_trainer(run, fed, [*ours, *callbacks])
+    if context.sharded and not trainer.is_fsdp_enabled:
+        raise RunFailure("training.distributed: fsdp was asked for, but accelerate did not enable FSDP on these devices")
+    started = time.perf_counter()
+    try:
+        with stops:
+            trainer.train(resume_from_checkpoint=str(run.resume_from.path) if run.resume_from else None)
+    except NonFiniteLoss as error:
+        raise RunFailure(
+            f"the loss became non-finite at step {error.step}; training stopped before that step was applied. "
+            f"Last good checkpoint: {checkpointer.last or 'none'}. Lower training.learning_rate, check the data, "
+            "or use compute_dtype bfloat16/float32 instead of float16."
+        ) from None
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        rows, length = fed.last_shape
+        raise RunFailure(
+            f"out of memory at step {trainer.state.global_step + 1} on a batch of {rows} x {length} tokens "
+            f"(training.batch_size {recipe.training.batch_size}, data.max_seq_len {recipe.data.max_seq_len}): lower "
+            "training.batch_size (raise gradient_accumulation_steps to keep the effective batch), lower "
+            "data.max_seq_len, or set training.gradient_checkpointing: true. "
+            f"Last good checkpoint: {checkpointer.last or 'none'}"
+        ) from None
+    finally:
+        if context.is_main:
+            clear_staging(run_dir)
+    train_seconds = time.perf_counter() - started
+    if stops.requested:
+        raise RunInterrupted(
+            f"{stops.requested}: stopped after step {trainer.state.global_step}; checkpoint {checkpointer.last}.\n"
+            f"Resume with: {run.resume_command}"
         )
-    for line in harmless:
-        say(f"Resuming with a changed setting: {line}")
-    return checkpoint
+    eval_loss = trainer.evaluate()["eval_loss"] if run.prepared.eval else None
+    fed.tokens, fed.positions = sum_over_ranks([fed.tokens, fed.positions])
+    return FitResult(trainer, fed, train_seconds, metrics, mmlu, eval_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# The finish: what the run leaves behind
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=120)
+    axes.plot([r["step"] for r in records], [r["loss"] for r in records], marker="o", markersize=2)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def peak_memory_bytes(device: str) -> tuple[int, str]:
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"
+
+
+def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dict[str, Any]:
+    """What summary.json holds."""
+    recipe, context, fed = run.recipe, run.context, result.fed
+    records = result.metrics.records if result.metrics else []
+    peak, peak_kind = peak_memory_bytes(context.device)
+    stats = run.prepared.train_stats
+    seconds = result.train_seconds
+    return {
+        "steps": result.trainer.state.global_step,
+        "resumed_from_step": run.resume_from.step if run.resume_from else None,
+        "examples": stats.examples,
+        "train_tokens": fed.tokens,
+        "fed_positions": fed.positions,
+        "padding_fraction": round(fed.padding_fraction, 4),
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(fed.tokens / seconds, 1) if seconds and not run.resume_from else None,
+        "first_loss": records[0]["loss"] if records else None,
+        "final_loss": records[-1]["loss"] if records else None,
+        "eval_loss": result.eval_loss,
+        "mmlu_accuracy": mmlu_accuracy,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "compute_dtype": context.dtype_name,
+        "gradient_checkpointing": run.checkpointing,
+        "device": context.device,
+        "trainable_parameters": run.trainable_parameters,
+        "processes": context.world_size,
+        "global_batch_size": recipe.training.batch_size * recipe.training.gradient_accumulation_steps * context.world_size,
+        "base_model": run.model_path,
+        "rows_per_source": run.datasets.rows_per_source,
+        "skipped_bad_rows": len(run.datasets.skipped),
+        "truncated_examples": stats.truncated,
+        "dropped_examples": stats.dropped_too_long + stats.dropped_no_trained_tokens,
+        "versions": compat.library_versions(),
+    }
+
+
+def summary_table(run: Run, summary: dict[str, Any]):
+    loss = f"{summary['first_loss']:.4f} → {summary['final_loss']:.4f}" if summary["first_loss"] is not None else "-"
+    return key_value_table(
+        "Summary",
+        [
+            ("run directory", str(run.run_dir)),
+            ("steps", summary["steps"]),
+            ("loss (first → last)", loss),
+            *([("eval loss", f"{summary['eval_loss']:.4f}")] if summary["eval_loss"] is not None else []),
+            ("tokens trained on", f"{summary['train_tokens']:,} ({summary['padding_fraction']:.1%} padding fed)"),
+            ("time", format_seconds(summary["train_seconds"])),
+            ("tokens/s", summary["tokens_per_second"] or "-"),
+            ("peak memory", f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({summary['peak_memory_kind']})"),
+            ("adapter", str(run.run_dir / ADAPTER)),
+        ],
+    )
+
+
+def finish(run: Run, result: FitResult) -> dict[str, Any]:
+    """Write the adapter, the loss curve and summary.json (rank 0), and merge when the recipe asks.
+
+    Returns:
+        the summary written (empty on the other ranks).
+    """
+    if not run.context.is_main:
+        barrier()  # wait while rank 0 writes the adapter and the summary
+        return {}
+    mmlu_accuracy = result.mmlu.measure(run.model, result.trainer.state.global_step) if result.mmlu else None
+    save_adapter(run.model, run.tokenizer, run.template, run.run_dir)
+    if result.metrics and result.metrics.records:
+        plot_loss(result.metrics.records, run.run_dir / LOSS_PLOT)
+    summary = run_summary(run, result, mmlu_accuracy)
+    if run.recipe.output.merge:
+        from .merge import merge_run
+
+        report = merge_run(run.run_dir, say=run.console.print, overwrite=True)
+        summary["merged"] = {key: report[key] for key in ("out", "dtype", "max_abs_logit_diff", "mean_kl_nats_per_token")}
+    write_json(run.run_dir / SUMMARY, summary)
+    run.console.print(summary_table(run, summary))
+    barrier()
+    return summary
+
+
+@dataclass
+class TrainingRun:
+    summary: dict[str, Any]
+    model: Any  # the trained PeftModel, still in memory
+    tokenizer: Any
 
 
 def run_training(
@@ -314,199 +501,12 @@ def run_training(
 ) -> TrainingRun:
     """Train the recipe and write its run directory (or continue it from its newest checkpoint).
 
-    Returns:
-        the summary written to summary.json, and the trained model.
-
     Raises:
         UserError: bad recipe, data, model source or run directory, found before training starts.
         RunFailure: a non-finite loss, out of memory, or no disk for a checkpoint, during training.
         RunInterrupted: SIGINT/SIGTERM; a checkpoint was written and the message says how to resume.
     """
-    from .distributed import barrier, is_main, sum_over_ranks, world_size
-
-    main = is_main()
-    console = console or Console()
-    if not main:
-        console = Console(file=io.StringIO())  # rank 0 speaks for the run
-    run_dir = recipe.output.dir
-    assert run_dir is not None, "load_recipe sets output.dir"
-    # Every rank checks the recipe and the data; rank 0 alone owns the run directory.
-    checkpoint = prepare_run_dir(run_dir, recipe, resume, overwrite if main else True, console.print) if main or resume else None
-    datasets = load_datasets(recipe.data, recipe.training.seed)
-    mmlu_data = None
-    if recipe.training.eval_mmlu is not None:
-        from .evaluation.mmlu import read_mmlu
-
-        mmlu_data = read_mmlu(recipe.training.eval_mmlu.data)
-    console.print(recipe_table(recipe))
-    console.print(f"Read {len(datasets.train):,} training and {len(datasets.eval):,} evaluation rows.")
-
-    import torch
-    from transformers import set_seed
-
-    from .data.prepare import options_of, prepare
-    from .data.templates import resolve_template
-    from .data.tokenize import FedTokens, cache_key
-    from .models import (
-        choose_compute_dtype, count_parameters, decide_checkpointing, device, load_model, load_tokenizer, quiet_libraries,
-        resolve_model_path,
-    )
-
-    quiet_libraries(console.is_terminal)
-    on_device = device()
-    if recipe.training.distributed == "fsdp" and world_size() > 1 and on_device == "cpu":
-        # accelerate runs FSDP only on accelerators and would silently replicate instead: say so first.
-        raise UserError("training.distributed: fsdp needs GPUs (accelerate shards only on accelerators); on CPU use ddp")
-    dtype = choose_compute_dtype(recipe.quantization.compute_dtype, on_device)
-    console.print(f"Device: {on_device}; compute dtype: {str(dtype.dtype).removeprefix('torch.')} ({dtype.reason})")
-    if on_device == "cpu":
-        from .cpu import has_native_bfloat16, keep_freed_memory
-
-        keep_freed_memory()
-        if dtype.dtype == torch.bfloat16 and not has_native_bfloat16():
-            console.print("[yellow]bfloat16 on a CPU without native bfloat16: it is emulated; float32 is usually far faster.")
-    if recipe.model.trust_remote_code:
-        console.print("[bold red]model.trust_remote_code is on: the model repository's Python code will run.")
-
-    model_path = resolve_model_path(recipe.model.base, say=console.print)
-    tokenizer = load_tokenizer(model_path, recipe)
-    template = resolve_template(recipe.data.template, tokenizer)
-    prepared = prepare(recipe, tokenizer, template, datasets)
-    describe_data(console, datasets, prepared, recipe)
-    fingerprints = {
-        "recipe_fingerprint": recipe_fingerprint(recipe),
-        "data_fingerprint": cache_key(tokenizer, template, datasets.train, options_of(recipe)),
-    }
-    if checkpoint is not None:
-        if checkpoint.manifest.get("data_fingerprint") != fingerprints["data_fingerprint"]:
-            raise UserError(f"--resume: the training data (or its tokenization) changed since {checkpoint.path} was written")
-        console.print(f"Resuming from {checkpoint.path} (step {checkpoint.step})")
-
-    checkpointing, why = decide_checkpointing(recipe, model_path, dtype.dtype, on_device)
-    console.print(f"Gradient checkpointing: {'on' if checkpointing else 'off'} ({why})")
-    set_seed(recipe.training.seed)
-    model = load_model(model_path, recipe, dtype.dtype, on_device, checkpointing)
-    trainable, total = count_parameters(model)
-    console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
-
-    if main:
-        if checkpoint is None:
-            # Everything checkable is checked and the model loaded: only now is an old run replaced.
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-        clear_staging(run_dir)
-        # Atomic: on --resume the other ranks read the run's recipe while rank 0 writes the new one.
-        write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
-
-    fed = FedTokens()
-    if checkpoint is not None and main:  # the manifest holds the totals of all ranks
-        fed.tokens, fed.positions = checkpoint.manifest["fed_tokens"], checkpoint.manifest["fed_positions"]
-    stops = StopRequests()
-    checkpointer = make_checkpointer(recipe, run_dir, fed, stops, fingerprints, trainable)
-    callbacks = [checkpointer]
-    if main:  # only rank 0 logs: the metrics files are rewritten on resume
-        metrics, progress = make_callbacks(run_dir, console, fed, checkpoint.step if checkpoint else None)
-        mmlu = make_mmlu_evaluator(recipe, run_dir, tokenizer, mmlu_data, console) if mmlu_data else None
-        callbacks += [metrics, progress, *([mmlu] if mmlu else [])]
-    args = training_arguments(recipe, run_dir, dtype.dtype, on_device, has_eval=bool(prepared.eval))
-    trainer = make_trainer(
-        model, args, prepared, make_collator(recipe, tokenizer), fed, callbacks,
-        group_by_length=recipe.data.group_by_length and not recipe.data.packing,
-    )
-    if recipe.training.distributed == "fsdp" and world_size() > 1 and not trainer.is_fsdp_enabled:
-        raise RunFailure("training.distributed: fsdp was asked for, but accelerate did not enable FSDP on these devices")
-    started = time.perf_counter()
-    try:
-        with stops:
-            trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
-    except NonFiniteLoss as error:
-        raise RunFailure(
-            f"the loss became non-finite at step {error.step}; training stopped before that step was applied. "
-            f"Last good checkpoint: {checkpointer.last or 'none'}. Lower training.learning_rate, check the data, "
-            "or use compute_dtype bfloat16/float32 instead of float16."
-        ) from None
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        shape = fed.last_shape
-        raise RunFailure(
-            f"out of memory at step {trainer.state.global_step + 1} on a batch of {shape[0]} x {shape[1]} tokens "
-            f"(training.batch_size {recipe.training.batch_size}, data.max_seq_len {recipe.data.max_seq_len}): lower "
-            "training.batch_size (raise gradient_accumulation_steps to keep the effective batch), lower "
-            "data.max_seq_len, or set training.gradient_checkpointing: true. "
-            f"Last good checkpoint: {checkpointer.last or 'none'}"
-        ) from None
-    finally:
-        if main:
-            clear_staging(run_dir)
-    train_seconds = time.perf_counter() - started
-    if stops.requested:
-        raise RunInterrupted(
-            f"{stops.requested}: stopped after step {trainer.state.global_step}; checkpoint {checkpointer.last}.\n"
-            f"Resume with: {resume_command}"
-        )
-    eval_loss = None
-    if prepared.eval:
-        eval_loss = trainer.evaluate()["eval_loss"]
-    fed.tokens, fed.positions = sum_over_ranks([fed.tokens, fed.positions])
-    if not main:
-        barrier()  # wait while rank 0 writes the adapter and the summary
-        return TrainingRun(summary={}, model=model, tokenizer=tokenizer)
-    mmlu_accuracy = mmlu.measure(model, trainer.state.global_step) if mmlu else None
-
-    save_adapter(model, tokenizer, template, run_dir / "adapter")
-    if metrics.records:
-        plot_loss(metrics.records, run_dir / "loss.png")
-    peak, peak_kind = peak_memory_bytes(on_device)
-    stats = prepared.train_stats
-    summary = {
-        "steps": trainer.state.global_step,
-        "resumed_from_step": checkpoint.step if checkpoint else None,
-        "examples": stats.examples,
-        "train_tokens": fed.tokens,
-        "fed_positions": fed.positions,
-        "padding_fraction": round(fed.padding_fraction, 4),
-        "train_seconds": round(train_seconds, 3),
-        "tokens_per_second": round(fed.tokens / train_seconds, 1) if train_seconds and not checkpoint else None,
-        "first_loss": metrics.records[0]["loss"] if metrics.records else None,
-        "final_loss": metrics.records[-1]["loss"] if metrics.records else None,
-        "eval_loss": eval_loss,
-        "mmlu_accuracy": mmlu_accuracy,
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "compute_dtype": str(dtype.dtype).removeprefix("torch."),
-        "gradient_checkpointing": checkpointing,
-        "device": on_device,
-        "trainable_parameters": trainable,
-        "processes": world_size(),
-        "global_batch_size": recipe.training.batch_size * recipe.training.gradient_accumulation_steps * world_size(),
-        "base_model": model_path,
-        "rows_per_source": datasets.rows_per_source,
-        "skipped_bad_rows": len(datasets.skipped),
-        "truncated_examples": stats.truncated,
-        "dropped_examples": stats.dropped_too_long + stats.dropped_no_trained_tokens,
-        "versions": library_versions(),
-    }
-    if recipe.output.merge:
-        from .merge import merge_run
-
-        report = merge_run(run_dir, say=console.print, overwrite=True)
-        summary["merged"] = {key: report[key] for key in ("out", "dtype", "max_abs_logit_diff", "mean_kl_nats_per_token")}
-    write_json(run_dir / "summary.json", summary)
-    console.print(
-        key_value_table(
-            "Summary",
-            [
-                ("run directory", str(run_dir)),
-                ("steps", summary["steps"]),
-                ("loss (first → last)", f"{summary['first_loss']:.4f} → {summary['final_loss']:.4f}" if metrics.records else "-"),
-                *([("eval loss", f"{eval_loss:.4f}")] if eval_loss is not None else []),
-                ("tokens trained on", f"{fed.tokens:,} ({fed.padding_fraction:.1%} padding fed)"),
-                ("time", format_seconds(train_seconds)),
-                ("tokens/s", summary["tokens_per_second"] or "-"),
-                ("peak memory", f"{peak / 2**20:,.0f} MiB ({peak_kind})"),
-                ("adapter", str(run_dir / "adapter")),
-            ],
-        )
-    )
-    barrier()
-    return TrainingRun(summary=summary, model=model, tokenizer=tokenizer)
+    run = setup(recipe, overwrite=overwrite, resume=resume, console=console, resume_command=resume_command)
+    result = fit(run)
+    summary = finish(run, result)
+    return TrainingRun(summary=summary, model=run.model, tokenizer=run.tokenizer)

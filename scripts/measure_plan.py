@@ -21,6 +21,8 @@ import random
 import tempfile
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 
 def live_model_bytes(model) -> int:
     """Bytes of the distinct storages behind the model's parameters, buffers and 4-bit quantization states."""
@@ -60,16 +62,36 @@ def full_length_rows(count: int, words: int, seed: int = 0) -> list[dict]:
     return [{"text": " ".join(rng.choice(vocabulary) for _ in range(words))} for _ in range(count)]
 
 
+class RecordAllocations(TrainerCallback):
+    """Every tensor allocation and free of the training loop (torch profiler), and what was alive at its start."""
+
+    def __init__(self) -> None:
+        self.measured: dict[str, int] = {}
+        self.profiler = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.measured["at_start"] = live_model_bytes(model)
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        from qlora_cli.compat import profiler_memory_events
+
+        self.profiler.__exit__(None, None, None)
+        events = profiler_memory_events(self.profiler)
+        self.measured["during_training"] = peak_of(e for e in events if str(e.device_type()).endswith("CPU"))
+
+
 def measure(recipe_path: Path, steps: int, work: Path, overrides: list[str] = ()) -> dict:
     """Train `steps` steps of the recipe on full-length rows; return the plan's figures and the measured ones."""
     from rich.console import Console
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import TrainerCallback
 
-    from qlora_cli import train as train_module
     from qlora_cli.plan import plan_memory, read_model_config
     from qlora_cli.models import resolve_model_path
     from qlora_cli.recipe import Recipe, load_recipe
+    from qlora_cli.train import finish, fit, setup
 
     recipe = load_recipe(recipe_path, list(overrides))
     rows = recipe.training.batch_size * recipe.training.gradient_accumulation_steps * steps
@@ -81,33 +103,10 @@ def measure(recipe_path: Path, steps: int, work: Path, overrides: list[str] = ()
     fields["output"].update(dir=work / "run", merge=False)
     recipe = Recipe.model_validate(fields)
 
-    measured: dict[str, int] = {}
-
-    class RecordAllocations(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            measured["at_start"] = live_model_bytes(model)
-            self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self.profiler.__enter__()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.profiler.__exit__(None, None, None)
-            events = [e for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
-            measured["during_training"] = peak_of(e for e in events if str(e.device_type()).endswith("CPU"))
-
-    make_trainer = train_module.make_trainer  # qlora train's own Trainer, with the recorder added
-
-    def recording_trainer(*args, **kwargs):
-        trainer = make_trainer(*args, **kwargs)
-        trainer.add_callback(RecordAllocations())
-        return trainer
-
-    train_module.make_trainer = recording_trainer
-    try:
-        run = train_module.run_training(recipe, console=Console(file=io.StringIO()))
-    finally:
-        train_module.make_trainer = make_trainer
-
-    summary = run.summary
+    recorder = RecordAllocations()
+    run = setup(recipe, console=Console(file=io.StringIO()))
+    summary = finish(run, fit(run, callbacks=[recorder]))  # qlora train's own loop, with the recorder added
+    measured = recorder.measured
     planned = recipe.model_copy(deep=True)
     planned.quantization.compute_dtype = summary["compute_dtype"]
     planned.training.gradient_checkpointing = summary["gradient_checkpointing"]

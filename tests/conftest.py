@@ -11,6 +11,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where torch sees a GPU, and are reported as skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 # A Zephyr-style template that ends every turn with the EOS token, as many chat models do.
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -18,7 +18,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def train(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "qlora_cli", "train", str(recipe), "--output-dir", str(out), *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -31,6 +31,7 @@ def recipe(tmp_path, tiny_model_dir) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_global_batch(recipe, tmp_path):
     two = train(recipe, tmp_path / "two", "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -45,6 +46,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(recipe, tmp_path)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "recipe.yaml", "summary.json"]
 
 
+@pytest.mark.slow
 def test_checkpoints_and_exact_resume_under_ddp(recipe, tmp_path):
     straight = train(recipe, tmp_path / "straight", "--nproc", "2", "--set", "training.max_steps=6")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -59,6 +61,7 @@ def test_checkpoints_and_exact_resume_under_ddp(recipe, tmp_path):
     assert len(losses(tmp_path / "resumed")) == 6
 
 
+@pytest.mark.slow
 def test_a_bad_row_stops_every_rank_with_its_message(recipe, tmp_path):
     with (recipe.parent / "alpaca.jsonl").open("a") as handle:
         handle.write('{"instruction": "no answer"}\n')
@@ -68,7 +71,7 @@ def test_a_bad_row_stops_every_rank_with_its_message(recipe, tmp_path):
     # Under torchrun directly, each rank checks the data itself and none hangs.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "qlora_cli",
                "train", str(recipe), "--output-dir", str(tmp_path / "run")]
-    direct = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    direct = subprocess.run(command, capture_output=True, text=True)
     assert direct.returncode != 0 and "alpaca.jsonl:17: alpaca row: missing field `output`" in direct.stderr
     assert not (tmp_path / "run").exists()
 

@@ -10,19 +10,24 @@ from qlora_cli.data.tokenize import IGNORE_INDEX, PackBatch, PadToLongest
 from qlora_cli.loss import head_only_loss, linear_cross_entropy, output_head, trained_targets
 
 
-@pytest.fixture
-def model(tiny_model_dir):
+def with_lora(base):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    base.config.use_cache = False
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # non-zero, so that every adapter changes the loss
             torch.nn.init.normal_(parameter, std=0.02)
     return model
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base.config.use_cache = False
+    return with_lora(base)
 
 
 def lora_gradients(model) -> dict[str, torch.Tensor]:
@@ -38,26 +43,34 @@ def test_targets_are_the_next_trained_labels():
     assert targets.tolist() == [7, 8, 5, 6, 9, 2]
 
 
-@pytest.mark.parametrize("batching", ["padded", "packed"])
-def test_loss_and_gradients_equal_the_models_own(model, tokenized_rows, tiny_tokenizer, batching):
-    batch = PadToLongest(tiny_tokenizer.eos_token_id)(tokenized_rows) if batching == "padded" else PackBatch()(tokenized_rows)
+def make_batch(rows, tokenizer, batching: str) -> dict:
+    return PadToLongest(tokenizer.eos_token_id)(rows) if batching == "padded" else PackBatch()(rows)
+
+
+def assert_same_loss_and_gradients(model, batch: dict):
+    """The loss on trained positions equals the model's own, and so does every LoRA gradient; returns its outputs."""
     reference = model(**batch).loss
     reference.backward()
     expected = lora_gradients(model)
-
     head = output_head(model)
     assert head is not None
     loss, outputs = head_only_loss(model, head, batch)
     loss.backward()
     got = lora_gradients(model)
-
     assert abs(loss.item() - reference.item()) < 1e-5
-    # The model projected nothing: its "logits" are the hidden states of the trained positions.
-    assert outputs.logits.shape == (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), model.config.hidden_size)
-    assert isinstance(model.get_base_model().lm_head, torch.nn.Linear)  # and the projection is back
     assert set(got) == set(expected) and len(got) > 0
     for name, gradient in expected.items():
         assert torch.allclose(got[name], gradient, atol=1e-6, rtol=1e-4), name
+    return outputs
+
+
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+def test_loss_and_gradients_equal_the_models_own(model, tokenized_rows, tiny_tokenizer, batching):
+    batch = make_batch(tokenized_rows, tiny_tokenizer, batching)
+    outputs = assert_same_loss_and_gradients(model, batch)
+    # The model projected nothing: its "logits" are the hidden states of the trained positions.
+    assert outputs.logits.shape == (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), model.config.hidden_size)
+    assert isinstance(model.get_base_model().lm_head, torch.nn.Linear)  # and the projection is back
 
 
 def test_num_items_in_batch_divides_the_sum(model, tokenized_rows, tiny_tokenizer):
@@ -116,3 +129,35 @@ def test_the_cached_head_cast_follows_the_weight():
         other = torch.randn(64, 8)
         assert torch.equal(cast_weight(other, torch.bfloat16), other.to(torch.bfloat16))
         del other
+
+
+ARCHITECTURE_CONFIGS = {
+    # Tiny versions of the shapes users bring; Gemma ties its head to the embeddings, Gemma2 soft-caps its logits.
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16}),
+}
+
+
+def tiny_architecture(name: str, vocab_size: int):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_class, extra = ARCHITECTURE_CONFIGS[name]
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, use_cache=False, **extra)
+    torch.manual_seed(0)
+    return with_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+def test_other_architectures_train_the_same_loss(architecture, batching, tokenized_rows, tiny_tokenizer):
+    model = tiny_architecture(architecture, len(tiny_tokenizer))
+    assert_same_loss_and_gradients(model, make_batch(tokenized_rows, tiny_tokenizer, batching))
+
+
+def test_soft_capped_gemma2_trains_with_its_own_loss(tiny_tokenizer):
+    assert output_head(tiny_architecture("gemma2", len(tiny_tokenizer))) is None

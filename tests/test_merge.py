@@ -13,9 +13,8 @@ from rich.console import Console
 
 from conftest import train_tiny_run
 from qlora_cli.cli import main
-from qlora_cli.generate import load_run
 from qlora_cli.merge import merge_run
-from qlora_cli.models import keep_training_numerics
+from qlora_cli.rundir import load_run
 from qlora_cli.recipe import load_recipe
 from qlora_cli.train import run_training
 
@@ -32,7 +31,6 @@ def trained_run(tmp_path_factory, tiny_model_dir):
 
 def trained_logits(run_dir):
     loaded = load_run(run_dir)
-    keep_training_numerics(loaded.model)
     with torch.no_grad():
         return loaded.model(input_ids=torch.tensor([PROMPT_IDS])).logits, loaded
 
@@ -63,6 +61,7 @@ def test_original_base_drifts_and_the_report_says_so(trained_run, tmp_path):
     assert drift["mean_kl_nats_per_token"] > 100 * max(exact["mean_kl_nats_per_token"], 1e-9)
 
 
+@pytest.mark.slow
 def test_merged_dir_loads_in_a_fresh_process_and_generates_like_the_adapter(trained_run, tmp_path):
     out = tmp_path / "merged"
     merge_run(trained_run, out=out, dtype_name="float32", say=lambda *_: None)
@@ -80,7 +79,7 @@ with torch.no_grad():
     ids = model.generate(input_ids=torch.tensor([{PROMPT_IDS}]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
 print(json.dumps(ids[0].tolist()))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
 

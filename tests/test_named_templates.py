@@ -2,7 +2,7 @@
 
 Each family gets the tiny test tokenizer with that family's special tokens added (and its own BOS
 token where the family has one), and conversations go through `render_segments` and
-`encode_segments` as in training. The expected texts are written out in full: they pin the formats.
+`encode_batch` as in training. The expected texts are written out in full: they pin the formats.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import trained_spans
 from qlora_cli.data import templates
 from qlora_cli.data.named_templates import NAMED_TEMPLATES
 from qlora_cli.data.templates import render_segments
-from qlora_cli.data.tokenize import IGNORE_INDEX, encode_segments, tokenizer_adds_bos
+from qlora_cli.data.tokenize import IGNORE_INDEX, encode_batch, tokenizer_adds_bos
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 TURNS = [
@@ -252,7 +252,7 @@ def encode(tokenizer, name: str, messages: list[dict]) -> tuple[list[int], list[
     """Ids and labels as `tokenize_examples` computes them."""
     segments = render_segments(tokenizer, NAMED_TEMPLATES[name], messages)
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-    return encode_segments(tokenizer, segments, bos_id=bos_id)
+    return encode_batch(tokenizer, [segments], bos_id=bos_id)[0]
 
 
 def test_every_named_template_is_covered():

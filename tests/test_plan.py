@@ -12,13 +12,13 @@ import pytest
 
 from qlora_cli.errors import UserError
 from qlora_cli.plan import (
-    LOSS_CHUNK_ELEMENTS,
     activation_estimate,
     model_shapes,
     parse_bytes,
     plan_memory,
     read_model_config,
 )
+from qlora_cli.loss_spec import CHUNK_ELEMENTS
 from qlora_cli.recipe import Recipe
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -184,7 +184,7 @@ def test_sharding_divides_the_model_state_but_not_activations():
     r = recipe()
     tokens = r.training.batch_size * r.data.max_seq_len
     logits = tokens * (4 + 4 + 2) * 32000  # float32 log-softmax output and gradient, bfloat16 logits
-    chunked_head = tokens * 4 * 8192 + (LOSS_CHUNK_ELEMENTS // 32000) * 32000 * (4 + 2 * 2)  # the saved hidden-state gradient; one chunk
+    chunked_head = tokens * 4 * 8192 + (CHUNK_ELEMENTS // 32000) * 32000 * (4 + 2 * 2)  # the saved hidden-state gradient; one chunk
     assert four.activation_bytes - one.activation_bytes == logits - chunked_head
     assert four.optimizer_bytes == pytest.approx(one.optimizer_bytes / 4, abs=1)
     # A quarter of the quantized blocks plus two of them gathered in full; the root unit's embeddings and head
@@ -266,7 +266,8 @@ def mid_dir(tmp_path_factory):
     return save_random_llama(tmp_path_factory.mktemp("mid-llama"), MID)
 
 
-@pytest.mark.parametrize("shapes", [TINY, SMOLLM2_135M], ids=["tiny", "smollm2-135m"])
+@pytest.mark.parametrize("shapes", [pytest.param(TINY, id="tiny"),
+                                    pytest.param(SMOLLM2_135M, id="smollm2-135m", marks=pytest.mark.slow)])
 def test_4bit_plan_matches_a_really_quantized_model(tmp_path, shapes):
     from peft import prepare_model_for_kbit_training
 
@@ -371,6 +372,7 @@ def trainable_mid_dir(tmp_path_factory):
     return save_random_llama(directory, {**MID, "num_hidden_layers": 8, "vocab_size": len(tokenizer)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute, checkpointing", [("float32", False), ("float32", True), ("bfloat16", False),
                                                     ("bfloat16", True)])
 def test_a_real_runs_peak_is_within_15_percent_of_the_plan(trainable_mid_dir, tmp_path, compute, checkpointing):

@@ -14,7 +14,6 @@ from typing import Callable
 from .readers import Location
 from .templates import Segment
 
-FORMATS = ("alpaca", "chat", "oasst", "input-output", "prompt-completion", "text")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names and the chat role each one means.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

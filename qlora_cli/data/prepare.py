@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
 from ..cache import cache_dir
 from ..recipe import Recipe
 from .sources import Datasets
@@ -36,27 +39,25 @@ def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, use_ca
     return PreparedData(train, eval_rows, train_stats, eval_stats, hit)
 
 
-def length_grouped_sampler(lengths: list[int], batch_size: int, seed: int):
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """transformers' length-grouped order, drawn from a generator seeded with seed + epoch.
 
     transformers' own LengthGroupedSampler draws from the global torch RNG, whose state at an epoch's
     start depends on everything before it; a resumed run would then see other batches. Seeding per
     epoch makes the order a function of (seed, epoch) alone, so resuming reproduces it exactly.
     """
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-        epoch = 0
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
 
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-        def __iter__(self):
-            generator = torch.Generator().manual_seed(seed + self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-    return EpochSeededLengthGroupedSampler(batch_size, lengths=lengths)
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 def expected_padding(recipe: Recipe, lengths: list[int]) -> float:
@@ -69,7 +70,7 @@ def expected_padding(recipe: Recipe, lengths: list[int]) -> float:
         return 0.0
     size = recipe.training.batch_size
     if recipe.data.group_by_length:
-        order = list(length_grouped_sampler(lengths, size, recipe.training.seed))
+        order = list(EpochSeededLengthGroupedSampler(lengths, size, recipe.training.seed))
     else:
         order = list(range(len(lengths)))
         random.Random(recipe.training.seed).shuffle(order)

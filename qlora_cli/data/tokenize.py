@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..rundir import staged
 from .formats import Example
 from .templates import Segment, render_segments
 
@@ -39,11 +39,6 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     if tokenizer_adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
         ids.insert(0, tokenizer.bos_token_id)
     return ids
-
-
-def encode_segments(tokenizer, segments: list[Segment], *, bos_id: int | None) -> tuple[list[int], list[int]]:
-    """Token ids and labels of a rendered conversation or of template-free segments."""
-    return encode_batch(tokenizer, [segments], bos_id=bos_id)[0]
 
 
 def encode_batch(tokenizer, batch: list[list[Segment]], *, bos_id: int | None) -> list[tuple[list[int], list[int]]]:
@@ -201,11 +196,9 @@ def save_tokenized(path: Path, rows: list[dict[str, list[int]]], stats: Tokenize
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.fromiter((t for r in rows for t in r["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
     labels = np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32, count=int(offsets[-1]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Per process: the ranks of a distributed run tokenize the same data and save it at the same time.
-    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(staging, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(asdict(stats))))
-    staging.replace(path)
+    # The ranks of a distributed run tokenize the same data and may save it at the same time.
+    with staged(path) as staging:
+        np.savez(staging, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(asdict(stats))))
 
 
 def load_tokenized(path: Path) -> tuple[list[dict[str, list[int]]], TokenizeStats] | None:

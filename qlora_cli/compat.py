@@ -1,0 +1,183 @@
+"""Every use of a library's internals, in one place.
+
+Each function below relies on something its library does not promise to keep: a private method, an
+attribute set in a constructor, a logger's name. Each says which versions it was checked against and
+guards what it relies on, so that a library upgrade that removes it fails here, loudly and by name,
+instead of training something else silently. tests/test_compat.py exercises every one.
+
+Checked against: torch 2.13, transformers 5.23-5.24, peft 0.21.2, bitsandbytes 0.49-0.50.2, accelerate 1.15; the
+floors in pyproject.toml are the first releases that have what is used here and in models.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import platform
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+class LibraryChanged(RuntimeError):
+    """An internal this project relies on is gone or changed: upgrade qlora, or pin the library."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that decide what is trained, for summaries and checkpoints."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("qlora-cli", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def require(condition: bool, what: str) -> None:
+    if not condition:
+        versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+        raise LibraryChanged(f"{what} ({versions}); qlora was checked against the versions in qlora_cli/compat.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): torch says so only through
+    private helpers (`torch.cpu._is_avx512_bf16_supported`, `_is_amx_tile_supported`; torch 2.3-2.13)."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    require(all(callable(check) for check in checks), "torch.cpu no longer has _is_avx512_bf16_supported/_is_amx_tile_supported")
+    return any(check() for check in checks)
+
+
+def profiler_memory_events(profiler) -> list:
+    """The `[memory]` events (allocation positive, free negative) of a finished `torch.profiler.profile`
+    run with `profile_memory=True`: they are public only through the private `kineto_results` (torch 2.13)."""
+    results = getattr(getattr(profiler, "profiler", None), "kineto_results", None)
+    require(results is not None and hasattr(results, "events"), "torch.profiler no longer exposes kineto_results.events()")
+    return [event for event in results.events() if event.name() == "[memory]"]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+
+def output_projection_is_sliceable(model) -> bool:
+    """Whether the causal LM's forward narrows its hidden states with transformers' `slice_logits_to_keep`
+    before the output projection, which takes a 2-D boolean `logits_to_keep` mask and returns the kept
+    positions flattened (transformers >= 5.21, for the models whose modeling file calls it: Llama, Qwen2,
+    Mistral, Gemma and most others). Models with remote code or their own slicing return False, and the
+    Trainer's usual loss runs for them."""
+    module = sys.modules.get(type(model).__module__)
+    forward = inspect.signature(type(model).forward).parameters
+    return module is not None and hasattr(module, "slice_logits_to_keep") and "logits_to_keep" in forward
+
+
+@contextmanager
+def output_projection_skipped(model, head) -> Iterator[None]:
+    """Within this block the causal LM's output projection `head` is the identity, so its "logits" are
+    the final hidden states of the positions `logits_to_keep` keeps. Relies on the model calling its
+    head module by attribute (`self.lm_head(...)` in every transformers causal LM, 5.x)."""
+    import torch
+
+    name = next((name for name, child in model.named_children() if child is head), None)
+    require(name is not None, f"{type(model).__name__}'s output projection is not one of its direct children")
+    setattr(model, name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(model, name, head)
+
+
+def check_kept_hidden_states(hidden, expected_rows: int, hidden_size: int) -> None:
+    """What `output_projection_skipped` and a boolean `logits_to_keep` must give: one row per kept position."""
+    require(tuple(hidden.shape) == (expected_rows, hidden_size),
+            f"a boolean logits_to_keep gave hidden states of shape {tuple(hidden.shape)}, not ({expected_rows}, {hidden_size})")
+
+
+def forget_gguf_origin(model) -> None:
+    """Let a model loaded from a GGUF file be saved as a plain checkpoint: transformers refuses to save one
+    ("quantized with gguf and is not serializable") while `model.hf_quantizer` says it came from GGUF
+    (transformers 5.x). Its weights are already dequantized in memory."""
+    require(hasattr(model, "hf_quantizer"), "transformers models no longer carry hf_quantizer")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def install_train_sampler(trainer, make_sampler: Callable) -> None:
+    """Have the Trainer draw its training order from `make_sampler(train_dataset)`.
+
+    transformers has no public hook for a custom training sampler; the Trainer asks its private
+    `_get_train_sampler(train_dataset=None)` (transformers 5.x), overridden here on this one instance.
+    """
+    hook = getattr(type(trainer), "_get_train_sampler", None)
+    require(hook is not None and "train_dataset" in inspect.signature(hook).parameters,
+            "transformers.Trainer no longer has _get_train_sampler(train_dataset)")
+
+    def get_train_sampler(train_dataset=None):
+        return make_sampler(train_dataset if train_dataset is not None else trainer.train_dataset)
+
+    trainer._get_train_sampler = get_train_sampler
+
+
+def trainer_loss_scale(trainer, num_items_in_batch) -> int:
+    """The factor the Trainer applies to a model's own loss that was divided by a token count of all
+    processes (`average_tokens_across_devices`), to undo the gradient averaging of data parallelism
+    (Trainer.compute_loss in transformers 5.x). A loss computed outside the model must be scaled alike."""
+    require(hasattr(trainer, "model_accepts_loss_kwargs"), "transformers.Trainer no longer has model_accepts_loss_kwargs")
+    if trainer.args.average_tokens_across_devices and trainer.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        return trainer.accelerator.num_processes
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# peft
+
+def lora_dropouts(model) -> Iterator[tuple[object, str]]:
+    """(ModuleDict, adapter name) of every LoRA layer's input dropout, to be replaced in place: peft keeps
+    them in `LoraLayer.lora_dropout`, a ModuleDict per adapter (peft 0.3-0.21)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            dropouts = getattr(module, "lora_dropout", None)
+            require(isinstance(dropouts, torch.nn.ModuleDict), "peft's LoraLayer.lora_dropout is no longer a ModuleDict")
+            for name in list(dropouts.keys()):
+                yield dropouts, name
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes
+
+def keep_4bit_training_kernels(model) -> None:
+    """Make no-grad forwards compute as training does.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for inference on its first no-grad
+    forward in eval mode, rounding the quantization constants to bfloat16 for good; training after that
+    backpropagates through a kernel with no autograd support. Training (which evaluates between steps)
+    and comparisons with the trained model (merge parity) must never see that repacking. Its switch is
+    the instance attribute `Linear4bit.support_avx512bf16_for_cpu` (bitsandbytes 0.49-0.50).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            require(hasattr(module, "support_avx512bf16_for_cpu"),
+                    "bitsandbytes' Linear4bit no longer has support_avx512bf16_for_cpu")
+            module.support_avx512bf16_for_cpu = False
+
+
+# bitsandbytes tries to fetch an optional CPU kernel from a model hub at import time and logs a warning
+# when it cannot, under this logger's name (bitsandbytes 0.50); the built-in kernels it falls back to are
+# the ones tested here.
+BITSANDBYTES_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def quiet_bitsandbytes_kernel_fetch() -> None:
+    logging.getLogger(BITSANDBYTES_CPU_KERNEL_LOGGER).setLevel(logging.ERROR)

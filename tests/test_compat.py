@@ -1,0 +1,162 @@
+"""Every use of a library internal (qlora_cli/compat.py) works with the installed libraries, and fails loudly,
+by name, when the internal is gone."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from qlora_cli import compat
+from qlora_cli.compat import LibraryChanged
+
+
+def test_library_versions_name_what_decides_training():
+    versions = compat.library_versions()
+    assert {"python", "torch", "transformers", "peft", "bitsandbytes", "accelerate"} <= set(versions)
+    assert versions["torch"].startswith(torch.__version__.split("+")[0])
+
+
+def test_native_bfloat16_check(monkeypatch):
+    assert isinstance(compat.cpu_has_native_bfloat16(), bool)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    with pytest.raises(LibraryChanged, match="_is_avx512_bf16_supported"):
+        compat.cpu_has_native_bfloat16()
+
+
+def test_profiler_memory_events_see_an_allocation():
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        tensor = torch.empty(1 << 20, dtype=torch.uint8, device="cpu")
+        del tensor
+    sizes = [event.nbytes() for event in compat.profiler_memory_events(profiler)]
+    assert 1 << 20 in sizes and -(1 << 20) in sizes
+
+    class Finished:
+        profiler = None
+
+    with pytest.raises(LibraryChanged, match="kineto_results"):
+        compat.profiler_memory_events(Finished())
+
+
+class NotSliced(torch.nn.Module):
+    """A causal LM of its own making: it does not narrow its hidden states with transformers' helper."""
+
+    def forward(self, input_ids, logits_to_keep=0):
+        return input_ids
+
+
+def test_a_model_without_transformers_slicing_is_not_sliceable(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    assert compat.output_projection_is_sliceable(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert not compat.output_projection_is_sliceable(NotSliced())
+
+
+def test_projection_skipped_restores_the_head_and_refuses_a_nested_one(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = model.lm_head
+    with compat.output_projection_skipped(model, head):
+        assert isinstance(model.lm_head, torch.nn.Identity)
+    assert model.lm_head is head
+    with pytest.raises(LibraryChanged, match="direct children"):
+        with compat.output_projection_skipped(model, model.model.norm):
+            pass
+
+
+def test_kept_hidden_states_must_have_one_row_per_position():
+    compat.check_kept_hidden_states(torch.zeros(5, 8), 5, 8)
+    with pytest.raises(LibraryChanged, match=r"\(2, 5, 8\)"):
+        compat.check_kept_hidden_states(torch.zeros(2, 5, 8), 5, 8)
+
+
+def test_forget_gguf_origin(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.hf_quantizer = object()
+    model.config.quantization_config = {"quant_method": "gguf"}
+    compat.forget_gguf_origin(model)
+    assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
+    with pytest.raises(LibraryChanged, match="hf_quantizer"):
+        compat.forget_gguf_origin(torch.nn.Linear(2, 2))
+
+
+def small_trainer(tiny_model_dir, tmp_path, rows):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from qlora_cli.data.tokenize import PadToLongest
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to="none",
+                             remove_unused_columns=False)
+    return Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=rows,
+                   data_collator=PadToLongest(0))
+
+
+def test_install_train_sampler_decides_the_training_order(tiny_model_dir, tmp_path):
+    rows = [{"input_ids": [1] * (n + 1), "labels": [1] * (n + 1)} for n in range(6)]
+    trainer = small_trainer(tiny_model_dir, tmp_path, rows)
+    seen = []
+
+    def reversed_order(dataset):
+        seen.append(dataset)
+        return list(reversed(range(len(dataset))))
+
+    compat.install_train_sampler(trainer, reversed_order)
+    loader = trainer.get_train_dataloader()
+    first = next(iter(loader))
+    assert seen and seen[0] is rows
+    assert first["input_ids"].shape[-1] == 6  # the longest row, drawn first
+
+
+def test_install_train_sampler_refuses_a_trainer_without_the_hook():
+    class NoHook:
+        pass
+
+    with pytest.raises(LibraryChanged, match="_get_train_sampler"):
+        compat.install_train_sampler(NoHook(), lambda dataset: [])
+
+
+def test_trainer_loss_scale(tiny_model_dir, tmp_path):
+    trainer = small_trainer(tiny_model_dir, tmp_path, [])
+    assert compat.trainer_loss_scale(trainer, None) == 1
+    assert compat.trainer_loss_scale(trainer, torch.tensor(10)) == trainer.accelerator.num_processes
+    with pytest.raises(LibraryChanged, match="model_accepts_loss_kwargs"):
+        compat.trainer_loss_scale(object(), None)
+
+
+def test_lora_dropouts_are_found_and_checked(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    found = list(compat.lora_dropouts(model))
+    assert len(found) == 2 * 7 and all(name == "default" for _, name in found)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.lora_dropout = torch.nn.Dropout(0.1)
+    with pytest.raises(LibraryChanged, match="ModuleDict"):
+        list(compat.lora_dropouts(model))
+
+
+def test_keep_4bit_training_kernels(tiny_model_dir):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, device_map={"": "cpu"})
+    compat.keep_4bit_training_kernels(model)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    del layers[0].support_avx512bf16_for_cpu
+    with pytest.raises(LibraryChanged, match="support_avx512bf16_for_cpu"):
+        compat.keep_4bit_training_kernels(model)
+
+
+def test_bitsandbytes_kernel_fetch_is_quiet():
+    compat.quiet_bitsandbytes_kernel_fetch()
+    assert logging.getLogger(compat.BITSANDBYTES_CPU_KERNEL_LOGGER).level == logging.ERROR
