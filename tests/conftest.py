@@ -11,6 +11,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Tiny models gain nothing from a second thread, and on a busy machine the threads of an OpenMP pool spin
+# waiting for each other: 9 steps of the tiny Llama took 35 s with two threads and 1.5 s with one (2-core CPU,
+# loaded). Set before torch is imported, so subprocesses inherit it; runs of the real model undo it.
+ONE_THREAD = "OMP_NUM_THREADS" not in os.environ
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def real_model_env() -> dict[str, str]:
+    """The environment for a subprocess that trains the bundled model: every core, as a user's run has."""
+    return {key: value for key, value in os.environ.items() if not (ONE_THREAD and key == "OMP_NUM_THREADS")}
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run where torch sees a GPU, and are reported as skipped elsewhere."""

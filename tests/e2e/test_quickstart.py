@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import real_model_env
+
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 HELD_OUT = (REPO / "recipes" / "data" / "pirate_heldout.txt").read_text().split("\n")[0]
@@ -25,7 +27,7 @@ def short_quickstart(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "quickstart"
     command = [sys.executable, "-m", "qlora_cli", "train", str(QUICKSTART), "--output-dir", str(run_dir),
                "--set", "training.max_steps=24"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=real_model_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result
 
@@ -68,7 +70,7 @@ def test_adapter_loads_with_peft_alone_and_changes_the_answer(short_quickstart):
 
 def test_preview_of_the_quickstart_marks_the_pirate_replies():
     command = [sys.executable, "-m", "qlora_cli", "data", "preview", str(QUICKSTART), "-n", "2"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=real_model_env())
     assert result.returncode == 0, result.stderr[-3000:]
     # SmolLM2's template: the reply and its <|im_end|> are trained, the newline after it is not.
     assert "<|im_start|>assistant\n⟦Arr! " in result.stdout and " Yo ho ho!<|im_end|>⟧\n" in result.stdout
@@ -78,7 +80,7 @@ def test_every_format_recipe_on_the_bundled_model(tmp_path):
     recipe = REPO / "recipes" / "examples" / "every-format.yaml"
     command = [sys.executable, "-m", "qlora_cli", "train", str(recipe), "--output-dir", str(tmp_path / "run"),
                "--set", "training.max_steps=4", "--set", "training.eval_steps=4"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=real_model_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["rows_per_source"]) == 7 and summary["padding_fraction"] == 0
@@ -88,7 +90,7 @@ def test_every_format_recipe_on_the_bundled_model(tmp_path):
 def test_mmlu_on_the_bundled_model_and_the_shipped_set():
     command = [sys.executable, "-m", "qlora_cli", "eval", "mmlu", "smollm2-135m-instruct",
                "--data", str(REPO / "recipes" / "data" / "mmlu-mini"), "--json"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=real_model_env())
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["questions"] == 40 and set(report["subjects"]) == {
