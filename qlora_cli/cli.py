@@ -29,6 +29,7 @@ app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Chatbot benchmarks: answers, a judge, relative scores, Elo and Bradley-Terry.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 EVAL_COMMANDS = ("run", "score", "mmlu", "--help", "-h")
+PROFILE_STEPS = 5  # `qlora train --profile` with no number
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
@@ -66,6 +67,10 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint of the run directory.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train data-parallel in this many processes (torchrun on this machine).")] = 1,
+    profile: Annotated[Optional[int], typer.Option(
+        "--profile", min=1, metavar="[N]",
+        help=f"Profile N optimizer steps (default {PROFILE_STEPS}) after the first warm-up steps, into RUN_DIR/profile: "
+             "a trace, the top operations and where a step's time goes. Training goes on as usual.")] = None,
 ) -> None:
     """Fine-tune a model as the recipe says and write the run directory."""
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -94,7 +99,8 @@ def train(
 
     command = " ".join(["qlora", "train", str(recipe), *[f"--set {item}" for item in set_ or []],
                         *([f"--output-dir {output_dir}"] if output_dir else []), "--resume"])
-    run_training(resolved, overwrite=overwrite, resume=resume, console=make_console(), resume_command=command)
+    run_training(resolved, overwrite=overwrite, resume=resume, console=make_console(), resume_command=command,
+                 profile_steps=profile)
 
 
 @app.command()
@@ -335,12 +341,25 @@ def eval_mmlu(
     make_console().print(key_value_table(f"Multiple-choice accuracy of {model} ({shots}-shot)", rows))
 
 
+def with_profile_default(argv: list[str]) -> list[str]:
+    """`qlora train ... --profile` without a number profiles PROFILE_STEPS steps (click has no optional values)."""
+    if not argv or argv[0] != "train":
+        return argv
+    result = list(argv)
+    for index, item in enumerate(argv):
+        if item == "--profile" and (index + 1 == len(argv) or not argv[index + 1].isdigit()):
+            result.insert(index + 1, str(PROFILE_STEPS))
+            break
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print their problems and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `qlora eval MODEL ...` is `qlora eval run MODEL ...`.
     if len(argv) >= 2 and argv[0] == "eval" and argv[1] not in EVAL_COMMANDS:
         argv.insert(1, "run")
+    argv = with_profile_default(argv)
     try:
         app(args=argv, standalone_mode=False)
     except UserError as error:

@@ -33,6 +33,7 @@ from .data.tokenize import FedTokens, PackBatch, PadToLongest, cache_key
 from .distributed import barrier, sum_over_ranks
 from .errors import RunFailure, RunInterrupted, UserError
 from .loss import head_only_loss, output_head
+from .profile import PhaseClock, StepProfiler
 from .recipe import Recipe, TrainingSection, to_yaml
 from .rundir import (
     ADAPTER, LOSS_PLOT, RECIPE, SUMMARY, check_writable, is_run, read_run_recipe, save_adapter, start_fresh, write_atomic,
@@ -103,31 +104,41 @@ def training_arguments(training: TrainingSection, run_dir: Path, context: RunCon
 class RecipeTrainer(Trainer):
     """The transformers Trainer, counting into `fed` the tokens of every batch it trains on, stopping before
     a non-finite loss is applied, and computing the loss on trained positions only (`loss.head_only_loss`)
-    when the model's logits are a plain output projection `head`."""
+    when the model's logits are a plain output projection `head`. `phases` times the steps that
+    `qlora train --profile` profiles (and nothing otherwise)."""
 
-    def __init__(self, *args, fed: FedTokens, head, **kwargs):
+    def __init__(self, *args, fed: FedTokens, head, phases: PhaseClock, **kwargs):
         super().__init__(*args, **kwargs)
         self.fed = fed
         self.head = head
+        self.phases = phases
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Called once per optimizer step, before its micro-batches train: where a step begins.
+        self.phases.begin_step(self.state.global_step + 1)
+        with self.phases("data"):
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # FSDP gathers a sharded weight only when its module runs, and this loss skips the head's module.
-        if self.head is None or self.is_fsdp_enabled or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = head_only_loss(model, self.head, inputs, num_items_in_batch)
-        loss = loss * compat.trainer_loss_scale(self, num_items_in_batch)
-        return (loss, outputs) if return_outputs else loss
+        with self.phases("forward"):
+            # FSDP gathers a sharded weight only when its module runs, and this loss skips the head's module.
+            if self.head is None or self.is_fsdp_enabled or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = head_only_loss(model, self.head, inputs, num_items_in_batch)
+            loss = loss * compat.trainer_loss_scale(self, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.fed.count(inputs)
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        # Stop before the optimizer applies a non-finite gradient, so no state of it is ever saved.
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLoss(self.state.global_step + 1)
-        return loss
+        with self.phases("training_step"):
+            self.fed.count(inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # Stop before the optimizer applies a non-finite gradient, so no state of it is ever saved.
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLoss(self.state.global_step + 1)
+            return loss
 
 
-def make_trainer(run: "Run", fed: FedTokens, callbacks: list) -> RecipeTrainer:
+def make_trainer(run: "Run", fed: FedTokens, callbacks: list, phases: PhaseClock) -> RecipeTrainer:
     recipe = run.recipe
     collator = PackBatch() if recipe.data.packing else PadToLongest(run.tokenizer.pad_token_id)
     trainer = RecipeTrainer(
@@ -139,6 +150,7 @@ def make_trainer(run: "Run", fed: FedTokens, callbacks: list) -> RecipeTrainer:
         callbacks=callbacks,
         fed=fed,
         head=output_head(run.model),
+        phases=phases,
     )
     trainer.remove_callback(PrinterCallback)
     if recipe.data.group_by_length and not recipe.data.packing:
@@ -317,8 +329,11 @@ class FitResult:
     eval_loss: float | None
 
 
-def fit(run: Run, callbacks: list | tuple = ()) -> FitResult:
-    """Train, with the project's callbacks and `callbacks` added (a profiler, a memory recorder, ...).
+def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None) -> FitResult:
+    """Train, with the project's callbacks and `callbacks` added (a memory recorder, ...).
+
+    Args:
+        profile_steps: profile this many optimizer steps after a warm-up into RUN_DIR/profile (see profile.py).
 
     Raises:
         RunFailure: a non-finite loss, out of memory, or no disk for a checkpoint.
@@ -341,7 +356,12 @@ def fit(run: Run, callbacks: list | tuple = ()) -> FitResult:
             mmlu = MmluEvaluator(recipe.training.eval_mmlu, recipe.training.eval_steps, run_dir, run.tokenizer,
                                  run.mmlu_data, run.console)
             ours.append(mmlu)
-    trainer = make_trainer(run, fed, [*ours, *callbacks])
+    phases = PhaseClock(context.device)
+    if profile_steps and context.is_main:
+        profiler = StepProfiler(run_dir, profile_steps, context.device, fed, say=run.console.print)
+        phases = profiler.clock
+        ours.append(profiler)
+    trainer = make_trainer(run, fed, [*ours, *callbacks], phases)
     if context.sharded and not trainer.is_fsdp_enabled:
         raise RunFailure("training.distributed: fsdp was asked for, but accelerate did not enable FSDP on these devices")
     started = time.perf_counter()
@@ -498,6 +518,7 @@ def run_training(
     resume: bool = False,
     console: Console | None = None,
     resume_command: str = "qlora train RECIPE --resume",
+    profile_steps: int | None = None,
 ) -> TrainingRun:
     """Train the recipe and write its run directory (or continue it from its newest checkpoint).
 
@@ -507,6 +528,6 @@ def run_training(
         RunInterrupted: SIGINT/SIGTERM; a checkpoint was written and the message says how to resume.
     """
     run = setup(recipe, overwrite=overwrite, resume=resume, console=console, resume_command=resume_command)
-    result = fit(run)
+    result = fit(run, profile_steps=profile_steps)
     summary = finish(run, result)
     return TrainingRun(summary=summary, model=run.model, tokenizer=run.tokenizer)
