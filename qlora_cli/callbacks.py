@@ -29,6 +29,28 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
+class NonFiniteGuard(TrainerCallback):
+    """Stops before the optimizer applies a non-finite gradient, so that no state of it is ever saved.
+
+    The losses of a step's micro-batches are checked on the device and read back once, just before the
+    update: reading each one back would make the host wait for the GPU at every micro-batch.
+    """
+
+    def __init__(self) -> None:
+        self.bad = None
+
+    def observe(self, loss) -> None:
+        import torch
+
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        bad, self.bad = self.bad, None
+        if bad is not None and bool(bad):
+            raise NonFiniteLoss(state.global_step + 1)
+
+
 class StopRequests:
     """SIGINT/SIGTERM during training: the first asks for a checkpoint and a clean stop after the
     current step; the second aborts at once (a checkpoint being written is then left in staging,

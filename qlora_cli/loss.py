@@ -97,13 +97,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if divisor is None:
         divisor = max(len(targets), 1)
-    if isinstance(divisor, torch.Tensor):
-        divisor = float(divisor.item())
+    # A tensor divisor (the Trainer's token count) stays on the device: reading it back would make the host
+    # wait for the GPU at every micro-batch.
+    divisor = divisor.to(device=hidden.device, dtype=torch.float32) if isinstance(divisor, torch.Tensor) else float(divisor)
     device_type = hidden.device.type
     matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, float(divisor), matmul_dtype, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, divisor, matmul_dtype, chunk_rows)
 
 
 def output_head(model):

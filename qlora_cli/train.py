@@ -23,7 +23,9 @@ from rich.console import Console
 from transformers import PrinterCallback, Trainer
 
 from . import compat
-from .callbacks import Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteLoss, ProgressReporter, StopRequests
+from .callbacks import (
+    Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteGuard, NonFiniteLoss, ProgressReporter, StopRequests,
+)
 from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint, staging_dir
 from .console import format_seconds, key_value_table, recipe_table
 from .context import RunContext, run_context
@@ -81,6 +83,9 @@ def training_arguments(training: TrainingSection, run_dir: Path, context: RunCon
         use_cpu=context.device == "cpu",
         logging_steps=training.logging_steps,
         logging_first_step=True,
+        # Its check of every micro-batch's loss makes the host wait for the GPU each time; NonFiniteGuard
+        # stops the run on a non-finite loss instead, checking once per update.
+        logging_nan_inf_filter=False,
         save_strategy="no",  # saving is driven by the Checkpointer callback (schedule, signals)
         seed=training.seed,
         data_seed=training.seed,
@@ -107,11 +112,12 @@ class RecipeTrainer(Trainer):
     when the model's logits are a plain output projection `head`. `phases` times the steps that
     `qlora train --profile` profiles (and nothing otherwise)."""
 
-    def __init__(self, *args, fed: FedTokens, head, phases: PhaseClock, **kwargs):
+    def __init__(self, *args, fed: FedTokens, head, phases: PhaseClock, guard: NonFiniteGuard, **kwargs):
         super().__init__(*args, **kwargs)
         self.fed = fed
         self.head = head
         self.phases = phases
+        self.guard = guard
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # Called once per optimizer step, before its micro-batches train: where a step begins.
@@ -132,14 +138,13 @@ class RecipeTrainer(Trainer):
         with self.phases("training_step"):
             self.fed.count(inputs)
             loss = super().training_step(model, inputs, num_items_in_batch)
-            # Stop before the optimizer applies a non-finite gradient, so no state of it is ever saved.
-            if not torch.isfinite(loss).all():
-                raise NonFiniteLoss(self.state.global_step + 1)
+            self.guard.observe(loss)
             return loss
 
 
 def make_trainer(run: "Run", fed: FedTokens, callbacks: list, phases: PhaseClock) -> RecipeTrainer:
     recipe = run.recipe
+    guard = NonFiniteGuard()
     collator = PackBatch() if recipe.data.packing else PadToLongest(run.tokenizer.pad_token_id)
     trainer = RecipeTrainer(
         model=run.model,
@@ -147,10 +152,11 @@ def make_trainer(run: "Run", fed: FedTokens, callbacks: list, phases: PhaseClock
         train_dataset=run.prepared.train,
         eval_dataset=run.prepared.eval or None,
         data_collator=collator,
-        callbacks=callbacks,
+        callbacks=[guard, *callbacks],
         fed=fed,
         head=output_head(run.model),
         phases=phases,
+        guard=guard,
     )
     trainer.remove_callback(PrinterCallback)
     if recipe.data.group_by_length and not recipe.data.packing:
@@ -205,8 +211,11 @@ def checkpoint_to_resume(run_dir: Path, recipe: Recipe, say) -> Checkpoint:
     return checkpoint
 
 
-def describe_context(console: Console, context: RunContext) -> None:
+def describe_context(console: Console, context: RunContext, recipe: Recipe) -> None:
     console.print(f"Device: {context.device}; compute dtype: {context.dtype_name} ({context.dtype_reason})")
+    if recipe.training.distributed == "fsdp" and not context.sharded:
+        console.print("[yellow]training.distributed: fsdp with one process has nothing to shard: the model trains whole "
+                      "on this GPU (launch several with --nproc N to shard it)")
     if context.device == "cpu" and context.compute_dtype == torch.bfloat16 and not compat.cpu_has_native_bfloat16():
         console.print("[yellow]bfloat16 on a CPU without native bfloat16: it is emulated; float32 is usually far faster.")
 
@@ -275,7 +284,7 @@ def setup(
     console.print(f"Read {len(datasets.train):,} training and {len(datasets.eval):,} evaluation rows.")
 
     quiet_libraries(console.is_terminal)
-    describe_context(console, context)
+    describe_context(console, context, recipe)
     if context.device == "cpu":
         from .cpu import keep_freed_memory
 

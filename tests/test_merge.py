@@ -32,7 +32,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
 def trained_logits(run_dir):
     loaded = load_run(run_dir)
     with torch.no_grad():
-        return loaded.model(input_ids=torch.tensor([PROMPT_IDS])).logits, loaded
+        return loaded.model(input_ids=torch.tensor([PROMPT_IDS], device=loaded.model.device)).logits.cpu(), loaded
 
 
 def test_dequantized_float32_merge_matches_the_trained_model(trained_run, tmp_path):
@@ -50,7 +50,7 @@ def test_dequantized_float32_merge_matches_the_trained_model(trained_run, tmp_pa
     assert (got - expected).abs().max().item() < 1e-4
     # The adapter really moved the model, so the check above is not trivially true.
     with loaded.model.disable_adapter(), torch.no_grad():
-        base = loaded.model(input_ids=torch.tensor([PROMPT_IDS])).logits
+        base = loaded.model(input_ids=torch.tensor([PROMPT_IDS], device=loaded.model.device)).logits.cpu()
     assert (base - expected).abs().max().item() > 1e-2
 
 

@@ -173,3 +173,19 @@ def test_full_disk_is_detected_before_a_checkpoint_is_written(recipe_path, tmp_p
     err = capsys.readouterr().err
     assert exited.value.code == 1 and "not enough free disk for the checkpoint of step 3" in err
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_non_finite_micro_batch_stops_its_update():
+    from qlora_cli.callbacks import NonFiniteGuard, NonFiniteLoss
+
+    class State:
+        global_step = 6
+
+    guard = NonFiniteGuard()
+    for loss in (1.0, float("nan"), 2.0):  # one accumulation window: the bad loss is not the last
+        guard.observe(torch.tensor(loss))
+    with pytest.raises(NonFiniteLoss) as stopped:
+        guard.on_pre_optimizer_step(None, State(), None)
+    assert stopped.value.step == 7
+    guard.observe(torch.tensor(3.0))
+    guard.on_pre_optimizer_step(None, State(), None)  # the next window is checked afresh

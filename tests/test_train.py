@@ -62,7 +62,7 @@ def golden_run(tmp_path_factory, tiny_model_dir):
     ]
     run.model.eval()
     with torch.no_grad():
-        logits = run.model(input_ids=torch.tensor(PROBE_IDS)).logits
+        logits = run.model(input_ids=torch.tensor(PROBE_IDS, device=run.model.device)).logits.cpu()
     return folder / "run", run, logits
 
 
@@ -81,7 +81,7 @@ def test_golden_run_losses_and_tree(golden_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train_tokens"] == tokens[-1]
     assert summary["final_loss"] == losses[-1] and summary["first_loss"] == losses[0]
-    assert summary["compute_dtype"] == "float32" and summary["device"] == "cpu"
+    assert summary["compute_dtype"] == "float32" and summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert summary["train_seconds"] > 0 and summary["peak_memory_bytes"] > 0
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(summary["versions"])
 
@@ -110,14 +110,15 @@ from peft import AutoPeftModelForCausalLM
 from transformers import BitsAndBytesConfig
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
+device = "cuda" if torch.cuda.is_available() else "cpu"  # where qlora trained it
 model = AutoPeftModelForCausalLM.from_pretrained({str(run_dir / "adapter")!r}, quantization_config=quant,
-                                                 dtype=torch.float32, device_map={{"": "cpu"}})
+                                                 dtype=torch.float32, device_map={{"": device}})
 model.eval()
 # The same 4-bit kernels as in training on both sides of the comparison.
 from qlora_cli.compat import keep_4bit_training_kernels
 keep_4bit_training_kernels(model)
 with torch.no_grad():
-    logits = model(input_ids=torch.tensor({PROBE_IDS})).logits
+    logits = model(input_ids=torch.tensor({PROBE_IDS}, device=device)).logits.cpu()
 expected = torch.load({str(expected)!r})
 difference = (logits - expected).abs().max().item()
 print("max_abs_diff", difference)
@@ -182,7 +183,8 @@ def test_bad_row_stops_before_anything_is_written(tiny_recipe, capsys):
     assert not (tiny_recipe.parent / "run").exists()
 
 
-def test_fp16_on_cpu_is_refused_with_the_fix(tiny_recipe, capsys):
+def test_fp16_on_cpu_is_refused_with_the_fix(tiny_recipe, capsys, monkeypatch):
+    monkeypatch.setattr("qlora_cli.context.detect_device", lambda: "cpu")  # also on a machine with a GPU
     with pytest.raises(SystemExit) as exited:
         main(["train", str(tiny_recipe), "--set", "quantization.compute_dtype=float16"])
     assert exited.value.code == 2
@@ -266,3 +268,11 @@ def test_8_bit_and_unquantized_bases_train(tiny_recipe, bits):
 
     layer = run.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(layer, bnb.nn.Linear8bitLt) if bits == 8 else type(layer) is torch.nn.Linear
+
+
+def test_fsdp_in_one_cpu_process_is_refused(tiny_recipe, capsys, monkeypatch):
+    monkeypatch.setattr("qlora_cli.context.detect_device", lambda: "cpu")
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tiny_recipe), "--set", "training.distributed=fsdp"])
+    assert exited.value.code == 2 and "fsdp needs GPUs" in capsys.readouterr().err
+    assert not (tiny_recipe.parent / "run").exists()

@@ -231,25 +231,42 @@ def tokenize_cached(tokenizer, template: str, examples: list[Example], options: 
 # ---------------------------------------------------------------------------------------------
 # Collators
 
-@dataclass
 class FedTokens:
     """Counts what is fed to the model: every position, and the real (non-padding) tokens.
 
     Counted when a batch is trained on, not when it is collated: the data loader collates one batch
-    ahead, which would count a batch that a stop or a checkpoint never reaches.
+    ahead, which would count a batch that a stop or a checkpoint never reaches. On a GPU the batch is
+    already there, and reading its token count back at once would make the host wait for the device at
+    every micro-batch: the count stays on the device until `tokens` is read (at logging steps).
     """
 
-    positions: int = 0
-    tokens: int = 0
-    last_shape: tuple[int, int] = (0, 0)  # (rows, length) of the last batch, for out-of-memory reports
+    def __init__(self, tokens: int = 0, positions: int = 0):
+        self._tokens = tokens
+        self._pending = None  # a device tensor of tokens counted but not read back yet
+        self.positions = positions
+        self.last_shape: tuple[int, int] = (0, 0)  # (rows, length) of the last batch, for out-of-memory reports
 
     def count(self, batch: dict[str, torch.Tensor]) -> None:
         ids = batch["input_ids"]
-        self.positions += int(ids.numel())
-        mask = batch.get("attention_mask")
-        # A packed batch has no attention mask and no padding.
-        self.tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+        self.positions += ids.numel()
         self.last_shape = (int(ids.shape[0]), int(ids.shape[-1]))
+        mask = batch.get("attention_mask")
+        if mask is None:  # a packed batch has no attention mask and no padding
+            self._tokens += ids.numel()
+            return
+        real = mask.sum()
+        self._pending = real if self._pending is None else self._pending + real
+
+    @property
+    def tokens(self) -> int:
+        if self._pending is not None:
+            self._tokens += int(self._pending)
+            self._pending = None
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: int) -> None:
+        self._tokens, self._pending = int(value), None
 
     @property
     def padding_fraction(self) -> float:
