@@ -526,6 +526,8 @@ class MemoryPlan:
     `total_bytes` is everything; `pageable_bytes` is the part a paged optimizer keeps in CUDA unified memory,
     which the driver moves to CPU RAM when the GPU runs short (the QLoRA paper's paged optimizers), so only
     `resident_bytes` = total - pageable must fit on the device. `fits` compares that with the device memory.
+    `allocated_bytes` = resident - overhead is the tensors alone: what `torch.cuda.max_memory_allocated`
+    measures, which sees neither the CUDA context nor the allocator's cached blocks (nor paged states).
     """
 
     quantized_weights_bytes: int
@@ -545,6 +547,7 @@ class MemoryPlan:
     advice: list[str] = field(default_factory=list)
     pageable_bytes: int = 0
     resident_bytes: int = 0
+    allocated_bytes: int = 0
     sharded: bool = False
     lora_parameters: int = 0
     compute_dtype: str = "bfloat16"
@@ -613,6 +616,7 @@ def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: 
         fits=None if device_memory is None else resident <= device_memory,
         pageable_bytes=pageable,
         resident_bytes=resident,
+        allocated_bytes=resident - overhead,
         sharded=sharded,
         lora_parameters=lora_params,
         compute_dtype="bfloat16" if quant.compute_dtype == "auto" else quant.compute_dtype,

@@ -27,6 +27,7 @@ def plan_table(plan: MemoryPlan, title: str) -> Table:
     table.add_row("total", format_bytes(plan.total_bytes), style="bold")
     if plan.pageable_bytes:
         table.add_row("must stay on the GPU", format_bytes(plan.resident_bytes), style="bold")
+    table.add_row("  of which tensors (torch.cuda.max_memory_allocated)", format_bytes(plan.allocated_bytes), style="dim")
     if plan.device_memory_bytes is not None:
         verdict = "[green]fits" if plan.fits else "[red]does not fit"
         table.add_row(f"GPU memory x {plan.gpus}" + (" (FSDP)" if plan.sharded else ""),

@@ -175,6 +175,10 @@ def test_plan_json_and_checkpointing_advice():
         assert key in report
     json.dumps(report)
     assert plan_memory(LLAMA_7B, r).fits is None
+    # What torch.cuda.max_memory_allocated can see: the tensors on the device, not the context, cache or paged states.
+    assert plan.allocated_bytes == plan.resident_bytes - plan.overhead_bytes == (
+        plan.weights_bytes + plan.lora_bytes + plan.gradient_bytes + plan.activation_bytes
+        + plan.optimizer_bytes - plan.pageable_bytes)
 
 
 def test_sharding_divides_the_model_state_but_not_activations():
