@@ -135,11 +135,15 @@ def plan(
 
 
 def model_config_source(base: str):
-    """Where the planner reads the model's config: a local directory or hub id as is; the converted
-    checkpoint for a .gguf file or the bundled model (converting once if needed)."""
+    """Where the planner reads the model's config: a local directory or hub id as is; the config shipped for the
+    bundled model; the converted checkpoint of another .gguf file (converting once if needed)."""
     from .recipe import BUNDLED_MODEL_ALIAS
 
-    if base == BUNDLED_MODEL_ALIAS or base.endswith(".gguf"):
+    if base == BUNDLED_MODEL_ALIAS:
+        from .plan import shipped_config
+
+        return shipped_config(BUNDLED_MODEL_ALIAS)
+    if base.endswith(".gguf"):
         from .models import resolve_model_path
 
         return resolve_model_path(base)

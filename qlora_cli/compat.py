@@ -15,6 +15,7 @@ import inspect
 import logging
 import platform
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -99,16 +100,6 @@ def check_kept_hidden_states(hidden, expected_rows: int, hidden_size: int) -> No
             f"a boolean logits_to_keep gave hidden states of shape {tuple(hidden.shape)}, not ({expected_rows}, {hidden_size})")
 
 
-def forget_gguf_origin(model) -> None:
-    """Let a model loaded from a GGUF file be saved as a plain checkpoint: transformers refuses to save one
-    ("quantized with gguf and is not serializable") while `model.hf_quantizer` says it came from GGUF
-    (transformers 5.x). Its weights are already dequantized in memory."""
-    require(hasattr(model, "hf_quantizer"), "transformers models no longer carry hf_quantizer")
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def install_train_sampler(trainer, make_sampler: Callable) -> None:
     """Have the Trainer draw its training order from `make_sampler(train_dataset)`.
 
@@ -137,6 +128,17 @@ def trainer_loss_scale(trainer, num_items_in_batch) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # peft
+
+def get_peft_model(model, config):
+    """`peft.get_peft_model`, without the FutureWarning transformers (>= 5.23) raises when peft (0.21) reads the
+    deprecated `model.is_gradient_checkpointing`: peft's call, which no user can change. Only that warning, and
+    only during this call, is silenced."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(model, config)
+
 
 def lora_dropouts(model) -> Iterator[tuple[object, str]]:
     """(ModuleDict, adapter name) of every LoRA layer's input dropout, to be replaced in place: peft keeps

@@ -68,10 +68,10 @@ def _gguf_cache_key(path: Path) -> str:
 def convert_gguf(path: Path, say=print) -> Path:
     """Dequantize a GGUF checkpoint once into a cached safetensors directory; return that directory.
 
-    transformers refuses to save a GGUF-loaded model, so the GGUF marker is removed first: what is
-    saved is a plain bfloat16 checkpoint that loads in 4-bit like any other.
+    transformers loads it unpacked into a plain dense model (`GgufConfig(dequantize=True)`), which saves as a
+    bfloat16 checkpoint that loads in 4-bit like any other.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     target = cache_dir() / "gguf" / _gguf_cache_key(path)
     if (target / "config.json").is_file():
@@ -80,8 +80,9 @@ def convert_gguf(path: Path, say=print) -> Path:
     # Another process (a rank of the same run) may finish the same conversion first: its copy is kept.
     with staged(target, replace=False) as staging:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
-        compat.forget_gguf_origin(model)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.bfloat16,
+            quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target
@@ -208,7 +209,7 @@ def load_quantized_base(model_path: str, model: ModelSection, quant: Quantizatio
 
 def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointing: bool):
     """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, prepare_model_for_kbit_training
 
     model = load_quantized_base(model_path, recipe.model, recipe.quantization, context)
     model.config.use_cache = False  # useless in training; it also hides packed-sequence boundaries
@@ -228,7 +229,7 @@ def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointi
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, config)
+        model = compat.get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
     if context.device == "cpu":

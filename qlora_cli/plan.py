@@ -196,24 +196,54 @@ def model_shapes(config: Mapping, source: Path | str | None = None) -> ModelShap
     )
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# config.json of the models the shipped recipes train, and of the bundled model: plans work offline.
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def shipped_config(name: str) -> Path | None:
+    """The config.json this package ships for a hub id (org/name) or the bundled model's alias."""
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        return None
+    file = SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
+    return file if file.is_file() else None
+
+
 def _hub_cache_config(name: str) -> Path | None:
     """config.json of a hub model already in the local Hugging Face cache (never downloads)."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if not HUB_ID.fullmatch(name):
         return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
+    from huggingface_hub import try_to_load_from_cache
+
     found = try_to_load_from_cache(name, "config.json")
     return Path(found) if isinstance(found, str) else None
 
 
+def _downloaded_config(name: str) -> Path | None:
+    """config.json fetched from the hub (a few KB), or None offline, for a gated model without a login, or for
+    an id the hub does not have."""
+    if not HUB_ID.fullmatch(name):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, "config.json"))
+    except Exception:  # offline, unknown, gated: huggingface_hub raises a different type for each
+        return None
+
+
+def find_model_config(name: str) -> Path | None:
+    """Where a hub model's config.json is: the local Hugging Face cache, the configs shipped here, the hub."""
+    return _hub_cache_config(name) or shipped_config(name) or _downloaded_config(name)
+
+
 def read_model_config(path_or_config) -> dict:
     """A model config as a dict, from a dict, a `config.json` file, a model directory holding one, or a hub
-    id whose config is in the local Hugging Face cache.
+    id (see `find_model_config`).
 
     Raises:
-        UserError: naming the path when it has no config.json, is not JSON, or lacks the needed shapes.
+        UserError: naming the path when it has no config.json, is not JSON, or lacks the needed shapes, and
+            `--config` when none can be found.
     """
     if isinstance(path_or_config, Mapping):
         config = dict(path_or_config)
@@ -222,15 +252,17 @@ def read_model_config(path_or_config) -> dict:
     path = Path(path_or_config).expanduser()
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        cached = None if path.exists() else _hub_cache_config(str(path_or_config))
-        if cached is None:
+        found = None if path.exists() else find_model_config(str(path_or_config))
+        if found is None:
             message = (
                 "no config.json in this model directory"
                 if path.is_dir()
-                else "model config not found (give a model directory, its config.json, or a hub id already downloaded)"
+                else "model config not found: not a local model, not in the Hugging Face cache, not shipped with "
+                "qlora, and not fetched from the hub (offline, gated or unknown); pass --config PATH (the model's "
+                "config.json or its folder)"
             )
             raise UserError(Problem(message, file=file))
-        file = cached
+        file = found
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

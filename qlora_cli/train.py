@@ -142,13 +142,25 @@ class RecipeTrainer(Trainer):
             return loss
 
 
+def unpaged_on_cpu(args, model, context: RunContext):
+    """The optimizer a paged one is on a CPU: paging moves optimizer states between GPU and CPU memory, and on
+    a CPU they are in RAM already. The same bitsandbytes optimizer, created unpaged, trains identically and
+    spares the user bitsandbytes' warning about it at every run. None where nothing changes."""
+    if context.device != "cpu" or "paged" not in getattr(args.optim, "value", args.optim):
+        return None
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_class, {**kwargs, "is_paged": False}
+
+
 def make_trainer(run: "Run", fed: FedTokens, callbacks: list, phases: PhaseClock) -> RecipeTrainer:
     recipe = run.recipe
     guard = NonFiniteGuard()
     collator = PackBatch() if recipe.data.packing else PadToLongest(run.tokenizer.pad_token_id)
+    args = training_arguments(recipe.training, run.run_dir, run.context, has_eval=bool(run.prepared.eval))
     trainer = RecipeTrainer(
         model=run.model,
-        args=training_arguments(recipe.training, run.run_dir, run.context, has_eval=bool(run.prepared.eval)),
+        args=args,
+        optimizer_cls_and_kwargs=unpaged_on_cpu(args, run.model, run.context),
         train_dataset=run.prepared.train,
         eval_dataset=run.prepared.eval or None,
         data_collator=collator,

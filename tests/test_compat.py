@@ -74,18 +74,6 @@ def test_kept_hidden_states_must_have_one_row_per_position():
         compat.check_kept_hidden_states(torch.zeros(2, 5, 8), 5, 8)
 
 
-def test_forget_gguf_origin(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.hf_quantizer = object()
-    model.config.quantization_config = {"quant_method": "gguf"}
-    compat.forget_gguf_origin(model)
-    assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
-    with pytest.raises(LibraryChanged, match="hf_quantizer"):
-        compat.forget_gguf_origin(torch.nn.Linear(2, 2))
-
-
 def small_trainer(tiny_model_dir, tmp_path, rows):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -160,3 +148,13 @@ def test_keep_4bit_training_kernels(tiny_model_dir):
 def test_bitsandbytes_kernel_fetch_is_quiet():
     compat.quiet_bitsandbytes_kernel_fetch()
     assert logging.getLogger(compat.BITSANDBYTES_CPU_KERNEL_LOGGER).level == logging.ERROR
+
+
+def test_get_peft_model_is_quiet_about_peft_own_deprecated_call(tiny_model_dir, recwarn):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = compat.get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert len(list(compat.lora_dropouts(model))) == 14
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]

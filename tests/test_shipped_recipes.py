@@ -9,21 +9,20 @@ from pathlib import Path
 import pytest
 
 from qlora_cli.cli import main
-from qlora_cli.plan import plan_memory
+from qlora_cli.plan import plan_memory, read_model_config, shipped_config
 from qlora_cli.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = Path(__file__).parent / "model_configs"
-# Which config-only model each recipe's `model.base` stands for (the real configs' shapes).
+# The hub model each big-model recipe trains; qlora ships its config.json, so plans need no network.
 MODELS = {
-    "guanaco/7b.yaml": "llama-7b",
-    "guanaco/13b.yaml": "llama-13b",
-    "guanaco/33b.yaml": "llama-33b",
-    "guanaco/65b.yaml": "llama-65b",
-    "models/llama-3-8b-instruct.yaml": "llama-3-8b",
-    "models/mistral-7b-instruct.yaml": "mistral-7b",
-    "models/qwen2.5-7b-instruct.yaml": "qwen2.5-7b",
-    "models/llama-3-70b-instruct.yaml": "llama-3-70b",
+    "guanaco/7b.yaml": "huggyllama/llama-7b",
+    "guanaco/13b.yaml": "huggyllama/llama-13b",
+    "guanaco/33b.yaml": "huggyllama/llama-30b",
+    "guanaco/65b.yaml": "huggyllama/llama-65b",
+    "models/llama-3-8b-instruct.yaml": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "models/mistral-7b-instruct.yaml": "mistralai/Mistral-7B-Instruct-v0.3",
+    "models/qwen2.5-7b-instruct.yaml": "Qwen/Qwen2.5-7B-Instruct",
+    "models/llama-3-70b-instruct.yaml": "meta-llama/Llama-3.3-70B-Instruct",
 }
 
 
@@ -39,21 +38,46 @@ def test_recipe_fits_the_gpu_its_comment_names(recipe_name, tmp_path, capsys):
     path = REPO / "recipes" / recipe_name
     comment = next(line for line in path.read_text().splitlines() if line.startswith("# GPU:"))
     gib = int(re.search(r"fits one (\d+) GiB GPU", comment).group(1))
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text((CONFIGS / f"{MODELS[recipe_name]}.json").read_text())
     recipe = load_recipe(path)
-    plan = plan_memory(json.loads((model_dir / "config.json").read_text()), recipe, gpu_memory_bytes=gib * 2**30)
+    assert recipe.model.base == MODELS[recipe_name]
+    config = json.loads(shipped_config(recipe.model.base).read_text())
+    plan = plan_memory(config, recipe, gpu_memory_bytes=gib * 2**30)
     assert plan.fits
-    # And through the command, from a directory holding nothing but config.json:
-    main(["plan", str(path), "--config", str(model_dir), "--gpu-memory", f"{gib}GiB", "--json"])
+    # And through the command, offline (the tests run with HF_HUB_OFFLINE=1), from the shipped config:
+    main(["plan", str(path), "--gpu-memory", f"{gib}GiB", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["fits"] is True and printed["total_bytes"] == plan.total_bytes
+    # Or from a directory holding nothing but config.json:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(config))
+    main(["plan", str(path), "--config", str(model_dir), "--gpu-memory", f"{gib}GiB", "--json"])
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == plan.total_bytes
     fsdp = re.search(r"two (\d+) GiB GPUs", comment)
     if fsdp:
-        sharded = plan_memory(json.loads((model_dir / "config.json").read_text()), recipe,
-                              gpu_memory_bytes=int(fsdp.group(1)) * 2**30, gpus=2, sharded=True)
+        sharded = plan_memory(config, recipe, gpu_memory_bytes=int(fsdp.group(1)) * 2**30, gpus=2, sharded=True)
         assert sharded.fits
+
+
+@pytest.mark.parametrize("recipe_path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_plans_offline(recipe_path, capsys):
+    main(["plan", str(recipe_path), "--json"])
+    assert json.loads(capsys.readouterr().out)["resident_bytes"] > 0
+
+
+def test_a_model_nobody_knows_names_the_config_flag(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    recipe.write_text("model:\n  base: nobody/unknown-model\ndata:\n  train:\n    - path: d.jsonl\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", str(recipe)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--config" in err and "nobody/unknown-model" in err
+
+
+def test_shipped_configs_read_as_model_configs():
+    for name in [*MODELS.values(), "smollm2-135m-instruct"]:
+        assert read_model_config(shipped_config(name))["hidden_size"] > 0
 
 
 def test_guanaco_recipes_carry_the_papers_settings():
