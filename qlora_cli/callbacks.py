@@ -23,6 +23,26 @@ from .recipe import MmluSection
 from .rundir import EVAL_METRICS, METRICS, write_atomic
 
 
+class TrainClock:
+    """Training time over the whole run: the earlier sessions' (from the checkpoint a run resumes from) plus
+    this session's, counted from `start`."""
+
+    def __init__(self, before: float = 0.0):
+        self.before = before
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def session(self) -> float:
+        return time.perf_counter() - self.started if self.started is not None else 0.0
+
+    @property
+    def total(self) -> float:
+        return self.before + self.session
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, step: int):
         super().__init__(step)
@@ -90,9 +110,9 @@ class Checkpointer(TrainerCallback):
     """
 
     def __init__(self, run_dir: Path, save_steps: int | None, keep: int, fed, stops: StopRequests,
-                 fingerprints: dict[str, str], trainable_parameters: int, context: RunContext):
+                 fingerprints: dict[str, str], trainable_parameters: int, context: RunContext, clock: TrainClock):
         self.run_dir, self.save_steps, self.keep = run_dir, save_steps, keep
-        self.fed, self.stops, self.fingerprints = fed, stops, fingerprints
+        self.fed, self.stops, self.fingerprints, self.clock = fed, stops, fingerprints, clock
         self.trainable_parameters, self.context = trainable_parameters, context
         self.last: Path | None = None
 
@@ -117,7 +137,7 @@ class Checkpointer(TrainerCallback):
         barrier()  # every rank has written its part (its RNG state) into staging
         if self.context.is_main:
             manifest = {**self.fingerprints, "fed_tokens": tokens, "fed_positions": positions,
-                        "versions": library_versions()}
+                        "train_seconds": round(self.clock.total, 3), "versions": library_versions()}
             self.last = finalize(self.run_dir, state.global_step, manifest, self.keep)
         barrier()  # nobody writes into staging while it is sealed
 
@@ -163,20 +183,17 @@ class MmluEvaluator(TrainerCallback):
 
 class MetricsWriter(TrainerCallback):
     """Writes metrics.jsonl (and the evaluation losses to eval_metrics.jsonl); `fed` counts the tokens the
-    Trainer has trained on. A resumed run first cuts both files back to the step it resumes from."""
+    Trainer has trained on and `clock` the training time, both over the whole run. A resumed run first cuts
+    both files back to the step it resumes from."""
 
-    def __init__(self, run_dir: Path, fed, resumed_step: int | None = None):
-        self.run_dir, self.fed = run_dir, fed
+    def __init__(self, run_dir: Path, fed, clock: TrainClock, resumed_step: int | None = None):
+        self.run_dir, self.fed, self.clock = run_dir, fed, clock
         self.records = read_records(run_dir / METRICS, resumed_step) if resumed_step else []
         if resumed_step:
             read_records(run_dir / EVAL_METRICS, resumed_step)
-        self.started = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        elapsed = round(time.perf_counter() - self.started, 3)
+        elapsed = round(self.clock.total, 3)
         if logs and "eval_loss" in logs:
             append_record(self.run_dir / EVAL_METRICS,
                           {"step": state.global_step, "eval_loss": logs["eval_loss"], "elapsed_seconds": elapsed})
@@ -204,6 +221,8 @@ class ProgressReporter(TrainerCallback):
         self.progress = None
         self.task = None
         self.started = time.perf_counter()
+        self.first_step = 0  # a resumed run: the rate and the ETA are this session's
+        self.tokens_before = 0
         self.last: dict[str, Any] = {}
 
     def _fields(self) -> dict[str, str]:
@@ -213,11 +232,12 @@ class ProgressReporter(TrainerCallback):
         return {
             "loss": f"{loss:.4f}" if loss is not None else "-",
             "lr": f"{lr:.2e}" if lr is not None else "-",
-            "tps": f"{self.fed.tokens / elapsed:,.0f}",
+            "tps": f"{(self.fed.tokens - self.tokens_before) / elapsed:,.0f}",
         }
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
+        self.first_step, self.tokens_before = state.global_step, self.fed.tokens
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -232,7 +252,8 @@ class ProgressReporter(TrainerCallback):
                 console=self.console,
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=state.max_steps, loss="-", lr="-", tps="0")
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                               loss="-", lr="-", tps="0")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
@@ -247,7 +268,7 @@ class ProgressReporter(TrainerCallback):
             return
         fields = self._fields()
         elapsed = time.perf_counter() - self.started
-        remaining = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+        remaining = elapsed / max(state.global_step - self.first_step, 1) * (state.max_steps - state.global_step)
         self.console.print(
             f"step {state.global_step}/{state.max_steps}  loss {fields['loss']}  lr {fields['lr']}  "
             f"{fields['tps']} tok/s  eta {format_seconds(remaining)}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from transformers import PrinterCallback, Trainer
 from . import compat
 from .callbacks import (
     Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteGuard, NonFiniteLoss, ProgressReporter, StopRequests,
+    TrainClock,
 )
 from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint, staging_dir
 from .console import format_seconds, key_value_table, recipe_table
@@ -343,8 +343,8 @@ def setup(
 @dataclass
 class FitResult:
     trainer: RecipeTrainer
-    fed: FedTokens  # totals over all ranks
-    train_seconds: float
+    fed: FedTokens  # totals over all ranks and sessions
+    clock: TrainClock
     metrics: MetricsWriter | None  # rank 0 only
     mmlu: MmluEvaluator | None
     eval_loss: float | None
@@ -366,12 +366,13 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
     if run.resume_from is not None and context.is_main:  # the manifest holds the totals of all ranks
         fed.tokens, fed.positions = run.resume_from.manifest["fed_tokens"], run.resume_from.manifest["fed_positions"]
     stops = StopRequests()
+    clock = TrainClock(run.resume_from.manifest.get("train_seconds", 0.0) if run.resume_from else 0.0)
     checkpointer = Checkpointer(run_dir, recipe.training.save_steps, recipe.training.keep_checkpoints, fed, stops,
-                                run.fingerprints, run.trainable_parameters, context)
+                                run.fingerprints, run.trainable_parameters, context, clock)
     ours: list = [checkpointer]
     metrics = mmlu = None
     if context.is_main:  # only rank 0 logs: the metrics files are rewritten on resume
-        metrics = MetricsWriter(run_dir, fed, resumed_step)
+        metrics = MetricsWriter(run_dir, fed, clock, resumed_step)
         ours += [metrics, ProgressReporter(run.console, fed)]
         if run.mmlu_data is not None:
             mmlu = MmluEvaluator(recipe.training.eval_mmlu, recipe.training.eval_steps, run_dir, run.tokenizer,
@@ -385,7 +386,7 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
     trainer = make_trainer(run, fed, [*ours, *callbacks], phases)
     if context.sharded and not trainer.is_fsdp_enabled:
         raise RunFailure("training.distributed: fsdp was asked for, but accelerate did not enable FSDP on these devices")
-    started = time.perf_counter()
+    clock.start()
     try:
         with stops:
             trainer.train(resume_from_checkpoint=str(run.resume_from.path) if run.resume_from else None)
@@ -407,7 +408,6 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
     finally:
         if context.is_main:
             clear_staging(run_dir)
-    train_seconds = time.perf_counter() - started
     if stops.requested:
         raise RunInterrupted(
             f"{stops.requested}: stopped after step {trainer.state.global_step}; checkpoint {checkpointer.last}.\n"
@@ -415,7 +415,7 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
         )
     eval_loss = trainer.evaluate()["eval_loss"] if run.prepared.eval else None
     fed.tokens, fed.positions = sum_over_ranks([fed.tokens, fed.positions])
-    return FitResult(trainer, fed, train_seconds, metrics, mmlu, eval_loss)
+    return FitResult(trainer, fed, clock, metrics, mmlu, eval_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
     records = result.metrics.records if result.metrics else []
     peak, peak_kind = peak_memory_bytes(context.device)
     stats = run.prepared.train_stats
-    seconds = result.train_seconds
+    seconds = result.clock.total
     return {
         "steps": result.trainer.state.global_step,
         "resumed_from_step": run.resume_from.step if run.resume_from else None,
@@ -459,8 +459,9 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
         "train_tokens": fed.tokens,
         "fed_positions": fed.positions,
         "padding_fraction": round(fed.padding_fraction, 4),
-        "train_seconds": round(seconds, 3),
-        "tokens_per_second": round(fed.tokens / seconds, 1) if seconds and not run.resume_from else None,
+        "train_seconds": round(seconds, 3),  # every session of the run, as tokens are
+        "session_train_seconds": round(result.clock.session, 3),
+        "tokens_per_second": round(fed.tokens / seconds, 1) if seconds else None,
         "first_loss": records[0]["loss"] if records else None,
         "final_loss": records[-1]["loss"] if records else None,
         "eval_loss": result.eval_loss,

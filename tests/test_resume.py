@@ -74,6 +74,11 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(recipe_path, tmp_path):
     assert max((expected_adapter[k] - got_adapter[k]).abs().max().item() for k in expected_adapter) < 1e-5
     summary = json.loads((interrupted / "summary.json").read_text())
     assert summary["resumed_from_step"] == stopped
+    # Time and speed are the whole run's: the metrics' clock goes on across the resume.
+    elapsed = [json.loads(line)["elapsed_seconds"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed == sorted(elapsed)
+    assert summary["train_seconds"] > summary["session_train_seconds"] > 0
+    assert summary["tokens_per_second"] == pytest.approx(summary["train_tokens"] / summary["train_seconds"], rel=0.01)
     assert summary["train_tokens"] == json.loads((straight / "summary.json").read_text())["train_tokens"]
 
 
@@ -102,7 +107,13 @@ def test_damaged_and_unfinished_checkpoints_are_skipped(recipe_path, tmp_path, c
     assert "step-12: it has no manifest" in out
     assert "step-9: adapter_model.safetensors has" in out
     assert "Resuming from" in out and "step-6" in out
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == 6
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 6
+    manifest = json.loads((run_dir / "checkpoints" / "step-6" / "manifest.json").read_text())
+    assert summary["train_seconds"] == pytest.approx(manifest["train_seconds"] + summary["session_train_seconds"], abs=0.01)
+    assert summary["tokens_per_second"] is not None
+    elapsed = [json.loads(line)["elapsed_seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > manifest["train_seconds"]
 
 
 def test_resume_refuses_a_recipe_that_changed_what_is_trained(recipe_path, tmp_path, capsys):
