@@ -319,6 +319,39 @@ def _compose_lines(
             _compose_lines(item, child, lines, duplicates, inside)
 
 
+def _yaml_hint(exc: yaml.YAMLError, line_text: str) -> str:
+    """What usually causes a YAML syntax error of this kind, in words a recipe's author can act on."""
+    problem, context = getattr(exc, "problem", "") or "", getattr(exc, "context", "") or ""
+    if "\t" in line_text or "'\\t'" in problem:
+        return "a tab indents this line; YAML indents with spaces only"
+    if "flow sequence" in context or "flow mapping" in context:
+        return "a [ or { opened here is not closed (or an item lacks its comma)"
+    if "quoted scalar" in context:
+        return "a quote opened here is not closed"
+    if "block end" in problem or "mapping values are not allowed" in problem:
+        return ("check this line's indentation against the lines above (keys of one section line up, two spaces "
+                "deeper than the section), and that each `key: value` has one colon followed by a space")
+    return ""
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str, path: Path) -> Problem:
+    """The YAML error at the line it is on, with the line itself and a likely cause. An unclosed bracket or
+    quote is found where the parser gave up; it is reported at the line where it opened."""
+    lines = text.splitlines()
+    mark = getattr(exc, "problem_mark", None)
+    context_mark = getattr(exc, "context_mark", None)
+    unclosed = any(kind in (getattr(exc, "context", "") or "") for kind in ("flow sequence", "flow mapping", "quoted scalar"))
+    if context_mark is not None and (mark is None or unclosed):
+        mark = context_mark
+    line = mark.line + 1 if mark is not None else None
+    line_text = lines[line - 1] if line and line <= len(lines) else ""
+    message = f"not valid YAML: {getattr(exc, 'problem', None) or exc}"
+    if line_text.strip():
+        message += f" in `{line_text.strip()}`"
+    hint = _yaml_hint(exc, line_text)
+    return Problem(message + (f"; {hint}" if hint else ""), file=path, line=line)
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
     """Parse a recipe file with `yaml.safe_load` semantics and map each key path to its line.
 
@@ -341,11 +374,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
     except _RecursiveAlias as recursive:
         raise UserError(Problem("an alias refers to a value that contains it", file=path, line=recursive.line)) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise UserError(
-            Problem(f"not valid YAML: {reason}", file=path, line=mark.line + 1 if mark else None)
-        ) from None
+        raise UserError(_yaml_problem(exc, text, path)) from None
     if data is None:
         raise UserError(Problem("the recipe is empty", file=path))
     if not isinstance(data, dict):

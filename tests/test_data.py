@@ -327,3 +327,18 @@ def test_eval_sources(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", CHAT_ROWS)
     datasets = load_datasets(DataSection(train=[{"path": a}], eval=[{"path": b}]), seed=0)
     assert len(datasets.train) == len(ALPACA_ROWS) and len(datasets.eval) == len(CHAT_ROWS)
+
+
+def test_bad_rows_are_reported_in_file_order_with_the_way_to_skip_them(tmp_path):
+    lines = [json.dumps(row) for row in ALPACA_ROWS] + [
+        json.dumps({"instruction": "no answer"}),  # line 5: a row without its output
+        "{not json",  # line 6: not even JSON
+        json.dumps({"instruction": "again", "input": ""}),  # line 7
+    ]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as error:
+        load_datasets(DataSection(train=[{"path": tmp_path / "rows.jsonl"}]), seed=0)
+    rendered = error.value.render()
+    assert "data.on_bad_row: skip" in rendered
+    positions = [rendered.index(f"rows.jsonl:{line}:") for line in (5, 6, 7)]
+    assert positions == sorted(positions)

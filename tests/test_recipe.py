@@ -113,6 +113,20 @@ def test_bad_yaml_names_the_line(tmp_path):
     assert "not valid YAML" in problem.message
 
 
+@pytest.mark.parametrize("text, line, hint", [
+    ("model:\n  base: smollm2-135m-instruct\n data:\n  train: []\n", 3, "indentation"),
+    ("model:\n\tbase: smollm2-135m-instruct\n", 2, "a tab indents this line"),
+    ("lora:\n  target_modules: [q_proj, v_proj\ndata:\n  train: []\n", 2, "[ or { opened here is not closed"),
+    ('model:\n  base: "smollm2\ndata: 1\n', 2, "a quote opened here is not closed"),
+])
+def test_yaml_syntax_errors_say_where_and_what_usually_causes_them(tmp_path, text, line, hint):
+    (tmp_path / "recipe.yaml").write_text(text)
+    with pytest.raises(UserError) as error:
+        load_recipe(tmp_path / "recipe.yaml")
+    [problem] = error.value.problems
+    assert problem.line == line and hint in problem.message, problem.render()
+
+
 def test_duplicate_key_is_an_error(tmp_path):
     [problem] = problems_of(write(tmp_path, MINIMAL + "training:\n  seed: 1\n  seed: 2\n"))
     assert (problem.key, problem.line) == ("training.seed", 8)

@@ -34,7 +34,9 @@ def read_source(source: DataSource) -> tuple[list[Example], list[Problem]]:
             problems.append(location.problem(str(error)))
     if not examples and not problems:
         problems.append(Problem(f"{source_name(source)} has no rows"))
-    return examples, problems
+    # The reader's problems (a line that is not JSON) and the rows' (a missing field) are found in two passes:
+    # reported in file order.
+    return examples, sorted(problems, key=lambda problem: (str(problem.file or ""), problem.line or 0))
 
 
 def resample(examples: list[Example], source: DataSource, rng: random.Random) -> list[Example]:
@@ -57,10 +59,10 @@ class Datasets:
     skipped: list[Problem] = field(default_factory=list)  # bad rows skipped under on_bad_row: skip
 
 
-def _report(problems: list[Problem], what: str) -> UserError:
+def _report(problems: list[Problem]) -> UserError:
     shown = problems[:MAX_PROBLEMS_SHOWN]
-    more = f"; the first {len(shown)}:" if len(problems) > len(shown) else ":"
-    return UserError(shown, title=f"{len(problems)} bad {what}{more}")
+    more = f"; the first {len(shown)}" if len(problems) > len(shown) else ""
+    return UserError(shown, title=f"{len(problems)} bad data row(s) (data.on_bad_row: skip trains on the others){more}:")
 
 
 def load_datasets(data: DataSection, seed: int) -> Datasets:
@@ -86,7 +88,7 @@ def load_datasets(data: DataSection, seed: int) -> Datasets:
     skipped: list[Problem] = []
     if problems:
         if data.on_bad_row == "error":
-            raise _report(problems, "data row(s)")
+            raise _report(problems)
         skipped = problems
 
     if data.eval_size:
