@@ -13,7 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from .compat import show_flags_without_a_type
 from .errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, RunFailure, RunInterrupted, UserError
+
+show_flags_without_a_type()
 
 app = typer.Typer(
     name="qlora",
@@ -34,7 +37,7 @@ PROFILE_STEPS = 5  # `qlora train --profile` with no number
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a recipe key: --set training.learning_rate=1e-4 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.learning_rate=1e-4 (repeatable)."),
 ]
 ModelArg = Annotated[str, typer.Argument(
     help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.",
@@ -44,7 +47,7 @@ MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens per answer."
 Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
 Seed = Annotated[int, typer.Option(help="Sampling seed.")]
-OutputDirOption = Annotated[Optional[Path], typer.Option("--output-dir", help="Run directory (overrides output.dir).")]
+OutputDirOption = Annotated[Optional[Path], typer.Option("--output-dir", metavar="DIR", help="Run directory (overrides output.dir).")]
 
 
 @app.command()
@@ -66,7 +69,7 @@ def train(
     output_dir: OutputDirOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint of the run directory.")] = False,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train data-parallel in this many processes (torchrun on this machine).")] = 1,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, metavar="N", help="Train data-parallel in this many processes (torchrun on this machine).")] = 1,
     profile: Annotated[Optional[int], typer.Option(
         "--profile", min=1, metavar="[N]",
         help=f"Profile N optimizer steps (default {PROFILE_STEPS}) after the first warm-up steps, into RUN_DIR/profile: "

@@ -65,6 +65,27 @@ def profiler_memory_events(profiler) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# typer
+
+def show_flags_without_a_type() -> None:
+    """In `--help`, a flag (`--overwrite`, `--help`) takes no value, so it gets no `<bool>` beside it. typer
+    (0.29) writes every option's type there, from `TyperOption.display_type_rich`, which returns the metavar
+    when there is one: flags are given an empty one."""
+    from typer.core import TyperOption
+
+    original = getattr(TyperOption, "display_type_rich", None)
+    require(callable(original), "typer's TyperOption no longer has display_type_rich")
+    if getattr(original, "flags_without_type", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return "" if self.is_flag and self.metavar is None else original(self, ctx)
+
+    display_type_rich.flags_without_type = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+# ---------------------------------------------------------------------------------------------
 # transformers
 
 def output_projection_is_sliceable(model) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,13 @@ def test_validate_and_help_do_not_import_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_help_shows_a_value_only_where_an_option_takes_one():
+    result = subprocess.run([sys.executable, "-m", "qlora_cli", "train", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "160"})
+    assert result.returncode == 0
+    assert "<bool>" not in result.stdout and "--overwrite" in result.stdout and "KEY=VALUE" in result.stdout
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
