@@ -91,8 +91,8 @@ def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
     examples = (datasets.eval if held_out else datasets.train)[:PARITY_PROMPTS]
     options = TokenizeOptions(max_seq_len=PARITY_MAX_TOKENS, truncation="right")
     rows, _ = tokenize_examples(tokenizer, tokenizer.chat_template, examples, options)
-    where = "evaluation" if held_out else "training (the run has no evaluation rows)"
-    return [row["input_ids"] for row in rows], f"first {len(rows)} {where} rows, at most {PARITY_MAX_TOKENS} tokens each"
+    where = "evaluation rows" if held_out else "training rows (the run has no evaluation rows)"
+    return [row["input_ids"] for row in rows], f"the first {len(rows)} {where}, at most {PARITY_MAX_TOKENS} tokens each"
 
 
 def check_free_space(folder: Path, needed: int) -> None:
