@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -160,7 +161,7 @@ def data_preview(
     set_: SetOption = None,
 ) -> None:
     """Show tokenized examples with the trained tokens marked, and statistics of the data."""
-    from .console import make_console
+    from .console import make_console, working
     from .data.sources import load_datasets
     from .recipe import load_recipe
 
@@ -173,9 +174,10 @@ def data_preview(
 
     console = make_console()
     quiet_libraries(console.is_terminal)
-    tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, say=console.print), resolved.model)
+    tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, console), resolved.model)
     template = resolve_template(resolved.data.template, tokenizer)
-    prepared = prepare(resolved, tokenizer, template, datasets)
+    with working(console, "Tokenizing the data"):
+        prepared = prepare(resolved, tokenizer, template, datasets)
     show_preview(console, resolved, tokenizer, datasets, prepared, count)
 
 
@@ -198,22 +200,25 @@ def generate(
         raise UserError("give at least one --prompt or a --file of prompts")
     from rich.console import Console
 
+    from .console import working
     from .generate import generate as run_generate, load_for_generation
-
     from .models import quiet_libraries
 
     console = Console(highlight=False)
     quiet_libraries(console.is_terminal)
-    loaded = load_for_generation(model)
+    with working(console, f"Loading {model}"):
+        loaded = load_for_generation(model)
     streamer = None
     if len(prompts) == 1 and console.is_terminal:
         from transformers import TextStreamer
 
         streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    answers = run_generate(
-        loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        seed=seed, system=system, streamer=streamer,
-    )
+    answering = working(console, f"Answering {len(prompts)} prompts") if streamer is None else nullcontext()
+    with answering:
+        answers = run_generate(
+            loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, system=system, streamer=streamer,
+        )
     if streamer is None:
         for question, answer in zip(prompts, answers):
             console.print(f"[bold]> {question}[/bold]", markup=True)
@@ -232,11 +237,14 @@ def chat(
 ) -> None:
     """Talk with a model: multi-turn, streamed, with /reset and /system."""
     from .chat import chat_loop
+    from .console import make_console, working
     from .generate import load_for_generation
     from .models import quiet_libraries
 
-    quiet_libraries(sys.stdout.isatty())
-    loaded = load_for_generation(model)
+    console = make_console()
+    quiet_libraries(console.is_terminal)
+    with working(console, f"Loading {model}"):
+        loaded = load_for_generation(model)
     chat_loop(loaded, input, sys.stdout, system=system, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, seed=seed)
 
@@ -329,23 +337,24 @@ def eval_mmlu(
     """Multiple-choice accuracy (MMLU-style): argmax over the four letter tokens, per subject and averaged."""
     import json as json_module
 
+    from .console import key_value_table, make_console, working
     from .evaluation.mmlu import evaluate, read_mmlu
     from .generate import load_for_generation
     from .models import quiet_libraries
 
     dev, test = read_mmlu(data)
-    quiet_libraries(sys.stdout.isatty())
-    loaded = load_for_generation(model)
+    console = make_console(stderr=as_json)  # --json keeps stdout for the JSON object
+    quiet_libraries(console.is_terminal)
+    with working(console, f"Loading {model}"):
+        loaded = load_for_generation(model)
     result = evaluate(loaded.model, loaded.tokenizer, dev, test, shots=shots, limit=limit)
     result.update(model=model, shots=shots)
     if as_json:
         print(json_module.dumps(result, indent=2))
         return
-    from .console import key_value_table, make_console
-
     rows = [(subject, f"{entry['accuracy']:.1%} of {entry['questions']}") for subject, entry in result["subjects"].items()]
     rows += [("mean over subjects", f"{result['accuracy']:.1%}"), ("over all questions", f"{result['accuracy_over_questions']:.1%}")]
-    make_console().print(key_value_table(f"Multiple-choice accuracy of {model} ({shots}-shot)", rows))
+    console.print(key_value_table(f"Multiple-choice accuracy of {model} ({shots}-shot)", rows))
 
 
 def with_profile_default(argv: list[str]) -> list[str]:

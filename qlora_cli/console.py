@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -15,8 +17,9 @@ from rich.table import Table
 from .recipe import Recipe, flatten
 
 
-def make_console() -> Console:
-    return Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+def make_console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(highlight=False, soft_wrap=not stream.isatty(), stderr=stderr)
 
 
 def _show(value: Any) -> str:
@@ -71,3 +74,22 @@ def format_seconds(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+LONG_PHASE_SECONDS = 2.0
+
+
+@contextmanager
+def working(console: Console, what: str) -> Iterator[None]:
+    """A phase that may take a while (loading, converting, tokenizing, evaluating): a spinner on a terminal, a
+    line off it, and its duration when it took long, so that no minute passes in silence."""
+    started = time.perf_counter()
+    if console.is_terminal:
+        with console.status(f"{what}..."):
+            yield
+    else:
+        console.print(f"{what}...")
+        yield
+    seconds = time.perf_counter() - started
+    if seconds >= LONG_PHASE_SECONDS:
+        console.print(f"{what}: done in {format_seconds(seconds)}")

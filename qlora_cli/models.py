@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from . import compat
 from .cache import cache_dir
+from .console import working
 from .context import RunContext
 from .errors import UserError
 from .recipe import BUNDLED_MODEL_ALIAS, ModelSection, QuantizationSection, Recipe
@@ -65,7 +67,7 @@ def _gguf_cache_key(path: Path) -> str:
     return f"{path.stem}-{digest}"
 
 
-def convert_gguf(path: Path, say=print) -> Path:
+def convert_gguf(path: Path, console: Console | None = None) -> Path:
     """Dequantize a GGUF checkpoint once into a cached safetensors directory; return that directory.
 
     transformers loads it unpacked into a plain dense model (`GgufConfig(dequantize=True)`), which saves as a
@@ -76,9 +78,9 @@ def convert_gguf(path: Path, say=print) -> Path:
     target = cache_dir() / "gguf" / _gguf_cache_key(path)
     if (target / "config.json").is_file():
         return target
-    say(f"Converting {path.name} to safetensors once (cached in {target})")
     # Another process (a rank of the same run) may finish the same conversion first: its copy is kept.
-    with staged(target, replace=False) as staging:
+    with working(console or Console(), f"Converting {path.name} to safetensors once (cached in {target})"), \
+            staged(target, replace=False) as staging:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.bfloat16,
@@ -88,13 +90,13 @@ def convert_gguf(path: Path, say=print) -> Path:
     return target
 
 
-def resolve_model_path(base: str, say=print) -> str:
-    """A local directory or hub id that `from_pretrained` can load."""
+def resolve_model_path(base: str, console: Console | None = None) -> str:
+    """A local directory or hub id that `from_pretrained` can load (a GGUF file is converted once, saying so)."""
     if base == BUNDLED_MODEL_ALIAS:
-        return str(convert_gguf(bundled_gguf_path(), say))
+        return str(convert_gguf(bundled_gguf_path(), console))
     path = Path(base)
     if path.suffix == ".gguf" and path.is_file():
-        return str(convert_gguf(path, say))
+        return str(convert_gguf(path, console))
     return base
 
 

@@ -27,7 +27,7 @@ from .callbacks import (
     TrainClock,
 )
 from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint, staging_dir
-from .console import format_seconds, key_value_table, recipe_table
+from .console import format_seconds, key_value_table, recipe_table, working
 from .context import RunContext, run_context
 from .data.prepare import EpochSeededLengthGroupedSampler, PreparedData, expected_padding, options_of, prepare
 from .data.sources import Datasets, load_datasets
@@ -304,10 +304,11 @@ def setup(
     if recipe.model.trust_remote_code:
         console.print("[bold red]model.trust_remote_code is on: the model repository's Python code will run.")
 
-    model_path = resolve_model_path(recipe.model.base, say=console.print)
+    model_path = resolve_model_path(recipe.model.base, console)
     tokenizer = load_tokenizer(model_path, recipe.model)
     template = resolve_template(recipe.data.template, tokenizer)
-    prepared = prepare(recipe, tokenizer, template, datasets)
+    with working(console, "Tokenizing the data"):
+        prepared = prepare(recipe, tokenizer, template, datasets)
     describe_data(console, datasets, prepared, recipe)
     fingerprints = {
         "recipe_fingerprint": recipe_fingerprint(recipe),
@@ -321,7 +322,9 @@ def setup(
     checkpointing, why = decide_checkpointing(recipe, model_path, context)
     console.print(f"Gradient checkpointing: {'on' if checkpointing else 'off'} ({why})")
     set_seed(recipe.training.seed)
-    model = load_model(model_path, recipe, context, checkpointing)
+    bits = {4: f"in 4-bit {recipe.quantization.quant_type.upper()}", 8: "in 8-bit", 16: "unquantized"}[recipe.quantization.bits]
+    with working(console, f"Loading {model_path} {bits} with LoRA"):
+        model = load_model(model_path, recipe, context, checkpointing)
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
 
@@ -413,7 +416,10 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
             f"{stops.requested}: stopped after step {trainer.state.global_step}; checkpoint {checkpointer.last}.\n"
             f"Resume with: {run.resume_command}"
         )
-    eval_loss = trainer.evaluate()["eval_loss"] if run.prepared.eval else None
+    eval_loss = None
+    if run.prepared.eval:
+        with working(run.console, f"Evaluating on {len(run.prepared.eval):,} rows"):
+            eval_loss = trainer.evaluate()["eval_loss"]
     fed.tokens, fed.positions = sum_over_ranks([fed.tokens, fed.positions])
     return FitResult(trainer, fed, clock, metrics, mmlu, eval_loss)
 

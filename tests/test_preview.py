@@ -12,7 +12,7 @@ def test_preview_marks_exactly_the_trained_tokens(tiny_recipe, capsys):
     # Special tokens are written out; each reply and its EOS are marked as trained, nothing else is.
     assert "<s><|user|>\nWhat is the capital of France?</s>\n<|assistant|>\n⟦The capital of France is Paris.</s>⟧\n" in out
     assert "⟦Paris.</s>⟧" in out and "⟦Tokyo, matey.</s>⟧" in out
-    examples = out.split("\n", 1)[1]  # past the legend, which shows the marks too
+    examples = out.split("(trained tokens between ⟦ and ⟧):\n", 1)[1]  # past the legend, which shows the marks too
     assert examples.count("⟦") == examples.count("⟧") == 7  # 4 alpaca replies + 3 chat replies
     assert "trained tokens" in out and "padding" in out and "Token lengths" in out
 
