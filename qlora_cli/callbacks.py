@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
 from .checkpoint import checkpoint_bytes_estimate, finalize
@@ -19,6 +22,7 @@ from .console import format_seconds
 from .context import RunContext
 from .distributed import barrier, sum_over_ranks
 from .errors import RunFailure
+from .evaluation.mmlu import evaluate
 from .recipe import MmluSection
 from .rundir import EVAL_METRICS, METRICS, write_atomic
 
@@ -60,8 +64,6 @@ class NonFiniteGuard(TrainerCallback):
         self.bad = None
 
     def observe(self, loss) -> None:
-        import torch
-
         bad = ~torch.isfinite(loss.detach()).all()
         self.bad = bad if self.bad is None else self.bad | bad
 
@@ -81,23 +83,17 @@ class StopRequests:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested}: finishing this step and writing a checkpoint (again to abort now)", file=sys.stderr)
 
     def __enter__(self) -> "StopRequests":
-        import signal
-
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -167,8 +163,6 @@ class MmluEvaluator(TrainerCallback):
         self.last: float | None = None
 
     def measure(self, model, step: int) -> float:
-        from .evaluation.mmlu import evaluate
-
         result = evaluate(model, self.tokenizer, *self.mmlu_data, shots=self.settings.shots, limit=self.settings.limit)
         self.last = result["accuracy"]
         append_record(self.run_dir / EVAL_METRICS,
@@ -239,8 +233,6 @@ class ProgressReporter(TrainerCallback):
         self.started = time.perf_counter()
         self.first_step, self.tokens_before = state.global_step, self.fed.tokens
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
             self.progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),

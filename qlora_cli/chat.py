@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from typing import Callable, TextIO
 
+from transformers import TextStreamer
+
 from .generate import generate
 from .models import LoadedModel
 
 HELP = "Commands: /reset forgets the conversation, /system TEXT sets the system message, /exit leaves."
 
 
-def make_streamer(tokenizer, out: TextIO):
+class StreamTo(TextStreamer):
     """A transformers streamer that writes the new text to `out` as it is generated."""
-    from transformers import TextStreamer
 
-    class Streamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            out.write(text + ("\n" if stream_end else ""))
-            out.flush()
+    def __init__(self, tokenizer, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
 
-    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
 
 
 def chat_loop(
@@ -37,7 +39,7 @@ def chat_loop(
     """
     history: list[dict[str, str]] = []
     out.write(HELP + "\n")
-    streamer = make_streamer(loaded.tokenizer, out)
+    streamer = StreamTo(loaded.tokenizer, out)
     while True:
         try:
             line = read_line("you> ")

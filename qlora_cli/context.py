@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compat import cpu_has_native_bfloat16
 from .distributed import local_rank, rank, world_size
 from .errors import UserError
 
@@ -32,8 +33,6 @@ def choose_compute_dtype(setting: str, device: str) -> DtypeChoice:
             if torch.cuda.is_bf16_supported():
                 return DtypeChoice(torch.bfloat16, "auto: this GPU supports bfloat16")
             return DtypeChoice(torch.float16, "auto: this GPU has no bfloat16, using float16")
-        from .compat import cpu_has_native_bfloat16
-
         if cpu_has_native_bfloat16():
             return DtypeChoice(torch.bfloat16, "auto: this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)")
         return DtypeChoice(torch.float32, "auto: float32 on a CPU without native bfloat16, where bfloat16 is emulated and slow")

@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from .compat import lora_dropouts
+
 log = logging.getLogger(__name__)
 
 # mallopt parameters, from glibc's malloc.h.
@@ -83,8 +85,6 @@ class CheapDropout(torch.nn.Dropout):
 
 def use_cheap_lora_dropout(model) -> int:
     """Give every LoRA layer's dropout the cheap mask above; returns how many were replaced."""
-    from .compat import lora_dropouts
-
     replaced = 0
     for dropouts, name in lora_dropouts(model):
         dropout = dropouts[name]

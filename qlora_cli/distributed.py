@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+import torch
+import torch.distributed as dist
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -22,15 +25,11 @@ def world_size() -> int:
 
 
 def _initialized() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def barrier() -> None:
     if _initialized():
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -38,9 +37,6 @@ def sum_over_ranks(values: list[int]) -> list[int]:
     """Each value summed over all ranks (the values themselves when not distributed)."""
     if not _initialized():
         return list(values)
-    import torch
-    import torch.distributed as dist
-
     tensor = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(tensor)
     return [int(v) for v in tensor.tolist()]

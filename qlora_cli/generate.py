@@ -6,19 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .context import inference_context
 from .data.templates import end_of_turn_token
 from .data.tokenize import encode_prompt
 from .errors import UserError
-from .models import LoadedModel, resolve_model_path
-from .rundir import is_run_dir, load_run
+from .models import LoadedModel, load_run, resolve_model_path
+from .rundir import is_run_dir
 
 
 def load_plain(reference: str) -> LoadedModel:
     """A full-precision model: a merged directory, a local model, a hub id, a .gguf or the bundled alias."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = resolve_model_path(reference)
     context = inference_context()
     # Unquantized weights on a CPU stay in float32: bfloat16 would round them, not just the matmuls.

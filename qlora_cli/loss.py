@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from . import compat
 from .data.tokenize import IGNORE_INDEX
@@ -133,8 +134,6 @@ def head_only_loss(model, head: torch.nn.Linear, inputs: dict, num_items_in_batc
     It runs with its output projection skipped and keeps only the trained positions, so the
     vocabulary is projected here, a chunk at a time; `outputs.logits` holds those positions' hidden states.
     """
-    from accelerate.utils import extract_model_from_parallel
-
     mask, targets = trained_targets(inputs["labels"])
     with compat.output_projection_skipped(base_model_of(extract_model_from_parallel(model)), head):
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=mask)

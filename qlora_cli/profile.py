@@ -5,7 +5,8 @@ profiler records N optimizer steps of the run, which otherwise goes on as usual.
 split into phases, timed with the device synchronised at their boundaries and marked in the trace:
 
     data        fetching and collating the step's batches (Trainer.get_batch_samples)
-    forward     the model's forward and the loss (compute_loss), over the step's micro-batches
+    forward     the model's forward and the loss (compute_loss), over the step's micro-batches; the chunked
+                loss (loss.py) makes its own gradient here, so the output projection's backward is in it
     backward    the rest of each micro-batch's training step: the backward pass and the token counts
     optimizer   the optimizer's update (between on_pre_optimizer_step and on_optimizer_step)
     other       everything else in the step: gradient clipping, the scheduler, callbacks, host waits
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch.autograd.profiler_util import EventList
+from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import TrainerCallback
 
 from .rundir import PROFILE, staged
@@ -105,8 +108,6 @@ class StepProfiler(TrainerCallback):
         self.optimizer_started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from torch.profiler import ProfilerActivity, profile, schedule
-
         first = state.global_step  # a resumed run counts on from where it stopped
         self.clock.profiled = range(first + WARMUP_STEPS + 1, first + WARMUP_STEPS + self.steps + 1)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
@@ -171,8 +172,6 @@ def operations_table(profiler, device: str) -> str:
     """The operations with the most self time (device time on a GPU). The phase marks are left out: they hold
     operations, not time of their own. `ProfilerStep*` stays: its self time is the host's time outside any
     operation (Python, the Trainer, callbacks)."""
-    from torch.autograd.profiler_util import EventList
-
     averages = EventList([event for event in profiler.key_averages() if not event.key.startswith("qlora/")])
     sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     return averages.table(sort_by=sort_by, row_limit=TOP_OPERATIONS)

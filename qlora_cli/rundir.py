@@ -11,7 +11,7 @@ writer of the project uses.
     RUN_DIR/profile/            `qlora train --profile`: a trace and where a step's time goes
     RUN_DIR/merged/             `output.merge` or `qlora merge`
 
-Nothing here imports torch: the CLI recognises runs before deciding what to load.
+Nothing here imports torch: the CLI recognises runs before deciding what to load (models.load_run loads one).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
+
+import yaml
 
 from .errors import Problem, UserError
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
+from .recipe import Recipe, to_yaml
 
 RECIPE = "recipe.yaml"  # written by `qlora train` alone: a folder holding it is a run
 ADAPTER = "adapter"
@@ -125,12 +125,8 @@ def is_run(path: Path) -> bool:
     return (path / RECIPE).is_file()
 
 
-def read_run_recipe(run_dir: Path) -> "Recipe":
+def read_run_recipe(run_dir: Path) -> Recipe:
     """The resolved recipe a run was trained with (its paths are already absolute)."""
-    import yaml
-
-    from .recipe import Recipe
-
     path = run_dir / RECIPE
     try:
         return Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
@@ -163,10 +159,8 @@ def check_writable(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def start_fresh(run_dir: Path, recipe: "Recipe") -> None:
+def start_fresh(run_dir: Path, recipe: Recipe) -> None:
     """Empty the run directory (checked by `check_writable`) and write the resolved recipe into it."""
-    from .recipe import to_yaml
-
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -185,30 +179,3 @@ def save_adapter(model, tokenizer, template: str, run_dir: Path) -> Path:
         tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
     return target
-
-
-def load_run(run_dir: Path):
-    """The model as it was trained: the base quantized as in the recipe, with the adapter on top.
-
-    Returns:
-        a `models.LoadedModel` in eval mode.
-
-    Raises:
-        UserError: the recipe, the adapter or the base model cannot be read.
-    """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from .context import inference_context
-    from .models import LoadedModel, load_quantized_base
-
-    recipe = read_run_recipe(run_dir)
-    base = adapter_base_model(run_dir)
-    context = inference_context(recipe.quantization.compute_dtype)
-    model = load_quantized_base(base, recipe.model, recipe.quantization, context)
-    try:
-        model = PeftModel.from_pretrained(model, run_dir / ADAPTER)
-    except Exception as exc:  # peft raises several types for a damaged adapter
-        raise UserError(Problem(f"cannot load the adapter: {exc}", file=run_dir / ADAPTER)) from None
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-    return LoadedModel(model.eval(), tokenizer, f"{run_dir} (4-bit base + adapter)")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import PrinterCallback, Trainer
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from . import compat
 from .callbacks import (
@@ -29,12 +29,17 @@ from .callbacks import (
 from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint, staging_dir
 from .console import format_seconds, key_value_table, recipe_table, working
 from .context import RunContext, run_context
+from .cpu import keep_freed_memory
 from .data.prepare import EpochSeededLengthGroupedSampler, PreparedData, expected_padding, options_of, prepare
 from .data.sources import Datasets, load_datasets
+from .data.templates import resolve_template
 from .data.tokenize import FedTokens, PackBatch, PadToLongest, cache_key
 from .distributed import barrier, sum_over_ranks
 from .errors import RunFailure, RunInterrupted, UserError
+from .evaluation.mmlu import read_mmlu
 from .loss import head_only_loss, output_head
+from .merge import merge_run
+from .models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
 from .profile import PhaseClock, StepProfiler
 from .recipe import Recipe, TrainingSection, to_yaml
 from .rundir import (
@@ -62,8 +67,6 @@ FSDP_ARGUMENTS = {
 
 
 def training_arguments(training: TrainingSection, run_dir: Path, context: RunContext, has_eval: bool):
-    from transformers import TrainingArguments
-
     return TrainingArguments(
         # The Trainer writes checkpoints here; checkpoint.finalize seals and moves them.
         output_dir=str(staging_dir(run_dir)),
@@ -271,11 +274,6 @@ def setup(
     Raises:
         UserError: bad recipe, data, model source or run directory.
     """
-    from transformers import set_seed
-
-    from .data.templates import resolve_template
-    from .models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
-
     context = run_context(recipe.quantization.compute_dtype, recipe.training.distributed)
     console = console or Console()
     if not context.is_main:
@@ -289,8 +287,6 @@ def setup(
     datasets = load_datasets(recipe.data, recipe.training.seed)
     mmlu_data = None
     if recipe.training.eval_mmlu is not None:
-        from .evaluation.mmlu import read_mmlu
-
         mmlu_data = read_mmlu(recipe.training.eval_mmlu.data)
     console.print(recipe_table(recipe))
     console.print(f"Read {len(datasets.train):,} training and {len(datasets.eval):,} evaluation rows.")
@@ -298,8 +294,6 @@ def setup(
     quiet_libraries(console.is_terminal)
     describe_context(console, context, recipe)
     if context.device == "cpu":
-        from .cpu import keep_freed_memory
-
         keep_freed_memory()
     if recipe.model.trust_remote_code:
         console.print("[bold red]model.trust_remote_code is on: the model repository's Python code will run.")
@@ -522,8 +516,6 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
         plot_loss(result.metrics.records, run.run_dir / LOSS_PLOT)
     summary = run_summary(run, result, mmlu_accuracy)
     if run.recipe.output.merge:
-        from .merge import merge_run
-
         report = merge_run(run.run_dir, say=run.console.print, overwrite=True)
         summary["merged"] = {key: report[key] for key in ("out", "dtype", "max_abs_logit_diff", "mean_kl_nats_per_token")}
     write_json(run.run_dir / SUMMARY, summary)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_cli import compat, cpu
+from qlora_cli import cpu
 from qlora_cli.context import choose_compute_dtype
 from qlora_cli.recipe import load_recipe
 from qlora_cli.train import run_training
@@ -18,7 +18,7 @@ from qlora_cli.train import run_training
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch, native, expected):
-    monkeypatch.setattr(compat, "cpu_has_native_bfloat16", lambda: native)
+    monkeypatch.setattr("qlora_cli.context.cpu_has_native_bfloat16", lambda: native)
     assert choose_compute_dtype("auto", "cpu").dtype == expected
     assert choose_compute_dtype("float32", "cpu").dtype == torch.float32  # an explicit choice is kept
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from conftest import train_tiny_run
 from qlora_cli.cli import main
 from qlora_cli.merge import merge_run
-from qlora_cli.rundir import load_run
+from qlora_cli.models import load_run
 from qlora_cli.recipe import load_recipe
 from qlora_cli.train import run_training
 

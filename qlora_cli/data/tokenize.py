@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DataCollatorWithFlattening
 
 from ..errors import UserError
 from ..rundir import staged
@@ -303,8 +304,6 @@ class PackBatch:
     """
 
     def __post_init__(self) -> None:
-        from transformers import DataCollatorWithFlattening
-
         self._flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
