@@ -361,3 +361,13 @@ def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: lis
         result["modelfile"] = write_modelfile(merged_dir, file, say=say)
         results[out_type] = result
     return results
+
+
+def gguf_summary(entry: dict) -> str:
+    """One line about an exported file for the merge summary: size, parity, llama.cpp, Modelfile."""
+    check = entry["llama_cpp"]
+    llama = (f"llama.cpp tokenizes {check['identical']}/{check['lines']} check lines alike" if check["checked"]
+             else f"llama.cpp check skipped: {check['reason']}")
+    modelfile = entry["modelfile"]["file"] + ("" if entry["modelfile"]["template"] else " (no TEMPLATE)")
+    return (f"{entry['file']}, {entry['bytes'] / 1e6:.0f} MB; max |Δlogit| {entry['max_abs_logit_diff']:.3g}, "
+            f"KL {entry['mean_kl_nats_per_token']:.3g}; {llama}; {modelfile}")

@@ -314,3 +314,17 @@ def test_go_executes_the_template_as_the_jinja_one_renders(go_renderer, tiny_tok
         if conversation is LATER_SYSTEM_CONVERSATION and turns.later_system_prefix is None:
             continue
         assert got == render(conversation, True).removeprefix(bos or "")
+
+
+def test_merge_summary_line_of_an_export():
+    from qlora_cli.gguf_export import gguf_summary
+
+    entry = {"file": "model-f16.gguf", "bytes": 270885664, "max_abs_logit_diff": 5.5e-05, "mean_kl_nats_per_token": 3.9e-08,
+             "llama_cpp": {"checked": True, "identical": 374, "lines": 374, "mismatches": []},
+             "modelfile": {"file": "model-f16.Modelfile", "template": True}}
+    assert gguf_summary(entry) == ("model-f16.gguf, 271 MB; max |Δlogit| 5.5e-05, KL 3.9e-08; "
+                                   "llama.cpp tokenizes 374/374 check lines alike; model-f16.Modelfile")
+    entry["llama_cpp"] = {"checked": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    entry["modelfile"]["template"] = False
+    assert gguf_summary(entry).endswith("check skipped: llama-cpp-python is not installed (pip install llama-cpp-python); "
+                                        "model-f16.Modelfile (no TEMPLATE)")
