@@ -6,6 +6,7 @@ What llama.cpp itself makes of the files is tested in test_gguf_llamacpp.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -255,7 +256,7 @@ def go_renderer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gorender")
     (folder / "main.go").write_text(GO_RENDERER)
     subprocess.run(["go", "build", "-o", str(folder / "render"), str(folder / "main.go")], check=True,
-                   capture_output=True, env={**__import__("os").environ, "GO111MODULE": "off"})
+                   capture_output=True, env={**os.environ, "GO111MODULE": "off"})
     return folder / "render"
 
 
