@@ -274,7 +274,12 @@ def merge(
     quiet_libraries(console.is_terminal)
     report = merge_run(run_dir, out=out, dtype_name=dtype, base=base, overwrite=overwrite,
                        gguf_types=tuple(gguf or []), say=console.print)
-    console.print(key_value_table("Merge", [(key, value) for key, value in report.items()]))
+    rows = [(key, value) for key, value in report.items() if key != "gguf"]
+    if "gguf" in report:
+        from .gguf_export import gguf_summary
+
+        rows += [(f"gguf {out_type}", gguf_summary(entry)) for out_type, entry in report["gguf"].items()]
+    console.print(key_value_table("Merge", rows))
 
 
 @eval_app.command("run")

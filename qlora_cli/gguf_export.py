@@ -1,15 +1,32 @@
 """GGUF export of a merged Llama-architecture checkpoint, for llama.cpp and Ollama (f16 or q8_0).
 
-Written with the `gguf` package: tensors renamed with its Llama name map, the query and key projections
-permuted into llama.cpp's rotary layout (the inverse of what transformers' GGUF loader undoes), and the
-tokenizer (a byte-level BPE `tokenizer.json`, as Llama 3, Qwen2 and SmolLM use) stored as a "gpt2"
-vocabulary with its merges and chat template. The export is checked by loading it back with
-transformers' GGUF loader and comparing logits with the merged model's.
+Written with the `gguf` package the way llama.cpp's own converter (convert_hf_to_gguf.py) writes a
+Llama model with a byte-level BPE tokenizer (Llama 3, SmolLM), so that llama.cpp tokenizes text
+exactly as the model was trained:
+
+- tensors renamed with gguf's Llama name map, the query and key projections permuted into
+  llama.cpp's rotary layout;
+- `tokenizer.ggml.pre`, the pre-tokenizer llama.cpp splits text with, recognised as the converter
+  does: by hashing the tokenization of a fixed text. A tokenizer it does not know is refused, never
+  written as "default" (llama.cpp would then split `it's` and whitespace runs differently);
+- the token list and types from the tokenizer itself (special added tokens are control tokens that
+  llama.cpp matches in text), merges, special token ids and the chat template through
+  `gguf.SpecialVocab`, with `add_bos_token`/`add_eos_token` set to what the tokenizer really does
+  and the end-of-turn token of the chat template written as EOT;
+- RoPE scaling: Llama 3.x `llama3` frequencies as the `rope_freqs` tensor, linear and YaRN as keys;
+  any other kind is refused.
+
+Each file is checked by loading it back with transformers' GGUF loader (logits against the merged
+model) and, where llama-cpp-python is installed, by llama.cpp's own tokenizer (see gguf_check.py).
+An Ollama Modelfile is written beside each file (see modelfile.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +36,32 @@ from .errors import UserError
 
 FORMATS = {"f16", "q8_0"}
 
+# The text llama.cpp's converter tokenizes to recognise a pre-tokenizer (convert_hf_to_gguf.py,
+# get_vocab_base_pre); the sha256 of str(tokenizer.encode(text)) names it.
+PRE_TOKENIZER_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+# The hashes llama.cpp's converter maps to a pre-tokenizer name, for the byte-level BPE tokenizers of
+# Llama-architecture models (the only architecture exported here). Copied from its get_vocab_base_pre.
+KNOWN_PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Smaug-Llama-3-70B
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M (and SmolLM2)
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",  # deepseek-llm-7b-base
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",  # deepseek-coder-6.7b
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",  # Falcon3-7B-Base
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+}
+
+# GPT-2's own pre-tokenizer as tokenizers writes it: the regex llama.cpp calls "gpt-2", byte-level.
+GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """HF's q/k row order -> llama.cpp's (the inverse of transformers' `_reverse_permute_weights`)."""
@@ -26,50 +69,215 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _tokenizer_fields(model_dir: Path) -> dict:
-    """tokens, token types and merges of a byte-level BPE tokenizer.json."""
+def read_tokenizer_spec(model_dir: Path) -> dict:
+    """The tokenizer.json of a byte-level BPE tokenizer (Llama 3, Qwen2, SmolLM).
+
+    Raises:
+        UserError: no readable tokenizer.json, or another kind of tokenizer (SentencePiece-style BPE
+            with byte fallback, as Llama 2 and Mistral use, is another kind).
+    """
     path = model_dir / "tokenizer.json"
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise UserError(f"--format gguf: cannot read {path}: {error}") from None
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise UserError("--format gguf: only byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM) are supported")
-    vocab = dict(model["vocab"])
-    special = set()
-    for added in spec.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-        if added.get("special"):
-            special.add(added["id"])
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    for token, index in vocab.items():
-        tokens[index] = token
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
-    types = [3 if i in special else 1 for i in range(size)]  # 3 = control, 1 = normal
-    return {"tokens": tokens, "types": types, "merges": merges}
+        raise UserError(f"--gguf: cannot read {path}: {error}") from None
+    model = spec.get("model") or {}
+    decoder = spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise UserError(
+            f"--gguf: {path} is not a byte-level BPE tokenizer (Llama 3, SmolLM); only those are exported. "
+            "Convert the merged folder with llama.cpp's convert_hf_to_gguf.py instead"
+        )
+    return spec
+
+
+def pre_tokenizer_name(tokenizer, spec: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer (`tokenizer.ggml.pre`).
+
+    Recognised as llama.cpp's converter does, by the hash of the tokenization of a fixed text; a
+    tokenizer whose normalizer and pre-tokenizer are exactly GPT-2's (whatever its vocabulary) is
+    "gpt-2", the same regex in llama.cpp.
+
+    Raises:
+        UserError: neither, naming the hash, so that llama.cpp never falls back to its default split.
+    """
+    digest = sha256(str(tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
+    if digest in KNOWN_PRE_TOKENIZERS:
+        return KNOWN_PRE_TOKENIZERS[digest]
+    if spec.get("normalizer") is None and spec.get("pre_tokenizer") == GPT2_PRE_TOKENIZER:
+        return "gpt-2"
+    raise UserError(
+        f"--gguf: llama.cpp does not recognise this tokenizer's pre-tokenizer (hash {digest} of the "
+        "tokenization of llama.cpp's check text, pre-tokenizer "
+        f"{json.dumps(spec.get('pre_tokenizer'))}), so it would split text differently from training. "
+        "If a newer llama.cpp knows it, convert the merged folder with its convert_hf_to_gguf.py"
+    )
+
+
+def _looks_special(token: str) -> bool:
+    """Added tokens llama.cpp's converter treats as control tokens even when not marked special."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """One token string and llama.cpp token type per embedding row, as llama.cpp's converter writes a
+    byte-level BPE vocabulary: special added tokens are CONTROL (matched whole in text), other added
+    tokens USER_DEFINED, rows no token uses UNUSED padding.
+
+    Raises:
+        UserError: the tokenizer has ids beyond the model's embedding rows.
+    """
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise UserError(f"--gguf: the tokenizer has ids up to {max(vocab.values())}, the model only {vocab_size} embedding rows")
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    by_id = {index: token for token, index in vocab.items()}
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = by_id.get(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        if token in added:
+            # llama.cpp matches added tokens as raw text, so store the text a non-normalized token matches.
+            if not decoder[index].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            special = decoder[index].special or _looks_special(token)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types
+
+
+def tokenizer_adds_eos(tokenizer) -> bool:
+    """Whether the tokenizer puts its EOS token last when encoding a text by default."""
+    if tokenizer.eos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[-1] == tokenizer.eos_token_id
+
+
+def special_vocab(model_dir: Path, tokenizer, vocab_size: int):
+    """gguf's SpecialVocab of the folder (merges, special ids, chat template), corrected to what the
+    tokenizer does: its own special ids, whether it adds BOS/EOS, and the chat template's end-of-turn
+    token as EOT (llama.cpp otherwise guesses EOT from token texts and can pick `<|endoftext|>`)."""
+    import gguf
+
+    from .data.templates import end_of_turn_token
+    from .data.tokenize import tokenizer_adds_bos
+
+    # Its guesses from the post-processor (logged as warnings) are replaced below by measured behaviour.
+    vocab_logger = logging.getLogger("gguf.vocab")
+    level = vocab_logger.level
+    vocab_logger.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    finally:
+        vocab_logger.setLevel(level)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            special.special_token_ids[kind] = token_id
+    special.add_special_token["bos"] = tokenizer_adds_bos(tokenizer)
+    special.add_special_token["eos"] = tokenizer_adds_eos(tokenizer)
+    special.chat_template = tokenizer.chat_template or None
+    end = end_of_turn_token(tokenizer, tokenizer.chat_template) if tokenizer.chat_template else None
+    if end is not None:
+        special.special_token_ids["eot"] = tokenizer.convert_tokens_to_ids(end)
+    return special
+
+
+def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.x RoPE scaling (`rope_type: llama3`), the `rope_freqs` tensor
+    llama.cpp divides its rotary frequencies by (as its converter computes it)."""
+    base = params.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor = params.get("factor", 8.0)
+    low_freq_factor = params.get("low_freq_factor", 1.0)
+    high_freq_factor = params.get("high_freq_factor", 4.0)
+    old_context = params.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def rope_parameters(config) -> dict:
+    """The config's RoPE parameters with `rope_type` and `rope_theta` always present."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", float(getattr(config, "rope_theta", 10000.0)))
+    return params
+
+
+def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
+    """Write the RoPE keys; returns the `rope_freqs` tensor a `llama3` scaling needs, else None.
+
+    Raises:
+        UserError: a scaling llama.cpp's Llama architecture cannot reproduce (dynamic NTK, longrope, ...).
+    """
+    import gguf
+
+    params = rope_parameters(config)
+    kind = params["rope_type"]
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(params["rope_theta"]))
+    if kind not in ROPE_TYPES:
+        raise UserError(f"--gguf: RoPE scaling {kind!r} is not supported in the GGUF export (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(params.get("original_max_position_embeddings") or config.max_position_embeddings))
+        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if params.get(key) is not None:
+                add(float(params[key]))
+    elif kind == "llama3":
+        return llama3_rope_factors(params, head_dim)
+    return None
 
 
 def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
     """Write `target` (.gguf) from a merged checkpoint directory of a Llama-architecture model.
 
     Raises:
-        UserError: another architecture, another tokenizer kind, or an unknown out_type.
+        UserError: another architecture, another tokenizer kind, a pre-tokenizer llama.cpp does not
+            know, an unsupported RoPE scaling, or an unknown out_type.
     """
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if out_type not in FORMATS:
-        raise UserError(f"--gguf-type: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
+        raise UserError(f"--gguf: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
     config = AutoConfig.from_pretrained(merged_dir)
     if config.model_type != "llama":
-        raise UserError(f"--format gguf: only Llama-architecture models are supported, not {config.model_type}")
+        raise UserError(f"--gguf: only Llama-architecture models are supported, not {config.model_type}")
+    spec = read_tokenizer_spec(merged_dir)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    fields = _tokenizer_fields(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    pre = pre_tokenizer_name(tokenizer, spec)
+    tokens, types = vocabulary(tokenizer, config.vocab_size)
+    special = special_vocab(merged_dir, tokenizer, config.vocab_size)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
 
     writer = gguf.GGUFWriter(str(target), "llama")
     writer.add_name(merged_dir.name)
@@ -79,30 +287,28 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    writer.add_rope_freq_base(float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    rope_freqs = write_rope(writer, config, head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if out_type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(fields["tokens"])
-    writer.add_token_types(fields["types"])
-    writer.add_token_merges(fields["merges"])
-    for name, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                           ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
-        if token_id is not None:
-            getattr(writer, f"add_{name}_token_id")(token_id)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special.add_to_gguf(writer, quiet=True)
 
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    if rope_freqs is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for hf_name, tensor in state.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UserError(f"--format gguf: no GGUF name for tensor {hf_name}")
+            raise UserError(f"--gguf: no GGUF name for tensor {hf_name}")
         data = tensor.float().numpy()
         if hf_name.endswith("q_proj.weight"):
             data = _permute(data, heads)
@@ -132,3 +338,36 @@ def gguf_parity(merged_dir: Path, gguf_file: Path, prompts: list[list[int]]) -> 
     reloaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     report = parity(original, reloaded, prompts)
     return {"max_abs_logit_diff": report.max_abs_logit_diff, "mean_kl_nats_per_token": report.mean_kl, "tokens": report.tokens}
+
+
+def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: list[list[int]], say=print) -> dict:
+    """Write model-<type>.gguf and its Ollama Modelfile into `merged_dir` for each type, each checked
+    by transformers' GGUF loader and, where llama-cpp-python is installed, by llama.cpp's tokenizer.
+
+    Returns:
+        per type: the file, its size, the parity with the merged model, the llama.cpp check and the Modelfile.
+    """
+    from .gguf_check import llama_cpp_tokenization_check
+    from .modelfile import write_modelfile
+
+    results = {}
+    for out_type in out_types:
+        file = merged_dir / f"model-{out_type}.gguf"
+        export_gguf(merged_dir, file, out_type)
+        result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(merged_dir, file, prompts)}
+        say(f"Wrote {file.name}: reloaded by transformers' GGUF loader, max |Δlogit| "
+            f"{result['max_abs_logit_diff']:.3g} against the merged model")
+        result["llama_cpp"] = llama_cpp_tokenization_check(file, merged_dir, say=say)
+        result["modelfile"] = write_modelfile(merged_dir, file, say=say)
+        results[out_type] = result
+    return results
+
+
+def gguf_summary(entry: dict) -> str:
+    """One line about an exported file for the merge summary: size, parity, llama.cpp, Modelfile."""
+    check = entry["llama_cpp"]
+    llama = (f"llama.cpp tokenizes {check['identical']}/{check['lines']} check lines alike" if check["checked"]
+             else f"llama.cpp check skipped: {check['reason']}")
+    modelfile = entry["modelfile"]["file"] + ("" if entry["modelfile"]["template"] else " (no TEMPLATE)")
+    return (f"{entry['file']}, {entry['bytes'] / 1e6:.0f} MB; max |Δlogit| {entry['max_abs_logit_diff']:.3g}, "
+            f"KL {entry['mean_kl_nats_per_token']:.3g}; {llama}; {modelfile}")

@@ -113,7 +113,8 @@ def merge_run(
     say=print,
 ) -> dict:
     """Merge a run's adapter into its base and write a checkpoint plain transformers loads, and with
-    `gguf_types` ("f16", "q8_0") GGUF files of it too, each checked by loading it back.
+    `gguf_types` ("f16", "q8_0") GGUF files of it too, each checked by loading it back, with an
+    Ollama Modelfile beside each.
 
     The output is written to a staging folder and renamed at the end: a failure, a failed parity
     check or Ctrl-C leaves no output folder.
@@ -170,16 +171,9 @@ def merge_run(
         merged.save_pretrained(staging, max_shard_size="2GB")
         loaded.tokenizer.save_pretrained(staging)
         if gguf_types:
-            from .gguf_export import export_gguf, gguf_parity
+            from .gguf_export import export_gguf_files
 
-            result["gguf"] = {}
-            for out_type in gguf_types:
-                file = staging / f"model-{out_type}.gguf"
-                export_gguf(staging, file, out_type)
-                result["gguf"][out_type] = {"file": file.name, "bytes": file.stat().st_size,
-                                            **gguf_parity(staging, file, prompts)}
-                say(f"Wrote {file.name}: reloaded by transformers' GGUF loader, max |Δlogit| "
-                    f"{result['gguf'][out_type]['max_abs_logit_diff']:.3g} against the merged model")
+            result["gguf"] = export_gguf_files(staging, gguf_types, prompts, say=say)
         result["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     result["out"] = str(out)

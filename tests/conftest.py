@@ -80,13 +80,13 @@ def build_tokenizer(directory: Path):
     return tokenizer
 
 
-def build_tiny_llama(directory: Path, vocab_size: int) -> None:
-    """A 2-layer Llama with random weights, saved as safetensors."""
+def build_tiny_llama(directory: Path, vocab_size: int, **overrides) -> None:
+    """A 2-layer Llama with random weights, saved as safetensors (`overrides`: other config values)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -98,7 +98,38 @@ def build_tiny_llama(directory: Path, vocab_size: int) -> None:
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).save_pretrained(directory)
+
+
+# SmolLM2-Instruct's template: ChatML, with a default system prompt when the conversation has none.
+CHATML_DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_chatml_tokenizer(directory: Path, pre_tokenizer=None):
+    """A byte-level BPE tokenizer shaped like SmolLM2-Instruct's: ChatML special tokens, no BOS added,
+    EOS `<|im_end|>`, the ChatML template with a default system prompt (`pre_tokenizer`: another one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    core.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_DEFAULT_SYSTEM_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

