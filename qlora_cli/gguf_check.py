@@ -17,6 +17,14 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .data.tokenize import encode_prompt, tokenizer_adds_bos
+from .generate import stop_token_ids
+from .models import LoadedModel
+from .modelfile import VERIFY_CONVERSATIONS, derive_turn_format, go_template, render_like_ollama
+
 INSTALL_HINT = "pip install llama-cpp-python"
 
 _CONTRACTIONS = [
@@ -140,8 +148,6 @@ def llama_cpp_tokenization_check(gguf_file: Path, model_dir: Path, say=print) ->
     llama-cpp-python."""
     if not llama_cpp_available():
         return {"checked": False, "reason": f"llama-cpp-python is not installed ({INSTALL_HINT})"}
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocabulary = load_llama(gguf_file, vocab_only=True)
     try:
@@ -160,8 +166,6 @@ def llama_cpp_tokenization_check(gguf_file: Path, model_dir: Path, say=print) ->
 def transformers_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
     """Greedy continuation (EOS not special: always `new_tokens` long) and, per step, the gap between
     the best and second-best logit (a near-tie is where two implementations may rightly differ)."""
-    import torch
-
     ids, gaps = [], []
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
@@ -188,8 +192,6 @@ def llama_cpp_greedy(llama, prompt_ids: list[int], new_tokens: int) -> list[int]
 def greedy_prompts(tokenizer) -> list[list[int]]:
     """Token ids of CHAT_PROMPTS in the chat template (with the generation prompt, BOS as in training)
     and of TEXT_PROMPTS as plain text."""
-    from .data.tokenize import encode_prompt
-
     prompts = []
     if tokenizer.chat_template:
         for question in CHAT_PROMPTS:
@@ -226,9 +228,6 @@ def compare_greedy(llama, model, prompts: list[list[int]], new_tokens: int = 32)
 
 def float16_model(model_dir: Path):
     """The merged model with its weights rounded to float16 (as an f16 GGUF holds them), computing in float32."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).float().eval()
 
 
@@ -241,11 +240,6 @@ def llama_cpp_chat_reply(llama, question: str, max_tokens: int = 48) -> str:
 
 def transformers_chat_reply(model, tokenizer, question: str, max_tokens: int = 48) -> str:
     """The greedy reply of the merged model in transformers, to the end of its turn."""
-    import torch
-
-    from .data.tokenize import encode_prompt
-    from .generate import LoadedModel, stop_token_ids
-
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     ids = encode_prompt(tokenizer, text)
     stops = set(stop_token_ids(LoadedModel(model, tokenizer, "merged")))
@@ -261,8 +255,6 @@ def modelfile_agreement(llama, tokenizer, modelfile: Path) -> dict:
     chat template it reads from the GGUF file (BOS left to llama.cpp where it adds one)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from .data.tokenize import tokenizer_adds_bos
-    from .modelfile import VERIFY_CONVERSATIONS, derive_turn_format, go_template, render_like_ollama
 
     template = llama.metadata["tokenizer.chat_template"]
     bos_text = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else None
@@ -284,8 +276,6 @@ def judge_export(gguf_file: Path, model_dir: Path, greedy: bool = True) -> dict:
     """Everything llama.cpp says about one exported file: tokenization of CHECK_LINES, greedy
     continuations against the merged model (weights rounded to float16), a chat completion with the
     file's template against transformers' reply, and the Modelfile against that template."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     llama = load_llama(gguf_file)
     try:

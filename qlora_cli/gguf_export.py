@@ -29,10 +29,17 @@ import math
 from hashlib import sha256
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .data.templates import end_of_turn_token
+from .data.tokenize import tokenizer_adds_bos
 from .errors import UserError
+from .gguf_check import llama_cpp_tokenization_check
+from .modelfile import write_modelfile
+from .parity import parity
 
 FORMATS = {"f16", "q8_0"}
 
@@ -127,8 +134,6 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     Raises:
         UserError: the tokenizer has ids beyond the model's embedding rows.
     """
-    import gguf
-
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"--gguf: the tokenizer has ids up to {max(vocab.values())}, the model only {vocab_size} embedding rows")
@@ -166,11 +171,6 @@ def special_vocab(model_dir: Path, tokenizer, vocab_size: int):
     """gguf's SpecialVocab of the folder (merges, special ids, chat template), corrected to what the
     tokenizer does: its own special ids, whether it adds BOS/EOS, and the chat template's end-of-turn
     token as EOT (llama.cpp otherwise guesses EOT from token texts and can pick `<|endoftext|>`)."""
-    import gguf
-
-    from .data.templates import end_of_turn_token
-    from .data.tokenize import tokenizer_adds_bos
-
     # Its guesses from the post-processor (logged as warnings) are replaced below by measured behaviour.
     vocab_logger = logging.getLogger("gguf.vocab")
     level = vocab_logger.level
@@ -230,8 +230,6 @@ def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
     Raises:
         UserError: a scaling llama.cpp's Llama architecture cannot reproduce (dynamic NTK, longrope, ...).
     """
-    import gguf
-
     params = rope_parameters(config)
     kind = params["rope_type"]
     writer.add_rope_dimension_count(head_dim)
@@ -263,9 +261,6 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
         UserError: another architecture, another tokenizer kind, a pre-tokenizer llama.cpp does not
             know, an unsupported RoPE scaling, or an unknown out_type.
     """
-    import gguf
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if out_type not in FORMATS:
         raise UserError(f"--gguf: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
     config = AutoConfig.from_pretrained(merged_dir)
@@ -330,10 +325,6 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
 
 def gguf_parity(merged_dir: Path, gguf_file: Path, prompts: list[list[int]]) -> dict:
     """Max |Δlogit| and mean KL between the merged model and the GGUF file loaded back by transformers."""
-    from transformers import AutoModelForCausalLM
-
-    from .parity import parity
-
     original = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     report = parity(original, reloaded, prompts)
@@ -347,9 +338,6 @@ def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: lis
     Returns:
         per type: the file, its size, the parity with the merged model, the llama.cpp check and the Modelfile.
     """
-    from .gguf_check import llama_cpp_tokenization_check
-    from .modelfile import write_modelfile
-
     results = {}
     for out_type in out_types:
         file = merged_dir / f"model-{out_type}.gguf"

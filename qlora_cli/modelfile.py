@@ -20,6 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from transformers import AutoTokenizer
+
+from .data.templates import end_of_turn_token
+from .data.tokenize import tokenizer_adds_bos
+
 # Probe contents: plain words that no template rewrites (no surrounding whitespace to trim).
 SYSTEM_PROBE, USER_PROBE, ASSISTANT_PROBE, USER2_PROBE, SYSTEM2_PROBE = (
     "qlorasystemprobe", "qlorauserprobe", "qloraassistantprobe", "qlorasecondprobe", "qlorelatersystemprobe",
@@ -225,8 +230,6 @@ def verify_turn_format(turns: TurnFormat, render: Render, bos_text: str | None =
 
 def stop_strings(tokenizer) -> list[str]:
     """The end-of-turn token of the chat template and the EOS token, as text (what ends a reply)."""
-    from .data.templates import end_of_turn_token
-
     stops = []
     if tokenizer.chat_template:
         stops.append(end_of_turn_token(tokenizer, tokenizer.chat_template))
@@ -246,8 +249,6 @@ def modelfile_text(gguf_name: str, template: str | None, stops: list[str]) -> st
 def modelfile_for(tokenizer, gguf_name: str) -> tuple[str, str | None]:
     """The Modelfile for the GGUF file `gguf_name` of a model with `tokenizer`, and the reason there is
     no TEMPLATE in it (None when there is one)."""
-    from .data.tokenize import tokenizer_adds_bos
-
     template, reason = None, None
     if not tokenizer.chat_template:
         reason = "the tokenizer has no chat template"
@@ -269,8 +270,6 @@ def modelfile_for(tokenizer, gguf_name: str) -> tuple[str, str | None]:
 def write_modelfile(model_dir: Path, gguf_file: Path, say=print) -> dict:
     """Write <gguf stem>.Modelfile beside `gguf_file`; returns its name, stop strings and whether it
     has a TEMPLATE (with the reason when not)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text, reason = modelfile_for(tokenizer, gguf_file.name)
     path = gguf_file.with_suffix(".Modelfile")
