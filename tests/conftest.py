@@ -80,6 +80,15 @@ def build_tokenizer(directory: Path):
     return tokenizer
 
 
+# The RoPE scalings a GGUF export writes for llama.cpp (Llama 3's, linear, YaRN), on a tiny context.
+ROPE_SCALINGS = [
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+]
+
+
 def build_tiny_llama(directory: Path, vocab_size: int, **overrides) -> None:
     """A 2-layer Llama with random weights, saved as safetensors (`overrides`: other config values)."""
     import torch

@@ -14,7 +14,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import CHATML_DEFAULT_SYSTEM_TEMPLATE, build_chatml_tokenizer, build_tiny_llama, build_tokenizer
+from conftest import (
+    CHATML_DEFAULT_SYSTEM_TEMPLATE, ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama, build_tokenizer,
+)
 from qlora_cli.errors import UserError
 from qlora_cli.gguf_export import export_gguf, llama3_rope_factors, pre_tokenizer_name, read_tokenizer_spec
 from qlora_cli.modelfile import (
@@ -149,12 +151,7 @@ def test_llama3_rope_factors_are_what_transformers_scales_by():
     assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the smooth ramp are reached
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 64},
-    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
-])
+@pytest.mark.parametrize("rope", ROPE_SCALINGS, ids=lambda rope: rope["rope_type"])
 def test_rope_scaling_is_written(tmp_path, tiny_tokenizer, rope):
     tiny_tokenizer.save_pretrained(tmp_path)
     build_tiny_llama(tmp_path, len(tiny_tokenizer), rope_parameters=rope)

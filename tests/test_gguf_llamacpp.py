@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama.cpp judges the GGUF export: pip install llama-cpp-python")
 
-from conftest import build_chatml_tokenizer, build_tiny_llama  # noqa: E402
+from conftest import ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama  # noqa: E402
 from qlora_cli.gguf_check import (  # noqa: E402
     CHECK_LINES,
     compare_tokenization,
@@ -71,12 +71,7 @@ def test_llama_cpp_computes_the_logits_of_the_merged_model(tiny_model_dir, tiny_
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 64},
-    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
-])
+@pytest.mark.parametrize("rope", ROPE_SCALINGS, ids=lambda rope: rope["rope_type"])
 def test_llama_cpp_applies_the_rope_scaling(tmp_path, tiny_tokenizer, rope):
     scaled, plain = tmp_path / "scaled", tmp_path / "plain"
     for folder, parameters in ((scaled, rope), (plain, {"rope_type": "default", "rope_theta": 10000.0})):
