@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from qlora_cli.compat import quiet_bitsandbytes_kernel_fetch
 from qlora_cli.errors import UserError
 from qlora_cli.plan import (
     activation_estimate,
@@ -21,7 +21,7 @@ from qlora_cli.plan import (
 from qlora_cli.loss_spec import CHUNK_ELEMENTS
 from qlora_cli.recipe import Recipe
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+quiet_bitsandbytes_kernel_fetch()
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 vocab_size=32000, tie_word_embeddings=False, model_type="llama")
