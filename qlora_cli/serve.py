@@ -53,21 +53,22 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text"]
-    text: str
-
-
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[str, list[dict]]
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value):
+        for part in value if isinstance(value, list) else []:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text content parts are supported, got type {part.get('type')!r}")
+        return value
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return self.content if isinstance(self.content, str) else "".join(part["text"] for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -193,6 +194,46 @@ class _Cancelled:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class TokenStream:
+    """Receives the ids `generate` produces (it calls `put` with the prompt first, then each new token,
+    then `end`) and hands them to the thread that iterates it, so replies stream token by token."""
+
+    def __init__(self):
+        import queue
+
+        self._queue, self._prompt_seen = queue.Queue(), False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (ids := self._queue.get()) is not None:
+            yield ids
+
+
+def decoded_pieces(tokenizer, id_batches) -> Iterator[str]:
+    """The text of a growing list of token ids, as the new text each batch adds. Text is held back while
+    it ends in an incomplete character (a multi-byte character split across tokens decodes to U+FFFD)."""
+    ids, sent = [], ""
+    for batch in id_batches:
+        ids += batch
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(sent):
+            continue
+        if len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text.startswith(sent) and len(text) > len(sent):
+        yield text[len(sent):]
+
+
 class Engine:
     """The loaded model and how it answers one request. Holding the `TurnLock` is the caller's job."""
 
@@ -285,9 +326,7 @@ class Engine:
 
     def stream(self, request: ChatRequest, ids: list[int], budget: int) -> Iterator[str | Generated]:
         """The reply's text piece by piece as the model writes it, then the finished `Generated`."""
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TokenStream()
         cancel, outcome = threading.Event(), {}
 
         def work() -> None:
@@ -301,7 +340,7 @@ class Engine:
         worker.start()
         scanner = StopScanner(request.stop or [])
         try:
-            for piece in streamer:
+            for piece in decoded_pieces(self.tokenizer, streamer):
                 text = scanner.feed(piece)
                 if text:
                     yield text
