@@ -3,7 +3,6 @@ on a free port, streaming and not, sampling options, bad requests, a key, concur
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,31 +11,12 @@ import pytest
 
 openai = pytest.importorskip("openai")  # the `test` extra
 
+from conftest import serving  # noqa: E402
 from qlora_cli.serve import ChatRequest, Engine, StopScanner, TurnLock, create_app  # noqa: E402
 
 MODEL = "tiny"
 KEY_ENV = "QLORA_TEST_SERVE_KEY"
 HELLO = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is the capital of France?"}]
-
-
-@contextlib.contextmanager
-def serving(app):
-    """`app` on 127.0.0.1 on a free port, in a thread; yields the /v1 base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join()
 
 
 @pytest.fixture(scope="module")

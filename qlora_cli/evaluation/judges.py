@@ -282,8 +282,8 @@ class HttpJudge:
         JudgeError. `on_reply(index, result)` is called as each call ends, from a worker thread.
 
         On KeyboardInterrupt (or any other exception in the calling thread) the calls not yet started
-        are cancelled and those in flight make no further attempt; their replies still reach
-        `on_reply`, so a cache keeps them. The exception is then re-raised at once, without waiting.
+        are cancelled and those in flight make no further attempt (no retry, no back-off wait); they are
+        waited for, so that their replies reach `on_reply` (and a cache) before the exception is re-raised.
         """
         def one(index: int, prompt: str) -> JudgeReply | JudgeError:
             try:
@@ -301,7 +301,7 @@ class HttpJudge:
             return [future.result() for future in futures]
         except BaseException:
             self._stopping.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             pool.shutdown(wait=False)
