@@ -255,3 +255,18 @@ def test_request_defaults_are_openai_s():
     request = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}])
     assert (request.temperature, request.top_p, request.stop, request.stream) == (1.0, 1.0, None, False)
     assert ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], stop="END").stop == ["END"]
+
+
+def test_help_imports_neither_torch_nor_the_server_stack():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom qlora_cli.cli import main\n"
+        "for argv in (['--help'], ['serve', '--help'], ['eval', 'score', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "loaded = [name for name in ('torch', 'fastapi', 'uvicorn', 'transformers') if name in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

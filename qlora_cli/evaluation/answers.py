@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -135,7 +136,7 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
     made: dict[str, list[str]] = {}
     path.parent.mkdir(parents=True, exist_ok=True)
     bar = progress(f"Answers of {model}", len(missing)) if progress else None
-    with path.open("a", encoding="utf-8") as handle, (bar or _Quiet()):
+    with path.open("a", encoding="utf-8") as handle, (bar or nullcontext()):
         batch_started = time.perf_counter()
         for batch in generate_answers(loaded, missing, sampling):
             seconds = (time.perf_counter() - batch_started) / len(batch)
@@ -149,16 +150,6 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
                 bar.advance(len(batch))
             batch_started = time.perf_counter()
     return {**existing, **made}, time.perf_counter() - started
-
-
-class _Quiet:
-    """A context manager that does nothing, for when no progress is shown."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def answer_id(model: str, question_id: str, turns: list[str]) -> str:

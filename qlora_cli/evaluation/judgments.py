@@ -207,7 +207,7 @@ class Judgments:
             counts.setdefault(entry.pair(), Counter())[entry.reason] += 1
         return {pair: dict(sorted(reasons.items())) for pair, reasons in sorted(counts.items())}
 
-    def read(self) -> int:
+    def read_count(self) -> int:
         """How many judgments were read, scored or not (a FastChat line counts once per game)."""
         return len(self.comparisons) + len(self.scores) + len(self.grades) + len(self.excluded)
 
@@ -506,8 +506,11 @@ def _array_element_lines(path: Path) -> list[int] | None:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError):
         return None
-    decoder, index, lines = json.JSONDecoder(), 0, []
-    skip = lambda at: len(text) - len(text[at:].lstrip())  # noqa: E731 - index of the next non-blank character
+    decoder, lines = json.JSONDecoder(), []
+
+    def skip(at: int) -> int:  # the index of the next non-blank character
+        return len(text) - len(text[at:].lstrip())
+
     index = skip(0)
     if not text.startswith("[", index):
         return None

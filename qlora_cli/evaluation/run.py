@@ -273,7 +273,7 @@ def score_files(files: list[Path], reference: str | None, out: Path, console, *,
     result.update(
         sources=[str(f) for f in files], comparisons=len(judgments.comparisons),
         score_pairs=len(judgments.scores), grades=len(judgments.grades),
-        judgments={"read": judgments.read(), "scored": scored, "excluded": len(judgments.excluded),
+        judgments={"read": judgments.read_count(), "scored": scored, "excluded": len(judgments.excluded),
                    "malformed": len(malformed), "unscored": judgments.parse_failures},
         excluded=excluded_section(judgments),
     )
