@@ -372,7 +372,13 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) >= 2 and argv[0] == "eval" and argv[1] not in EVAL_COMMANDS:
         argv.insert(1, "run")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        # Typer turns a Ctrl-C inside a command into a RETURNED exit code (130) when not standalone;
+        # ignoring it would exit 0 without a word.
+        if isinstance(code, int) and code != 0:
+            if code == EXIT_INTERRUPTED:
+                print("interrupted", file=sys.stderr)
+            sys.exit(code)
     except UserError as error:
         print(f"error: {error.render()}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -256,3 +256,15 @@ def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
     with StageProgress(Console(file=screen, force_terminal=True, width=100), "Judging", 2) as bar:
         bar.advance(2)
     assert "Judging" in screen.getvalue() and "2/2" in screen.getvalue() and "eta" in screen.getvalue()
+
+
+def test_ctrl_c_anywhere_in_a_command_exits_130_with_a_word(monkeypatch, capsys):
+    import qlora_cli.evaluation.run as run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "score_files", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "score", "judgments.jsonl"])
+    assert exited.value.code == 130 and "interrupted" in capsys.readouterr().err
