@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-ROLES = ("system", "developer", "user", "assistant")
 
 
 class ApiError(Exception):
