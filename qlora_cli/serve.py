@@ -505,18 +505,36 @@ def served_name(reference: str) -> str:
     return reference
 
 
+def check_port(host: str, port: int) -> None:
+    """Fails early (before a model load) when `host:port` cannot be listened on.
+
+    Raises:
+        UserError: the address is taken or not this machine's.
+    """
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise UserError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def serve(reference: str, *, host: str, port: int, model_name: str | None, api_key_env: str | None,
           max_tokens: int, say=print) -> None:
     """Load `reference` and serve it until interrupted.
 
     Raises:
-        UserError: the key's environment variable is not set, or the model has no chat template.
+        UserError: the key's environment variable is not set, the address cannot be listened on, or the
+            model has no chat template.
     """
     import uvicorn
 
     from .generate import load_for_generation
 
-    api_key = read_api_key(api_key_env)  # before loading: a missing key should not cost a model load
+    # Both before loading: a missing key or a taken port should not cost a model load.
+    api_key = read_api_key(api_key_env)
+    check_port(host, port)
     engine = Engine(load_for_generation(reference), default_max_tokens=max_tokens)
     name = model_name or served_name(reference)
     app = create_app(engine, name, api_key)

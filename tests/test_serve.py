@@ -270,3 +270,21 @@ def test_help_imports_neither_torch_nor_the_server_stack():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_taken_port_or_a_missing_key_fails_before_loading(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import qlora_cli.generate as generation
+    from qlora_cli.cli import main
+
+    monkeypatch.setattr(generation, "load_for_generation", lambda reference: pytest.fail("the model was loaded"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", "smollm2-135m-instruct", "--port", str(port)])
+    assert exited.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "smollm2-135m-instruct", "--api-key-env", KEY_ENV])
+    assert exited.value.code == 2 and f"{KEY_ENV} is not set" in capsys.readouterr().err
