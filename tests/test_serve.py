@@ -7,12 +7,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai  # the `test` extra
 import pytest
 
-openai = pytest.importorskip("openai")  # the `test` extra
-
-from conftest import serving  # noqa: E402
-from qlora_cli.serve import ChatRequest, Engine, StopScanner, TurnLock, create_app  # noqa: E402
+from conftest import serving
+from qlora_cli.serve import ChatRequest, Engine, StopScanner, TurnLock, create_app
 
 MODEL = "tiny"
 KEY_ENV = "QLORA_TEST_SERVE_KEY"

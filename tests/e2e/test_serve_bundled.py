@@ -11,9 +11,8 @@ import sys
 import time
 import urllib.request
 
+import openai  # the `test` extra
 import pytest
-
-openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
