@@ -294,6 +294,8 @@ def eval_run(
     mode: Annotated[str, typer.Option(help="pairwise, relative, or both.")] = "both",
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN_DIR/eval, else eval/<model>).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N questions.")] = None,
+    answers_format: Annotated[Optional[list[str]], typer.Option("--answers-format", help="Also write every model's answers in this tool's layout for its own judge: fastchat or arena-hard (repeatable), under OUT/<format>/model_answer/.")] = None,
+    answers_only: Annotated[bool, typer.Option("--answers-only", help="Stop after the answers (and --answers-format files); load no judge.")] = False,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
@@ -303,6 +305,11 @@ def eval_run(
     modes = {"both": ["relative", "pairwise"], "pairwise": ["pairwise"], "relative": ["relative"]}.get(mode)
     if modes is None:
         raise UserError(f"--mode: {mode!r} is not one of pairwise, relative, both")
+    from .evaluation.answers import ANSWER_FORMATS
+
+    for layout in answers_format or []:
+        if layout not in ANSWER_FORMATS:
+            raise UserError(f"--answers-format: {layout!r} is not one of {', '.join(ANSWER_FORMATS)}")
     from .console import make_console
     from .evaluation.answers import Sampling, slug
     from .evaluation.run import run_eval
@@ -315,20 +322,22 @@ def eval_run(
     folder = out or (target / "eval" if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
     run_eval(model, baselines=baseline or ["base"], questions_path=questions, judge_spec=judge, judge_model=judge_model,
              api_key_env=api_key_env, modes=modes, out=folder, limit=limit,
-             sampling=Sampling(temperature, top_p, max_new_tokens, seed), console=console, answer_files=answers or [])
+             sampling=Sampling(temperature, top_p, max_new_tokens, seed), console=console, answer_files=answers or [],
+             answer_formats=list(dict.fromkeys(answers_format or [])), answers_only=answers_only)
 
 
 @eval_app.command("score")
 def eval_score(
-    files: Annotated[list[Path], typer.Argument(help="Judgment files: plain JSONL or FastChat llm_judge output.", show_default=False)],
+    files: Annotated[list[Path], typer.Argument(help="Judgment files (layout detected per line): plain JSONL, FastChat llm_judge (pairwise or single), Arena-Hard-Auto, AlpacaEval annotations.", show_default=False)],
     reference: Annotated[Optional[str], typer.Option(help="The reference model for relative scores.")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("eval-report"),
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse the files if any line is malformed or out of range, instead of leaving such lines out (and listing them).")] = False,
 ) -> None:
     """Score judgments made elsewhere: relative score, win rates, Elo and Bradley-Terry with CIs."""
     from .console import make_console
     from .evaluation.run import score_files
 
-    score_files(files, reference, out, make_console())
+    score_files(files, reference, out, make_console(), strict=strict)
 
 
 @eval_app.command("mmlu")
@@ -374,6 +383,24 @@ def with_profile_default(argv: list[str]) -> list[str]:
     return result
 
 
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the run's or model's folder name, a .gguf's stem, or MODEL).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer <key>`, the key read from this environment variable.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Reply length when a request gives no max_tokens.")] = 512,
+) -> None:
+    """Serve a model over an OpenAI-compatible API: POST /v1/chat/completions (streamed or not), GET /v1/models."""
+    from .models import quiet_libraries
+    from .serve import serve as run_server
+
+    quiet_libraries(sys.stdout.isatty())
+    run_server(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_tokens=max_tokens,
+               say=lambda text: print(text, file=sys.stderr, flush=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print their problems and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -382,7 +409,13 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(1, "run")
     argv = with_profile_default(argv)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        # Typer turns a Ctrl-C inside a command into a RETURNED exit code (130) when not standalone;
+        # ignoring it would exit 0 without a word.
+        if isinstance(code, int) and code != 0:
+            if code == EXIT_INTERRUPTED:
+                print("interrupted", file=sys.stderr)
+            sys.exit(code)
     except UserError as error:
         print(f"error: {error.render()}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -279,3 +282,23 @@ def train_tiny_run(folder: Path, model_dir: Path, chat: bool = False, **training
     path = folder / "tiny.yaml"
     path.write_text(tiny_recipe_text(model_dir, files, **training) + "output:\n  dir: run\n")
     return run_training(load_recipe(path), console=Console(file=io.StringIO(), width=120))
+
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI `app` (`qlora serve`'s) on 127.0.0.1 on a free port, in a thread; yields the /v1 base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join()

@@ -215,6 +215,28 @@ def test_http_judge_keeps_at_most_concurrency_requests_in_flight(server, key):
     assert [reply.text.split("\n")[0] for reply in replies] == [f"prompt {n}" for n in range(8)]  # in order
 
 
+def test_an_interrupt_cancels_queued_calls_and_keeps_the_finished_replies(server, key, tmp_path):
+    import _thread
+
+    server.delay = 0.3
+    judge = http_judge(server, concurrency=2)
+    questions = [Question(f"q{n}", "general", (f"question {n}?",)) for n in range(20)]
+    answers = {m: {q.question_id: f"{m} on {q.question_id}" for q in questions} for m in ("m1", "m2")}
+    path = tmp_path / "cache.jsonl"
+    timer = threading.Timer(0.5, _thread.interrupt_main)  # what Ctrl-C does to the main thread
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        judge_pairs(judge, questions, answers, [("m1", "m2")], mode="pairwise", cache=JudgmentCache(path))
+    timer.join()
+    asked = len(server.requests)
+    # The calls in flight were waited for and cached; the queued ones were never sent.
+    assert 1 <= asked < 40 and server.active == 0
+    assert len(path.read_bytes().splitlines()) == asked
+    server.delay = 0.0
+    _, _, calls = judge_pairs(judge, questions, answers, [("m1", "m2")], mode="pairwise", cache=JudgmentCache(path))
+    assert len(server.requests) == 40 and sum(call["cached"] for call in calls) == asked
+
+
 def test_complete_many_returns_failures_in_place(server, key):
     server.script = [(400, "bad", {})]
     replies = http_judge(server, concurrency=1).complete_many(["a", "b"])

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from conftest import train_tiny_run
+from conftest import serving, train_tiny_run
 from qlora_cli.cli import main
 
 
@@ -67,11 +68,11 @@ def test_eval_score_reads_fastchat_and_plain_files(tmp_path):
     assert report["pairwise"]["m3"]["losses"] == 2
 
 
-def test_eval_score_malformed_lines_exit_2(tmp_path, capsys):
+def test_eval_score_malformed_lines_exit_2_with_strict(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "model_a": "a", "model_b": "b", "winner": "model_a"}\n{"question_id": 2}\nnot json\n')
     with pytest.raises(SystemExit) as exited:
-        main(["eval", "score", str(bad), "--out", str(tmp_path / "out")])
+        main(["eval", "score", str(bad), "--strict", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and f"{bad}:2" in err and f"{bad}:3" in err
     assert not (tmp_path / "out").exists()
@@ -96,3 +97,174 @@ def test_answers_made_elsewhere_join_the_comparison(run_dir, tiny_model_dir, tmp
     report = json.loads((out / "report.json").read_text())
     assert report["models"] == ["run", "run-base", "other-bot"]
     assert report["pairwise"]["other-bot"]["wins"] + report["pairwise"]["other-bot"]["ties"] + report["pairwise"]["other-bot"]["losses"] == 4
+
+
+# --- a served judge, and interrupted runs ------------------------------------------------------------
+
+
+def no_proxies(monkeypatch) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # 127.0.0.1 must be reached directly
+
+
+class SlowEngine:
+    """`qlora serve`'s engine with a pause before each reply and a count of the replies it generated,
+    so that a run can be interrupted while the judge is busy."""
+
+    def __init__(self, engine, pause: float = 0.0):
+        self.engine, self.pause, self.replies = engine, pause, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def complete(self, *args, **kwargs):
+        time.sleep(self.pause)
+        self.replies += 1
+        return self.engine.complete(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def judge_engine(tiny_model_dir):
+    from qlora_cli.generate import load_for_generation
+    from qlora_cli.serve import Engine
+
+    engine = Engine(load_for_generation(str(tiny_model_dir)), default_max_tokens=8)
+    # Judge prompts outgrow the tiny model's nominal 512 positions; its rotary positions go further.
+    engine.context = None
+    return engine
+
+
+def test_eval_with_a_served_judge(run_dir, judge_engine, tmp_path, monkeypatch, capsys):
+    from qlora_cli.serve import create_app
+
+    no_proxies(monkeypatch)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a judge on this machine is called without a key
+    engine = SlowEngine(judge_engine)
+    out = tmp_path / "report"
+    with serving(create_app(engine, "served-judge")) as url:
+        # No --judge-model: the one model the endpoint lists.
+        main(["eval", str(run_dir), "--judge", url, "--limit", "2", "--max-new-tokens", "4", "--mode", "both",
+              "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"] == "served-judge"
+    calls = report["judge_calls"]
+    assert calls["total"] == 8 and calls["made"] == engine.replies > 0 and calls["made"] + calls["cached"] == 8
+    assert calls["prompt_tokens"] > 0  # the server's usage counts came back
+    # The tiny judge rarely writes a verdict: every game is scored or counted as unparsable, none lost.
+    assert report["judgments"]["scored"] + report["parse_failures"] == 8
+    assert "No API key sent" in capsys.readouterr().out
+
+
+def write_answers(path, model: str, questions) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"question_id": q.question_id, "model": model, "answer": f"{model} says {n}",
+                                        "turns": [f"{model} says {n}"]}) + "\n" for n, q in enumerate(questions)))
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_judging_exits_130_and_the_rerun_reuses_the_cache(tiny_model_dir, judge_engine, tmp_path,
+                                                                         monkeypatch, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from qlora_cli.evaluation.questions import read_questions
+    from qlora_cli.serve import create_app
+
+    no_proxies(monkeypatch)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    questions = read_questions(None)[:10]
+    out, model = tmp_path / "eval", tiny_model_dir.name
+    # Answers made before: the run only judges, and loads no model.
+    write_answers(out / "answers" / f"{model}.jsonl", model, questions)
+    write_answers(out / "answers" / "other-bot.jsonl", "other-bot", questions)
+    args = ["eval", str(tiny_model_dir), "--baseline", "other-bot", "--limit", "10", "--mode", "pairwise",
+            "--out", str(out)]
+    cache = out / "judge_cache.jsonl"
+    engine = SlowEngine(judge_engine, pause=0.5)
+    with serving(create_app(engine, "judge")) as url:
+        command = [sys.executable, "-m", "qlora_cli", *args, "--judge", url]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while process.poll() is None and not (cache.is_file() and len(cache.read_bytes().splitlines()) >= 2):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate()
+        assert process.returncode == 130, err
+        kept = len(cache.read_bytes().splitlines())
+        assert "Interrupted. Kept 20 answer(s)" in err and f"{kept} judge replies" in err
+        assert "Run the same command again to continue" in err and "Traceback" not in err
+        assert 2 <= kept < 20 and engine.replies == kept  # queued calls were cancelled, finished ones kept
+
+        engine.pause = 0.0
+        capsys.readouterr()
+        main([*args, "--judge", url])
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge_calls"]["cached"] == kept and report["judge_calls"]["made"] == 20 - kept
+    assert engine.replies == 20  # every game judged exactly once over both runs
+    assert f"Judging (pairwise): {20 - kept}/{20 - kept} (100%)" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import qlora_cli.generate as generation
+    from qlora_cli.evaluation.questions import read_questions
+
+    questions = read_questions(None)[:12]
+    out, model = tmp_path / "eval", tiny_model_dir.name
+    write_answers(out / "answers" / "other-bot.jsonl", "other-bot", questions)
+    asked = []
+
+    def fake_generate(loaded, conversations, **sampling):
+        if asked and interrupt:
+            raise KeyboardInterrupt
+        asked.append(len(conversations))
+        return [f"reply {len(asked)}.{n}" for n in range(len(conversations))]
+
+    monkeypatch.setattr(generation, "load_for_generation", lambda reference: "a loaded model")
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    args = ["eval", str(tiny_model_dir), "--baseline", "other-bot", "--limit", "12", "--out", str(out), "--answers-only"]
+    interrupt = True
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 130
+    assert "Interrupted. Kept 20 answer(s)" in capsys.readouterr().err  # 8 made + 12 of other-bot
+    assert len((out / "answers" / f"{model}.jsonl").read_text().splitlines()) == 8 and asked == [8]
+    interrupt = False
+    main(args)
+    assert asked == [8, 4]  # only the 4 missing were asked again
+    assert "Answers of " + model + ": generating 4 (8 reused)" in capsys.readouterr().out
+    assert len((out / "answers" / f"{model}.jsonl").read_text().splitlines()) == 12
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
+    import io
+
+    from rich.console import Console
+
+    from qlora_cli.evaluation.progress import StageProgress, eta, plain_line
+
+    assert plain_line("Judging (pairwise)", 20, 80, 60.0) == "Judging (pairwise): 20/80 (25%), 1:00 elapsed, about 3:00 left"
+    assert plain_line("Answers of run", 80, 80, 240.0) == "Answers of run: 80/80 (100%), 4:00 elapsed"
+    assert eta(0, 10, 5.0) is None and eta(5, 10, 5.0) == 5.0
+    log = io.StringIO()
+    with StageProgress(Console(file=log, force_terminal=False), "Answers of run", 3, plain_every=float("inf")) as bar:
+        for _ in range(3):
+            bar.advance()
+    assert log.getvalue().splitlines() == ["Answers of run: 3/3 (100%), 0:00 elapsed"]  # one line, at the end
+    screen = io.StringIO()
+    with StageProgress(Console(file=screen, force_terminal=True, width=100), "Judging", 2) as bar:
+        bar.advance(2)
+    assert "Judging" in screen.getvalue() and "2/2" in screen.getvalue() and "eta" in screen.getvalue()
+
+
+def test_ctrl_c_anywhere_in_a_command_exits_130_with_a_word(monkeypatch, capsys):
+    import qlora_cli.evaluation.run as run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "score_files", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "score", "judgments.jsonl"])
+    assert exited.value.code == 130 and "interrupted" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from qlora_cli.evaluation.judgments import Comparison, Judgments, ScorePair, read_judgments
+from qlora_cli.evaluation.judgments import Comparison, Grade, Judgments, ScorePair, read_judgments
 from qlora_cli.evaluation.scoring import (
     bradley_terry,
     category_win_rates,
@@ -41,7 +41,7 @@ def write_lines(path, lines: list) -> str:
 def test_a_model_that_always_wins():
     comparisons = [c for q in range(30) for c in both_orders(str(q), "guanaco", "vicuna")]
     records = pairwise_records(comparisons)
-    assert records["guanaco"] == {"wins": 60, "ties": 0, "losses": 0, "games": 60, "win_rate": 1.0}
+    assert records["guanaco"] == {"wins": 60, "ties": 0, "losses": 0, "games": 60, "judgments": 60, "win_rate": 1.0}
     assert records["vicuna"]["win_rate"] == 0.0
 
     ratings = elo(comparisons, permutations=200)
@@ -280,7 +280,7 @@ def test_plain_comparison_and_score_lines(tmp_path):
         ScorePair("9", "m1", "m2", 8.0, 9.5, category="writing"),
         ScorePair("10", "m1", "m2", 1.0, 10.0),
     ]
-    assert result.singles == [] and result.parse_failures == 0
+    assert result.grades == [] and result.parse_failures == 0
 
 
 def test_fastchat_pairwise_lines_give_one_comparison_per_game(tmp_path):
@@ -320,7 +320,9 @@ def test_fastchat_single_grading_lines(tmp_path):
     ])
     result = read_judgments([path])
     assert result.problems == []
-    assert result.singles == [("81", "m1", 8.0), ("81", "m1", 9.5), ("83", "m2", 0.0)]
+    assert result.grades == [Grade("81", "m1", 8.0, turn=1, judge="gpt-4/single-v1"),
+                             Grade("81", "m1", 9.5, turn=2, judge="gpt-4/single-v1"),
+                             Grade("83", "m2", 0.0, turn=1, judge="gpt-4/single-v1")]
     assert result.parse_failures == 1
     assert result.comparisons == [] and result.scores == []
 
@@ -359,10 +361,20 @@ def test_malformed_lines_are_reported_with_their_line(tmp_path):
         (path, 12, "`model_a` and `model_b` are the same model, `m1`"),
         (path, 13, "missing field `winner` (a verdict) or `score_a` and `score_b` (a score pair)"),
         (path, 14, "not a judgment: expected `model_a`/`model_b` with `winner` or `score_a`/`score_b`, "
-                   "or a FastChat `model_1`/`model_2` pairwise or `model`/`score` single-grading line"),
-        (path, 15, "field `score_a` must be a number, got string"),
+                   "a FastChat `model_1`/`model_2` pairwise or `model`/`score` single-grading line, "
+                   "an Arena-Hard line with `games`, or an AlpacaEval annotation with `preference`"),
+        (path, 15, 'field `score_a` must be a number, got string "NaN"'),
         (path, 16, "field `judge` must be a string, got array"),
     ]
+    # Each is counted under a short reason and the models the line names.
+    assert [(entry.problem.line, entry.reason, entry.models) for entry in result.excluded] == [
+        (2, "not valid JSON", ()), (3, "missing field", ("m1",)), (5, "wrong type", ("m1",)),
+        (6, "unknown verdict", ("m1", "m2")), (7, "out of range", ("m1", "m2")), (8, "out of range", ("m1",)),
+        (9, "unknown verdict", ("m1", "m2")), (10, "not a judgment", ()), (11, "wrong type", ("m1", "m2")),
+        (12, "same model twice", ("m1",)), (13, "missing field", ("m1", "m2")), (14, "not a judgment", ()),
+        (15, "wrong type", ("m1", "m2")), (16, "wrong type", ("m1", "m2")),
+    ]
+    assert all(entry.malformed for entry in result.excluded)
     assert result.problems[0].render() == f"{path}:2: not valid JSON: Expecting value (column 31)"
     # Only the good lines count; a bad line adds nothing, not even its valid half (line 15's winner).
     assert result.comparisons == [Comparison("1", "m1", "m2", "model_a")]

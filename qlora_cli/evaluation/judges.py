@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -196,6 +197,8 @@ class HttpJudge:
         self.model, self.api_key_env, self.name = model, api_key_env, name or model
         self.max_retries, self.backoff, self.timeout = max_retries, backoff, timeout
         self.concurrency, self.max_wait = concurrency, max_wait
+        # Set when the caller is interrupted: calls still running make no further attempt and do not wait.
+        self._stopping = threading.Event()
 
     def __repr__(self) -> str:
         return f"HttpJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -247,6 +250,9 @@ class HttpJudge:
         """
         start, attempts = time.monotonic(), self.max_retries + 1
         for attempt in range(1, attempts + 1):
+            if self._stopping.is_set():
+                raise JudgeError(f"{self.url}: stopped (interrupted) before attempt {attempt}", url=self.url,
+                                 attempts=attempt - 1)
             status, wait = None, None
             try:
                 with _OPENER.open(self._request(prompt), timeout=self.timeout) as response:
@@ -266,25 +272,64 @@ class HttpJudge:
                 break
             delay = min(self.max_wait, wait if wait is not None else self.backoff * 2 ** (attempt - 1))
             log.warning("judge %s: %s (attempt %d of %d); retrying in %.1f s", self.url, what, attempt, attempts, delay)
-            time.sleep(delay)
+            self._stopping.wait(delay)
         raise JudgeError(f"{self.url}: gave up after {attempts} attempts; last: {what}",
                          url=self.url, status=status, attempts=attempts)
 
     def complete_many(self, prompts: list[str], on_reply: Callable[[int, JudgeReply | JudgeError], None] | None = None
                       ) -> list[JudgeReply | JudgeError]:
         """Replies in the order of `prompts`, at most `concurrency` requests in flight; a failed call is its
-        JudgeError. `on_reply(index, result)` is called as each call ends, from a worker thread."""
+        JudgeError. `on_reply(index, result)` is called as each call ends, from a worker thread.
+
+        On KeyboardInterrupt (or any other exception in the calling thread) the calls not yet started
+        are cancelled and those in flight make no further attempt (no retry, no back-off wait); they are
+        waited for, so that their replies reach `on_reply` (and a cache) before the exception is re-raised.
+        """
         def one(index: int, prompt: str) -> JudgeReply | JudgeError:
             try:
                 result = self.complete(prompt)
             except JudgeError as error:
                 result = error
-            if on_reply is not None:
+            if on_reply is not None and not (self._stopping.is_set() and isinstance(result, JudgeError)):
                 on_reply(index, result)
             return result
 
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(one, range(len(prompts)), prompts))
+        self._stopping.clear()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
+        try:
+            futures = [pool.submit(one, index, prompt) for index, prompt in enumerate(prompts)]
+            return [future.result() for future in futures]
+        except BaseException:
+            self._stopping.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=False)
+
+
+def served_models(base_url: str, api_key_env: str | None, timeout: float = 30) -> list[str]:
+    """The model ids an OpenAI-compatible endpoint lists at GET {base_url}/models.
+
+    Raises:
+        JudgeError: the endpoint cannot be reached or does not answer with a model list.
+    """
+    url = base_url.rstrip("/") + "/models"
+    headers = {}
+    key = os.environ.get(api_key_env) if api_key_env else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        with _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            data = json.loads(response.read())
+        return [str(entry["id"]) for entry in data["data"]]
+    except urllib.error.HTTPError as error:
+        error.close()
+        raise JudgeError(f"{url}: HTTP {error.code} when listing the served models", url=url, status=error.code) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        raise JudgeError(f"{url}: cannot list the served models: {getattr(error, 'reason', None) or error}",
+                         url=url) from None
+    except (ValueError, KeyError, TypeError):
+        raise JudgeError(f"{url}: the reply is not a model list (no data[].id)", url=url) from None
 
 
 class LocalJudge:
@@ -423,13 +468,15 @@ def _judgment(mode: Mode, text: str, question: Question, a: str, b: str, judge: 
 
 
 def judge_pairs(judge: Judge, questions: list[Question], answers: dict[str, dict[str, Answer]],
-                pairs: list[tuple[str, str]], *, mode: Mode, cache: JudgmentCache | None = None
+                pairs: list[tuple[str, str]], *, mode: Mode, cache: JudgmentCache | None = None,
+                progress: Callable[[int], object] | None = None,
                 ) -> tuple[list[Comparison] | list[ScorePair], int, list[dict]]:
     """Judges every pair on every question in both orders (A/B, then B/A), asking only what `cache` lacks.
 
     Args:
         answers: {model: {question_id: answer}}; an answer is one string, or one string per turn.
         mode: "pairwise" gives `Comparison`s, "relative" gives `ScorePair`s.
+        progress: `progress(calls to make)` gives a context manager with `advance(n)`, told of each reply.
 
     Returns:
         (judgments, parse_failures, calls): one judgment per reply the parser read, in game order; how
@@ -451,8 +498,11 @@ def judge_pairs(judge: Judge, questions: list[Question], answers: dict[str, dict
         if key not in todo and (cache is None or cache.get(key) is None):
             todo[key] = (game[0].question_id, build_prompt(mode, *game))
     todo_keys, fresh, errors = list(todo), {}, []
+    bar = progress(len(todo)) if progress is not None and todo else None
 
     def on_reply(index: int, reply: JudgeReply | JudgeError) -> None:
+        if bar is not None:
+            bar.advance(1)
         if isinstance(reply, JudgeError):
             errors.append(reply)
             return
@@ -461,7 +511,8 @@ def judge_pairs(judge: Judge, questions: list[Question], answers: dict[str, dict
         if cache is not None:
             cache.put(key, fresh[key])
 
-    _complete_all(judge, [prompt for _, prompt in todo.values()], on_reply)
+    with bar if bar is not None else nullcontext():
+        _complete_all(judge, [prompt for _, prompt in todo.values()], on_reply)
     if errors:
         raise JudgeError(f"{len(errors)} of {len(todo)} judge calls failed ({len(fresh)} succeeded"
                          f"{' and are cached' if cache is not None else ''}); first: {errors[0]}",

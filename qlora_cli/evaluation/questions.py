@@ -3,10 +3,12 @@
 Accepted rows (JSON Lines, a JSON array, CSV/TSV with these columns, or plain text lines):
     FastChat Vicuna bench   {"question_id": 1, "text": "...", "category": "generic"}
     FastChat MT-bench       {"question_id": 81, "category": "writing", "turns": ["...", "..."]}
+    Arena-Hard-Auto v2      {"uid": "a1b2...", "category": "hard_prompt", "prompt": "..."}
+    Arena-Hard-Auto v0.1    {"question_id": "a1b2...", "category": "arena-hard-v0.1", "turns": [{"content": "..."}]}
     OpenAssistant style     {"text": "### Human: ... ### Assistant:"}   (one human turn, no reply yet)
     plain prompt            {"prompt": "..."}
     a `.txt` file           one prompt per non-blank line
-`question_id` (a number or a string) and `category` (a string) are optional everywhere (an empty CSV cell
+`question_id` (or Arena-Hard's `uid`; a number or a string) and `category` (a string) are optional everywhere (an empty CSV cell
 counts as absent): a row without an id is numbered by its line (or, in a JSON array, its row), and one
 without a category is "general".
 """
@@ -14,7 +16,7 @@ without a category is "general".
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -37,11 +39,18 @@ class Question:
         question_id: the id as a string, so that 7 and "7" from different tools name the same question.
         category: e.g. "coding"; DEFAULT_CATEGORY when the file gives none.
         turns: the user's messages in order; later turns are asked after the model's earlier answers.
+        source_id: the id exactly as the file wrote it (FastChat's are numbers, Arena-Hard's strings), so
+            answers written for those tools match their question files; None means `question_id`.
     """
 
     question_id: str
     category: str
     turns: tuple[str, ...]
+    source_id: int | str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.source_id is None:
+            object.__setattr__(self, "source_id", self.question_id)
 
 
 class _Bad(ValueError):
@@ -62,16 +71,18 @@ def _text(row: dict, key: str) -> str:
     return value
 
 
-def _question_id(row: dict, location: Location) -> str:
-    """The row's id as a string, or its line (row) number when it has none (or an empty CSV cell)."""
-    if row.get("question_id") in (None, ""):
-        return str(location.line if location.line is not None else location.row)
-    value = row["question_id"]
+def _question_id(row: dict, location: Location) -> int | str:
+    """The row's id as written (`question_id`, or Arena-Hard's `uid`), or its line (row) number when it
+    has none (or an empty CSV cell)."""
+    key = "uid" if row.get("question_id") in (None, "") and "uid" in row else "question_id"
+    if row.get(key) in (None, ""):
+        return location.line if location.line is not None else location.row
+    value = row[key]
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _Bad(f"field `question_id` must be an integer or a string, got {_type_name(value)}")
+        raise _Bad(f"field `{key}` must be an integer or a string, got {_type_name(value)}")
     if not str(value).strip():
-        raise _Bad("field `question_id` is empty")
-    return str(value)
+        raise _Bad(f"field `{key}` is empty")
+    return value
 
 
 def _openassistant_turn(text: str) -> str:
@@ -100,9 +111,11 @@ def _turns(row: dict) -> tuple[str, ...]:
         turns = row["turns"]
         if not isinstance(turns, list) or not turns:
             raise _Bad("field `turns` must be a non-empty array of strings")
+        # Arena-Hard v0.1 wrote each turn as {"content": text}.
+        turns = [turn.get("content") if isinstance(turn, dict) else turn for turn in turns]
         for number, turn in enumerate(turns, start=1):
             if not isinstance(turn, str) or not turn.strip():
-                raise _Bad(f"turn {number} of `turns` must be a non-empty string")
+                raise _Bad(f"turn {number} of `turns` must be a non-empty string (or {{\"content\": string}})")
         return tuple(turns)
     text = _text(row, key)
     if key == "text" and _OA_MARKER.search(text):
@@ -120,7 +133,8 @@ def parse_question(row: object, location: Location) -> Question:
         raise _Bad(f"expected a JSON object, got {_type_name(row)}")
     turns = _turns(row)
     category = _text(row, "category") if row.get("category") not in (None, "") else DEFAULT_CATEGORY
-    return Question(_question_id(row, location), category, turns)
+    source_id = _question_id(row, location)
+    return Question(str(source_id), category, turns, source_id=source_id)
 
 
 def _read_text_lines(path: Path) -> tuple[list[tuple[Location, object]], list[Problem]]:

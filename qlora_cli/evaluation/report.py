@@ -9,9 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _ci(entry: dict) -> str:
+MAX_LISTED = 200  # excluded lines listed in report.md; report.json lists them all
+
+
+def _ci(entry: dict, spec: str = ".1f") -> str:
     low, high = entry.get("ci95") or (None, None)
-    return f"[{low:.1f}, {high:.1f}]" if low is not None else "-"
+    return f"[{low:{spec}}, {high:{spec}}]" if low is not None else "-"
 
 
 def tables(report: dict) -> list[Table]:
@@ -20,23 +23,42 @@ def tables(report: dict) -> list[Table]:
     relative = report.get("relative")
     if relative:
         table = Table(title=f"Relative score (% of {relative['reference']}'s total)", title_justify="left")
-        for column in ("model", "pooled %", "95% CI", "reference first %", "model first %", "questions"):
+        for column in ("model", "pooled %", "95% CI", "reference first %", "model first %", "questions", "judgments"):
             table.add_column(column, justify="right")
         for model, entry in relative["models"].items():
             table.add_row(model, _num(entry.get("percent")), _ci(entry), _num(entry.get("percent_reference_first")),
-                          _num(entry.get("percent_model_first")), str(entry.get("questions", "")))
+                          _num(entry.get("percent_model_first")), str(entry.get("questions", "")),
+                          str(entry.get("judgments", "")))
         result.append(table)
     if report.get("elo"):
         table = Table(title="Ratings (Elo: 10,000 orderings, K=32; Bradley-Terry: maximum likelihood)", title_justify="left")
-        for column in ("model", "Elo", "95% CI", "Bradley-Terry", "95% CI", "wins", "ties", "losses", "win rate"):
+        for column in ("model", "Elo", "95% CI", "Bradley-Terry", "95% CI", "wins", "ties", "losses", "win rate",
+                       "judgments"):
             table.add_column(column, justify="right")
         for model, entry in report["elo"].items():
             bt, record = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
             table.add_row(model, _num(entry["rating"]), _ci(entry), _num(bt.get("rating")), _ci(bt) if bt else "-",
-                          str(record.get("wins", "")), str(record.get("ties", "")), str(record.get("losses", "")),
-                          f"{record.get('win_rate', 0):.1%}")
+                          _count(record.get("wins")), _count(record.get("ties")), _count(record.get("losses")),
+                          f"{record.get('win_rate', 0):.1%}", str(record.get("judgments", "")))
+        result.append(table)
+    if report.get("single"):
+        table = Table(title="Single-answer grades (mean of the judge's 0-10 ratings)", title_justify="left")
+        for column in ("model", "mean", "95% CI", "by turn", "questions", "judgments"):
+            table.add_column(column, justify="right")
+        for model, entry in report["single"].items():
+            table.add_row(model, f"{entry['mean']:.2f}", _ci(entry, ".2f"), _turns(entry), str(entry["questions"]),
+                          str(entry["judgments"]))
         result.append(table)
     return result
+
+
+def _count(value) -> str:
+    """A win/tie/loss count; graded AlpacaEval preferences never make these fractional, weights are integers."""
+    return "" if value is None else str(value)
+
+
+def _turns(entry: dict) -> str:
+    return ", ".join(f"{turn}: {mean:.2f}" for turn, mean in entry.get("by_turn", {}).items()) or "-"
 
 
 def _num(value) -> str:
@@ -49,32 +71,63 @@ def markdown(report: dict) -> str:
     for note in report.get("notes", []):
         lines += [f"> {note}", ""]
     relative = report.get("relative")
+    counts = report.get("judgments")
+    if counts:
+        lines += [f"Judgments read: {counts['read']}; scored: {counts['scored']}; left out: {counts['excluded']} "
+                  f"({counts['malformed']} malformed, {counts['unscored']} without a verdict).", ""]
     if relative:
         lines += [f"## Relative score (% of {relative['reference']}'s total score, both presentation orders)", "",
-                  "| model | pooled % | 95% CI | reference first % | model first % |", "| --- | --- | --- | --- | --- |"]
+                  "| model | pooled % | 95% CI | reference first % | model first % | questions | judgments |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for model, e in relative["models"].items():
             lines.append(f"| {model} | {_num(e.get('percent'))} | {_ci(e)} | {_num(e.get('percent_reference_first'))} "
-                         f"| {_num(e.get('percent_model_first'))} |")
+                         f"| {_num(e.get('percent_model_first'))} | {e.get('questions', '')} | {e.get('judgments', '')} |")
         lines.append("")
     if report.get("elo"):
-        lines += ["## Ratings", "", "| model | Elo | 95% CI | Bradley-Terry | 95% CI | W / T / L | win rate |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Ratings", "",
+                  "| model | Elo | 95% CI | Bradley-Terry | 95% CI | W / T / L | win rate | judgments |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for model, e in report["elo"].items():
             bt, r = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
             lines.append(f"| {model} | {_num(e['rating'])} | {_ci(e)} | {_num(bt.get('rating'))} | {_ci(bt) if bt else '-'} "
-                         f"| {r.get('wins', 0)} / {r.get('ties', 0)} / {r.get('losses', 0)} | {r.get('win_rate', 0):.1%} |")
+                         f"| {r.get('wins', 0)} / {r.get('ties', 0)} / {r.get('losses', 0)} | {r.get('win_rate', 0):.1%} "
+                         f"| {r.get('judgments', '')} |")
         lines.append("")
     if report.get("categories"):
         models = sorted({m for rates in report["categories"].values() for m in rates})
-        lines += ["## Win rate by category", "", "| category | " + " | ".join(models) + " |",
-                  "| --- |" + " --- |" * len(models)]
+        per_category = report.get("category_judgments", {})
+        lines += ["## Win rate by category", "", "| category | " + " | ".join(models) + " | judgments |",
+                  "| --- |" + " --- |" * (len(models) + 1)]
         for category, rates in sorted(report["categories"].items()):
-            lines.append(f"| {category} | " + " | ".join(f"{rates.get(m, 0):.0%}" for m in models) + " |")
+            lines.append(f"| {category} | " + " | ".join(f"{rates.get(m, 0):.0%}" for m in models)
+                         + f" | {per_category.get(category, '')} |")
+        lines.append("")
+    if report.get("single"):
+        lines += ["## Single-answer grades (mean of the judge's 0-10 ratings)", "",
+                  "| model | mean | 95% CI | by turn | questions | judgments |", "| --- | --- | --- | --- | --- | --- |"]
+        for model, e in report["single"].items():
+            lines.append(f"| {model} | {e['mean']:.2f} | {_ci(e, '.2f')} | {_turns(e)} | {e['questions']} | {e['judgments']} |")
         lines.append("")
     lines += [f"Judge replies that could not be parsed (never scored): {report.get('parse_failures', 0)}", ""]
+    lines += _excluded_markdown(report.get("excluded"))
     if report.get("timings"):
         lines += ["## Time", ""] + [f"- {stage}: {seconds:.1f} s" for stage, seconds in report["timings"].items()] + [""]
     return "\n".join(lines)
+
+
+def _excluded_markdown(excluded: dict | None) -> list[str]:
+    """The lines left out of the scores: counted per model pair and reason, then listed file:line."""
+    if not excluded or not excluded.get("total"):
+        return []
+    lines = [f"## Judgments left out of the scores ({excluded['total']})", "", "| models | reason | judgments |",
+             "| --- | --- | --- |"]
+    for pair, reasons in excluded["by_pair"].items():
+        lines += [f"| {pair} | {reason} | {count} |" for reason, count in reasons.items()]
+    rows = excluded["rows"]
+    lines += ["", *[f"- `{row['where']}`: {row['message']}" for row in rows[:MAX_LISTED]]]
+    if len(rows) > MAX_LISTED:
+        lines.append(f"- ... and {len(rows) - MAX_LISTED} more, all listed in report.json")
+    return lines + [""]
 
 
 def plots(report: dict, folder: Path) -> list[Path]:
@@ -90,8 +143,9 @@ def plots(report: dict, folder: Path) -> list[Path]:
     written = []
     models = list(report["elo"])
     ratings = [report["elo"][m]["rating"] for m in models]
-    errors = [[r - report["elo"][m]["ci95"][0] for m, r in zip(models, ratings)],
-              [report["elo"][m]["ci95"][1] - r for m, r in zip(models, ratings)]]
+    # Clipped at 0: when every ordering ends alike, the mean can sit a rounding error outside the interval.
+    errors = [[max(0.0, r - report["elo"][m]["ci95"][0]) for m, r in zip(models, ratings)],
+              [max(0.0, report["elo"][m]["ci95"][1] - r) for m, r in zip(models, ratings)]]
     figure, axes = plt.subplots(figsize=(6, 0.6 * len(models) + 1.5), dpi=120)
     axes.barh(models, ratings, xerr=errors, capsize=4, color="#4c72b0")
     axes.axvline(1000, color="grey", linewidth=0.8)
@@ -131,4 +185,13 @@ def write_report(report: dict, folder: Path, console: Console) -> None:
     for table in tables(report):
         console.print(table)
     console.print(f"Parse failures (never scored): {report.get('parse_failures', 0)}")
+    excluded = report.get("excluded") or {}
+    if excluded.get("total"):
+        reasons = {}
+        for pair_reasons in excluded["by_pair"].values():
+            for reason, count in pair_reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        summary = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        console.print(f"[yellow]Left out of the scores: {excluded['total']} of {report['judgments']['read']} "
+                      f"judgments ({summary}); each is listed with its file and line in report.md", markup=True)
     console.print(f"Report: {folder / 'report.json'}, {folder / 'report.md'}")

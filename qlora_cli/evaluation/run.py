@@ -1,27 +1,35 @@
 """`qlora eval`: answers from each model, judged in both orders, scored, reported — one command.
 
-    OUT/answers/<model>.jsonl     answers, reused when present
+    OUT/answers/<model>.jsonl     answers, appended batch by batch and reused when present
     OUT/judge_cache.jsonl         every judge reply, keyed by (judge, prompt, question, answers)
     OUT/judgments.jsonl           the judgments in the plain form `qlora eval score` reads
     OUT/report.json, report.md, elo.png, categories.png
+    OUT/fastchat/model_answer/<model>.jsonl, OUT/arena-hard/model_answer/<model>.jsonl   with --answers-format
+
+Interrupted (Ctrl-C), it keeps both caches and says so; the same command then continues from them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import time
+import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import UserError
-from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug
-from .judges import HttpJudge, JudgmentCache, LocalJudge, judge_pairs
-from .judgments import Comparison, ScorePair
+from ..errors import Problem, RunFailure, RunInterrupted, UserError
+from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
+from .judges import HttpJudge, JudgeError, JudgmentCache, LocalJudge, judge_pairs, served_models
+from .judgments import Comparison, Judgments, ScorePair
+from .progress import stage_progress
 from .questions import read_questions
 from .report import write_report
 from .scoring import report as score_report
 
 SMALL_JUDGE_PARAMETERS = 1_000_000_000
+MAX_SHOWN_PROBLEMS = 20
 
 
 class Models:
@@ -60,11 +68,36 @@ class Models:
         return load
 
 
-def make_judge(spec: str, judge_model: str | None, api_key_env: str | None):
-    """An OpenAI-compatible endpoint (`http(s)://...` with --judge-model) or a local model reference."""
+def is_loopback(url: str) -> bool:
+    """Whether `url` points at this machine (localhost or a loopback address)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_judge(spec: str, judge_model: str | None, api_key_env: str | None, say=print):
+    """An OpenAI-compatible endpoint (`http(s)://...`) or a local model reference, and a note for the report.
+
+    For an endpoint, `judge_model` defaults to the one model it lists at /models; an endpoint on this
+    machine (`qlora serve`) is called without a key when `api_key_env` is not set in the environment.
+    """
     if spec.startswith(("http://", "https://")):
+        if api_key_env and not os.environ.get(api_key_env) and is_loopback(spec):
+            say(f"No API key sent to {spec}: {api_key_env} is not set and the judge is on this machine.")
+            api_key_env = None
         if not judge_model:
-            raise UserError("--judge-model: an HTTP judge needs the model name the endpoint serves")
+            try:
+                served = served_models(spec, api_key_env)
+            except JudgeError as error:
+                raise UserError(f"--judge-model: not given, and {error}") from None
+            if len(served) != 1:
+                raise UserError(f"--judge-model: {spec} serves {len(served)} models ({', '.join(served) or 'none'}); "
+                                "name the judge with --judge-model")
+            judge_model = served[0]
         return HttpJudge(spec, judge_model, api_key_env=api_key_env), None
     from ..generate import load_for_generation
 
@@ -87,15 +120,47 @@ def plain_judgment(judgment) -> dict:
     return {**row, "category": judgment.category, "judge": judgment.judge}
 
 
+def _kept(out: Path) -> str:
+    """What an interrupted run leaves for the next one: answers and judge replies on disk."""
+    answers = sum(len(p.read_bytes().splitlines()) for p in sorted((out / "answers").glob("*.jsonl")))
+    cache = out / "judge_cache.jsonl"
+    replies = len(cache.read_bytes().splitlines()) if cache.is_file() else 0
+    return (f"{answers} answer(s) in {out / 'answers'} and {replies} judge repl{'y' if replies == 1 else 'ies'} "
+            f"in {cache}")
+
+
 def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, judge_spec: str,
              judge_model: str | None, api_key_env: str | None, modes: list[str], out: Path, limit: int | None,
-             sampling: Sampling, console, answer_files: list[Path] = ()) -> dict:
+             sampling: Sampling, console, answer_files: list[Path] = (), answer_formats: list[str] = (),
+             answers_only: bool = False) -> dict:
     """Answer, judge both orders, score against the first baseline, and write the report into `out`.
 
-    `answer_files` are answers made elsewhere (this project's form or FastChat's): each adds a model,
-    named as in the file (else by the file name), compared with the model under test like a baseline.
+    `answer_files` are answers made elsewhere (this project's form, FastChat's or Arena-Hard's): each adds
+    a model, named as in the file (else by the file name), compared with the model under test like a
+    baseline. `answer_formats` also writes every model's answers in those tools' layouts; with
+    `answers_only` nothing is judged.
+
+    Raises:
+        RunInterrupted: Ctrl-C; what was answered and judged is kept, and the message says how to go on.
+        RunFailure: judge calls failed for good (after retries); the replies received are kept.
     """
+    try:
+        return _run_eval(target, baselines=baselines, questions_path=questions_path, judge_spec=judge_spec,
+                         judge_model=judge_model, api_key_env=api_key_env, modes=modes, out=out, limit=limit,
+                         sampling=sampling, console=console, answer_files=answer_files,
+                         answer_formats=answer_formats, answers_only=answers_only)
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Interrupted. Kept {_kept(out)}.\nRun the same command again to continue from "
+                             "there: nothing kept is answered or judged twice.") from None
+    except JudgeError as error:
+        raise RunFailure(f"{error}\nKept {_kept(out)}; running the same command again asks the judge only "
+                         "for what is missing.") from None
+
+
+def _run_eval(target: str, *, baselines, questions_path, judge_spec, judge_model, api_key_env, modes, out, limit,
+              sampling, console, answer_files, answer_formats, answers_only) -> dict:
     timings: dict[str, float] = {}
+    progress = stage_progress(console)
     questions = read_questions(questions_path)[:limit]
     models = Models(target)
     names = [models.name(target)] + [models.name(b) for b in baselines]
@@ -111,12 +176,19 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
         missing_answers(name, answers[name], questions)
     for reference, name in zip([target, *baselines], names):
         path = out / "answers" / f"{slug(name)}.jsonl"
-        answers[name], seconds = ensure_answers(path, name, questions, sampling, models.loader(reference), console.print)
+        answers[name], seconds = ensure_answers(path, name, questions, sampling, models.loader(reference),
+                                                console.print, progress=progress)
         missing_answers(name, answers[name], questions)
         timings[f"answers of {name}"] = round(seconds, 1)
+    for layout in answer_formats:
+        for name in names:
+            written = write_answer_layout(out, layout, name, questions, answers[name])
+            console.print(f"Answers of {name} in {layout}'s layout: {written}")
+    if answers_only:
+        return {"models": names, "questions": len(questions), "answers": str(out / "answers")}
 
     started = time.perf_counter()
-    judge, note = make_judge(judge_spec, judge_model, api_key_env)
+    judge, note = make_judge(judge_spec, judge_model, api_key_env, say=console.print)
     timings["loading the judge"] = round(time.perf_counter() - started, 1)
     cache = JudgmentCache(out / "judge_cache.jsonl")
     judged = {name: answers_for_judging(answers[name]) for name in names}
@@ -127,7 +199,8 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
     for mode in modes:
         started = time.perf_counter()
         console.print(f"Judging {len(questions)} questions x {len(pairs)} pair(s) x 2 orders ({mode}) with {judge.name}")
-        found, failed, made = judge_pairs(judge, questions, judged, pairs, mode=mode, cache=cache)
+        found, failed, made = judge_pairs(judge, questions, judged, pairs, mode=mode, cache=cache,
+                                          progress=lambda total, mode=mode: progress(f"Judging ({mode})", total))
         (comparisons if mode == "pairwise" else scores).extend(found)
         failures += failed
         calls += made
@@ -142,6 +215,8 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
     result.update(
         models=names, reference=names[1], questions=len(questions), judge=judge.name, modes=modes,
         sampling=asdict(sampling), notes=[note] if note else [], timings=timings,
+        judgments={"read": len(calls), "scored": len(comparisons) + len(scores), "excluded": failures,
+                   "malformed": 0, "unscored": failures},
         judge_calls={"total": len(calls), "made": len(fresh), "cached": len(calls) - len(fresh),
                      "prompt_tokens": sum(c["prompt_tokens"] or 0 for c in fresh),
                      "completion_tokens": sum(c["completion_tokens"] or 0 for c in fresh),
@@ -151,18 +226,56 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
     return result
 
 
-def score_files(files: list[Path], reference: str | None, out: Path, console) -> dict:
-    """`qlora eval score`: re-score judgment files made elsewhere (plain JSONL or FastChat's)."""
+def excluded_section(judgments: Judgments) -> dict:
+    """report.json's account of what was left out: per model pair and reason, and every line."""
+    return {
+        "total": len(judgments.excluded),
+        "by_pair": judgments.excluded_counts(),
+        "rows": [{"where": e.problem.location(), "file": str(e.problem.file) if e.problem.file else None,
+                  "line": e.problem.line, "models": list(e.models), "reason": e.reason, "message": e.problem.message,
+                  "malformed": e.malformed} for e in judgments.excluded],
+    }
+
+
+def _shown(problems: list[Problem]) -> list[Problem | str]:
+    more = len(problems) - MAX_SHOWN_PROBLEMS
+    return problems[:MAX_SHOWN_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
+
+
+def score_files(files: list[Path], reference: str | None, out: Path, console, *, strict: bool = False) -> dict:
+    """`qlora eval score`: re-score judgment files made elsewhere (plain JSONL, FastChat, Arena-Hard-Auto,
+    AlpacaEval).
+
+    Lines that hold no usable judgment (out of range, unparsable, unknown verdicts) are left out of the
+    scores, counted per model pair and reason, and listed with file and line in the report; with
+    `strict` they are an error instead, and nothing is written.
+
+    Raises:
+        UserError: a file cannot be read; with `strict`, any malformed line; no usable judgment at all.
+    """
     from .judgments import read_judgments
 
     judgments = read_judgments(files)
-    if judgments.problems:
-        raise UserError(judgments.problems[:20], title=f"{len(judgments.problems)} bad judgment line(s):")
-    if not judgments.comparisons and not judgments.scores:
-        raise UserError("no pairwise or relative judgments in " + ", ".join(map(str, files)))
+    if judgments.file_problems:
+        raise UserError(judgments.file_problems, title="cannot read the judgment files:")
+    malformed = [entry.problem for entry in judgments.malformed]
+    if strict and malformed:
+        raise UserError(_shown(malformed), title=f"{len(malformed)} bad judgment line(s) (--strict):")
+    if not judgments.comparisons and not judgments.scores and not judgments.grades:
+        raise UserError(_shown([entry.problem for entry in judgments.excluded]),
+                        title="no usable judgments in " + ", ".join(map(str, files))
+                              + (f"; {len(judgments.excluded)} line(s) left out:" if judgments.excluded else ""))
     if judgments.scores and reference is None:
         console.print("[yellow]Score pairs found but no --reference: relative scores are left out.")
-    result = score_report(judgments.comparisons, judgments.scores, reference, parse_failures=judgments.parse_failures)
-    result.update(sources=[str(f) for f in files], comparisons=len(judgments.comparisons), score_pairs=len(judgments.scores))
+    result = score_report(judgments.comparisons, judgments.scores, reference, grades=judgments.grades,
+                          parse_failures=judgments.parse_failures)
+    scored = len(judgments.comparisons) + len(judgments.scores) + len(judgments.grades)
+    result.update(
+        sources=[str(f) for f in files], comparisons=len(judgments.comparisons),
+        score_pairs=len(judgments.scores), grades=len(judgments.grades),
+        judgments={"read": judgments.read_count(), "scored": scored, "excluded": len(judgments.excluded),
+                   "malformed": len(malformed), "unscored": judgments.parse_failures},
+        excluded=excluded_section(judgments),
+    )
     write_report(result, out, console)
     return result

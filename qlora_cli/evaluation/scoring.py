@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .judgments import Comparison, ScorePair
+from .judgments import Comparison, Grade, ScorePair
 
 PERCENTILES = (2.5, 97.5)
 # model_a's result for each verdict: a tie is half a win for each side (Elo and Bradley-Terry alike).
@@ -53,7 +53,7 @@ def relative_scores(scores: list[ScorePair], reference: str, *, seed: int = 0, r
 
     Returns:
         {model: {"percent", "percent_reference_first", "percent_model_first", "ci95": [lo, hi],
-        "questions", "by_category": {category: percent}}} for every model with at least one pair
+        "questions", "judgments", "by_category": {category: percent}}} for every model with at least one pair
         against `reference`, in name order. A percentage with no pairs behind it (say, no pair showed
         the reference first) is None; pairs without a category are left out of `by_category`.
 
@@ -92,30 +92,46 @@ def _relative(rows: list[tuple], seed: int, resamples: int) -> dict:
         "percent_model_first": percent(~reference_first),
         "ci95": _ci(samples),
         "questions": len(ids),
+        "judgments": len(own),
         "by_category": {name: percent(categories == name) for name in sorted({c for c in categories if c is not None})},
     }
+
+
+def result_a(comparison: Comparison) -> float:
+    """model_a's result in [0, 1]: the judge's graded preference when it gave one, else 1, 0 or 0.5."""
+    return comparison.result if comparison.result is not None else SCORE_A[comparison.winner]
 
 
 def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
     """Wins, ties and losses of every model over all its comparisons, in name order.
 
+    A comparison of weight w counts as w games (Arena-Hard's strong verdicts).
+
     Returns:
-        {model: {"wins", "ties", "losses", "games", "win_rate"}}, win_rate = (wins + ties / 2) / games.
+        {model: {"wins", "ties", "losses", "games", "judgments", "win_rate"}}: `games` = wins + ties +
+        losses, `judgments` the comparisons behind them, win_rate = the mean result over the games, which
+        is (wins + ties / 2) / games unless a judge graded its preferences (AlpacaEval 2.0).
     """
-    records = defaultdict(lambda: {"wins": 0, "ties": 0, "losses": 0})
+    records = defaultdict(lambda: {"wins": 0, "ties": 0, "losses": 0, "judgments": 0, "points": 0.0})
     for comparison in comparisons:
         first, second = records[comparison.model_a], records[comparison.model_b]
+        weight, share = comparison.weight, result_a(comparison)
+        first["judgments"] += 1
+        second["judgments"] += 1
+        first["points"] += weight * share
+        second["points"] += weight * (1 - share)
         if comparison.winner == "tie":
-            first["ties"] += 1
-            second["ties"] += 1
+            first["ties"] += weight
+            second["ties"] += weight
         else:
             winner, loser = (first, second) if comparison.winner == "model_a" else (second, first)
-            winner["wins"] += 1
-            loser["losses"] += 1
+            winner["wins"] += weight
+            loser["losses"] += weight
     result = {}
     for model, record in sorted(records.items()):
         games = record["wins"] + record["ties"] + record["losses"]
-        result[model] = {**record, "games": games, "win_rate": (record["wins"] + record["ties"] / 2) / games}
+        result[model] = {"wins": record["wins"], "ties": record["ties"], "losses": record["losses"],
+                         "games": games, "judgments": record["judgments"], "win_rate": record["points"] / games}
     return result
 
 
@@ -131,14 +147,28 @@ def category_win_rates(comparisons: list[Comparison]) -> dict[str, dict[str, flo
     }
 
 
+def category_judgments(comparisons: list[Comparison]) -> dict[str, int]:
+    """{category: how many comparisons have it}, the judgments behind each row of `category_win_rates`."""
+    counts = defaultdict(int)
+    for comparison in comparisons:
+        if comparison.category is not None:
+            counts[comparison.category] += 1
+    return dict(sorted(counts.items()))
+
+
 def _encode(comparisons: list[Comparison]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """(models in name order, index of model_a, index of model_b, model_a's result) for each comparison."""
     models = sorted({c.model_a for c in comparisons} | {c.model_b for c in comparisons})
     index = {model: number for number, model in enumerate(models)}
     first = np.array([index[c.model_a] for c in comparisons], dtype=np.intp)
     second = np.array([index[c.model_b] for c in comparisons], dtype=np.intp)
-    result = np.array([SCORE_A[c.winner] for c in comparisons])
+    result = np.array([result_a(c) for c in comparisons])
     return models, first, second, result
+
+
+def _as_games(comparisons: list[Comparison]) -> list[Comparison]:
+    """Each comparison repeated `weight` times: a strong Arena-Hard verdict is that many games, as there."""
+    return [c for c in comparisons for _ in range(c.weight)] if any(c.weight != 1 for c in comparisons) else comparisons
 
 
 def _table(models: list[str], points: np.ndarray, samples: np.ndarray) -> dict[str, dict]:
@@ -173,7 +203,7 @@ def elo(comparisons: list[Comparison], *, k: float = 32, initial: float = 1000, 
     ratings by k * (result - 1 / (1 + 10 ** ((Rb - Ra) / 400))), a tie scoring 0.5 for each side.
 
     Elo depends on the order of the games, so the comparisons are played in `permutations` random
-    orders and the final ratings summarised.
+    orders and the final ratings summarised. A comparison of weight w is played as w games.
 
     Returns:
         {model: {"rating": mean final rating, "ci95": [lo, hi] over the orders}}, best first; {} when
@@ -185,6 +215,7 @@ def elo(comparisons: list[Comparison], *, k: float = 32, initial: float = 1000, 
     _check_positive(permutations=permutations)
     if not comparisons:
         return {}
+    comparisons = _as_games(comparisons)
     models, first, second, result = _encode(comparisons)
     rng = np.random.default_rng(seed)
     block = max(1, _ELO_BLOCK // len(comparisons))
@@ -247,28 +278,59 @@ def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: in
     if not comparisons:
         return {}
     models, first, second, result = _encode(comparisons)
+    weights = np.array([c.weight for c in comparisons], dtype=float)
     _, question = np.unique(np.array([c.question_id for c in comparisons]), return_inverse=True)
     n_questions = int(question.max()) + 1
-    point = _bt_fit(first, second, result, np.ones(len(comparisons)), len(models))
+    point = _bt_fit(first, second, result, weights, len(models))
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(resamples):
         # A question drawn c times weighs each of its comparisons c times: the same as copying them.
         drawn = np.bincount(rng.integers(0, n_questions, n_questions), minlength=n_questions)
-        samples.append(_bt_fit(first, second, result, drawn[question].astype(float), len(models)))
+        samples.append(_bt_fit(first, second, result, drawn[question] * weights, len(models)))
     samples = np.array(samples)
     return _table(models, 1000 + _ELO_PER_LOG * point, 1000 + _ELO_PER_LOG * samples)
 
 
+def single_grades(grades: list[Grade], *, seed: int = 0, resamples: int = 1000) -> dict[str, dict]:
+    """Each model's mean single-answer grade (FastChat's single mode), with a bootstrap 95% CI over questions.
+
+    Returns:
+        {model: {"mean", "ci95", "judgments", "questions", "by_turn": {turn: mean}}}, in name order;
+        `by_turn` is empty when the grades carry no turn.
+
+    Raises:
+        ValueError: `resamples` is less than 1.
+    """
+    _check_positive(resamples=resamples)
+    by_model = defaultdict(list)
+    for grade in grades:
+        by_model[grade.model].append(grade)
+    result = {}
+    for model, rows in sorted(by_model.items()):
+        scores = np.array([g.score for g in rows])
+        ids, question = np.unique(np.array([g.question_id for g in rows]), return_inverse=True)
+        totals, counts = np.bincount(question, scores, len(ids)), np.bincount(question, minlength=len(ids))
+        picks = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+        samples = totals[picks].sum(axis=1) / counts[picks].sum(axis=1)
+        turns = sorted({g.turn for g in rows if g.turn is not None})
+        result[model] = {
+            "mean": float(scores.mean()), "ci95": _ci(samples), "judgments": len(rows), "questions": len(ids),
+            "by_turn": {str(turn): float(np.mean([g.score for g in rows if g.turn == turn])) for turn in turns},
+        }
+    return result
+
+
 def report(comparisons: list[Comparison], scores: list[ScorePair], reference: str | None, *, seed: int = 0,
            parse_failures: int = 0, permutations: int = 10000, resamples: int = 1000,
-           bt_resamples: int = 200) -> dict:
+           bt_resamples: int = 200, grades: list[Grade] = ()) -> dict:
     """Every score in one JSON-ready dict.
 
     Returns:
         {"relative": {"reference", "models": relative_scores(...)} or None when there are no scores or
         no reference, "elo", "bradley_terry", "pairwise", "categories": category_win_rates(...),
-        "parse_failures"}; the comparison tables are {} when there are no comparisons.
+        "category_judgments", "single": single_grades(...) or {}, "parse_failures"}; the comparison
+        tables are {} when there are no comparisons.
     """
     relative = None
     if scores and reference:
@@ -280,5 +342,7 @@ def report(comparisons: list[Comparison], scores: list[ScorePair], reference: st
         "bradley_terry": bradley_terry(comparisons, seed=seed, resamples=bt_resamples),
         "pairwise": pairwise_records(comparisons),
         "categories": category_win_rates(comparisons),
+        "category_judgments": category_judgments(comparisons),
+        "single": single_grades(list(grades), seed=seed, resamples=resamples) if grades else {},
         "parse_failures": parse_failures,
     }

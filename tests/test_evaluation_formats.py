@@ -1,0 +1,315 @@
+"""`qlora eval score` on files in the layouts other tools publish, tolerant scoring of bad lines, and
+answers written in FastChat's and Arena-Hard-Auto's layouts. Field names are copied from the tools'
+own writers: FastChat fastchat/llm_judge/common.py (play_a_match_pair / play_a_match_single),
+Arena-Hard-Auto gen_judgment.py and gen_answer.py (v2.0; v0.1 for the older rows), AlpacaEval's
+annotations.json as its README documents it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlora_cli.cli import main
+from qlora_cli.evaluation.answers import read_answers
+from qlora_cli.evaluation.questions import read_questions
+
+
+def write_lines(path, rows: list) -> object:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def score(files: list, out, *extra: str) -> dict:
+    main(["eval", "score", *map(str, files), "--out", str(out), *extra])
+    return json.loads((out / "report.json").read_text())
+
+
+# --- FastChat llm_judge -----------------------------------------------------------------------------
+
+
+def fastchat_pair(question_id: int, g1: str, g2: str, **extra) -> dict:
+    return {"question_id": question_id, "model_1": "vicuna-13b", "model_2": "alpaca-13b", "g1_winner": g1,
+            "g2_winner": g2, "judge": ["gpt-4", "pair-v2"], "g1_user_prompt": "[Question] ...",
+            "g1_judgment": "... [[A]]", "g2_user_prompt": "[Question] ...", "g2_judgment": "... [[B]]",
+            "turn": 1, "tstamp": 1687222209.1, **extra}
+
+
+def test_fastchat_pairwise_file_round_trips(tmp_path):
+    path = write_lines(tmp_path / "data/mt_bench/model_judgment/gpt-4_pair.jsonl", [
+        fastchat_pair(81, "model_1", "model_1"),  # vicuna wins both games
+        fastchat_pair(82, "tie", "model_2"),       # a tie, then alpaca wins
+        fastchat_pair(83, "error", "model_1"),     # no verdict in game 1; vicuna wins game 2
+    ])
+    report = score([path], tmp_path / "out")
+    vicuna = report["pairwise"]["vicuna-13b"]
+    assert (vicuna["wins"], vicuna["ties"], vicuna["losses"], vicuna["judgments"]) == (3, 1, 1, 5)
+    assert vicuna["win_rate"] == pytest.approx(3.5 / 5)
+    assert report["parse_failures"] == 1
+    assert report["judgments"] == {"read": 6, "scored": 5, "excluded": 1, "malformed": 0, "unscored": 1}
+    assert report["excluded"]["by_pair"] == {"alpaca-13b vs vicuna-13b": {"judge gave no verdict": 1}}
+    assert report["excluded"]["rows"][0]["where"] == f"{path}:3"
+    assert set(report["elo"]) == {"vicuna-13b", "alpaca-13b"}
+
+
+def test_fastchat_single_grades_round_trip(tmp_path):
+    judge = ["gpt-4", "single-v1-multi-turn"]
+    rows = [
+        {"question_id": 81, "model": "vicuna-13b", "judge": judge, "user_prompt": "...", "judgment": "Rating: [[9]]",
+         "score": 9, "turn": 1, "tstamp": 1.0},
+        {"question_id": 81, "model": "vicuna-13b", "judge": judge, "user_prompt": "...", "judgment": "[[7.5]]",
+         "score": 7.5, "turn": 2, "tstamp": 1.0},
+        {"question_id": 82, "model": "vicuna-13b", "judge": judge, "user_prompt": "...", "judgment": "[[8]]",
+         "score": 8, "turn": 1, "tstamp": 1.0},
+        {"question_id": 81, "model": "alpaca-13b", "judge": judge, "user_prompt": "...", "judgment": "[[5]]",
+         "score": 5, "turn": 1, "tstamp": 1.0},
+        {"question_id": 82, "model": "alpaca-13b", "judge": judge, "user_prompt": "...", "judgment": "no rating",
+         "score": -1, "turn": 1, "tstamp": 1.0},
+    ]
+    path = write_lines(tmp_path / "gpt-4_single.jsonl", rows)
+    report = score([path], tmp_path / "out")
+    vicuna, alpaca = report["single"]["vicuna-13b"], report["single"]["alpaca-13b"]
+    assert vicuna["mean"] == pytest.approx((9 + 7.5 + 8) / 3) and vicuna["judgments"] == 3 and vicuna["questions"] == 2
+    assert vicuna["by_turn"] == {"1": 8.5, "2": 7.5}
+    assert alpaca["mean"] == 5.0 and alpaca["judgments"] == 1
+    assert report["excluded"]["by_pair"] == {"alpaca-13b": {"judge gave no verdict": 1}}
+    assert "## Single-answer grades" in (tmp_path / "out" / "report.md").read_text()
+
+
+# --- Arena-Hard-Auto --------------------------------------------------------------------------------
+
+
+def arena_hard_game(score: str | None) -> dict:
+    return {"score": score, "judgment": {"answer": f"My final verdict is: [[{score}]]"},
+            "prompt": [{"role": "system", "content": "Please act as an impartial judge..."},
+                       {"role": "user", "content": "<|User Prompt|>\n..."}]}
+
+
+def test_arena_hard_v2_file_round_trips(tmp_path):
+    path = write_lines(tmp_path / "arena-hard-v2.0/model_judgment/gpt-4.1/my-model.jsonl", [
+        # Game 1 shows the baseline as A, game 2 shows the model as A.
+        {"uid": "a1", "category": "hard_prompt", "judge": "gpt-4.1", "model": "my-model",
+         "baseline": "o3-mini-2025-01-31", "games": [arena_hard_game("B>A"), arena_hard_game("A>>B")]},
+        {"uid": "a2", "category": "hard_prompt", "judge": "gpt-4.1", "model": "my-model",
+         "baseline": "o3-mini-2025-01-31", "games": [arena_hard_game("A=B"), arena_hard_game("B>A")]},
+        {"uid": "a3", "category": "hard_prompt", "judge": "gpt-4.1", "model": "my-model",
+         "baseline": "o3-mini-2025-01-31", "games": [None, arena_hard_game(None)]},
+        # Written before rows named their baseline: the category's, from Arena-Hard's JUDGE_SETTINGS.
+        {"uid": "c1", "category": "creative_writing", "judge": "gpt-4.1", "model": "my-model",
+         "games": [arena_hard_game("A>B"), arena_hard_game("B>A")]},
+    ])
+    report = score([path], tmp_path / "out")
+    model = report["pairwise"]["my-model"]
+    # show_result.py's battles for the model: row a1 -> [1, 1, 1] from game 2 (>> weighs 3) and 1 - 0 from
+    # game 1; row a2 -> [0] and 1 - 0.5; row c1 -> two losses to gemini. Against o3-mini: 4.5 of 6.
+    assert (model["wins"], model["ties"], model["losses"], model["games"], model["judgments"]) == (4, 1, 3, 8, 6)
+    assert report["pairwise"]["o3-mini-2025-01-31"]["win_rate"] == pytest.approx(1 - 4.5 / 6)
+    assert report["pairwise"]["gemini-2.0-flash-001"]["win_rate"] == 1.0
+    assert report["categories"]["hard_prompt"]["my-model"] == pytest.approx(4.5 / 6)
+    assert report["category_judgments"] == {"creative_writing": 2, "hard_prompt": 4}
+    assert report["excluded"]["by_pair"] == {"my-model vs o3-mini-2025-01-31": {"judge gave no verdict": 2}}
+
+
+def test_arena_hard_v01_rows_and_bad_verdicts(tmp_path):
+    v01 = {"question_id": "q1", "model": "my-model", "judge": "gpt-4-1106-preview",
+           "games": [{"user_prompt": "...", "judgment": "[[B>>A]]", "score": "B>>A"},
+                     {"user_prompt": "...", "judgment": "[[A>B]]", "score": "A>B"}]}
+    odd = {**v01, "question_id": "q2", "games": [{"score": "A>>>B"}, {"score": "A>B"}]}
+    unknown = {"uid": "x", "category": "poetry", "model": "my-model", "games": [arena_hard_game("A>B")] * 2}
+    path = write_lines(tmp_path / "judgments.jsonl", [v01, odd, unknown])
+    report = score([path], tmp_path / "out")
+    # v0.1 rows have no category and no baseline: the baseline was gpt-4-0314.
+    assert report["pairwise"]["my-model"] == {"wins": 4, "ties": 0, "losses": 0, "games": 4, "judgments": 2,
+                                              "win_rate": 1.0}
+    assert set(report["pairwise"]) == {"my-model", "gpt-4-0314"}
+    rows = report["excluded"]["rows"]
+    assert [(row["line"], row["reason"]) for row in rows] == [(2, "unknown verdict"), (3, "missing field")]
+    assert "'A>>>B'" in rows[0]["message"] and "poetry" in rows[1]["message"]
+
+
+# --- AlpacaEval -------------------------------------------------------------------------------------
+
+
+def alpaca_annotation(instruction: str, preference, **extra) -> dict:
+    return {"instruction": instruction, "output_1": "The reference answer.", "generator_1": "gpt4_1106_preview",
+            "dataset": "helpful_base", "output_2": "My model's answer.", "generator_2": "my-model",
+            "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": preference, "time_per_example": 0.9,
+            "price_per_example": 0.01, "raw_completion": {"logprobs": [-0.3]}, **extra}
+
+
+def test_alpaca_eval_annotations_round_trip(tmp_path):
+    annotations = [alpaca_annotation("How did US states get their names?", 1.75),
+                   alpaca_annotation("What is 2+2?", 1.0),
+                   alpaca_annotation("Write a haiku.", 2.0),
+                   alpaca_annotation("Tell me a joke.", 1.5),
+                   alpaca_annotation("Name a colour.", None),
+                   alpaca_annotation("Count to three.", 3.0)]
+    path = tmp_path / "results/my-model/weighted_alpaca_eval_gpt4_turbo/annotations.json"
+    path.parent.mkdir(parents=True)
+    text = json.dumps(annotations, indent=2)
+    path.write_text(text, encoding="utf-8")
+    report = score([path], tmp_path / "out")
+    model = report["pairwise"]["my-model"]
+    # AlpacaEval's win rate is the mean of preference - 1 over the annotations with a preference.
+    assert model["win_rate"] == pytest.approx((0.75 + 0 + 1 + 0.5) / 4)
+    assert (model["wins"], model["ties"], model["losses"]) == (2, 1, 1)
+    assert report["categories"] == {"helpful_base": {"gpt4_1106_preview": pytest.approx(1 - 0.5625),
+                                                     "my-model": pytest.approx(0.5625)}}
+    rows = report["excluded"]["rows"]
+    assert [(row["reason"], row["malformed"]) for row in rows] == [("judge gave no verdict", False),
+                                                                   ("out of range", True)]
+    # Elements of the indented array are named by the line they start on.
+    last_line = text[:text.index('"instruction": "Count to three."')].count("\n")
+    assert rows[1]["where"] == f"{path}:{last_line}"
+    assert f"`{path}:{last_line}`: field `preference` must be between 1 and 2, got 3.0" in (
+        tmp_path / "out" / "report.md").read_text()
+
+
+def test_alpaca_eval_1_draws_and_jsonl(tmp_path):
+    path = write_lines(tmp_path / "annotations.jsonl", [
+        alpaca_annotation("a", 0, annotator="alpaca_eval_gpt4"),  # AlpacaEval 1 wrote draws as 0
+        alpaca_annotation("b", 2, annotator="alpaca_eval_gpt4"),
+    ])
+    report = score([path], tmp_path / "out")
+    assert report["pairwise"]["my-model"]["ties"] == 1 and report["pairwise"]["my-model"]["wins"] == 1
+    assert report["pairwise"]["my-model"]["win_rate"] == pytest.approx(0.75)
+
+
+def test_layouts_mix_in_one_run(tmp_path):
+    fastchat = write_lines(tmp_path / "fastchat.jsonl", [fastchat_pair(1, "model_1", "model_2")])
+    plain = write_lines(tmp_path / "plain.jsonl", [
+        {"question_id": 1, "model_a": "vicuna-13b", "model_b": "alpaca-13b", "winner": "tie"}])
+    report = score([fastchat, plain], tmp_path / "out")
+    assert report["pairwise"]["vicuna-13b"]["judgments"] == 3
+
+
+# --- tolerant scoring -------------------------------------------------------------------------------
+
+
+def test_bad_rows_are_left_out_counted_and_listed_and_the_rest_is_scored(tmp_path):
+    rows, good = [], []
+    for question in range(300):
+        first = question % 2 == 0
+        own, ref = 6 + question % 4, 8
+        row = {"question_id": question, "model_a": "guanaco" if first else "chatgpt",
+               "model_b": "chatgpt" if first else "guanaco", "score_a": own if first else ref,
+               "score_b": ref if first else own}
+        rows.append(row)
+        good.append((own, ref))
+    # What judges write: 0, 11, "8.5/10", prose. They replace four good lines.
+    rows[10]["score_a"], rows[20]["score_b"], rows[30]["score_a"] = 0, 11, "8.5/10"
+    rows[40] = "Assistant A's answer is better because it is more detailed."
+    for index in (10, 20, 30, 40):
+        good[index] = None
+    path = write_lines(tmp_path / "gpt4_relative.jsonl", rows)
+    report = score([path], tmp_path / "out", "--reference", "chatgpt")
+
+    kept = [pair for pair in good if pair is not None]
+    guanaco = report["relative"]["models"]["guanaco"]
+    assert guanaco["judgments"] == 296 and guanaco["questions"] == 296
+    assert guanaco["percent"] == pytest.approx(100 * sum(o for o, _ in kept) / sum(r for _, r in kept))
+    excluded = report["excluded"]
+    assert excluded["total"] == 4
+    assert excluded["by_pair"] == {"(unknown models)": {"not valid JSON": 1},
+                                   "chatgpt vs guanaco": {"out of range": 2, "wrong type": 1}}
+    assert [row["where"] for row in excluded["rows"]] == [f"{path}:{line}" for line in (11, 21, 31, 41)]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Judgments read: 300; scored: 296; left out: 4 (4 malformed, 0 without a verdict)." in markdown
+    assert f"`{path}:11`: field `score_a` must be between 1 and 10, got 0" in markdown
+    assert f'`{path}:31`: field `score_a` must be a number, got string "8.5/10"' in markdown
+    assert "| chatgpt vs guanaco | out of range | 2 |" in markdown
+
+
+def test_strict_refuses_the_file_and_writes_nothing(tmp_path, capsys):
+    path = write_lines(tmp_path / "j.jsonl", [
+        {"question_id": 1, "model_a": "a", "model_b": "b", "winner": "model_a"},
+        {"question_id": 2, "model_a": "a", "model_b": "b", "score_a": 0, "score_b": 5},
+        "not json",
+    ])
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "score", str(path), "--strict", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "2 bad judgment line(s) (--strict)" in err
+    assert f"{path}:2: field `score_a` must be between 1 and 10, got 0" in err and f"{path}:3: not valid JSON" in err
+    assert not (tmp_path / "out").exists()
+    # Without --strict the same file is scored from its one good line.
+    assert score([path], tmp_path / "out")["pairwise"]["a"]["wins"] == 1
+
+
+def test_nothing_usable_or_an_unreadable_file_is_an_error(tmp_path, capsys):
+    path = write_lines(tmp_path / "prose.jsonl", ["The first answer is better.", {"question_id": 1, "model": "m", "score": 12}])
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "score", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "no usable judgments" in err and f"{path}:2: field `score`" in err
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "score", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2 and "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# --- answers for other tools' judges ----------------------------------------------------------------
+
+
+def test_answers_in_fastchat_and_arena_hard_layouts(tmp_path, tiny_model_dir):
+    mt_bench = write_lines(tmp_path / "question.jsonl", [
+        {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},
+        {"question_id": 82, "category": "math", "turns": ["What is 2+2?"]},
+    ])
+    arena = write_lines(tmp_path / "arena-question.jsonl", [
+        {"uid": "0a1b2c", "category": "hard_prompt", "subcategory": "coding", "prompt": "Sort a list in Python."},
+    ])
+    out = tmp_path / "eval"
+    # Answers already made (and cached): nothing is generated, no model is loaded.
+    model, baseline = tiny_model_dir.name, "other-bot"
+    write_lines(out / "answers" / f"{model}.jsonl", [
+        {"question_id": "81", "model": model, "answer": "Short.", "turns": ["A long poem.", "Short."]},
+        {"question_id": "82", "model": model, "answer": "4", "turns": ["4"]},
+        {"question_id": "0a1b2c", "model": model, "answer": "sorted(xs)", "turns": ["sorted(xs)"]},
+    ])
+    write_lines(out / "answers" / f"{baseline}.jsonl", [
+        {"question_id": q, "model": baseline, "answer": "Arr!", "turns": ["Arr!"] * turns}
+        for q, turns in (("81", 2), ("82", 1), ("0a1b2c", 1))])
+    for questions in (mt_bench, arena):
+        main(["eval", str(tiny_model_dir), "--baseline", baseline, "--questions", str(questions), "--out", str(out),
+              "--answers-only", "--answers-format", "fastchat", "--answers-format", "arena-hard"])
+        # The questions of the last run only; FastChat ids stay numbers, Arena-Hard uids strings.
+    fastchat_rows = [json.loads(line) for line in (out / "fastchat/model_answer" / f"{model}.jsonl").read_text().splitlines()]
+    assert fastchat_rows[0]["question_id"] == "0a1b2c"
+    assert set(fastchat_rows[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    arena_rows = [json.loads(line) for line in (out / "arena-hard/model_answer" / f"{model}.jsonl").read_text().splitlines()]
+    assert arena_rows == [{"uid": "0a1b2c", "ans_id": arena_rows[0]["ans_id"], "model": model,
+                           "messages": [{"role": "user", "content": "Sort a list in Python."},
+                                        {"role": "assistant", "content": {"answer": "sorted(xs)"}}],
+                           "tstamp": arena_rows[0]["tstamp"]}]
+    assert not (out / "report.json").exists()  # --answers-only judges nothing
+
+    main(["eval", str(tiny_model_dir), "--baseline", baseline, "--questions", str(mt_bench), "--out", str(out),
+          "--answers-only", "--answers-format", "fastchat"])
+    rows = [json.loads(line) for line in (out / "fastchat/model_answer" / f"{model}.jsonl").read_text().splitlines()]
+    assert [(row["question_id"], row["model_id"], row["choices"]) for row in rows] == [
+        (81, model, [{"index": 0, "turns": ["A long poem.", "Short."]}]),
+        (82, model, [{"index": 0, "turns": ["4"]}]),
+    ]
+    # Both layouts read back as the same answers (`--answers` takes them).
+    assert read_answers(out / "fastchat/model_answer" / f"{model}.jsonl") == (model, {"81": ["A long poem.", "Short."],
+                                                                                      "82": ["4"]})
+    assert read_answers(out / "arena-hard/model_answer" / f"{model}.jsonl") == (model, {"0a1b2c": ["sorted(xs)"]})
+
+
+def test_arena_hard_question_files_are_read(tmp_path):
+    v2 = write_lines(tmp_path / "v2.jsonl", [{"uid": "f00d", "category": "hard_prompt", "subcategory": "x",
+                                              "prompt": "Explain monads."}])
+    v01 = write_lines(tmp_path / "v01.jsonl", [{"question_id": "beef", "category": "arena-hard-v0.1", "cluster": "c",
+                                                "turns": [{"content": "Explain functors."}]}])
+    (question,) = read_questions(v2)
+    assert (question.question_id, question.source_id, question.turns) == ("f00d", "f00d", ("Explain monads.",))
+    (question,) = read_questions(v01)
+    assert (question.question_id, question.category, question.turns) == ("beef", "arena-hard-v0.1", ("Explain functors.",))
+
+
+def test_unknown_answers_format_is_a_user_error(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", str(tiny_model_dir), "--answers-format", "alpaca", "--out", str(tmp_path / "o")])
+    assert exited.value.code == 2 and "--answers-format: 'alpaca'" in capsys.readouterr().err

@@ -1,0 +1,289 @@
+"""`qlora serve`, with the official `openai` client as the real client: the tiny model served in-process
+on a free port, streaming and not, sampling options, bad requests, a key, concurrent requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai  # the `test` extra
+import pytest
+
+from conftest import serving
+from qlora_cli.serve import ChatRequest, Engine, StopScanner, TurnLock, create_app
+
+MODEL = "tiny"
+KEY_ENV = "QLORA_TEST_SERVE_KEY"
+HELLO = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from qlora_cli.generate import load_for_generation
+
+    return load_for_generation(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    return Engine(loaded, default_max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    with serving(create_app(engine, MODEL)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+
+
+def greedy(client, messages=HELLO, **options) -> object:
+    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **options)
+
+
+def streamed(client, messages=HELLO, **options) -> tuple[str, list]:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, **options))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def test_models_lists_the_served_model(client):
+    assert [model.id for model in client.models.list().data] == [MODEL]
+
+
+def test_a_reply_is_what_the_model_generates_with_its_chat_template(client, loaded):
+    from qlora_cli.generate import conversation_ids, generate
+
+    response = greedy(client, max_tokens=12)
+    (choice,) = response.choices
+    expected = generate(loaded, [HELLO], temperature=0, max_new_tokens=12)[0]
+    assert choice.message.role == "assistant" and choice.message.content.strip() == expected
+    assert response.model == MODEL and response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    assert response.usage.prompt_tokens == len(conversation_ids(loaded.tokenizer, HELLO))
+    assert 1 <= response.usage.completion_tokens <= 12
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    assert choice.finish_reason == ("length" if response.usage.completion_tokens == 12 else "stop")
+
+
+def test_streaming_sends_the_same_reply_piece_by_piece(client):
+    plain = greedy(client, max_tokens=12)
+    text, chunks = streamed(client, temperature=0, max_tokens=12, stream_options={"include_usage": True})
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # really streamed
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_max_tokens_bounds_the_reply(client):
+    response = greedy(client, max_tokens=3)
+    assert response.usage.completion_tokens <= 3
+    if response.choices[0].finish_reason == "length":
+        assert response.usage.completion_tokens == 3
+    default = greedy(client)  # no max_tokens: the server's default (16 here)
+    assert default.usage.completion_tokens <= 16
+
+
+def test_a_stop_sequence_cuts_the_reply_streamed_or_not(client):
+    full = greedy(client, max_tokens=24).choices[0].message.content
+    start = next(k for k in range(4, len(full) - 3) if full.find(full[k:k + 3]) == k and full[k:k + 3].strip())
+    stop = full[start:start + 3]
+    cut = greedy(client, max_tokens=24, stop=[stop, "never-appears"])
+    assert cut.choices[0].message.content == full[:start] and cut.choices[0].finish_reason == "stop"
+    text, chunks = streamed(client, temperature=0, max_tokens=24, stop=stop)
+    assert text == full[:start]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_a_seed_makes_sampling_repeatable(client):
+    options = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 10, "seed": 7}
+    first = client.chat.completions.create(model=MODEL, messages=HELLO, **options).choices[0].message.content
+    again = client.chat.completions.create(model=MODEL, messages=HELLO, **options).choices[0].message.content
+    assert first == again
+    text, _ = streamed(client, **options)
+    assert text == first
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"temperature": 5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content"),
+    ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"max_tokens": 10_000}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
+])
+def test_bad_requests_get_400_with_an_error_object(client, options, param):
+    request = {"model": MODEL, "messages": HELLO, **options}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(**request)
+    error = raised.value.body
+    assert raised.value.status_code == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"]
+
+
+def raw(url: str, body: bytes | dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a plain request, no client library in between: POST when there is a body."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+def test_malformed_bodies_unknown_models_and_routes(base_url):
+    status, body = raw(f"{base_url}/chat/completions", b'{"model": "tiny", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = raw(f"{base_url}/chat/completions", {"model": "gpt-4", "messages": HELLO})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert raw(f"{base_url}/completions")[0] == 404
+    status, body = raw(f"{base_url}/chat/completions")
+    assert status == 405 and body["error"]["message"].startswith("method GET not allowed")
+    # The server is still up and answering.
+    assert raw(f"{base_url}/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 2})[0] == 200
+
+
+def test_a_key_from_the_environment_is_required_when_set(engine, monkeypatch):
+    from qlora_cli.errors import UserError
+    from qlora_cli.serve import read_api_key
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(UserError, match=KEY_ENV):
+        read_api_key(KEY_ENV)
+    monkeypatch.setenv(KEY_ENV, "sk-serve-secret")
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with serving(create_app(engine, MODEL, read_api_key(KEY_ENV))) as url:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        assert "sk-serve-secret" not in str(raised.value.body)
+        good = openai.OpenAI(base_url=url, api_key="sk-serve-secret", max_retries=0)
+        assert good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices
+
+
+def test_concurrent_requests_are_queued_not_interleaved(client, engine, monkeypatch):
+    prompts = [[{"role": "user", "content": text}] for text in
+               ("What is the capital of France?", "Add two and three.", "Write a haiku about the sea.", "Arr!")]
+    alone = [greedy(client, messages, max_tokens=10).choices[0].message.content for messages in prompts]
+    running, most, count = [0], [0], threading.Lock()
+    generate = engine.generate
+
+    def watched(*args, **kwargs):
+        with count:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)  # widen the window in which a second generation could start
+            return generate(*args, **kwargs)
+        finally:
+            with count:
+                running[0] -= 1
+
+    monkeypatch.setattr(engine, "generate", watched)
+
+    def ask(index: int) -> str:
+        if index % 2:
+            return streamed(client, prompts[index % 4], temperature=0, max_tokens=10)[0]
+        return greedy(client, prompts[index % 4], max_tokens=10).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(ask, range(8)))
+    assert together == [alone[index % 4] for index in range(8)]
+    assert most[0] == 1  # one generation at a time
+
+
+# --- the pure parts ---------------------------------------------------------------------------------
+
+
+def test_stop_scanner_holds_back_what_could_start_a_stop_sequence():
+    scanner = StopScanner(["###", "\nUser:"])
+    assert scanner.feed("Hello #") == "Hello "  # "#" may start "###"
+    assert scanner.feed("1 and ##") == "#1 and "
+    assert scanner.feed("# tail") == "" and scanner.stopped
+    assert scanner.finish() == ""
+    plain = StopScanner([])
+    assert plain.feed("a\nUser") + plain.finish() == "a\nUser"
+    whole = StopScanner(["\nUser:"])
+    assert whole.feed("Fine.\nUser: more") + whole.finish() == "Fine."
+    streamed_pieces = StopScanner(["\nUser:"])
+    assert "".join(streamed_pieces.feed(p) for p in ["Fine.", "\nUs", "er: more"]) + streamed_pieces.finish() == "Fine."
+
+
+def test_turn_lock_serves_in_arrival_order():
+    lock, order, arrived = TurnLock(), [], []
+
+    def take(number: int) -> None:
+        with lock:
+            order.append(number)
+
+    with lock:  # hold it while the others line up, one after another
+        threads = []
+        for number in range(5):
+            thread = threading.Thread(target=take, args=(number,))
+            thread.start()
+            while lock._next_ticket < number + 2:  # the thread has taken its ticket
+                time.sleep(0.001)
+            threads.append(thread)
+            arrived.append(number)
+    for thread in threads:
+        thread.join()
+    assert order == arrived == [0, 1, 2, 3, 4]
+
+
+def test_request_defaults_are_openai_s():
+    request = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert (request.temperature, request.top_p, request.stop, request.stream) == (1.0, 1.0, None, False)
+    assert ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], stop="END").stop == ["END"]
+
+
+def test_help_imports_neither_torch_nor_the_server_stack():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom qlora_cli.cli import main\n"
+        "for argv in (['--help'], ['serve', '--help'], ['eval', 'score', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "loaded = [name for name in ('torch', 'fastapi', 'uvicorn', 'transformers') if name in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_taken_port_or_a_missing_key_fails_before_loading(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import qlora_cli.generate as generation
+    from qlora_cli.cli import main
+
+    monkeypatch.setattr(generation, "load_for_generation", lambda reference: pytest.fail("the model was loaded"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", "smollm2-135m-instruct", "--port", str(port)])
+    assert exited.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "smollm2-135m-instruct", "--api-key-env", KEY_ENV])
+    assert exited.value.code == 2 and f"{KEY_ENV} is not set" in capsys.readouterr().err
