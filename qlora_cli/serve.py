@@ -20,18 +20,25 @@ import hmac
 import json
 import logging
 import os
+import queue
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
+import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers import StoppingCriteriaList
 
 from .errors import UserError
+from .generate import conversation_ids, load_for_generation, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +195,6 @@ class _Cancelled:
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -198,8 +203,6 @@ class TokenStream:
     then `end`) and hands them to the thread that iterates it, so replies stream token by token."""
 
     def __init__(self):
-        import queue
-
         self._queue, self._prompt_seen = queue.Queue(), False
 
     def put(self, value) -> None:
@@ -237,8 +240,6 @@ class Engine:
     """The loaded model and how it answers one request. Holding the `TurnLock` is the caller's job."""
 
     def __init__(self, loaded, default_max_tokens: int = DEFAULT_MAX_TOKENS):
-        from .generate import stop_token_ids
-
         tokenizer = loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"{loaded.description}: the tokenizer has no chat template, which chat completions need")
@@ -254,8 +255,6 @@ class Engine:
         Raises:
             ApiError: the template refuses the conversation (some refuse system messages or roles out of order).
         """
-        from .generate import conversation_ids
-
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in request.messages]
         try:
@@ -284,8 +283,6 @@ class Engine:
     def generate(self, request: ChatRequest, ids: list[int], max_tokens: int, streamer=None,
                  cancel: threading.Event | None = None) -> tuple[list[int], bool]:
         """The generated token ids, and whether generation ended at an end-of-turn token."""
-        import torch
-
         model = self.loaded.model
         device = next(model.parameters()).device
         if request.seed is not None:
@@ -296,8 +293,6 @@ class Engine:
         if request.stop:
             extra.update(stop_strings=request.stop, tokenizer=self.tokenizer)
         if cancel is not None:
-            from transformers import StoppingCriteriaList
-
             extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         inputs = torch.tensor([ids], device=device)
         with torch.no_grad():
@@ -495,8 +490,6 @@ def _event_stream(engine: Engine, turn: TurnLock, body: ChatRequest, ids: list[i
 def served_name(reference: str) -> str:
     """The model id to serve under: a run's or a model directory's folder name, a .gguf file's stem, or
     the reference itself (a hub id, the bundled alias)."""
-    from pathlib import Path
-
     path = Path(reference).expanduser()
     if path.is_dir():
         return path.resolve().name
@@ -511,8 +504,6 @@ def check_port(host: str, port: int) -> None:
     Raises:
         UserError: the address is taken or not this machine's.
     """
-    import socket
-
     try:
         with socket.create_server((host, port)):
             pass
@@ -528,10 +519,6 @@ def serve(reference: str, *, host: str, port: int, model_name: str | None, api_k
         UserError: the key's environment variable is not set, the address cannot be listened on, or the
             model has no chat template.
     """
-    import uvicorn
-
-    from .generate import load_for_generation
-
     # Both before loading: a missing key or a taken port should not cost a model load.
     api_key = read_api_key(api_key_env)
     check_port(host, port)

@@ -30,7 +30,7 @@ from .judgments import Comparison, ScorePair, Winner
 from .questions import Question
 
 if TYPE_CHECKING:
-    from ..generate import LoadedModel
+    from ..models import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ class Models:
     loaded model with its adapter switched off: the base exactly as it was fine-tuned (same quantization)."""
 
     def __init__(self, target: str):
-        from ..generate import is_run_dir
+        from ..rundir import is_run_dir
 
         self.target = target
         self.run_dir = Path(target) if Path(target).is_dir() and is_run_dir(Path(target)) else None
