@@ -12,6 +12,7 @@ Two questions, each answered by llama.cpp itself rather than by a reader of the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import itertools
 from dataclasses import dataclass, field
@@ -111,11 +112,7 @@ class TokenizationReport:
 
 
 def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def load_llama(gguf_file: Path, vocab_only: bool = False, n_ctx: int = 1024):

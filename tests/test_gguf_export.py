@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import (
-    CHATML_DEFAULT_SYSTEM_TEMPLATE, ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama, build_tokenizer,
+    CHATML_DEFAULT_SYSTEM_TEMPLATE, ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama,
 )
 from qlora_cli.errors import UserError
 from qlora_cli.gguf_export import export_gguf, llama3_rope_factors, pre_tokenizer_name, read_tokenizer_spec

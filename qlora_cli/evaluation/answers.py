@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from contextlib import nullcontext
@@ -22,6 +21,7 @@ from typing import Callable, Iterator
 
 from ..data.readers import read_path
 from ..errors import Problem, UserError
+from ..rundir import write_atomic
 from .questions import Question
 
 
@@ -194,9 +194,7 @@ def write_answer_layout(folder: Path, layout: str, model: str, questions: list[Q
     target.parent.mkdir(parents=True, exist_ok=True)
     tstamp = time.time()
     rows = [make(q, model, answers[q.question_id], tstamp) for q in questions if q.question_id in answers]
-    staging = target.with_suffix(".jsonl.tmp")
-    staging.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    os.replace(staging, target)
+    write_atomic(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return target
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from ..rundir import write_atomic, write_json
 
 MAX_LISTED = 200  # excluded lines listed in report.md; report.json lists them all
 
@@ -175,10 +175,8 @@ def plots(report: dict, folder: Path) -> list[Path]:
 
 def write_report(report: dict, folder: Path, console: Console) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / "report.json.tmp"
-    staging.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    staging.replace(folder / "report.json")
-    (folder / "report.md").write_text(markdown(report), encoding="utf-8")
+    write_json(folder / "report.json", report)
+    write_atomic(folder / "report.md", markdown(report))
     plots(report, folder)
     for note in report.get("notes", []):
         console.print(f"[yellow]{note}")

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import Problem, RunFailure, RunInterrupted, UserError
+from ..rundir import write_atomic
 from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
 from .judges import HttpJudge, JudgeError, JudgmentCache, LocalJudge, judge_pairs, served_models
 from .judgments import Comparison, Judgments, ScorePair
@@ -208,7 +209,7 @@ def _run_eval(target: str, *, baselines, questions_path, judge_spec, judge_model
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "judgments.jsonl").write_text("".join(json.dumps(plain_judgment(j)) + "\n" for j in comparisons + scores))
+    write_atomic(out / "judgments.jsonl", "".join(json.dumps(plain_judgment(j)) + "\n" for j in comparisons + scores))
     result = score_report(comparisons, scores, names[1], parse_failures=failures)
     timings["scoring"] = round(time.perf_counter() - started, 1)
     fresh = [c for c in calls if not c["cached"]]
