@@ -317,7 +317,7 @@ def setup(
     console.print(f"Gradient checkpointing: {'on' if checkpointing else 'off'} ({why})")
     set_seed(recipe.training.seed)
     bits = {4: f"in 4-bit {recipe.quantization.quant_type.upper()}", 8: "in 8-bit", 16: "unquantized"}[recipe.quantization.bits]
-    with working(console, f"Loading {model_path} {bits} with LoRA"):
+    with working(console, f"Loading {recipe.model.base} {bits} with LoRA"):
         model = load_model(model_path, recipe, context, checkpointing)
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
