@@ -213,7 +213,7 @@ def generate(
         from transformers import TextStreamer
 
         streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    answering = working(console, f"Answering {len(prompts)} prompts") if streamer is None else nullcontext()
+    answering = working(console, f"Answering {len(prompts)} prompt{'s' if len(prompts) != 1 else ''}") if streamer is None else nullcontext()
     with answering:
         answers = run_generate(
             loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
