@@ -71,3 +71,36 @@ def format_seconds(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Steps:
+    """Progress through the steps of a phase that takes a while: a live bar on a terminal, a plain line per
+    step otherwise (logs, CI)."""
+
+    def __init__(self, console: Console, title: str, total: int):
+        self.console, self.title, self.total = console, title, total
+        self.progress = None
+        self.last_line = None
+
+    def __enter__(self) -> "Steps":
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=self.console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self.title, total=self.total)
+        return self
+
+    def advance(self, done: int, text: str) -> None:
+        """Step `done` of `total` is finished; `text` says what it was (off a terminal, printed when it changes)."""
+        line = f"{self.title}: {text}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, description=line)
+        elif line != self.last_line:
+            self.console.print(line)
+            self.last_line = line
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
