@@ -5,8 +5,8 @@ attribute set in a constructor, a logger's name. Each says which versions it was
 guards what it relies on, so that a library upgrade that removes it fails here, loudly and by name,
 instead of training something else silently. tests/test_compat.py exercises every one.
 
-Checked against: torch 2.13, transformers 5.23-5.24, peft 0.21.2, bitsandbytes 0.49-0.50.2, accelerate 1.15,
-safetensors 0.8; the floors in pyproject.toml are the first releases that have what is used here and in models.py.
+Checked against: torch 2.13, transformers 5.23-5.24, peft 0.21.2, bitsandbytes 0.49-0.50.2, accelerate 1.15; the
+floors in pyproject.toml are the first releases that have what is used here and in models.py.
 """
 
 from __future__ import annotations
@@ -276,30 +276,6 @@ def forget_quantization_state(module) -> None:
         require(hasattr(module.state, "CB") and hasattr(module.state, "SCB"),
                 "bitsandbytes' Linear8bitLt.state no longer has CB/SCB")
         module.state.CB = module.state.SCB = None
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors
-
-def read_safetensors(path, names, device: str = "cpu") -> dict:
-    """The named tensors of one safetensors file, each in memory of its own.
-
-    safetensors' default backend maps the whole file and returns views into the mapping, which stays alive
-    while any view does: the pages of tensors already dropped then stay in this process's resident memory.
-    Its `pread` backend (safetensors >= 0.8) reads each tensor into its own buffer; before 0.8 the views are
-    copied out and dropped, which unmaps the file when this returns.
-    """
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt", device=str(device), backend="pread")
-    except TypeError:  # safetensors < 0.8: no backend argument
-        handle = None
-    if handle is not None:
-        with handle:
-            return {name: handle.get_tensor(name) for name in names}
-    with safe_open(str(path), framework="pt", device=str(device)) as legacy:
-        return {name: legacy.get_tensor(name).clone() for name in names}
 
 
 # bitsandbytes tries to fetch an optional CPU kernel from a model hub at import time and logs a warning

@@ -31,6 +31,7 @@ import torch
 
 from . import compat
 from .console import Steps
+from .cpu import return_freed_memory
 from .context import RunContext, inference_context
 from .errors import Problem, UserError
 from .parity import compare_logits
@@ -85,7 +86,9 @@ def empty_model(config, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does once loaded; built on the meta device, the model is left untied
+    return model
 
 
 @dataclass
@@ -117,11 +120,11 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunCon
         compat.quantize_skeleton(model, quantization, dtype)
         compat.keep_4bit_training_kernels(model)
 
-    def make_parameter(slot, tensor):
+    def make_parameter(slot, files):
         # As from_pretrained loads: every weight cast to the model's dtype, the linear ones then quantized.
         if is_quantized(slot.placeholder):
-            return compat.quantize_like_transformers(tensor.to(dtype), slot.placeholder, device)
-        return torch.nn.Parameter(tensor.to(device=device, dtype=slot.placeholder.dtype), requires_grad=False)
+            return compat.quantize_like_transformers(files.read(slot.name, dtype, device), slot.placeholder, device)
+        return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
 
     weights = StreamedWeights(model, files, make_parameter)
     move_buffers(model, device)
@@ -143,8 +146,8 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunCon
 def merged_model(config, files: CheckpointFiles, dtype: torch.dtype, device):
     """The merged checkpoint as a model on the meta device, and its weights read from `files`."""
 
-    def make_parameter(slot, tensor):
-        return torch.nn.Parameter(tensor.to(device=device, dtype=slot.placeholder.dtype), requires_grad=False)
+    def make_parameter(slot, files):
+        return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
 
     model = empty_model(config, dtype, trust_remote_code=False).eval()
     weights = StreamedWeights(model, files, make_parameter)
@@ -169,15 +172,17 @@ def output_tensors(model) -> dict[str, torch.Tensor]:
 
 def lora_delta(lora) -> torch.Tensor:
     """The float32 update the layer's active adapters add to its weight."""
-    return sum(lora.get_delta_weight(adapter).float() for adapter in lora.active_adapters)
+    deltas = [lora.get_delta_weight(adapter).float() for adapter in lora.active_adapters]
+    return sum(deltas[1:], deltas[0])
 
 
-def dequantized_weight(trained: TrainedModel, slot, original: torch.Tensor, device) -> torch.Tensor:
+def dequantized_weight(trained: TrainedModel, slot, files: CheckpointFiles, device) -> torch.Tensor:
     """The float32 weight the trained model computed with: the original quantized as when training, dequantized."""
     from bitsandbytes.functional import dequantize_4bit
 
     module = slot.owners[0][0]
-    quantized = compat.quantize_like_transformers(original.to(trained.compute_dtype), slot.placeholder, device)
+    quantized = compat.quantize_like_transformers(files.read(slot.name, trained.compute_dtype, device),
+                                                  slot.placeholder, device)
     try:
         if type(quantized).__name__ == "Params4bit":
             return dequantize_4bit(quantized.data, quantized.quant_state).float()
@@ -191,20 +196,18 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
     """One tensor of the merged checkpoint, on the CPU in `dtype`."""
     slot = trained.weights.by_name.get(name)
     if slot is None:  # a persistent buffer: the checkpoint's value if it has one, else the model's own
-        value = files.read([name])[name] if name in files else buffers[name]
+        value = files.read(name) if name in files else buffers[name]
         return value.to(dtype) if value.is_floating_point() else value
-    original = files.read([name])[name]
     module, attribute = slot.owners[0]
     lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
     if base == "dequantized" and is_quantized(slot.placeholder):
-        weight = dequantized_weight(trained, slot, original, device)
+        weight = dequantized_weight(trained, slot, files, device)
     elif lora is not None:
-        weight = original.to(device).float()
+        weight = files.read(name, torch.float32, device)
     else:
-        return original.to(dtype)
-    del original
+        return files.read(name, dtype)
     if lora is not None:
-        weight = weight + lora_delta(lora)
+        weight += lora_delta(lora)
     return weight.to(dtype).cpu()
 
 
@@ -238,6 +241,7 @@ def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, a
     writes them beside the weights."""
     from transformers import GenerationConfig
 
+    config = copy.deepcopy(config)
     config.dtype = dtype
     config.architectures = [architecture]
     config.save_pretrained(folder)
@@ -292,13 +296,13 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
     Raises:
         UserError: not enough memory, GPU memory or disk, with the figures.
     """
-    from .merge_plan import MergeSettings, check_fits, checkpoint_dtype_bytes, merge_needs
+    from .merge_plan import MergeSettings, check_fits, merge_needs
 
     recipe = read_run_recipe(run_dir)
     settings = MergeSettings(
         bits=recipe.quantization.bits, double_quant=recipe.quantization.double_quant, lora_r=recipe.lora.r,
         target_modules=recipe.lora.target_modules, compute_bytes=context.compute_dtype.itemsize,
-        checkpoint_bytes=checkpoint_dtype_bytes(config), out_bytes=dtype.itemsize, max_shard_bytes=max_shard_bytes,
+        out_bytes=dtype.itemsize, max_shard_bytes=max_shard_bytes,
         prompt_tokens=prompt_tokens, on_gpu=context.device == "cuda", gguf_types=gguf_types,
     )
     try:
@@ -314,6 +318,54 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
 
 # ---------------------------------------------------------------------------------------------
 # The merge
+
+def trained_logits(trained: TrainedModel, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
+    """The trained model's logits on the prompts, a layer at a time."""
+    count = len(decoder_layers(trained.model))
+    with Steps(console, "Trained model (quantized base + adapter) on the parity prompts", count) as steps, \
+            warnings.catch_warnings():
+        # bitsandbytes says on every 8-bit matmul that it casts the inputs to float16, as training did
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        return streamed_logits(trained.model, trained.weights, prompts, device,
+                               lambda done, total: steps.advance(done, f"layer {done} of {total}"))
+
+
+def write_merged(folder: Path, trained: TrainedModel, files: CheckpointFiles, config, tokenizer, *, base: str,
+                 dtype: torch.dtype, device, max_shard_bytes: int, trust_remote_code: bool, console) -> int:
+    """Write the merged checkpoint into `folder`, its weights a tensor at a time; returns the number of shards."""
+    model = empty_model(config, dtype, trust_remote_code)
+    tensors = output_tensors(model)
+    buffers = dict(model.named_buffers())
+    layers = decoder_layers(trained.model)
+    layer_of = {slot.name: index for index, layer in enumerate(layers) for slot in trained.weights.within(layer)}
+    done = 0
+
+    def merged(name: str) -> torch.Tensor:
+        return merged_tensor(name, trained, files, buffers, base, dtype, device)
+
+    with Steps(console, "Merging", len(tensors)) as steps:
+
+        def on_tensor(name: str) -> None:
+            nonlocal done
+            done += 1
+            layer = layer_of.get(name)
+            steps.advance(done, f"layer {layer + 1} of {len(layers)}" if layer is not None else name)
+
+        shards = write_shards(folder, tensors, merged, max_shard_bytes, on_tensor)
+    write_configs(folder, files.folder, config, dtype, type(model).__name__, tokenizer)
+    return shards
+
+
+def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
+    """The merged checkpoint's logits on the prompts, read back a layer at a time."""
+    from transformers import AutoConfig
+
+    model, weights = merged_model(AutoConfig.from_pretrained(folder), CheckpointFiles(folder), dtype, device)
+    count = len(decoder_layers(model))
+    with Steps(console, "Merged checkpoint read back on the parity prompts", count) as steps:
+        return streamed_logits(model, weights, prompts, device,
+                               lambda done, total: steps.advance(done, f"layer {done} of {total}"))
+
 
 def merge_run(
     run_dir: Path,
@@ -366,6 +418,7 @@ def merge_run(
         raise UserError(f"--max-shard-size: {error}") from None
     dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
+    return_freed_memory()  # the host's peak is what decides whether a merge fits
 
     recipe = read_run_recipe(run_dir)
     base_path = adapter_base_model(run_dir)
@@ -380,46 +433,17 @@ def merge_run(
 
     say(f"Merging {run_dir / ADAPTER} into {base_path} ({base} base, {dtype_name}, on {device.type})")
     trained = trained_model(config, files, run_dir, context, device)
-    count = len(decoder_layers(trained.model))
-    with Steps(console, "Trained model (quantized base + adapter) on the parity prompts", count) as steps, \
-            warnings.catch_warnings():
-        # bitsandbytes says on every 8-bit matmul that it casts the inputs to float16, as training did
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        reference = streamed_logits(trained.model, trained.weights, prompts, device,
-                                    lambda done, total: steps.advance(done, f"layer {done} of {total}"))
-
-    merged_skeleton = empty_model(config, dtype, recipe.model.trust_remote_code)
-    tensors = output_tensors(merged_skeleton)
-    buffers = dict(merged_skeleton.named_buffers())
-    layer_of = {slot.name: index for index, layer in enumerate(decoder_layers(trained.model))
-                for slot in trained.weights.within(layer)}
+    reference = trained_logits(trained, prompts, device, console)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as staging:
         staging.mkdir()
-        with Steps(console, "Merging", len(tensors)) as steps:
-            done = 0
-
-            def merged(name: str) -> torch.Tensor:
-                return merged_tensor(name, trained, files, buffers, base, dtype, device)
-
-            def on_tensor(name: str) -> None:
-                nonlocal done
-                done += 1
-                layer = layer_of.get(name)
-                steps.advance(done, f"layer {layer + 1} of {count}" if layer is not None else name)
-
-            shards = write_shards(staging, tensors, merged, max_shard_bytes, on_tensor)
-        write_configs(staging, files.folder, config, dtype, type(merged_skeleton).__name__, tokenizer)
-        del trained, merged_skeleton, buffers
+        shards = write_merged(staging, trained, files, config, tokenizer, base=base, dtype=dtype, device=device,
+                              max_shard_bytes=max_shard_bytes, trust_remote_code=recipe.model.trust_remote_code,
+                              console=console)
+        del trained  # the adapter's weights: all the merge kept in memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-        model, weights = merged_model(AutoConfig.from_pretrained(staging), CheckpointFiles(staging), dtype, device)
-        with Steps(console, "Merged checkpoint read back on the parity prompts", count) as steps:
-            candidate = streamed_logits(model, weights, prompts, device,
-                                        lambda done, total: steps.advance(done, f"layer {done} of {total}"))
-        report = compare_logits(reference, candidate)
-        del model, weights, reference, candidate
+        report = compare_logits(reference, merged_logits(staging, dtype, prompts, device, console))
         enforced = base == "dequantized" and dtype == torch.float32
         result = {
             "base": base,

@@ -7,9 +7,9 @@ The merge (merge.py, streaming.py) never holds the model: it holds the adapter, 
   dequantized float32 weight, its float32 LoRA delta, the result in the output dtype);
 - the merged model's forward: as the trained one's, in the output dtype;
 - the logits of the parity prompts, the trained model's and the merged one's.
-On a GPU the weights compute there, and the host holds the output shard and the tensor being read. The counts
-are the tensors' own sizes; what the allocator and the operating system add on top is not counted.
-Nothing here imports torch.
+Weights are read from the checkpoints a block of READ_BLOCK_BYTES at a time. On a GPU the weights compute
+there, and the host holds the output shard and the block being read. The counts are the tensors' own sizes;
+what the allocator and the operating system add on top is not counted.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from .errors import UserError
 from .plan import (CUDA_CONTEXT_BYTES, ModelShapes, format_bytes, kept_parameter_count, lora_targets,
                    model_shapes, quantized_linear_bytes)
+from .streaming import READ_BLOCK_BYTES
 
 GiB = 2**30
 # Resident memory of a process that has imported torch 2.13, transformers 5.24, peft 0.21 and bitsandbytes
 # 0.50: 0.44 GiB measured on CPU (VmRSS after the imports), rounded up.
 LIBRARIES_BYTES = GiB // 2
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # GGUF files as gguf_export.py writes them: 16-bit matrices, or 8-bit blocks of 32 weights with a
 # 16-bit scale each; 1-D tensors stay float32 and are negligible.
 GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 34 / 32}
@@ -42,7 +42,6 @@ class MergeSettings:
     lora_r: int
     target_modules: object  # "all-linear" or a list of names
     compute_bytes: int  # the trained model's compute dtype
-    checkpoint_bytes: int  # the base checkpoint's dtype
     out_bytes: int  # the merged checkpoint's dtype
     max_shard_bytes: int
     prompt_tokens: int  # all parity prompts together
@@ -68,12 +67,6 @@ class MergeNeeds:
         return f"about {memory} ({parts}) and {format_bytes(self.disk_bytes)} of disk"
 
 
-def checkpoint_dtype_bytes(config: Mapping) -> int:
-    """Bytes per weight of the base checkpoint, from its config's `dtype` (`torch_dtype` before transformers 5)."""
-    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    return DTYPE_BYTES.get(str(name).removeprefix("torch."), 2)
-
-
 def parameter_count(shapes: ModelShapes) -> int:
     return kept_parameter_count(shapes) + shapes.layers * sum(i * o for i, o in shapes.linears().values())
 
@@ -96,32 +89,31 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
     adapter = 4 * s.lora_r * sum((i + o) * (1 if name == "lm_head" else shapes.layers) for name, (i, o) in targets.items())
 
     def forward(weight_bytes: int, quantized: bool) -> int:
-        """One phase of a streamed forward: the modules outside the layers, or one layer, whichever is larger;
-        a layer's weights are read one at a time and cast before they are quantized."""
-        outer = outside_layers * weight_bytes + embedding * s.checkpoint_bytes
+        """One phase of a streamed forward: the modules outside the layers, or one layer, whichever is larger.
+        Weights are read a block at a time, in the dtype they are used in; a quantized weight is read whole
+        before it is quantized, and bitsandbytes dequantizes it again for each matmul."""
+        outer = outside_layers * weight_bytes + READ_BLOCK_BYTES
         if quantized:
             layer = sum(quantized_linear_bytes(i, o, s.bits, s.double_quant) for i, o in linears.values())
-            # bitsandbytes dequantizes the weight it multiplies by, in the compute dtype
-            transient = largest_linear * (s.checkpoint_bytes + 2 * weight_bytes)
+            transient = 2 * largest_linear * weight_bytes
         else:
             layer = sum(i * o for i, o in linears.values()) * weight_bytes
-            transient = largest_linear * s.checkpoint_bytes
+            transient = READ_BLOCK_BYTES
         return max(outer, layer + layer_kept * weight_bytes + transient)
 
     trained_forward = forward(s.compute_bytes, quantized=s.bits in (4, 8))
     merged_forward = forward(s.out_bytes, quantized=False)
     total_out = parameters * s.out_bytes
     shard = min(total_out, max(s.max_shard_bytes, embedding * s.out_bytes))
-    # The tensor being merged: its dequantized weight and LoRA delta in float32, then the output cast; the
-    # embeddings are only read and cast.
-    working = max(largest_linear * (s.checkpoint_bytes + 8 + s.out_bytes), embedding * (s.checkpoint_bytes + s.out_bytes))
+    # The tensor being merged: its dequantized weight and LoRA delta in float32, then the output cast.
+    working = largest_linear * (8 + s.out_bytes) + READ_BLOCK_BYTES
     logits = 2 * s.prompt_tokens * shapes.vocab * 4
     gguf_host = GGUF_HOST_BYTES_PER_PARAMETER * parameters if s.gguf_types else 0
 
     if s.on_gpu:
         device = CUDA_CONTEXT_BYTES + adapter + max(trained_forward, merged_forward, working)
-        merge_host = shard + largest_linear * s.checkpoint_bytes
-        host = LIBRARIES_BYTES + logits + max(merge_host, embedding * s.checkpoint_bytes, gguf_host)
+        merge_host = shard + READ_BLOCK_BYTES
+        host = LIBRARIES_BYTES + logits + max(merge_host, gguf_host)
         parts = [("one output shard", shard), ("GPU: one layer or the embeddings", max(trained_forward, merged_forward))]
     else:
         device = None

@@ -25,6 +25,7 @@ from .errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+READ_BLOCK_BYTES = 64 * 2**20  # of a stored tensor, resident while it is copied out
 
 
 class CheckpointFiles:
@@ -50,15 +51,28 @@ class CheckpointFiles:
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
-    def read(self, names: Iterable[str], device: str = "cpu") -> dict[str, torch.Tensor]:
-        """The named tensors, each file opened once and closed before returning (see compat.read_safetensors)."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.file_of[name], []).append(name)
-        tensors: dict[str, torch.Tensor] = {}
-        for file, wanted in by_file.items():
-            tensors.update(compat.read_safetensors(file, wanted, device))
-        return tensors
+    def read(self, name: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+        """The named tensor, in `dtype` (default: as stored) on `device`, in memory of its own.
+
+        safetensors maps the whole file and hands out views into the mapping, whose pages stay in this process's
+        resident memory while the file is open. So the tensor is copied (and converted) a block of rows at a
+        time, each from a fresh opening of the file: besides the result, at most READ_BLOCK_BYTES are resident.
+        """
+        from safetensors import safe_open
+
+        file = str(self.file_of[name])
+        with safe_open(file, framework="pt") as handle:
+            shape = handle.get_slice(name).get_shape()
+            if len(shape) == 0 or shape[0] <= 1:
+                return handle.get_tensor(name).to(device=device, dtype=dtype)
+            first = handle.get_slice(name)[0:1]
+        rows = max(1, READ_BLOCK_BYTES // max(1, first.nbytes))
+        result = torch.empty(shape, dtype=dtype or first.dtype, device=device)
+        for start in range(0, shape[0], rows):
+            stop = min(start + rows, shape[0])
+            with safe_open(file, framework="pt") as handle:
+                result[start:stop] = handle.get_slice(name)[start:stop]
+        return result
 
 
 @dataclass
@@ -71,7 +85,8 @@ class Slot:
     owners: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
 
 
-MakeParameter = Callable[[Slot, torch.Tensor], torch.nn.Parameter]
+# Reads a weight from the files (in the dtype and on the device it needs) and makes the model's parameter of it.
+MakeParameter = Callable[[Slot, CheckpointFiles], torch.nn.Parameter]
 
 
 class StreamedWeights:
@@ -120,11 +135,11 @@ class StreamedWeights:
         return [slot for slot in self.slots if id(slot) not in inside]
 
     @contextmanager
-    def held(self, slots: list[Slot], device) -> Iterator[None]:
-        """The weights of `slots` in memory on `device` within the block, given back to the meta device after it."""
+    def held(self, slots: list[Slot]) -> Iterator[None]:
+        """The weights of `slots` in memory within the block, given back to the meta device after it."""
         try:
-            for slot in slots:  # one at a time: a checkpoint tensor is freed once converted
-                parameter = self.make_parameter(slot, self.files.read([slot.name])[slot.name])
+            for slot in slots:
+                parameter = self.make_parameter(slot, self.files)
                 for module, attribute in slot.owners:
                     setattr(module, attribute, parameter)
             yield
@@ -232,7 +247,7 @@ def streamed_logits(model: torch.nn.Module, weights: StreamedWeights, prompts: l
     hidden: list = [None] * len(prompts)
     logits = []
     with torch.no_grad():
-        with weights.held(outer, device):
+        with weights.held(outer):
             for prompt, input_ids in enumerate(inputs):
                 with _forwards_replaced(layers, _recorder(calls, hidden, prompt, count)):
                     try:
@@ -241,14 +256,14 @@ def streamed_logits(model: torch.nn.Module, weights: StreamedWeights, prompts: l
                         pass
         as_tuple = False
         for index, layer in enumerate(layers):
-            with weights.held(weights.within(layer), device):
+            with weights.held(weights.within(layer)):
                 for prompt in range(len(prompts)):
                     output = calls[index][prompt](layer, hidden[prompt])
                     as_tuple = not isinstance(output, torch.Tensor)
                     hidden[prompt] = output[0] if as_tuple else output
                     calls[index][prompt] = None
             on_layer(index + 1, count)
-        with weights.held(outer, device):
+        with weights.held(outer):
             for prompt, input_ids in enumerate(inputs):
                 with _forwards_replaced(layers, _replayer(hidden[prompt], count, as_tuple)):
                     logits.append(model(input_ids=input_ids).logits.float().cpu()[0])

@@ -48,6 +48,24 @@ def trained_8bit_run(tmp_path_factory, tiny_model_dir):
     return folder / "run"
 
 
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory, tiny_model_dir):
+    """A run on a tiny Llama whose output head is its input embedding (Llama 3.2, Gemma, SmolLM2)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tied")
+    model_dir = folder / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    train_tiny_run(folder, model_dir, max_steps=4, learning_rate=5e-3)
+    return folder / "run"
+
+
 def trained_logits(run_dir):
     loaded = load_run(run_dir)
     with torch.no_grad():
@@ -151,7 +169,20 @@ def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(trained_run, tmp_
         assert report["mean_kl_nats_per_token"] == before.mean_kl
 
 
-@pytest.mark.parametrize("run", ["trained_run", "trained_8bit_run"])
+def test_tied_embeddings_are_merged_once_and_stay_tied(tied_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    report = merge_run(tied_run, out=tmp_path / "streamed", dtype_name="float32")
+    in_memory_merge(tied_run, "dequantized", torch.float32, tmp_path / "in-memory")
+    streamed = safetensors_of(tmp_path / "streamed")
+    assert "lm_head.weight" not in streamed and streamed.keys() == safetensors_of(tmp_path / "in-memory").keys()
+    assert all(torch.equal(tensor, safetensors_of(tmp_path / "in-memory")[name]) for name, tensor in streamed.items())
+    assert report["mean_kl_nats_per_token"] < 1e-6
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("run", ["trained_run", "trained_8bit_run", "tied_run"])
 def test_the_streamed_trained_model_computes_what_the_loaded_one_does(run, request):
     from transformers import AutoConfig
 
