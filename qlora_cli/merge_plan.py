@@ -57,7 +57,7 @@ class MergeNeeds:
     device_bytes: int | None
     disk_bytes: int
     parameters: int
-    parts: list[tuple[str, int]] = field(default_factory=list)  # the peak's largest terms, for people
+    parts: list[tuple[str, int]] = field(default_factory=list)  # the largest terms (the peak is the largest phase)
 
     def describe(self) -> str:
         memory = f"{format_bytes(self.host_bytes)} of memory"
@@ -114,15 +114,17 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
         device = CUDA_CONTEXT_BYTES + adapter + max(trained_forward, merged_forward, working)
         merge_host = shard + READ_BLOCK_BYTES
         host = LIBRARIES_BYTES + logits + max(merge_host, gguf_host)
-        parts = [("one output shard", shard), ("GPU: one layer or the embeddings", max(trained_forward, merged_forward))]
+        parts = [("one output shard", shard), ("GPU: one layer or the embeddings", max(trained_forward, merged_forward)),
+                 ("GPU: the adapter", adapter)]
     else:
         device = None
         merge_host = shard + working
         host = LIBRARIES_BYTES + adapter + logits + max(trained_forward, merged_forward, merge_host, gguf_host)
-        parts = [("one output shard", shard), ("one layer or the embeddings", max(trained_forward, merged_forward))]
+        parts = [("one output shard", shard), ("one layer or the embeddings", max(trained_forward, merged_forward)),
+                 ("the adapter", adapter)]
     if gguf_host:
         parts.append(("GGUF export, which loads the merged model whole", gguf_host))
-    parts += [("the adapter", adapter), ("libraries", LIBRARIES_BYTES)]
+    parts.append(("libraries", LIBRARIES_BYTES))
 
     disk = total_out + int(sum(GGUF_BYTES_PER_PARAMETER[kind] * parameters for kind in s.gguf_types))
     return MergeNeeds(host_bytes=int(host), device_bytes=None if device is None else int(device), disk_bytes=disk,
