@@ -311,7 +311,7 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
         say(f"No memory estimate for this model ({error}); merging without one")
         return
     say(f"The merge needs {needs.describe()}")
-    folder = out.parent if not out.exists() else out
+    folder = next(path for path in (out, *out.parents) if path.exists())  # where the output will be
     check_fits(needs, host_available=available_host_memory(), device_available=available_device_memory(context),
                disk_free=shutil.disk_usage(folder).free, disk_folder=str(folder))
 
@@ -424,14 +424,14 @@ def merge_run(
     base_path = adapter_base_model(run_dir)
     context = inference_context(recipe.quantization.compute_dtype)
     device = torch.device("cuda", context.local_rank) if context.device == "cuda" else torch.device("cpu")
+    say(f"Merging {run_dir / ADAPTER} into {base_path} ({base} base, {dtype_name}, on {device.type}); "
+        f"reading the run's first rows to check the merge on")
     files = base_checkpoint(base_path, recipe.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
     prompts, prompts_from = parity_prompts(run_dir, tokenizer)
     check_needs(read_model_config(files.folder), run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
                 prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
     config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
-
-    say(f"Merging {run_dir / ADAPTER} into {base_path} ({base} base, {dtype_name}, on {device.type})")
     trained = trained_model(config, files, run_dir, context, device)
     reference = trained_logits(trained, prompts, device, console)
     out.parent.mkdir(parents=True, exist_ok=True)

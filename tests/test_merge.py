@@ -197,9 +197,10 @@ def test_the_streamed_trained_model_computes_what_the_loaded_one_does(run, reque
     prompts, _ = parity_prompts(run_dir, loaded.tokenizer)
     files = base_checkpoint(adapter_base_model(run_dir), None)
     context = inference_context(read_run_recipe(run_dir).quantization.compute_dtype)
-    streamed = trained_model(AutoConfig.from_pretrained(files.folder), files, run_dir, context, torch.device("cpu"))
+    device = next(loaded.model.parameters()).device  # where load_run put it, as the merge does
+    streamed = trained_model(AutoConfig.from_pretrained(files.folder), files, run_dir, context, device)
     assert all(p.device.type == "meta" for n, p in streamed.model.named_parameters() if "lora_" not in n)
-    got = streamed_logits(streamed.model, streamed.weights, prompts, torch.device("cpu"))
+    got = streamed_logits(streamed.model, streamed.weights, prompts, device)
     for expected, logits in zip(model_logits(loaded.model, prompts), got, strict=True):
         assert torch.equal(expected, logits)
     assert all(p.device.type == "meta" for n, p in streamed.model.named_parameters() if "lora_" not in n)
@@ -239,6 +240,7 @@ def test_an_8bit_run_merges(trained_8bit_run, tmp_path):
     base = lora.get_base_layer()
     expected = bnb.functional.int8_vectorwise_dequant(base.weight.data, base.weight.SCB if base.weight.SCB is not None
                                                       else base.state.SCB) + lora.get_delta_weight("default")
+    expected = expected.cpu()
     assert torch.equal(safetensors_of(out)["model.layers.0.self_attn.q_proj.weight"], expected)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     expected_logits, _ = trained_logits(trained_8bit_run)
@@ -417,7 +419,7 @@ def test_progress_says_which_layer_off_a_terminal(trained_run, tmp_path):
     console = quiet()
     merge_run(trained_run, out=tmp_path / "merged", dtype_name="float32", console=console)
     lines = console.file.getvalue().splitlines()
-    assert any(line.startswith("The merge needs about") for line in lines)
+    assert lines[0].startswith("Merging ") and any(line.startswith("The merge needs about") for line in lines)
     assert "Merging: layer 1 of 2" in lines and "Merging: layer 2 of 2" in lines
     assert lines.count("Merging: layer 1 of 2") == 1  # a line when the layer changes, not per tensor
     assert "Merged checkpoint read back on the parity prompts: layer 2 of 2" in lines
