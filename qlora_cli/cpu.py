@@ -31,9 +31,10 @@ _MMAP_THRESHOLD_MAX = 32 * 2**20
 _TRIM_THRESHOLD = 4 * 2**30
 # The heap grows by this much more than asked each time it must grow.
 _TOP_PAD = 2**30
-# return_freed_memory: blocks from this size are unmapped when freed; glibc's own trim threshold.
+# return_freed_memory: blocks from this size are unmapped when freed; glibc's own trim threshold and top pad.
 _RETURNED_BLOCK = 2**20
 _DEFAULT_TRIM_THRESHOLD = 128 * 2**10
+_DEFAULT_TOP_PAD = 128 * 2**10
 
 
 def _set_allocator(settings: tuple[tuple[int, int], ...]) -> bool:
@@ -67,7 +68,7 @@ def return_freed_memory() -> bool:
     tensors of a few MiB come from a heap that fragments and is not given back: a float32 merge of a 1.2 B
     parameter model peaked at 2,105 MiB resident that way, and at 1,740 MiB with this.
     """
-    return _set_allocator(((_M_MMAP_THRESHOLD, _RETURNED_BLOCK), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD), (_M_TOP_PAD, 0)))
+    return _set_allocator(((_M_MMAP_THRESHOLD, _RETURNED_BLOCK), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD), (_M_TOP_PAD, _DEFAULT_TOP_PAD)))
 
 
 # Dropout masks from 15 random bits per element, four elements per 64-bit draw of torch's generator.

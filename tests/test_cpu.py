@@ -28,6 +28,32 @@ def test_the_allocator_accepts_the_settings():
     assert cpu.keep_freed_memory() is True
 
 
+def resident_anonymous_bytes() -> int:
+    status = open("/proc/self/status").read()
+    return int(status.split("RssAnon:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_a_merge_gives_freed_memory_back_where_training_keeps_it():
+    import torch
+
+    def allocate_and_free(count: int = 32) -> None:
+        blocks = [torch.ones(2**21) for _ in range(count)]  # 8 MiB each, written
+        del blocks
+
+    start = resident_anonymous_bytes()
+    try:
+        assert cpu.keep_freed_memory() is True
+        allocate_and_free()
+        kept = resident_anonymous_bytes() - start
+        assert cpu.return_freed_memory() is True
+        allocate_and_free()
+        given_back = resident_anonymous_bytes() - start  # what is left of both rounds
+    finally:
+        cpu.keep_freed_memory()  # what the rest of this process's training tests expect
+    assert kept > 128 * 2**20 and given_back < 32 * 2**20
+
+
 def test_cheap_dropout_keeps_one_minus_p_and_the_expectation():
     torch.manual_seed(0)
     x = torch.ones(1000, 1001)  # not a multiple of 4 elements per draw
