@@ -9,10 +9,9 @@ Nothing is ever merged into quantized weights and re-quantized.
 Neither the trained model nor the merged one is ever loaded whole (streaming.py):
 1. the trained model is built on the meta device with the adapter's weights, and run on the parity prompts a
    decoder layer at a time, each layer read from the base checkpoint and quantized exactly as `from_pretrained`
-   quantizes it;
-2. each tensor of the output is read from the base checkpoint, quantized and dequantized likewise, given its
-   LoRA delta (peft's `get_delta_weight`), cast, and added to the output shard being filled, which is written
-   and freed when full (on the GPU when there is one);
+   quantizes it (on the GPU when there is one);
+2. while a layer is in memory, each of its weights is dequantized, given its LoRA delta (peft's
+   `get_delta_weight`), cast, and added to the output shard being filled, which is written and freed when full;
 3. the merged checkpoint is read back a layer at a time for the same prompts, and the two sets of logits are
    compared.
 """
@@ -36,7 +35,8 @@ from .context import RunContext, inference_context
 from .errors import Problem, UserError
 from .parity import compare_logits
 from .rundir import ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, staged
-from .streaming import INDEX_FILE, CheckpointFiles, StreamedWeights, decoder_layers, move_buffers, streamed_logits
+from .streaming import (INDEX_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers, move_buffers,
+                        streamed_logits)
 
 KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
 PARITY_PROMPTS = 4
@@ -176,24 +176,30 @@ def lora_delta(lora) -> torch.Tensor:
     return sum(deltas[1:], deltas[0])
 
 
-def dequantized_weight(trained: TrainedModel, slot, files: CheckpointFiles, device) -> torch.Tensor:
-    """The float32 weight the trained model computed with: the original quantized as when training, dequantized."""
+def dequantized_weight(trained: TrainedModel, slot, files: CheckpointFiles, device, held: bool) -> torch.Tensor:
+    """The float32 weight the trained model computed with: the quantized weight its layer holds (`held`), or
+    the original read and quantized as when training; dequantized."""
     from bitsandbytes.functional import dequantize_4bit
 
-    module = slot.owners[0][0]
-    quantized = compat.quantize_like_transformers(files.read(slot.name, trained.compute_dtype, device),
-                                                  slot.placeholder, device)
+    module, attribute = slot.owners[0]
+    quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
+        files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
     try:
         if type(quantized).__name__ == "Params4bit":
             return dequantize_4bit(quantized.data, quantized.quant_state).float()
-        return compat.dequantize_8bit(quantized).float()
+        return compat.dequantize_8bit(quantized, getattr(module, "state", None)).float()
     finally:
-        compat.forget_quantization_state(module)
+        if not held:
+            compat.forget_quantization_state(module)
 
 
 def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buffers: dict, base: str,
-                  dtype: torch.dtype, device) -> torch.Tensor:
-    """One tensor of the merged checkpoint, on the CPU in `dtype`."""
+                  dtype: torch.dtype, device, held: bool = False) -> torch.Tensor:
+    """One tensor of the merged checkpoint, on the CPU in `dtype`.
+
+    Args:
+        held: the tensor's layer is in memory, quantized as when training (see streaming.LayerHooks).
+    """
     slot = trained.weights.by_name.get(name)
     if slot is None:  # a persistent buffer: the checkpoint's value if it has one, else the model's own
         value = files.read(name) if name in files else buffers[name]
@@ -201,7 +207,7 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
     module, attribute = slot.owners[0]
     lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
     if base == "dequantized" and is_quantized(slot.placeholder):
-        weight = dequantized_weight(trained, slot, files, device)
+        weight = dequantized_weight(trained, slot, files, device, held)
     elif lora is not None:
         weight = files.read(name, torch.float32, device)
     else:
@@ -211,29 +217,78 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
     return weight.to(dtype).cpu()
 
 
-def write_shards(folder: Path, tensors: dict[str, torch.Tensor], produce, max_shard_bytes: int, on_tensor) -> int:
-    """Write the tensors, made one at a time by `produce(name)`, into safetensors shards of at most
-    `max_shard_bytes` (a larger tensor gets a shard of its own) and their index, as `save_pretrained` names them.
+class ShardWriter:
+    """The merged weights as safetensors shards of at most `max_shard_bytes` (a larger tensor gets one of its own)
+    and their index, named as `save_pretrained` names them. Tensors come one at a time, in any order; a shard is
+    written, and its tensors freed, as soon as it has all of them."""
 
-    Returns:
-        the number of shards.
-    """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+    def __init__(self, folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int):
+        from huggingface_hub import split_torch_state_dict_into_shards
 
-    split = split_torch_state_dict_into_shards(tensors, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_bytes)
-    for file, names in split.filename_to_tensors.items():
-        shard = {}
+        self.folder = folder
+        self.split = split_torch_state_dict_into_shards(tensors, filename_pattern=SHARD_PATTERN,
+                                                        max_shard_size=max_shard_bytes)
+        self.waiting = {file: set(names) for file, names in self.split.filename_to_tensors.items()}
+        self.filling: dict[str, dict[str, torch.Tensor]] = {}
+        self.parameters = sum(tensor.numel() for tensor in tensors.values())
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        file = self.split.tensor_to_filename[name]
+        self.filling.setdefault(file, {})[name] = tensor.contiguous()
+        self.waiting[file].discard(name)
+        if not self.waiting[file]:
+            shard = self.filling.pop(file)
+            save_file({name: shard[name] for name in self.split.filename_to_tensors[file]}, self.folder / file,
+                      metadata={"format": "pt"})
+
+    def close(self) -> int:
+        """Write the index (for several shards); returns the number of shards."""
+        missing = sorted(name for names in self.waiting.values() for name in names)
+        if missing:
+            raise RuntimeError(f"merged tensors never produced: {', '.join(missing[:3])}")  # a bug here, not the user's
+        if self.split.is_sharded:
+            index = {"metadata": {"total_parameters": self.parameters, **self.split.metadata},
+                     "weight_map": self.split.tensor_to_filename}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return len(self.split.filename_to_tensors)
+
+
+class LayerMerger:
+    """Merges the output while the trained model's streamed forward holds its layers (streaming.LayerHooks): the
+    tensors before the decoder layers once the forward has gone past them, each layer's while it is in memory
+    (its quantized weights as the trained model holds them), the rest after the layers. So the base is read and
+    quantized once, and the memory held is one shard and one layer."""
+
+    def __init__(self, folder: Path, trained: TrainedModel, files: CheckpointFiles, config, *, base: str,
+                 dtype: torch.dtype, device, max_shard_bytes: int, trust_remote_code: bool):
+        model = empty_model(config, dtype, trust_remote_code)
+        self.architecture = type(model).__name__
+        tensors = output_tensors(model)
+        self.buffers = dict(model.named_buffers())
+        self.writer = ShardWriter(folder, tensors, max_shard_bytes)
+        self.trained, self.files, self.base, self.dtype, self.device = trained, files, base, dtype, device
+        self.of_layer = [[slot.name for slot in trained.weights.within(layer) if slot.name in tensors]
+                         for layer in decoder_layers(trained.model)]
+        in_layers = {name for names in self.of_layer for name in names}
+        order = list(tensors)
+        first = next(index for index, name in enumerate(order) if name in in_layers)
+        self.leading = [name for name in order[:first] if name not in in_layers]
+        self.trailing = [name for name in order[first:] if name not in in_layers]
+
+    def merge(self, names: list[str], held: bool = False) -> None:
         for name in names:
-            shard[name] = produce(name).contiguous()
-            on_tensor(name)
-        save_file(shard, folder / file, metadata={"format": "pt"})
-        del shard
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": sum(t.numel() for t in tensors.values()), **split.metadata},
-                 "weight_map": split.tensor_to_filename}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return len(split.filename_to_tensors)
+            self.writer.add(name, merged_tensor(name, self.trained, self.files, self.buffers, self.base, self.dtype,
+                                                self.device, held))
+
+    def hooks(self, steps: Steps) -> LayerHooks:
+        return LayerHooks(
+            before_layers=lambda: self.merge(self.leading),
+            while_held=lambda index, layer: self.merge(self.of_layer[index], held=True),
+            after_layers=lambda: self.merge(self.trailing),
+            on_layer=lambda done, total: steps.advance(done, f"layer {done} of {total}"),
+        )
 
 
 def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, architecture: str, tokenizer) -> None:
@@ -319,43 +374,6 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
 # ---------------------------------------------------------------------------------------------
 # The merge
 
-def trained_logits(trained: TrainedModel, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
-    """The trained model's logits on the prompts, a layer at a time."""
-    count = len(decoder_layers(trained.model))
-    with Steps(console, "Trained model (quantized base + adapter) on the parity prompts", count) as steps, \
-            warnings.catch_warnings():
-        # bitsandbytes says on every 8-bit matmul that it casts the inputs to float16, as training did
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        return streamed_logits(trained.model, trained.weights, prompts, device,
-                               lambda done, total: steps.advance(done, f"layer {done} of {total}"))
-
-
-def write_merged(folder: Path, trained: TrainedModel, files: CheckpointFiles, config, tokenizer, *, base: str,
-                 dtype: torch.dtype, device, max_shard_bytes: int, trust_remote_code: bool, console) -> int:
-    """Write the merged checkpoint into `folder`, its weights a tensor at a time; returns the number of shards."""
-    model = empty_model(config, dtype, trust_remote_code)
-    tensors = output_tensors(model)
-    buffers = dict(model.named_buffers())
-    layers = decoder_layers(trained.model)
-    layer_of = {slot.name: index for index, layer in enumerate(layers) for slot in trained.weights.within(layer)}
-    done = 0
-
-    def merged(name: str) -> torch.Tensor:
-        return merged_tensor(name, trained, files, buffers, base, dtype, device)
-
-    with Steps(console, "Merging", len(tensors)) as steps:
-
-        def on_tensor(name: str) -> None:
-            nonlocal done
-            done += 1
-            layer = layer_of.get(name)
-            steps.advance(done, f"layer {layer + 1} of {len(layers)}" if layer is not None else name)
-
-        shards = write_shards(folder, tensors, merged, max_shard_bytes, on_tensor)
-    write_configs(folder, files.folder, config, dtype, type(model).__name__, tokenizer)
-    return shards
-
-
 def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
     """The merged checkpoint's logits on the prompts, read back a layer at a time."""
     from transformers import AutoConfig
@@ -363,8 +381,8 @@ def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], de
     model, weights = merged_model(AutoConfig.from_pretrained(folder), CheckpointFiles(folder), dtype, device)
     count = len(decoder_layers(model))
     with Steps(console, "Merged checkpoint read back on the parity prompts", count) as steps:
-        return streamed_logits(model, weights, prompts, device,
-                               lambda done, total: steps.advance(done, f"layer {done} of {total}"))
+        hooks = LayerHooks(on_layer=lambda done, total: steps.advance(done, f"layer {done} of {total}"))
+        return streamed_logits(model, weights, prompts, device, hooks)
 
 
 def merge_run(
@@ -433,14 +451,20 @@ def merge_run(
                 prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
     config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
     trained = trained_model(config, files, run_dir, context, device)
-    reference = trained_logits(trained, prompts, device, console)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as staging:
         staging.mkdir()
-        shards = write_merged(staging, trained, files, config, tokenizer, base=base, dtype=dtype, device=device,
-                              max_shard_bytes=max_shard_bytes, trust_remote_code=recipe.model.trust_remote_code,
-                              console=console)
-        del trained  # the adapter's weights: all the merge kept in memory
+        merger = LayerMerger(staging, trained, files, config, base=base, dtype=dtype, device=device,
+                             max_shard_bytes=max_shard_bytes, trust_remote_code=recipe.model.trust_remote_code)
+        say("Each layer is read from the base, quantized as in training, run on the parity prompts with the "
+            "adapter, and merged")
+        with Steps(console, "Merging", len(merger.of_layer)) as steps, warnings.catch_warnings():
+            # bitsandbytes says on every 8-bit matmul that it casts the inputs to float16, as training did
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            reference = streamed_logits(trained.model, trained.weights, prompts, device, merger.hooks(steps))
+        shards = merger.writer.close()
+        write_configs(staging, files.folder, config, dtype, merger.architecture, tokenizer)
+        del trained, merger  # the adapter's weights: all the merge kept in memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
         report = compare_logits(reference, merged_logits(staging, dtype, prompts, device, console))

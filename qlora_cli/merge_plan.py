@@ -1,12 +1,12 @@
 """What a merge needs, memory and disk, from the model's config alone, before anything loads.
 
-The merge (merge.py, streaming.py) never holds the model: it holds the adapter, plus, one phase at a time,
-- the trained model's forward on the parity prompts: the modules outside the decoder layers in the compute
-  dtype (embeddings, head, final norm), or one quantized decoder layer, whichever is larger;
-- the merge itself: one output shard being filled, plus the working set of the tensor being merged (the
-  dequantized float32 weight, its float32 LoRA delta, the result in the output dtype);
-- the merged model's forward: as the trained one's, in the output dtype;
-- the logits of the parity prompts, the trained model's and the merged one's.
+The merge (merge.py, streaming.py) never holds the model: it holds the adapter and the parity prompts' logits
+(the trained model's and the merged one's), plus, one phase at a time,
+- the trained model's modules outside the decoder layers, in the compute dtype (embeddings, head, final norm);
+- one quantized decoder layer of the trained model, with the working set of the tensor of it being merged (its
+  dequantized float32 weight, its float32 LoRA delta, the result in the output dtype) and the output shard
+  being filled;
+- the merged model's modules outside the layers, or one of its layers, in the output dtype.
 Weights are read from the checkpoints a block of READ_BLOCK_BYTES at a time. On a GPU the weights compute
 there, and the host holds the output shard and the block being read. The counts are the tensors' own sizes;
 what the allocator and the operating system add on top is not counted.
@@ -88,40 +88,44 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
     targets = lora_targets(shapes, s.target_modules)
     adapter = 4 * s.lora_r * sum((i + o) * (1 if name == "lm_head" else shapes.layers) for name, (i, o) in targets.items())
 
-    def forward(weight_bytes: int, quantized: bool) -> int:
-        """One phase of a streamed forward: the modules outside the layers, or one layer, whichever is larger.
-        Weights are read a block at a time, in the dtype they are used in; a quantized weight is read whole
-        before it is quantized, and bitsandbytes dequantizes it again for each matmul."""
-        outer = outside_layers * weight_bytes + READ_BLOCK_BYTES
+    def outer(weight_bytes: int) -> int:
+        """The modules outside the decoder layers, in memory together; weights are read a block at a time."""
+        return outside_layers * weight_bytes + READ_BLOCK_BYTES
+
+    def layer(weight_bytes: int, quantized: bool) -> int:
+        """One decoder layer in memory. A quantized weight is read whole (in the compute dtype) before it is
+        quantized, and bitsandbytes dequantizes it again for each matmul."""
         if quantized:
-            layer = sum(quantized_linear_bytes(i, o, s.bits, s.double_quant) for i, o in linears.values())
+            weights = sum(quantized_linear_bytes(i, o, s.bits, s.double_quant) for i, o in linears.values())
             transient = 2 * largest_linear * weight_bytes
         else:
-            layer = sum(i * o for i, o in linears.values()) * weight_bytes
+            weights = sum(i * o for i, o in linears.values()) * weight_bytes
             transient = READ_BLOCK_BYTES
-        return max(outer, layer + layer_kept * weight_bytes + transient)
+        return weights + layer_kept * weight_bytes + transient
 
-    trained_forward = forward(s.compute_bytes, quantized=s.bits in (4, 8))
-    merged_forward = forward(s.out_bytes, quantized=False)
+    trained_layer = layer(s.compute_bytes, quantized=s.bits in (4, 8))
     total_out = parameters * s.out_bytes
     shard = min(total_out, max(s.max_shard_bytes, embedding * s.out_bytes))
-    # The tensor being merged: its dequantized weight and LoRA delta in float32, then the output cast.
+    # The tensor being merged, while its layer is in memory: its dequantized weight and LoRA delta in float32,
+    # then the output cast.
     working = largest_linear * (8 + s.out_bytes) + READ_BLOCK_BYTES
     logits = 2 * s.prompt_tokens * shapes.vocab * 4
     gguf_host = GGUF_HOST_BYTES_PER_PARAMETER * parameters if s.gguf_types else 0
+    # The largest of the phases: the trained model's modules outside the layers (before and after its layers),
+    # each of its layers with the merge of that layer, the merged model read back.
+    weights_phase = max(outer(s.compute_bytes), trained_layer + working, outer(s.out_bytes),
+                        layer(s.out_bytes, quantized=False))
 
     if s.on_gpu:
-        device = CUDA_CONTEXT_BYTES + adapter + max(trained_forward, merged_forward, working)
-        merge_host = shard + READ_BLOCK_BYTES
-        host = LIBRARIES_BYTES + logits + max(merge_host, gguf_host)
-        parts = [("one output shard", shard), ("GPU: one layer or the embeddings", max(trained_forward, merged_forward)),
+        device = CUDA_CONTEXT_BYTES + adapter + weights_phase
+        host = LIBRARIES_BYTES + logits + max(shard + READ_BLOCK_BYTES, gguf_host)
+        parts = [("one output shard", shard), ("GPU: one layer or the embeddings", weights_phase),
                  ("GPU: the adapter", adapter)]
     else:
         device = None
-        merge_host = shard + working
-        host = LIBRARIES_BYTES + adapter + logits + max(trained_forward, merged_forward, merge_host, gguf_host)
-        parts = [("one output shard", shard), ("one layer or the embeddings", max(trained_forward, merged_forward)),
-                 ("the adapter", adapter)]
+        merging = trained_layer + working + shard
+        host = LIBRARIES_BYTES + adapter + logits + max(weights_phase, merging, gguf_host)
+        parts = [("one output shard", shard), ("one layer or the embeddings", weights_phase), ("the adapter", adapter)]
     if gguf_host:
         parts.append(("GGUF export, which loads the merged model whole", gguf_host))
     parts.append(("libraries", LIBRARIES_BYTES))

@@ -229,16 +229,33 @@ def _replayer(final: torch.Tensor, count: int, as_tuple: bool) -> Callable[[int]
     return make
 
 
+@dataclass
+class LayerHooks:
+    """What else to do while a streamed forward holds the model's layers.
+
+    Attributes:
+        before_layers: called once the modules outside the layers are given back, before the first layer is read.
+        while_held: called with (index, layer) after each layer ran on every prompt, while it is still in memory.
+        after_layers: called once the last layer is given back, before the modules outside the layers are read again.
+        on_layer: called with (layers done, layers) after each layer.
+    """
+
+    before_layers: Callable[[], None] = lambda: None
+    while_held: Callable[[int, torch.nn.Module], None] = lambda index, layer: None
+    after_layers: Callable[[], None] = lambda: None
+    on_layer: Callable[[int, int], None] = lambda done, total: None
+
+
 def streamed_logits(model: torch.nn.Module, weights: StreamedWeights, prompts: list[list[int]], device,
-                    on_layer: Callable[[int, int], None] = lambda done, total: None) -> list[torch.Tensor]:
+                    hooks: LayerHooks | None = None) -> list[torch.Tensor]:
     """The float32 logits (on the CPU, one [tokens, vocab] tensor per prompt) of `model(input_ids=prompt)`,
     computed with one decoder layer in memory at a time.
 
     Args:
         model: the model whose forward is called (a PeftModel or a causal LM), built on the meta device.
         weights: its weights, as `StreamedWeights` of the model it wraps.
-        on_layer: called after each decoder layer with (layers done, layers).
     """
+    hooks = hooks or LayerHooks()
     layers = decoder_layers(model)
     count = len(layers)
     outer = weights.outside(layers)
@@ -254,6 +271,7 @@ def streamed_logits(model: torch.nn.Module, weights: StreamedWeights, prompts: l
                         model(input_ids=input_ids)
                     except _Recorded:
                         pass
+        hooks.before_layers()
         as_tuple = False
         for index, layer in enumerate(layers):
             with weights.held(weights.within(layer)):
@@ -262,7 +280,9 @@ def streamed_logits(model: torch.nn.Module, weights: StreamedWeights, prompts: l
                     as_tuple = not isinstance(output, torch.Tensor)
                     hidden[prompt] = output[0] if as_tuple else output
                     calls[index][prompt] = None
-            on_layer(index + 1, count)
+                hooks.while_held(index, layer)
+            hooks.on_layer(index + 1, count)
+        hooks.after_layers()
         with weights.held(outer):
             for prompt, input_ids in enumerate(inputs):
                 with _forwards_replaced(layers, _replayer(hidden[prompt], count, as_tuple)):
