@@ -254,11 +254,13 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `qlora train`.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: RUN_DIR/merged).")] = None,
     dtype: Annotated[str, typer.Option(help="Dtype of the merged weights: bfloat16, float16 or float32.")] = "bfloat16",
-    base: Annotated[str, typer.Option(help="Merge into the `dequantized` 4-bit weights the adapter was trained against, or the `original` weights.")] = "dequantized",
+    base: Annotated[str, typer.Option(help="Merge into the `dequantized` 4-bit (or 8-bit) weights the adapter was trained against, or the `original` weights.")] = "dequantized",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF file for llama.cpp/Ollama: f16 or q8_0 (repeatable; Llama-architecture models).")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest safetensors file written, e.g. 2GB or 500MiB: the most of the output held in memory at once (default 1GB).", show_default=False)] = None,
 ) -> None:
-    """Export a merged checkpoint that plain transformers loads, with a parity report."""
+    """Export a merged checkpoint that plain transformers loads, with a parity report; the model is merged and
+    checked a layer at a time, and the memory and disk needed are said (and checked) before it starts."""
     for out_type in gguf or []:
         if out_type not in ("f16", "q8_0"):
             raise UserError(f"--gguf: {out_type!r} is not one of f16, q8_0")
@@ -273,7 +275,7 @@ def merge(
     console = make_console()
     quiet_libraries(console.is_terminal)
     report = merge_run(run_dir, out=out, dtype_name=dtype, base=base, overwrite=overwrite,
-                       gguf_types=tuple(gguf or []), say=console.print)
+                       gguf_types=tuple(gguf or []), max_shard_size=max_shard_size, console=console)
     rows = [(key, value) for key, value in report.items() if key != "gguf"]
     if "gguf" in report:
         from .gguf_export import gguf_summary

@@ -122,6 +122,53 @@ def check_kept_hidden_states(hidden, expected_rows: int, hidden_size: int) -> No
             f"a boolean logits_to_keep gave hidden states of shape {tuple(hidden.shape)}, not ({expected_rows}, {hidden_size})")
 
 
+def quantize_skeleton(model, quantization_config, dtype) -> None:
+    """Give a model built on the meta device the bitsandbytes layers `from_pretrained` would give it, in place.
+
+    `from_pretrained` swaps the linear layers with its quantizer's `preprocess_model` before it loads any
+    weight, and marks the model with `postprocess_model` afterwards (what peft reads to pick its 4-/8-bit LoRA
+    layers). Both are methods of transformers' HfQuantizer interface, but the keyword arguments
+    `from_pretrained` passes are not a promised API (transformers 5.23-5.24).
+    """
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+    takes = {kind for method in (quantizer.preprocess_model, quantizer.postprocess_model)
+             for kind in (p.kind for p in inspect.signature(method).parameters.values())}
+    require(inspect.Parameter.VAR_KEYWORD in takes,
+            "transformers' quantizers no longer take preprocess_model(model, **kwargs) and postprocess_model(model, **kwargs)")
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+
+
+def quantize_like_transformers(value, placeholder, device):
+    """A checkpoint tensor quantized into the bitsandbytes parameter `placeholder` stands for, bit for bit as
+    `from_pretrained` quantizes it.
+
+    transformers' loading ops (Bnb4bitQuantize, Bnb8bitQuantize in integrations/bitsandbytes.py, 5.23-5.24)
+    build a Params4bit from the tensor already cast to the model's dtype and on its device, with the meta
+    parameter's attributes, and quantize it by moving it to the device; an Int8Params is built on the CPU,
+    without the meta parameter's row scales, and quantized by the move. tests/test_merge.py compares the result
+    with a model `load_quantized_base` loaded.
+
+    Args:
+        value: the tensor, in the dtype the model computes in (the compute dtype for 4-bit weights).
+        placeholder: the meta Params4bit or Int8Params of a model prepared by `quantize_skeleton`.
+    """
+    import bitsandbytes as bnb
+
+    attributes = dict(placeholder.__dict__)
+    if isinstance(placeholder, bnb.nn.Params4bit):
+        require({"blocksize", "quant_type", "compress_statistics", "quant_storage"} <= set(attributes),
+                "bitsandbytes' Params4bit no longer keeps blocksize/quant_type/compress_statistics/quant_storage")
+        return bnb.nn.Params4bit(value.to(device), requires_grad=False, **attributes).to(device)
+    require(isinstance(placeholder, bnb.nn.Int8Params) and "has_fp16_weights" in attributes,
+            f"{type(placeholder).__name__} is not a bitsandbytes parameter this project knows how to quantize")
+    attributes.pop("SCB", None)
+    return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **attributes).to(device)
+
+
 def install_train_sampler(trainer, make_sampler: Callable) -> None:
     """Have the Trainer draw its training order from `make_sampler(train_dataset)`.
 
@@ -176,6 +223,35 @@ def lora_dropouts(model) -> Iterator[tuple[object, str]]:
                 yield dropouts, name
 
 
+def load_adapter_onto_skeleton(model, adapter_dir, device) -> None:
+    """Give a PeftModel whose base is on the meta device (built with `low_cpu_mem_usage=True`) real adapter
+    weights on `device`, read from `adapter_dir`.
+
+    peft's own loading moves every adapter weight to the device of the layer it adapts, which here is the meta
+    device, where values are lost. So the adapter layers peft names in `adapter_layer_names` (peft 0.7-0.21) are
+    given storage first, and the adapter is then copied in by `set_peft_model_state_dict`, which without
+    `low_cpu_mem_usage` copies into existing tensors and moves nothing.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    adapter_layers = []
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            names = getattr(module, "adapter_layer_names", None)
+            require(isinstance(names, tuple), "peft's tuner layers no longer name their weights in adapter_layer_names")
+            adapter_layers += [getattr(module, name) for name in names]
+    for layer in adapter_layers:
+        layer.to_empty(device=device)
+    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device=str(device)))
+    # The tensors were given storage, not values: every one must have been loaded from the file.
+    adapter_ids = {id(parameter) for layer in adapter_layers for parameter in layer.parameters()}
+    missing = set(result.missing_keys)
+    not_loaded = [name for name, parameter in model.named_parameters() if id(parameter) in adapter_ids and name in missing]
+    require(not result.unexpected_keys and not not_loaded,
+            f"peft did not load the adapter onto the model (unexpected {result.unexpected_keys[:3]}, not loaded {not_loaded[:3]})")
+
+
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes
 
@@ -195,6 +271,35 @@ def keep_4bit_training_kernels(model) -> None:
             require(hasattr(module, "support_avx512bf16_for_cpu"),
                     "bitsandbytes' Linear4bit no longer has support_avx512bf16_for_cpu")
             module.support_avx512bf16_for_cpu = False
+
+
+def dequantize_8bit(weight, state=None):
+    """The float32 weight an Int8Params holds: int8 x row scale / 127 (bitsandbytes' `int8_vectorwise_dequant`).
+
+    The row scales are on the weight (`Int8Params.SCB`) until the first forward of its Linear8bitLt moves them
+    to that layer's `state.SCB` (`init_8bit_state`, bitsandbytes 0.45-0.50); pass the layer's `state` then.
+    """
+    import bitsandbytes as bnb
+
+    require(hasattr(weight, "SCB"), "bitsandbytes' Int8Params no longer keeps its row scales in SCB")
+    scales = weight.SCB if weight.SCB is not None else getattr(state, "SCB", None)
+    require(scales is not None, "a bitsandbytes 8-bit weight without row scales (neither weight.SCB nor state.SCB)")
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
+
+
+def forget_quantization_state(module) -> None:
+    """Drop what a bitsandbytes layer keeps of its weight outside the weight parameter, once that parameter is
+    replaced: Linear4bit's `quant_state` (set by `Params4bit._quantize`) and Linear8bitLt's `state.CB`/`SCB`
+    (set by its first forward) (bitsandbytes 0.45-0.50)."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        require(hasattr(module, "quant_state"), "bitsandbytes' Linear4bit no longer has quant_state")
+        module.quant_state = None
+    elif isinstance(module, bnb.nn.Linear8bitLt):
+        require(hasattr(module.state, "CB") and hasattr(module.state, "SCB"),
+                "bitsandbytes' Linear8bitLt.state no longer has CB/SCB")
+        module.state.CB = module.state.SCB = None
 
 
 # bitsandbytes tries to fetch an optional CPU kernel from a model hub at import time and logs a warning

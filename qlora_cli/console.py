@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .recipe import Recipe, flatten
@@ -93,3 +94,34 @@ def working(console: Console, what: str) -> Iterator[None]:
     seconds = time.perf_counter() - started
     if seconds >= LONG_PHASE_SECONDS:
         console.print(f"{what}: done in {format_seconds(seconds)}")
+
+
+class Steps:
+    """Progress through the steps of a phase that takes a while: a live bar on a terminal, a plain line per
+    step otherwise (logs, CI)."""
+
+    def __init__(self, console: Console, title: str, total: int):
+        self.console, self.title, self.total = console, title, total
+        self.progress = None
+        self.last_line = None
+
+    def __enter__(self) -> "Steps":
+        if self.console.is_terminal:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=self.console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self.title, total=self.total)
+        return self
+
+    def advance(self, done: int, text: str) -> None:
+        """Step `done` of `total` is finished; `text` says what it was (off a terminal, printed when it changes)."""
+        line = f"{self.title}: {text}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, description=line)
+        elif line != self.last_line:
+            self.console.print(line)
+            self.last_line = line
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,4 +1,5 @@
-"""What training on a CPU needs from the machine: a native bfloat16 matmul, and an allocator that keeps memory.
+"""What training on a CPU needs from the machine: a native bfloat16 matmul, and an allocator that keeps memory
+(and what a merge needs instead: one that gives it back).
 
 Both are measured effects on a 2-core AVX512-BF16 machine, SmolLM2-135M, one 4 x 300-token step
 (see scripts/bench_train.py for the whole-run figures):
@@ -32,13 +33,14 @@ _MMAP_THRESHOLD_MAX = 32 * 2**20
 _TRIM_THRESHOLD = 4 * 2**30
 # The heap grows by this much more than asked each time it must grow.
 _TOP_PAD = 2**30
+# return_freed_memory: blocks from this size are unmapped when freed; glibc's own trim threshold and top pad.
+_RETURNED_BLOCK = 2**20
+_DEFAULT_TRIM_THRESHOLD = 128 * 2**10
+_DEFAULT_TOP_PAD = 128 * 2**10
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks of up to 32 MiB for reuse instead of unmapping them.
-
-    Returns False (and changes nothing) where the C library is not glibc.
-    """
+def _set_allocator(settings: tuple[tuple[int, int], ...]) -> bool:
+    """glibc's mallopt for each (parameter, value); False (and nothing changed) where the C library is not glibc."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
@@ -46,11 +48,29 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    settings = ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD))
-    kept = all(mallopt(parameter, value) == 1 for parameter, value in settings)
-    if not kept:
+    done = all(mallopt(parameter, value) == 1 for parameter, value in settings)
+    if not done:
         log.debug("mallopt refused the allocator settings")
-    return kept
+    return done
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks of up to 32 MiB for reuse instead of unmapping them.
+
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    return _set_allocator(((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
+
+
+def return_freed_memory() -> bool:
+    """The opposite, for a process whose peak memory matters more than its speed (the merge): every block of
+    1 MiB or more is mapped on its own and unmapped when freed, and the heap is trimmed as glibc does by default.
+
+    glibc otherwise raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which
+    tensors of a few MiB come from a heap that fragments and is not given back: a float32 merge of a 1.2 B
+    parameter model (scripts/measure_merge.py) peaked at 2,021 MiB resident that way, and at 1,735 MiB with this.
+    """
+    return _set_allocator(((_M_MMAP_THRESHOLD, _RETURNED_BLOCK), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD), (_M_TOP_PAD, _DEFAULT_TOP_PAD)))
 
 
 # Dropout masks from 15 random bits per element, four elements per 64-bit draw of torch's generator.

@@ -1,81 +1,318 @@
-"""Merging: a full-precision checkpoint that computes what the trained model (4-bit base + adapter) computed.
+"""Merging: a full-precision checkpoint that computes what the trained model (4-bit base + adapter) computed,
+written a tensor at a time, so that no step holds the model.
 
 The adapter learned against dequant(quant(W)), not W. So by default the LoRA delta is added to the
-dequantized 4-bit weights (`base: dequantized`); `base: original` adds it to the original weights, as
-reloading the 16-bit base and calling peft's merge does, and the parity report says how far that drifts.
-Nothing is ever merged into 4-bit weights and re-quantized.
+dequantized 4-bit (or 8-bit) weights (`base: dequantized`); `base: original` adds it to the original weights,
+as reloading the 16-bit base and calling peft's merge does, and the parity report says how far that drifts.
+Nothing is ever merged into quantized weights and re-quantized.
+
+Neither the trained model nor the merged one is ever loaded whole (streaming.py):
+1. the trained model is built on the meta device with the adapter's weights, and run on the parity prompts a
+   decoder layer at a time, each layer read from the base checkpoint and quantized exactly as `from_pretrained`
+   quantizes it (on the GPU when there is one);
+2. while a layer is in memory, each of its weights is dequantized, given its LoRA delta (peft's
+   `get_delta_weight`), cast, and added to the output shard being filled, which is written and freed when full;
+3. the merged checkpoint is read back a layer at a time for the same prompts, and the two sets of logits are
+   compared.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .parity import parity
-from .models import load_run
-from .rundir import MERGED, is_run_dir, read_run_recipe, staged
+from . import compat
+from .console import Steps
+from .cpu import return_freed_memory
+from .context import RunContext, inference_context
+from .errors import Problem, UserError
+from .gguf_export import export_gguf_files
+from .parity import compare_logits
+from .rundir import ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, staged
+from .streaming import (INDEX_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers, move_buffers,
+                        streamed_logits)
 
 KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
 PARITY_PROMPTS = 4
 PARITY_MAX_TOKENS = 128
+# The shard being filled is the merge's largest buffer; 1 GB keeps a merge within a few GB of memory whatever
+# the model's size, at the cost of more files (130 for a 65B model in 16 bits).
+DEFAULT_MAX_SHARD_SIZE = "1GB"
+SHARD_PATTERN = "model{suffix}.safetensors"
 
 
-def dense_weights(trained_model, base: str) -> dict[str, torch.Tensor]:
-    """The float32 weight of every quantized linear layer after merging, by module name in the base model.
+# ---------------------------------------------------------------------------------------------
+# The two models, on the meta device
 
-    Args:
-        trained_model: the PeftModel on the 4-bit (or 8-bit) base, as trained.
-        base: `dequantized` to merge into the weights the adapter was trained against, `original` to
-            merge into the original checkpoint's weights (returned only for the adapted layers).
+def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
+    """The safetensors files of the base model: a local folder, or a hub id's download in the Hugging Face cache.
+
+    Raises:
+        UserError: no such model, or a model with pickle weights only (a merge reads safetensors).
     """
+    folder = Path(base_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(base_path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as exc:  # hub errors come in many types; all mean the same here
+            raise UserError(f"the run's base model {base_path} cannot be found: {exc}") from None
+    try:
+        return CheckpointFiles(folder)
+    except UserError as error:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise UserError(f"{folder} has pickle weights only; a merge reads safetensors: convert the base model "
+                            "with `save_pretrained(..., safe_serialization=True)` and train from that") from None
+        raise error
+
+
+def is_quantized(parameter) -> bool:
     import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-    from peft.tuners.lora import LoraLayer
 
-    weights: dict[str, torch.Tensor] = {}
-    inner = trained_model.base_model.model
-    for name, module in inner.named_modules():
-        if isinstance(module, LoraLayer):
-            layer = module.get_base_layer()
-            delta = sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters)
-            if base == "dequantized" and isinstance(layer, bnb.nn.Linear4bit):
-                weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-            elif base == "dequantized" and isinstance(layer, bnb.nn.Linear8bitLt):
-                raise UserError("merging an 8-bit run is not supported yet; train with quantization.bits: 4 or 16")
-            else:
-                weight = None  # the original weight, filled in from the dense model
-            weights[name] = (weight, delta)
-        elif base == "dequantized" and isinstance(module, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
-            weights[name] = (dequantize_4bit(module.weight.data, module.weight.quant_state).float(), None)
-    return weights
+    return isinstance(parameter, (bnb.nn.Params4bit, bnb.nn.Int8Params))
 
 
-def build_merged(trained_model, base_path: str, base: str, dtype: torch.dtype, trust_remote_code: bool,
-                 allow_pickle_weights: bool = False):
-    """A dense model of the base architecture holding the merged weights, in `dtype`, on the CPU."""
+def empty_model(config, dtype: torch.dtype, trust_remote_code: bool):
+    """The causal LM of `config` on the meta device, its parameters in `dtype`. It gets a copy of the config,
+    which quantizing the model would otherwise mark as quantized."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    merged_weights = dense_weights(trained_model, base)
-    # Load in float32 so that `original` merges add to unrounded weights; cast once at the end.
-    dense = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=torch.float32, device_map={"": "cpu"}, trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle_weights else True,
-    )
-    modules = dict(dense.named_modules())
-    with torch.no_grad():
-        for name, (weight, delta) in merged_weights.items():
-            target = modules[name].weight
-            value = (weight if weight is not None else target.data.float()).to(target.device)
-            if delta is not None:
-                value = value + delta.to(target.device)
-            target.data.copy_(value)
-    return dense.to(dtype).eval()
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does once loaded; built on the meta device, the model is left untied
+    return model
 
+
+@dataclass
+class TrainedModel:
+    """The trained model (quantized base + adapter) on the meta device, its adapter's weights in memory."""
+
+    model: torch.nn.Module  # the PeftModel
+    weights: StreamedWeights  # of the base model, read from its checkpoint and quantized as when training
+    lora_of: dict[int, torch.nn.Module]  # id(adapted layer of the base) -> its peft LoRA layer
+    compute_dtype: torch.dtype
+
+
+def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunContext, device) -> TrainedModel:
+    """The run's model as `load_run` loads it, but with nothing of the base in memory.
+
+    Raises:
+        UserError: a damaged adapter.
+    """
+    from peft import PeftConfig, PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from .models import quantization_config
+
+    recipe = read_run_recipe(run_dir)
+    dtype = context.compute_dtype
+    model = empty_model(config, dtype, recipe.model.trust_remote_code)
+    quantization = quantization_config(recipe.quantization, dtype)
+    if quantization is not None:
+        compat.quantize_skeleton(model, quantization, dtype)
+        compat.keep_4bit_training_kernels(model)
+
+    def make_parameter(slot, files):
+        # As from_pretrained loads: every weight cast to the model's dtype, the linear ones then quantized.
+        if is_quantized(slot.placeholder):
+            return compat.quantize_like_transformers(files.read(slot.name, dtype, device), slot.placeholder, device)
+        return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
+
+    weights = StreamedWeights(model, files, make_parameter)
+    move_buffers(model, device)
+    adapter = run_dir / ADAPTER
+    try:
+        peft_config = PeftConfig.from_pretrained(adapter)
+        peft_config.inference_mode = True
+        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = PeftModel(model, peft_config, low_cpu_mem_usage=True)
+        compat.load_adapter_onto_skeleton(peft_model, adapter, device)
+    except compat.LibraryChanged:
+        raise
+    except Exception as exc:  # peft and safetensors raise several types for a damaged adapter
+        raise UserError(Problem(f"cannot load the adapter: {exc}", file=adapter)) from None
+    peft_model.eval()
+    lora_of = {id(module.get_base_layer()): module for module in peft_model.modules() if isinstance(module, LoraLayer)}
+    return TrainedModel(peft_model, weights, lora_of, dtype)
+
+
+def merged_model(config, files: CheckpointFiles, dtype: torch.dtype, device):
+    """The merged checkpoint as a model on the meta device, and its weights read from `files`."""
+
+    def make_parameter(slot, files):
+        return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
+
+    model = empty_model(config, dtype, trust_remote_code=False).eval()
+    weights = StreamedWeights(model, files, make_parameter)
+    move_buffers(model, device)
+    return model, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# The merged tensors
+
+def output_tensors(model) -> dict[str, torch.Tensor]:
+    """What the merged checkpoint holds, by name, in the model's order: its state dict (meta tensors giving
+    shapes and dtypes) with a tied weight under its first name only, as `save_pretrained` writes it."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor
+    return tensors
+
+
+def lora_delta(lora) -> torch.Tensor:
+    """The float32 update the layer's active adapters add to its weight."""
+    deltas = [lora.get_delta_weight(adapter).float() for adapter in lora.active_adapters]
+    return sum(deltas[1:], deltas[0])
+
+
+def dequantized_weight(trained: TrainedModel, slot, files: CheckpointFiles, device, held: bool) -> torch.Tensor:
+    """The float32 weight the trained model computed with: the quantized weight its layer holds (`held`), or
+    the original read and quantized as when training; dequantized."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    module, attribute = slot.owners[0]
+    quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
+        files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
+    try:
+        if type(quantized).__name__ == "Params4bit":
+            return dequantize_4bit(quantized.data, quantized.quant_state).float()
+        return compat.dequantize_8bit(quantized, getattr(module, "state", None)).float()
+    finally:
+        if not held:
+            compat.forget_quantization_state(module)
+
+
+def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buffers: dict, base: str,
+                  dtype: torch.dtype, device, held: bool = False) -> torch.Tensor:
+    """One tensor of the merged checkpoint, on the CPU in `dtype`.
+
+    Args:
+        held: the tensor's layer is in memory, quantized as when training (see streaming.LayerHooks).
+    """
+    slot = trained.weights.by_name.get(name)
+    if slot is None:  # a persistent buffer: the checkpoint's value if it has one, else the model's own
+        value = files.read(name) if name in files else buffers[name]
+        return value.to(dtype) if value.is_floating_point() else value
+    module, attribute = slot.owners[0]
+    lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
+    if base == "dequantized" and is_quantized(slot.placeholder):
+        weight = dequantized_weight(trained, slot, files, device, held)
+    elif lora is not None:
+        weight = files.read(name, torch.float32, device)
+    else:
+        return files.read(name, dtype)
+    if lora is not None:
+        weight += lora_delta(lora)
+    return weight.to(dtype).cpu()
+
+
+class ShardWriter:
+    """The merged weights as safetensors shards of at most `max_shard_bytes` (a larger tensor gets one of its own)
+    and their index, named as `save_pretrained` names them. Tensors come one at a time, in any order; a shard is
+    written, and its tensors freed, as soon as it has all of them."""
+
+    def __init__(self, folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int):
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        self.folder = folder
+        self.split = split_torch_state_dict_into_shards(tensors, filename_pattern=SHARD_PATTERN,
+                                                        max_shard_size=max_shard_bytes)
+        self.waiting = {file: set(names) for file, names in self.split.filename_to_tensors.items()}
+        self.filling: dict[str, dict[str, torch.Tensor]] = {}
+        self.parameters = sum(tensor.numel() for tensor in tensors.values())
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        file = self.split.tensor_to_filename[name]
+        self.filling.setdefault(file, {})[name] = tensor.contiguous()
+        self.waiting[file].discard(name)
+        if not self.waiting[file]:
+            shard = self.filling.pop(file)
+            save_file({name: shard[name] for name in self.split.filename_to_tensors[file]}, self.folder / file,
+                      metadata={"format": "pt"})
+
+    def close(self) -> int:
+        """Write the index (for several shards); returns the number of shards."""
+        missing = sorted(name for names in self.waiting.values() for name in names)
+        if missing:
+            raise RuntimeError(f"merged tensors never produced: {', '.join(missing[:3])}")  # a bug here, not the user's
+        if self.split.is_sharded:
+            index = {"metadata": {"total_parameters": self.parameters, **self.split.metadata},
+                     "weight_map": self.split.tensor_to_filename}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return len(self.split.filename_to_tensors)
+
+
+class LayerMerger:
+    """Merges the output while the trained model's streamed forward holds its layers (streaming.LayerHooks): the
+    tensors before the decoder layers once the forward has gone past them, each layer's while it is in memory
+    (its quantized weights as the trained model holds them), the rest after the layers. So the base is read and
+    quantized once, and the memory held is one shard and one layer."""
+
+    def __init__(self, folder: Path, trained: TrainedModel, files: CheckpointFiles, config, *, base: str,
+                 dtype: torch.dtype, device, max_shard_bytes: int, trust_remote_code: bool):
+        model = empty_model(config, dtype, trust_remote_code)
+        self.architecture = type(model).__name__
+        tensors = output_tensors(model)
+        self.buffers = dict(model.named_buffers())
+        self.writer = ShardWriter(folder, tensors, max_shard_bytes)
+        self.trained, self.files, self.base, self.dtype, self.device = trained, files, base, dtype, device
+        self.of_layer = [[slot.name for slot in trained.weights.within(layer) if slot.name in tensors]
+                         for layer in decoder_layers(trained.model)]
+        in_layers = {name for names in self.of_layer for name in names}
+        order = list(tensors)
+        first = next(index for index, name in enumerate(order) if name in in_layers)
+        self.leading = [name for name in order[:first] if name not in in_layers]
+        self.trailing = [name for name in order[first:] if name not in in_layers]
+
+    def merge(self, names: list[str], held: bool = False) -> None:
+        for name in names:
+            self.writer.add(name, merged_tensor(name, self.trained, self.files, self.buffers, self.base, self.dtype,
+                                                self.device, held))
+
+    def hooks(self, steps: Steps) -> LayerHooks:
+        return LayerHooks(
+            before_layers=lambda: self.merge(self.leading),
+            while_held=lambda index, layer: self.merge(self.of_layer[index], held=True),
+            after_layers=lambda: self.merge(self.trailing),
+            on_layer=lambda done, total: steps.advance(done, f"layer {done} of {total}"),
+        )
+
+
+def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, architecture: str, tokenizer) -> None:
+    """config.json (in the merged dtype), generation_config.json and the run's tokenizer, as `save_pretrained`
+    writes them beside the weights."""
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(config)
+    config.dtype = dtype
+    config.architectures = [architecture]
+    config.save_pretrained(folder)
+    try:
+        generation = GenerationConfig.from_pretrained(base_folder)
+    except OSError:  # the base has none: the one transformers derives from the model's config
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Before starting: the prompts, and what the merge needs
 
 def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
     """Token ids of the first evaluation rows of the run (else its first training rows), as the model
@@ -96,10 +333,59 @@ def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
     return [row["input_ids"] for row in rows], f"the first {len(rows)} {where}, at most {PARITY_MAX_TOKENS} tokens each"
 
 
-def check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed * 1.1:
-        raise UserError(f"not enough free disk in {folder}: the merged model needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+def available_host_memory() -> int:
+    """Memory the operating system can give this process now, page cache included (MemAvailable)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def available_device_memory(context: RunContext) -> int | None:
+    if context.device != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(context.local_rank)
+    return int(free)
+
+
+def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torch.dtype, max_shard_bytes: int,
+                prompt_tokens: int, gguf_types: tuple[str, ...], out: Path, say) -> None:
+    """Say what the merge needs, from the model's config, and refuse when this machine lacks it.
+
+    Raises:
+        UserError: not enough memory, GPU memory or disk, with the figures.
+    """
+    from .merge_plan import MergeSettings, check_fits, merge_needs
+
+    recipe = read_run_recipe(run_dir)
+    settings = MergeSettings(
+        bits=recipe.quantization.bits, double_quant=recipe.quantization.double_quant, lora_r=recipe.lora.r,
+        target_modules=recipe.lora.target_modules, compute_bytes=context.compute_dtype.itemsize,
+        out_bytes=dtype.itemsize, max_shard_bytes=max_shard_bytes,
+        prompt_tokens=prompt_tokens, on_gpu=context.device == "cuda", gguf_types=gguf_types,
+    )
+    try:
+        needs = merge_needs(config, settings)
+    except UserError as error:  # an architecture the planner does not know: merge without the estimate
+        say(f"No memory estimate for this model ({error}); merging without one")
+        return
+    say(f"The merge needs {needs.describe()}")
+    folder = next(path for path in (out, *out.parents) if path.exists())  # where the output will be
+    check_fits(needs, host_available=available_host_memory(), device_available=available_device_memory(context),
+               disk_free=shutil.disk_usage(folder).free, disk_folder=str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge
+
+def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
+    """The merged checkpoint's logits on the prompts, read back a layer at a time."""
+    from transformers import AutoConfig
+
+    model, weights = merged_model(AutoConfig.from_pretrained(folder), CheckpointFiles(folder), dtype, device)
+    count = len(decoder_layers(model))
+    with Steps(console, "Merged checkpoint read back on the parity prompts", count) as steps:
+        hooks = LayerHooks(on_layer=lambda done, total: steps.advance(done, f"layer {done} of {total}"))
+        return streamed_logits(model, weights, prompts, device, hooks)
 
 
 def merge_run(
@@ -110,7 +396,8 @@ def merge_run(
     base: str = "dequantized",
     overwrite: bool = False,
     gguf_types: tuple[str, ...] = (),
-    say=print,
+    max_shard_size: str | None = None,
+    console=None,
 ) -> dict:
     """Merge a run's adapter into its base and write a checkpoint plain transformers loads, and with
     `gguf_types` ("f16", "q8_0") GGUF files of it too, each checked by loading it back, with an
@@ -119,13 +406,25 @@ def merge_run(
     The output is written to a staging folder and renamed at the end: a failure, a failed parity
     check or Ctrl-C leaves no output folder.
 
+    Args:
+        max_shard_size: the largest safetensors file written (`2GB`, `500MiB`, ...), and so the most of the
+            output held in memory at once; none: DEFAULT_MAX_SHARD_SIZE.
+        console: a rich Console for messages and progress; none: quiet.
+
     Returns:
         the parity report, also written to OUT/merge_report.json.
 
     Raises:
-        UserError: not a run directory, damaged adapter, existing output, no disk space, or a
+        UserError: not a run directory, damaged adapter, existing output, not enough memory or disk, or a
             float32 dequantized merge whose KL exceeds KL_LIMIT.
     """
+    from rich.console import Console
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .plan import parse_bytes, read_model_config
+
+    console = console or Console(quiet=True)
+    say = console.print
     run_dir = Path(run_dir).resolve()
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
@@ -135,44 +434,64 @@ def merge_run(
             raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    try:
+        max_shard_bytes = parse_bytes(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    except UserError as error:
+        raise UserError(f"--max-shard-size: {error}") from None
     dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
+    return_freed_memory()  # the host's peak is what decides whether a merge fits
 
-    loaded = load_run(run_dir)
-    trained = loaded.model
-    run_model = read_run_recipe(run_dir).model
-    base_path = trained.peft_config["default"].base_model_name_or_path
-    say(f"Merging {run_dir / 'adapter'} into {base_path} ({base} base, {dtype_name})")
-    merged = build_merged(trained, base_path, base, dtype, run_model.trust_remote_code, run_model.allow_pickle_weights)
-    prompts, prompts_from = parity_prompts(run_dir, loaded.tokenizer)
-    report = parity(trained, merged, prompts)
-    enforced = base == "dequantized" and dtype == torch.float32
-    result = {
-        "base": base,
-        "dtype": dtype_name,
-        "base_model": base_path,
-        "adapter": str(run_dir / "adapter"),
-        "prompts": prompts_from,
-        "tokens": report.tokens,
-        "max_abs_logit_diff": report.max_abs_logit_diff,
-        "mean_kl_nats_per_token": report.mean_kl,
-        "kl_limit": KL_LIMIT if enforced else None,
-    }
-    if enforced and not report.mean_kl < KL_LIMIT:
-        raise UserError(
-            f"the merged model differs from the trained one: mean KL {report.mean_kl:.3g} nats/token "
-            f"(limit {KL_LIMIT}); nothing was written"
-        )
-
-    parameters = sum(p.numel() for p in merged.parameters())
+    recipe = read_run_recipe(run_dir)
+    base_path = adapter_base_model(run_dir)
+    context = inference_context(recipe.quantization.compute_dtype)
+    device = torch.device("cuda", context.local_rank) if context.device == "cuda" else torch.device("cpu")
+    say(f"Merging {run_dir / ADAPTER} into {base_path} ({base} base, {dtype_name}, on {device.type}); "
+        f"reading the run's first rows to check the merge on")
+    files = base_checkpoint(base_path, recipe.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    prompts, prompts_from = parity_prompts(run_dir, tokenizer)
+    check_needs(read_model_config(files.folder), run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
+    config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
+    trained = trained_model(config, files, run_dir, context, device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(out.parent, parameters * torch.finfo(dtype).bits // 8)
     with staged(out) as staging:
-        merged.save_pretrained(staging, max_shard_size="2GB")
-        loaded.tokenizer.save_pretrained(staging)
+        staging.mkdir()
+        merger = LayerMerger(staging, trained, files, config, base=base, dtype=dtype, device=device,
+                             max_shard_bytes=max_shard_bytes, trust_remote_code=recipe.model.trust_remote_code)
+        say("Each layer is read from the base, quantized as in training, run on the parity prompts with the "
+            "adapter, and merged")
+        with Steps(console, "Merging", len(merger.of_layer)) as steps, warnings.catch_warnings():
+            # bitsandbytes says on every 8-bit matmul that it casts the inputs to float16, as training did
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            reference = streamed_logits(trained.model, trained.weights, prompts, device, merger.hooks(steps))
+        shards = merger.writer.close()
+        write_configs(staging, files.folder, config, dtype, merger.architecture, tokenizer)
+        del trained, merger  # the adapter's weights: all the merge kept in memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report = compare_logits(reference, merged_logits(staging, dtype, prompts, device, console))
+        enforced = base == "dequantized" and dtype == torch.float32
+        result = {
+            "base": base,
+            "dtype": dtype_name,
+            "base_model": base_path,
+            "adapter": str(run_dir / ADAPTER),
+            "prompts": prompts_from,
+            "tokens": report.tokens,
+            "max_abs_logit_diff": report.max_abs_logit_diff,
+            "mean_kl_nats_per_token": report.mean_kl,
+            "kl_limit": KL_LIMIT if enforced else None,
+            "shards": shards,
+        }
+        if enforced and not report.mean_kl < KL_LIMIT:
+            raise UserError(
+                f"the merged model differs from the trained one: mean KL {report.mean_kl:.3g} nats/token "
+                f"(limit {KL_LIMIT}); nothing was written"
+            )
         if gguf_types:
-            from .gguf_export import export_gguf_files
-
+            say(f"Writing GGUF ({', '.join(gguf_types)}): this loads the merged model whole")
             result["gguf"] = export_gguf_files(staging, gguf_types, prompts, say=say)
         result["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

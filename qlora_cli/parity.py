@@ -15,19 +15,26 @@ class ParityReport:
     tokens: int
 
 
+def model_logits(model, batches: list[list[int]]) -> list[torch.Tensor]:
+    """The float32 logits of `model` on each prompt, on the CPU, one [tokens, vocab] tensor per prompt."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids]).to(device)).logits.float().cpu()[0] for ids in batches]
+
+
+def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> ParityReport:
+    """Max |Δlogit| and mean KL(reference || candidate) per token, over prompts given as [tokens, vocab] logits."""
+    max_diff, kl_sum, tokens = 0.0, 0.0, 0
+    for expected, got in zip(reference, candidate, strict=True):
+        max_diff = max(max_diff, (expected - got).abs().max().item())
+        log_p = torch.log_softmax(expected, dim=-1)
+        log_q = torch.log_softmax(got, dim=-1)
+        # KL is never negative; float rounding can make a per-token value a hair below zero.
+        kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
+        tokens += expected.shape[0]
+    return ParityReport(max_abs_logit_diff=max_diff, mean_kl=kl_sum / tokens, tokens=tokens)
+
+
 def parity(trained_model, merged_model, batches: list[list[int]]) -> ParityReport:
     """Max |Δlogit| and mean KL(trained || merged) per token over the prompts."""
-    max_diff, kl_sum, tokens = 0.0, 0.0, 0
-    trained_device = next(trained_model.parameters()).device
-    with torch.no_grad():
-        for ids in batches:
-            tensor = torch.tensor([ids])
-            reference = trained_model(input_ids=tensor.to(trained_device)).logits.float().cpu()[0]
-            candidate = merged_model(input_ids=tensor).logits.float()[0]
-            max_diff = max(max_diff, (reference - candidate).abs().max().item())
-            log_p = torch.log_softmax(reference, dim=-1)
-            log_q = torch.log_softmax(candidate, dim=-1)
-            # KL is never negative; float rounding can make a per-token value a hair below zero.
-            kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
-            tokens += len(ids)
-    return ParityReport(max_abs_logit_diff=max_diff, mean_kl=kl_sum / tokens, tokens=tokens)
+    return compare_logits(model_logits(trained_model, batches), model_logits(merged_model, batches))

@@ -10,6 +10,7 @@ callbacks that log, checkpoint and stop on signals in callbacks.py, the loss in 
 
 from __future__ import annotations
 
+import gc
 import io
 import resource
 import sys
@@ -501,8 +502,20 @@ def summary_table(run: Run, summary: dict[str, Any]):
     )
 
 
+def release_trained_model(run: Run, result: FitResult) -> None:
+    """Drop the run's references to the trained model, its trainer and optimizer, so that what comes next (the
+    merge, which reads the run back from disk) has the memory training had."""
+    run.model = None
+    result.trainer = None
+    result.mmlu = None
+    gc.collect()
+    if run.context.device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def finish(run: Run, result: FitResult) -> dict[str, Any]:
-    """Write the adapter, the loss curve and summary.json (rank 0), and merge when the recipe asks.
+    """Write the adapter, the loss curve and summary.json (rank 0), and merge when the recipe asks, after
+    releasing the trained model (the merge reads the run back from disk, a layer at a time).
 
     Returns:
         the summary written (empty on the other ranks).
@@ -516,7 +529,8 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
         plot_loss(result.metrics.records, run.run_dir / LOSS_PLOT)
     summary = run_summary(run, result, mmlu_accuracy)
     if run.recipe.output.merge:
-        report = merge_run(run.run_dir, say=run.console.print, overwrite=True)
+        release_trained_model(run, result)
+        report = merge_run(run.run_dir, console=run.console, overwrite=True)
         summary["merged"] = {key: report[key] for key in ("out", "dtype", "max_abs_logit_diff", "mean_kl_nats_per_token")}
     write_json(run.run_dir / SUMMARY, summary)
     run.console.print(summary_table(run, summary))
@@ -527,7 +541,7 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
 @dataclass
 class TrainingRun:
     summary: dict[str, Any]
-    model: Any  # the trained PeftModel, still in memory
+    model: Any  # the trained PeftModel, still in memory; None when `output.merge` released it to merge
     tokenizer: Any
 
 

@@ -158,3 +158,46 @@ def test_get_peft_model_is_quiet_about_peft_own_deprecated_call(tiny_model_dir, 
     model = compat.get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert len(list(compat.lora_dropouts(model))) == 14
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_quantize_like_transformers_knows_only_bitsandbytes_parameters():
+    import bitsandbytes as bnb
+
+    weight = torch.randn(64, 64)
+    placeholder = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").weight
+    quantized = compat.quantize_like_transformers(weight, placeholder, "cpu")
+    assert quantized.bnb_quantized and quantized.dtype == torch.uint8 and quantized.quant_state.dtype == torch.float32
+    with pytest.raises(LibraryChanged, match="Parameter is not a bitsandbytes parameter"):
+        compat.quantize_like_transformers(weight, torch.nn.Parameter(weight), "cpu")
+
+
+def test_8bit_weights_dequantize_before_and_after_their_first_forward():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+    original = torch.randn(32, 64)
+    layer.weight = compat.quantize_like_transformers(original, layer.weight, "cpu")
+    before = compat.dequantize_8bit(layer.weight)
+    # Row-wise absmax int8: each weight within half a step (row max / 127 / 2) of the original, and float16 rounding.
+    step = original.abs().amax(dim=1, keepdim=True) / 127
+    assert ((before - original).abs() <= step / 2 + 1e-3 * original.abs() + 1e-6).all()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+    assert layer.weight.SCB is None and layer.state.SCB is not None  # the first forward moved the row scales
+    assert torch.equal(compat.dequantize_8bit(layer.weight, layer.state), before)
+    compat.forget_quantization_state(layer)
+    assert layer.state.SCB is None and layer.state.CB is None
+
+
+def test_forget_quantization_state_of_a_4bit_layer():
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32)
+    layer.weight = compat.quantize_like_transformers(torch.randn(64, 64), layer.weight, "cpu")
+    assert layer.quant_state is not None
+    compat.forget_quantization_state(layer)
+    assert layer.quant_state is None
+    del layer.quant_state
+    with pytest.raises(LibraryChanged, match="quant_state"):
+        compat.forget_quantization_state(layer)

@@ -28,6 +28,39 @@ def test_the_allocator_accepts_the_settings():
     assert cpu.keep_freed_memory() is True
 
 
+FREED_AND_RETAINED = """
+import sys, torch
+from qlora_cli import cpu
+
+def resident():
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
+
+getattr(cpu, sys.argv[1], lambda: None)()
+warm = torch.ones(2**22)
+del warm  # a freed 16 MiB block: glibc's default then serves blocks of that size from its heap
+start = resident()
+blocks, pins = [], []
+for _ in range(32):  # 8 MiB blocks, each with a small tensor allocated after it that stays
+    blocks.append(torch.ones(2**21))
+    pins.append(torch.ones(2**14))
+del blocks
+print(resident() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_a_merge_gives_freed_memory_back_where_glibc_keeps_it():
+    import subprocess
+
+    def retained(setting: str) -> int:  # in a fresh process: the allocator's state is the process's history
+        result = subprocess.run([sys.executable, "-c", FREED_AND_RETAINED, setting], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(result.stdout.split()[-1])
+
+    assert retained("glibc's default") > 128 * 2**20  # keep_freed_memory keeps even more on purpose
+    assert retained("return_freed_memory") < 16 * 2**20
+
+
 def test_cheap_dropout_keeps_one_minus_p_and_the_expectation():
     torch.manual_seed(0)
     x = torch.ones(1000, 1001)  # not a multiple of 4 elements per draw

@@ -1,11 +1,14 @@
-"""Merging on a tiny trained run: parity with the trained model, loading in plain transformers, atomicity."""
+"""Merging on a tiny trained run: parity with the trained model, the same tensors as merging in memory,
+shards that plain transformers loads, 8-bit runs, the memory check, atomicity."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -21,11 +24,45 @@ from qlora_cli.train import run_training
 PROMPT_IDS = [1, 40, 41, 42, 43, 44, 45]
 
 
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("merge")
     # Enough steps at a high rate that the adapter moves the logits well away from the base's.
     train_tiny_run(folder, tiny_model_dir, chat=True, max_steps=8, learning_rate=5e-3)
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def trained_8bit_run(tmp_path_factory, tiny_model_dir):
+    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+
+    folder = tmp_path_factory.mktemp("merge8")
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    text = tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=8, learning_rate=5e-3)
+    (folder / "tiny.yaml").write_text(text.replace("quantization:\n", "quantization:\n  bits: 8\n") + "output:\n  dir: run\n")
+    run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory, tiny_model_dir):
+    """A run on a tiny Llama whose output head is its input embedding (Llama 3.2, Gemma, SmolLM2)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tied")
+    model_dir = folder / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    train_tiny_run(folder, model_dir, max_steps=4, learning_rate=5e-3)
     return folder / "run"
 
 
@@ -35,9 +72,51 @@ def trained_logits(run_dir):
         return loaded.model(input_ids=torch.tensor([PROMPT_IDS], device=loaded.model.device)).logits.cpu(), loaded
 
 
+def safetensors_of(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def in_memory_merge(run_dir, base: str, dtype: torch.dtype, folder):
+    """The merge as it was before it streamed, kept here as the reference: the trained model loaded whole, a
+    dense float32 copy of the base beside it, every merged layer copied into it, the copy cast and saved."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_run(run_dir)
+    trained = loaded.model
+    dense = AutoModelForCausalLM.from_pretrained(trained.peft_config["default"].base_model_name_or_path,
+                                                 dtype=torch.float32)
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, module in trained.base_model.model.named_modules():
+            delta = None
+            if isinstance(module, LoraLayer):
+                layer = module.get_base_layer()
+                delta = sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters)
+            elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
+                layer = module
+            else:
+                continue
+            if base == "dequantized" and isinstance(layer, bnb.nn.Linear4bit):
+                weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            else:
+                weight = modules[name].weight.data.float()
+            modules[name].weight.data.copy_(weight if delta is None else weight + delta)
+    dense = dense.to(dtype).eval()
+    dense.save_pretrained(folder)
+    return trained, dense
+
+
 def test_dequantized_float32_merge_matches_the_trained_model(trained_run, tmp_path):
     out = tmp_path / "merged"
-    report = merge_run(trained_run, out=out, dtype_name="float32", say=lambda *_: None)
+    report = merge_run(trained_run, out=out, dtype_name="float32")
     assert report["mean_kl_nats_per_token"] < 1e-6
     assert report["max_abs_logit_diff"] < 1e-4
     assert json.loads((out / "merge_report.json").read_text())["base"] == "dequantized"
@@ -55,16 +134,156 @@ def test_dequantized_float32_merge_matches_the_trained_model(trained_run, tmp_pa
 
 
 def test_original_base_drifts_and_the_report_says_so(trained_run, tmp_path):
-    exact = merge_run(trained_run, out=tmp_path / "a", dtype_name="float32", say=lambda *_: None)
-    drift = merge_run(trained_run, out=tmp_path / "b", dtype_name="float32", base="original", say=lambda *_: None)
+    exact = merge_run(trained_run, out=tmp_path / "a", dtype_name="float32")
+    drift = merge_run(trained_run, out=tmp_path / "b", dtype_name="float32", base="original")
     assert drift["base"] == "original" and drift["kl_limit"] is None
     assert drift["mean_kl_nats_per_token"] > 100 * max(exact["mean_kl_nats_per_token"], 1e-9)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("base", ["dequantized", "original"])
+def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(trained_run, tmp_path, base, dtype_name):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.merge import parity_prompts
+    from qlora_cli.parity import compare_logits, model_logits
+
+    dtype = getattr(torch, dtype_name)
+    report = merge_run(trained_run, out=tmp_path / "streamed", dtype_name=dtype_name, base=base)
+    trained, dense = in_memory_merge(trained_run, base, dtype, tmp_path / "in-memory")
+    streamed, in_memory = safetensors_of(tmp_path / "streamed"), safetensors_of(tmp_path / "in-memory")
+    assert streamed.keys() == in_memory.keys()
+    for name, tensor in in_memory.items():
+        assert streamed[name].dtype == dtype and torch.equal(streamed[name], tensor), name
+    for file in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "streamed" / file).read_text()) == json.loads((tmp_path / "in-memory" / file).read_text())
+
+    # The report is the parity of the trained model with the merged checkpoint as transformers loads it.
+    prompts, _ = parity_prompts(trained_run, load_run(trained_run).tokenizer)
+    reference = model_logits(trained, prompts)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=dtype).eval()
+    expected = compare_logits(reference, model_logits(loaded, prompts))
+    assert (report["max_abs_logit_diff"], report["mean_kl_nats_per_token"]) == (expected.max_abs_logit_diff, expected.mean_kl)
+    if dtype == torch.float32:  # the in-memory merge's own report, exactly
+        before = compare_logits(reference, model_logits(dense, prompts))
+        assert report["mean_kl_nats_per_token"] == before.mean_kl
+
+
+def test_tied_embeddings_are_merged_once_and_stay_tied(tied_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    report = merge_run(tied_run, out=tmp_path / "streamed", dtype_name="float32")
+    in_memory_merge(tied_run, "dequantized", torch.float32, tmp_path / "in-memory")
+    streamed = safetensors_of(tmp_path / "streamed")
+    assert "lm_head.weight" not in streamed and streamed.keys() == safetensors_of(tmp_path / "in-memory").keys()
+    assert all(torch.equal(tensor, safetensors_of(tmp_path / "in-memory")[name]) for name, tensor in streamed.items())
+    assert report["mean_kl_nats_per_token"] < 1e-6
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("run", ["trained_run", "trained_8bit_run", "tied_run"])
+def test_the_streamed_trained_model_computes_what_the_loaded_one_does(run, request):
+    from transformers import AutoConfig
+
+    from qlora_cli.context import inference_context
+    from qlora_cli.merge import base_checkpoint, parity_prompts, trained_model
+    from qlora_cli.parity import model_logits
+    from qlora_cli.rundir import adapter_base_model, read_run_recipe
+    from qlora_cli.streaming import streamed_logits
+
+    run_dir = request.getfixturevalue(run)
+    loaded = load_run(run_dir)
+    prompts, _ = parity_prompts(run_dir, loaded.tokenizer)
+    files = base_checkpoint(adapter_base_model(run_dir), None)
+    context = inference_context(read_run_recipe(run_dir).quantization.compute_dtype)
+    device = next(loaded.model.parameters()).device  # where load_run put it, as the merge does
+    streamed = trained_model(AutoConfig.from_pretrained(files.folder), files, run_dir, context, device)
+    assert all(p.device.type == "meta" for n, p in streamed.model.named_parameters() if "lora_" not in n)
+    got = streamed_logits(streamed.model, streamed.weights, prompts, device)
+    for expected, logits in zip(model_logits(loaded.model, prompts), got, strict=True):
+        assert torch.equal(expected, logits)
+    assert all(p.device.type == "meta" for n, p in streamed.model.named_parameters() if "lora_" not in n)
+
+
+def test_a_small_max_shard_size_writes_shards_that_load(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    whole = merge_run(trained_run, out=tmp_path / "whole", dtype_name="float32")
+    sharded = merge_run(trained_run, out=tmp_path / "sharded", dtype_name="float32", max_shard_size="40kB")
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert whole["shards"] == 1 and sharded["shards"] == len(files) > 3
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == files
+    for file in files:  # at most 40 kB of tensors, unless one tensor is larger on its own
+        holds = [name for name, shard in index["weight_map"].items() if shard == file]
+        assert len(holds) == 1 or (tmp_path / "sharded" / file).stat().st_size < 40_000 + 2048
+    assert safetensors_of(tmp_path / "sharded").keys() == safetensors_of(tmp_path / "whole").keys()
+    assert sharded["mean_kl_nats_per_token"] == whole["mean_kl_nats_per_token"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32).eval()
+    expected, _ = trained_logits(trained_run)
+    with torch.no_grad():
+        assert (merged(input_ids=torch.tensor([PROMPT_IDS])).logits - expected).abs().max().item() < 1e-4
+
+
+def test_an_8bit_run_merges(trained_8bit_run, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    report = merge_run(trained_8bit_run, out=out, dtype_name="float32")
+    # The trained 8-bit layers quantize their inputs too (LLM.int8), the merged float32 ones do not.
+    assert report["kl_limit"] == 1e-3 and report["mean_kl_nats_per_token"] < 1e-4
+    loaded = load_run(trained_8bit_run)
+    lora = loaded.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(lora.get_base_layer(), bnb.nn.Linear8bitLt)
+    base = lora.get_base_layer()
+    expected = bnb.functional.int8_vectorwise_dequant(base.weight.data, base.weight.SCB if base.weight.SCB is not None
+                                                      else base.state.SCB) + lora.get_delta_weight("default")
+    expected = expected.cpu()
+    assert torch.equal(safetensors_of(out)["model.layers.0.self_attn.q_proj.weight"], expected)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    expected_logits, _ = trained_logits(trained_8bit_run)
+    with torch.no_grad():
+        assert (merged(input_ids=torch.tensor([PROMPT_IDS])).logits - expected_logits).abs().max().item() < 0.05
+
+
+def test_a_merge_that_does_not_fit_is_refused_with_what_it_needs(trained_run, tmp_path, monkeypatch, capsys):
+    import qlora_cli.merge as merge_module
+    import qlora_cli.merge_plan as merge_plan
+    from qlora_cli.plan import format_bytes
+
+    seen = {}
+    real_check = merge_plan.check_fits
+
+    def check_fits(needs, **available):
+        seen["needs"] = needs
+        return real_check(needs, **available)
+
+    monkeypatch.setattr(merge_plan, "check_fits", check_fits)
+    monkeypatch.setattr(merge_module, "available_host_memory", lambda: 100 * 2**20)
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", str(trained_run), "--out", str(tmp_path / "m"), "--dtype", "float32"])
+    err = " ".join(capsys.readouterr().err.split())
+    needs = seen["needs"]
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"needs about {format_bytes(needs.host_bytes)} of memory" in err and "100 MiB of memory available" in err
+    assert needs.host_bytes > 100 * 2**20 and needs.disk_bytes > 0
+    assert not (tmp_path / "m").exists()
+
+    monkeypatch.setattr(merge_module, "available_host_memory", lambda: 1 << 40)
+    monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 1000})())
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", str(trained_run), "--out", str(tmp_path / "m")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2 and f"{format_bytes(seen['needs'].disk_bytes)} of disk" in err and "of disk free in" in err
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.slow
 def test_merged_dir_loads_in_a_fresh_process_and_generates_like_the_adapter(trained_run, tmp_path):
     out = tmp_path / "merged"
-    merge_run(trained_run, out=out, dtype_name="float32", say=lambda *_: None)
+    merge_run(trained_run, out=out, dtype_name="float32")
     _, loaded = trained_logits(trained_run)
     with torch.no_grad():
         expected = loaded.model.generate(
@@ -85,16 +304,22 @@ print(json.dumps(ids[0].tolist()))
 
 
 def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+    import safetensors.torch
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    real_save = safetensors.torch.save_file
+    written = []
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    def interrupted_at_the_second_shard(tensors, filename, metadata=None):
+        if written:
+            raise KeyboardInterrupt
+        written.append(filename)
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_at_the_second_shard)
     out = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
-        merge_run(trained_run, out=out, dtype_name="float32", say=lambda *_: None)
-    assert list(tmp_path.iterdir()) == []
+        merge_run(trained_run, out=out, dtype_name="float32", max_shard_size="40kB")
+    assert len(written) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_failed_parity_writes_nothing(trained_run, tmp_path, monkeypatch):
@@ -102,7 +327,7 @@ def test_failed_parity_writes_nothing(trained_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(merge_module, "KL_LIMIT", 0.0)
     with pytest.raises(Exception) as caught:
-        merge_run(trained_run, out=tmp_path / "merged", dtype_name="float32", say=lambda *_: None)
+        merge_run(trained_run, out=tmp_path / "merged", dtype_name="float32")
     assert "nothing was written" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -145,13 +370,29 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_merge(trained_run, tmp_p
     assert (out / "keep").read_text() == "x"
 
 
-def test_output_merge_in_the_recipe_merges_after_training(tmp_path, tiny_model_dir):
+def test_output_merge_frees_the_trained_model_then_merges(tmp_path, tiny_model_dir, monkeypatch):
+    import qlora_cli.train as train_module
     from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
 
+    trained = {}
+    real_fit, real_merge = train_module.fit, train_module.merge_run
+
+    def fit(run, *args, **kwargs):
+        trained["model"] = weakref.ref(run.model)
+        return real_fit(run, *args, **kwargs)
+
+    def merge_run_checking(*args, **kwargs):
+        gc.collect()
+        trained["alive when merging"] = trained["model"]() is not None
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit)
+    monkeypatch.setattr(train_module, "merge_run", merge_run_checking)
     write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
     path = tmp_path / "tiny.yaml"
     path.write_text(tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=2) + "output:\n  dir: run\n  merge: true\n")
-    summary = run_training(load_recipe(path), console=Console(file=io.StringIO())).summary
+    summary = run_training(load_recipe(path), console=quiet()).summary
+    assert trained["alive when merging"] is False
     report = json.loads((tmp_path / "run" / "merged" / "merge_report.json").read_text())
     assert report["dtype"] == "bfloat16" and report["base"] == "dequantized"
     assert summary["merged"]["out"] == str(tmp_path / "run" / "merged")
@@ -162,7 +403,7 @@ def test_gguf_export_loads_back_with_the_same_logits_and_tokens(trained_run, tmp
     from transformers import AutoTokenizer
 
     out = tmp_path / "merged"
-    report = merge_run(trained_run, out=out, dtype_name="float32", gguf_types=("f16", "q8_0"), say=lambda *_: None)
+    report = merge_run(trained_run, out=out, dtype_name="float32", gguf_types=("f16", "q8_0"))
     f16, q8 = report["gguf"]["f16"], report["gguf"]["q8_0"]
     assert (out / "model-f16.gguf").is_file() and (out / "model-q8_0.gguf").is_file()
     assert f16["mean_kl_nats_per_token"] < 1e-4 and f16["max_abs_logit_diff"] < 0.05
@@ -180,3 +421,13 @@ def test_gguf_export_loads_back_with_the_same_logits_and_tokens(trained_run, tmp
             assert check["identical"] == check["lines"], check["mismatches"]
         else:
             assert "pip install llama-cpp-python" in check["reason"]
+
+
+def test_progress_says_which_layer_off_a_terminal(trained_run, tmp_path):
+    console = quiet()
+    merge_run(trained_run, out=tmp_path / "merged", dtype_name="float32", console=console)
+    lines = console.file.getvalue().splitlines()
+    assert lines[0].startswith("Merging ") and any(line.startswith("The merge needs about") for line in lines)
+    assert "Merging: layer 1 of 2" in lines and "Merging: layer 2 of 2" in lines
+    assert lines.count("Merging: layer 1 of 2") == 1  # a line when the layer changes, not per tensor
+    assert "Merged checkpoint read back on the parity prompts: layer 2 of 2" in lines
