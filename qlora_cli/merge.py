@@ -26,15 +26,30 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
+import psutil
 import torch
+from accelerate import init_empty_weights
+from bitsandbytes.functional import dequantize_4bit
+from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
+from peft import PeftConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from rich.console import Console
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import compat
 from .console import Steps
 from .cpu import return_freed_memory
 from .context import RunContext, inference_context
+from .data.sources import load_datasets
+from .data.tokenize import TokenizeOptions, tokenize_examples
 from .errors import Problem, UserError
 from .gguf_export import export_gguf_files
+from .merge_plan import MergeSettings, check_fits, merge_needs
+from .models import quantization_config
 from .parity import compare_logits
+from .plan import parse_bytes, read_model_config
 from .rundir import ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, staged
 from .streaming import (INDEX_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers, move_buffers,
                         streamed_logits)
@@ -59,8 +74,6 @@ def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
     """
     folder = Path(base_path)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
         try:
             folder = Path(snapshot_download(base_path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
         except Exception as exc:  # hub errors come in many types; all mean the same here
@@ -75,17 +88,12 @@ def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
 
 
 def is_quantized(parameter) -> bool:
-    import bitsandbytes as bnb
-
     return isinstance(parameter, (bnb.nn.Params4bit, bnb.nn.Int8Params))
 
 
 def empty_model(config, dtype: torch.dtype, trust_remote_code: bool):
     """The causal LM of `config` on the meta device, its parameters in `dtype`. It gets a copy of the config,
     which quantizing the model would otherwise mark as quantized."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # as from_pretrained does once loaded; built on the meta device, the model is left untied
@@ -108,11 +116,6 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunCon
     Raises:
         UserError: a damaged adapter.
     """
-    from peft import PeftConfig, PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    from .models import quantization_config
-
     recipe = read_run_recipe(run_dir)
     dtype = context.compute_dtype
     model = empty_model(config, dtype, recipe.model.trust_remote_code)
@@ -182,8 +185,6 @@ def lora_delta(lora) -> torch.Tensor:
 def dequantized_weight(trained: TrainedModel, slot, files: CheckpointFiles, device, held: bool) -> torch.Tensor:
     """The float32 weight the trained model computed with: the quantized weight its layer holds (`held`), or
     the original read and quantized as when training; dequantized."""
-    from bitsandbytes.functional import dequantize_4bit
-
     module, attribute = slot.owners[0]
     quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
         files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
@@ -226,8 +227,6 @@ class ShardWriter:
     written, and its tensors freed, as soon as it has all of them."""
 
     def __init__(self, folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int):
-        from huggingface_hub import split_torch_state_dict_into_shards
-
         self.folder = folder
         self.split = split_torch_state_dict_into_shards(tensors, filename_pattern=SHARD_PATTERN,
                                                         max_shard_size=max_shard_bytes)
@@ -236,8 +235,6 @@ class ShardWriter:
         self.parameters = sum(tensor.numel() for tensor in tensors.values())
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         file = self.split.tensor_to_filename[name]
         self.filling.setdefault(file, {})[name] = tensor.contiguous()
         self.waiting[file].discard(name)
@@ -297,8 +294,6 @@ class LayerMerger:
 def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, architecture: str, tokenizer) -> None:
     """config.json (in the merged dtype), generation_config.json and the run's tokenizer, as `save_pretrained`
     writes them beside the weights."""
-    from transformers import GenerationConfig
-
     config = copy.deepcopy(config)
     config.dtype = dtype
     config.architectures = [architecture]
@@ -317,9 +312,6 @@ def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, a
 def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
     """Token ids of the first evaluation rows of the run (else its first training rows), as the model
     saw them in training, and a description of where they came from."""
-    from .data.sources import load_datasets
-    from .data.tokenize import TokenizeOptions, tokenize_examples
-
     recipe = read_run_recipe(run_dir)
     try:
         datasets = load_datasets(recipe.data, recipe.training.seed)
@@ -335,8 +327,6 @@ def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
 
 def available_host_memory() -> int:
     """Memory the operating system can give this process now, page cache included (MemAvailable)."""
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 
@@ -354,8 +344,6 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
     Raises:
         UserError: not enough memory, GPU memory or disk, with the figures.
     """
-    from .merge_plan import MergeSettings, check_fits, merge_needs
-
     recipe = read_run_recipe(run_dir)
     settings = MergeSettings(
         bits=recipe.quantization.bits, double_quant=recipe.quantization.double_quant, lora_r=recipe.lora.r,
@@ -379,8 +367,6 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
 
 def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
     """The merged checkpoint's logits on the prompts, read back a layer at a time."""
-    from transformers import AutoConfig
-
     model, weights = merged_model(AutoConfig.from_pretrained(folder), CheckpointFiles(folder), dtype, device)
     count = len(decoder_layers(model))
     with Steps(console, "Merged checkpoint read back on the parity prompts", count) as steps:
@@ -418,11 +404,6 @@ def merge_run(
         UserError: not a run directory, damaged adapter, existing output, not enough memory or disk, or a
             float32 dequantized merge whose KL exceeds KL_LIMIT.
     """
-    from rich.console import Console
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .plan import parse_bytes, read_model_config
-
     console = console or Console(quiet=True)
     say = console.print
     run_dir = Path(run_dir).resolve()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from safetensors import safe_open
 
 from . import compat
 from .errors import UserError
@@ -32,8 +33,6 @@ class CheckpointFiles:
     """The tensors of a safetensors checkpoint folder (one file, or shards and their index), read by name."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
