@@ -250,17 +250,16 @@ def test_an_8bit_run_merges(trained_8bit_run, tmp_path):
 
 def test_a_merge_that_does_not_fit_is_refused_with_what_it_needs(trained_run, tmp_path, monkeypatch, capsys):
     import qlora_cli.merge as merge_module
-    import qlora_cli.merge_plan as merge_plan
     from qlora_cli.plan import format_bytes
 
     seen = {}
-    real_check = merge_plan.check_fits
+    real_check = merge_module.check_fits
 
     def check_fits(needs, **available):
         seen["needs"] = needs
         return real_check(needs, **available)
 
-    monkeypatch.setattr(merge_plan, "check_fits", check_fits)
+    monkeypatch.setattr(merge_module, "check_fits", check_fits)
     monkeypatch.setattr(merge_module, "available_host_memory", lambda: 100 * 2**20)
     with pytest.raises(SystemExit) as exited:
         main(["merge", str(trained_run), "--out", str(tmp_path / "m"), "--dtype", "float32"])
@@ -304,9 +303,9 @@ print(json.dumps(ids[0].tolist()))
 
 
 def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
-    import safetensors.torch
+    import qlora_cli.merge as merge_module
 
-    real_save = safetensors.torch.save_file
+    real_save = merge_module.save_file
     written = []
 
     def interrupted_at_the_second_shard(tensors, filename, metadata=None):
@@ -315,7 +314,7 @@ def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
         written.append(filename)
         real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_at_the_second_shard)
+    monkeypatch.setattr(merge_module, "save_file", interrupted_at_the_second_shard)
     out = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
         merge_run(trained_run, out=out, dtype_name="float32", max_shard_size="40kB")
