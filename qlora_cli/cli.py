@@ -410,6 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) >= 2 and argv[0] == "eval" and argv[1] not in EVAL_COMMANDS:
         argv.insert(1, "run")
     argv = with_profile_default(argv)
+    if not sys.stderr.isatty():
+        # Some of transformers' loaders (converting a GGUF file) draw plain tqdm bars, outside its own switch;
+        # tqdm reads this when it is imported, so it is set before anything imports it.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         code = app(args=argv, standalone_mode=False)
         # Typer turns a Ctrl-C inside a command into a RETURNED exit code (130) when not standalone;

@@ -35,11 +35,9 @@ compat.quiet_bitsandbytes_kernel_fetch()
 
 
 def quiet_libraries(interactive: bool) -> None:
-    """No progress bars off a terminal, where they are noise in a log: transformers' own, and the plain tqdm
-    bars some of its loaders draw (converting a GGUF file), which only tqdm's TQDM_DISABLE turns off."""
+    """No transformers progress bars off a terminal, where they are noise in a log (see also cli.main)."""
     if not interactive:
         hf_logging.disable_progress_bar()
-        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @dataclass
