@@ -198,15 +198,15 @@ def trainer_loss_scale(trainer, num_items_in_batch) -> int:
 # ---------------------------------------------------------------------------------------------
 # peft
 
-def get_peft_model(model, config):
-    """`peft.get_peft_model`, without the FutureWarning transformers (>= 5.23) raises when peft (0.21) reads the
-    deprecated `model.is_gradient_checkpointing`: peft's call, which no user can change. Only that warning, and
-    only during this call, is silenced."""
-    import peft
-
+@contextmanager
+def peft_reading_deprecated_flags() -> Iterator[None]:
+    """Around building a PeftModel (`get_peft_model`, `PeftModel.from_pretrained`, `PeftModel(...)`): peft (0.21)
+    reads the model's `is_gradient_checkpointing`, which transformers (>= 5.23) has deprecated and warns about
+    on every read. peft's call, which no user can change: only that warning, only within this block, is
+    silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return peft.get_peft_model(model, config)
+        yield
 
 
 def lora_dropouts(model) -> Iterator[tuple[object, str]]:

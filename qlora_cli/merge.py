@@ -136,8 +136,7 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunCon
     try:
         peft_config = PeftConfig.from_pretrained(adapter)
         peft_config.inference_mode = True
-        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with compat.peft_reading_deprecated_flags():
             peft_model = PeftModel(model, peft_config, low_cpu_mem_usage=True)
         compat.load_adapter_onto_skeleton(peft_model, adapter, device)
     except compat.LibraryChanged:

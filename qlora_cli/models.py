@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
 from transformers.utils import logging as hf_logging
@@ -222,7 +222,8 @@ def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointi
         task_type="CAUSAL_LM",
     )
     try:
-        model = compat.get_peft_model(model, config)
+        with compat.peft_reading_deprecated_flags():
+            model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
     if context.device == "cpu":
@@ -240,7 +241,8 @@ def load_run(run_dir: Path) -> LoadedModel:
     base = adapter_base_model(run_dir)
     model = load_quantized_base(base, recipe.model, recipe.quantization, inference_context(recipe.quantization.compute_dtype))
     try:
-        model = PeftModel.from_pretrained(model, run_dir / ADAPTER)
+        with compat.peft_reading_deprecated_flags():
+            model = PeftModel.from_pretrained(model, run_dir / ADAPTER)
     except Exception as exc:  # peft raises several types for a damaged adapter
         raise UserError(Problem(f"cannot load the adapter: {exc}", file=run_dir / ADAPTER)) from None
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)

@@ -150,12 +150,16 @@ def test_bitsandbytes_kernel_fetch_is_quiet():
     assert logging.getLogger(compat.BITSANDBYTES_CPU_KERNEL_LOGGER).level == logging.ERROR
 
 
-def test_get_peft_model_is_quiet_about_peft_own_deprecated_call(tiny_model_dir, recwarn):
-    from peft import LoraConfig
+def test_building_a_peft_model_is_quiet_about_peft_own_deprecated_read(tiny_model_dir, tmp_path, recwarn):
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = compat.get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with compat.peft_reading_deprecated_flags():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.save_pretrained(tmp_path / "adapter")
+    with compat.peft_reading_deprecated_flags():
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     assert len(list(compat.lora_dropouts(model))) == 14
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
 
