@@ -169,6 +169,15 @@ def quantize_like_transformers(value, placeholder, device):
     return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **attributes).to(device)
 
 
+def cache_of(model, outputs) -> dict:
+    """The keyword argument that hands a causal LM's key/value cache from one forward to the next: `cache` since
+    transformers 5.24, `past_key_values` before (5.24 still takes it, with a warning, until 5.40)."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    value = getattr(outputs, name, None)
+    require(value is not None, f"{type(model).__name__}'s outputs carry no `{name}`")
+    return {name: value}
+
+
 def install_train_sampler(trainer, make_sampler: Callable) -> None:
     """Have the Trainer draw its training order from `make_sampler(train_dataset)`.
 

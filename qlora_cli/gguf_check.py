@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import compat
 from .data.tokenize import encode_prompt, tokenizer_adds_bos
 from .generate import stop_token_ids
 from .models import LoadedModel
@@ -171,7 +172,7 @@ def transformers_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[
             top = torch.topk(logits, 2)
             ids.append(int(top.indices[0]))
             gaps.append(float(top.values[0] - top.values[1]))
-            out = model(input_ids=torch.tensor([[ids[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=torch.tensor([[ids[-1]]]), use_cache=True, **compat.cache_of(model, out))
     return ids, gaps
 
 

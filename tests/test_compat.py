@@ -205,3 +205,16 @@ def test_forget_quantization_state_of_a_4bit_layer():
     del layer.quant_state
     with pytest.raises(LibraryChanged, match="quant_state"):
         compat.forget_quantization_state(layer)
+
+
+def test_the_cache_goes_from_one_forward_to_the_next(tiny_model_dir, recwarn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits[0, -1]
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], use_cache=True, **compat.cache_of(model, first)).logits[0, -1]
+    assert torch.allclose(whole, step, atol=1e-5)
+    assert not [w for w in recwarn if "deprecated" in str(w.message)]
