@@ -154,6 +154,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chatml_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with a ChatML tokenizer (end-of-turn token, no BOS), for exports that read its template."""
+    directory = tmp_path_factory.mktemp("chatml")
+    tokenizer = build_chatml_tokenizer(directory)
+    build_tiny_llama(directory, len(tokenizer), bos_token_id=1, eos_token_id=2)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

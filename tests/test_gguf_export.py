@@ -52,14 +52,6 @@ def read_gguf(path):
 
 
 @pytest.fixture(scope="module")
-def chatml_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("chatml")
-    tokenizer = build_chatml_tokenizer(directory)
-    build_tiny_llama(directory, len(tokenizer), bos_token_id=1, eos_token_id=2)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory, tiny_model_dir):
     path = tmp_path_factory.mktemp("gguf") / "model-f16.gguf"
     export_gguf(tiny_model_dir, path, "f16")

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama.cpp judges the GGUF export: pip install llama-cpp-python")
 
-from conftest import ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama  # noqa: E402
+from conftest import ROPE_SCALINGS, build_tiny_llama  # noqa: E402
 from qlora_cli.gguf_check import (  # noqa: E402
     CHECK_LINES,
     compare_tokenization,
@@ -23,14 +23,6 @@ from qlora_cli.gguf_export import export_gguf  # noqa: E402
 from qlora_cli.modelfile import write_modelfile  # noqa: E402
 
 LONG_TEXT = " ".join(CHECK_LINES)  # a few thousand tokens, cut to the positions a test needs
-
-
-@pytest.fixture(scope="module")
-def chatml_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("chatml")
-    tokenizer = build_chatml_tokenizer(directory)
-    build_tiny_llama(directory, len(tokenizer), bos_token_id=1, eos_token_id=2)
-    return directory
 
 
 @pytest.fixture(scope="module", params=["tiny", "chatml"])
