@@ -289,7 +289,7 @@ def eval_run(
     model: Annotated[str, typer.Argument(help="The model under test: a run directory, a merged/local model, a hub id.", show_default=False)],
     baseline: Annotated[Optional[list[str]], typer.Option(help="A model to compare with (repeatable); `base` is a run's base model. The first is the reference for relative scores.")] = None,
     questions: Annotated[Optional[Path], typer.Option(help="Questions (Vicuna, MT-bench, OpenAssistant, prompts); default: the 80 shipped ones.")] = None,
-    answers: Annotated[Optional[list[Path]], typer.Option("--answers", help="Answers made elsewhere (JSONL, this project's or FastChat's form): another model to compare (repeatable).")] = None,
+    answers: Annotated[Optional[list[Path]], typer.Option("--answers", help="Answers made elsewhere (JSONL or a JSON array, in this project's, FastChat's or Arena-Hard's form): another model to compare (repeatable).")] = None,
     judge: Annotated[str, typer.Option(help="An OpenAI-compatible base URL (http...), or a local model reference.")] = "smollm2-135m-instruct",
     judge_model: Annotated[Optional[str], typer.Option(help="The model name an HTTP judge serves.")] = None,
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the HTTP judge's API key.")] = "OPENAI_API_KEY",
@@ -389,7 +389,7 @@ def with_profile_default(argv: list[str]) -> list[str]:
 def serve(
     model: ModelArg,
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the run's or model's folder name, a .gguf's stem, or MODEL).")] = None,
     api_key_env: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer <key>`, the key read from this environment variable.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Reply length when a request gives no max_tokens.")] = 512,

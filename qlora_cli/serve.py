@@ -9,13 +9,17 @@ client, `qlora eval --judge`).
 
 FastAPI parses and validates requests; uvicorn serves them. Bad requests get 400 and an error object
 shaped like OpenAI's. The model generates ONE reply at a time: concurrent requests wait in arrival order
-(`TurnLock`) and never share a batch, so each reply is exactly what the model gives that request alone,
-at the cost of throughput under load. An optional bearer key is read once, at start, from an
+(an `asyncio.Lock`, which is first come, first served) and never share a batch, so each reply is exactly
+what the model gives that request alone, at the cost of throughput under load. A waiting request holds
+no worker thread (the endpoints are coroutines; only generation runs in a thread), so any number can
+queue without starving the one being answered, and a client that goes away, queued or mid-reply, frees
+the model: its request is skipped or its generation stopped at the next token. An optional bearer key is read once, at start, from an
 environment variable and compared in constant time; it is never printed or logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -27,13 +31,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Union
+from typing import Callable, Iterator, Literal, Optional, TypeVar, Union
+
+import anyio
 
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import StoppingCriteriaList
 
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+DISCONNECT_POLL_SECONDS = 0.25  # how often a reply being generated checks that its client is still there
+
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -54,9 +64,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
 
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 class Message(BaseModel):
@@ -168,26 +180,6 @@ class StopScanner:
         return rest
 
 
-class TurnLock:
-    """A lock granted in arrival order (`threading.Lock` promises no order), so that queued requests are
-    served first come, first served."""
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._next_ticket = self._serving = 0
-
-    def __enter__(self) -> TurnLock:
-        with self._condition:
-            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
-            self._condition.wait_for(lambda: self._serving == ticket)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with self._condition:
-            self._serving += 1
-            self._condition.notify_all()
-
-
 class _Cancelled:
     """A stopping criterion that ends generation when `event` is set (a streaming client went away)."""
 
@@ -237,7 +229,7 @@ def decoded_pieces(tokenizer, id_batches) -> Iterator[str]:
 
 
 class Engine:
-    """The loaded model and how it answers one request. Holding the `TurnLock` is the caller's job."""
+    """The loaded model and how it answers one request. Taking turns is the caller's job (`create_app`)."""
 
     def __init__(self, loaded, default_max_tokens: int = DEFAULT_MAX_TOKENS):
         tokenizer = loaded.tokenizer
@@ -311,9 +303,10 @@ class Engine:
         ids = self.prompt_ids(request)
         return ids, self.budget(request, len(ids))
 
-    def complete(self, request: ChatRequest, ids: list[int], budget: int) -> Generated:
-        """A whole reply (no streaming)."""
-        new, ended = self.generate(request, ids, budget)
+    def complete(self, request: ChatRequest, ids: list[int], budget: int,
+                 cancel: threading.Event | None = None) -> Generated:
+        """A whole reply (no streaming); cut short when `cancel` is set."""
+        new, ended = self.generate(request, ids, budget, cancel=cancel)
         scanner = StopScanner(request.stop or [])
         text = scanner.feed(self.tokenizer.decode(new, skip_special_tokens=True)) + scanner.finish()
         return Generated(text, _finish_reason(ended, scanner.stopped, len(new), budget), len(ids), len(new))
@@ -396,7 +389,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     """The FastAPI application serving `engine` as `model_name`; requests must carry `api_key` as a bearer
     token when it is given."""
     app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None)
-    turn = TurnLock()
+    turn = asyncio.Lock()
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -417,11 +410,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         return ApiError(405, f"method {request.method} not allowed on {request.url.path}").response()
 
     @app.exception_handler(Exception)
-    async def _server_error(request: Request, exc: Exception):
-        log.exception("request failed")
+    async def _server_error(request: Request, exc: Exception):  # starlette logs the traceback itself
         return ApiError(500, f"the server failed to answer: {type(exc).__name__}: {exc}", kind="server_error").response()
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -431,25 +423,29 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                            kind="authentication_error", code="invalid_api_key")
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "model": model_name}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
-    def models() -> dict:
+    async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "qlora"}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         if body.model != model_name:
             raise ApiError(404, f"the model `{body.model}` does not exist here; this server serves `{model_name}`",
                            param="model", code="model_not_found")
-        ids, budget = engine.prepare(body)  # bad requests fail here, with 400, before any stream starts
+        # Bad requests fail here, with 400, before any stream starts. Rendering the template and tokenizing
+        # take milliseconds: done on the event loop, so a request is in the queue as soon as it is checked.
+        ids, budget = engine.prepare(body)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             events = _event_stream(engine, turn, body, ids, budget, completion_id, now, model_name)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        with turn:
-            generated = engine.complete(body, ids, budget)
+        async with turn:
+            if await request.is_disconnected():  # the client gave up while queued: no one would read the reply
+                return ApiError(499, "the client closed the request", code="client_closed_request").response()
+            generated = await _unless_gone(request, lambda cancel: engine.complete(body, ids, budget, cancel))
         return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": generated.text},
                              "logprobs": None, "finish_reason": generated.finish_reason}],
@@ -458,33 +454,63 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     return app
 
 
-def _event_stream(engine: Engine, turn: TurnLock, body: ChatRequest, ids: list[int], budget: int, completion_id: str,
-                  created: int, model_name: str) -> Iterator[str]:
-    """Server-sent events of a streamed reply, as OpenAI sends them: a role chunk, content chunks, a chunk
-    with the finish reason, a usage chunk when asked for, then `[DONE]`. An error once the stream has
-    started (the status is already sent) comes as an `error` event."""
+async def _unless_gone(request: Request, work: Callable[[threading.Event], T]) -> T:
+    """`work(cancel)` in a worker thread; `cancel` is set when the client disconnects meanwhile."""
+    cancel = threading.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await anyio.sleep(DISCONNECT_POLL_SECONDS)
+        cancel.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            return await run_in_threadpool(work, cancel)
+        finally:
+            group.cancel_scope.cancel()
+
+
+async def _event_stream(engine: Engine, turn: asyncio.Lock, body: ChatRequest, ids: list[int], budget: int,
+                        completion_id: str, created: int, model_name: str):
+    """Server-sent events of a streamed reply, generated when this request's turn comes. Each piece is
+    computed in a worker thread; when the client goes away, starlette cancels this generator and the
+    reply's generator is closed, which stops generation at the next token."""
+    async with turn:
+        events = _reply_events(engine, body, ids, budget, completion_id, created, model_name)
+        try:
+            async for event in iterate_in_threadpool(events):
+                yield event
+        finally:
+            with anyio.CancelScope(shield=True):  # also when cancelled: wait for the model to stop
+                await run_in_threadpool(events.close)
+    yield "data: [DONE]\n\n"
+
+
+def _reply_events(engine: Engine, body: ChatRequest, ids: list[int], budget: int, completion_id: str, created: int,
+                  model_name: str) -> Iterator[str]:
+    """The events of a streamed reply, as OpenAI sends them: a role chunk, content chunks, a chunk with the
+    finish reason, and a usage chunk when asked for. An error once the stream has started (the status is
+    already sent) comes as an `error` event."""
 
     def event(choices: list, **extra) -> str:
         chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                  "choices": choices, **extra}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    with turn:
-        try:
-            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            for piece in engine.stream(body, ids, budget):
-                if isinstance(piece, Generated):
-                    yield event([{"index": 0, "delta": {}, "finish_reason": piece.finish_reason}])
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield event([], usage=_usage(piece))
-                else:
-                    yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-        except ApiError as error:
-            yield f"data: {json.dumps({'error': {'message': str(error), 'type': error.kind, 'param': error.param, 'code': error.code}})}\n\n"
-        except Exception as error:
-            log.exception("streamed request failed")
-            yield f"data: {json.dumps({'error': {'message': f'{type(error).__name__}: {error}', 'type': 'server_error'}})}\n\n"
-    yield "data: [DONE]\n\n"
+    try:
+        yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for piece in engine.stream(body, ids, budget):
+            if isinstance(piece, Generated):
+                yield event([{"index": 0, "delta": {}, "finish_reason": piece.finish_reason}])
+                if body.stream_options and body.stream_options.include_usage:
+                    yield event([], usage=_usage(piece))
+            else:
+                yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+    except Exception as error:
+        log.exception("streamed request failed")
+        failure = ApiError(500, f"{type(error).__name__}: {error}", kind="server_error")
+        yield f"data: {json.dumps(failure.body())}\n\n"
 
 
 def served_name(reference: str) -> str:
@@ -504,8 +530,9 @@ def check_port(host: str, port: int) -> None:
     Raises:
         UserError: the address is taken or not this machine's.
     """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
         raise UserError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -526,7 +553,8 @@ def serve(reference: str, *, host: str, port: int, model_name: str | None, api_k
     name = model_name or served_name(reference)
     app = create_app(engine, name, api_key)
     exposed = host not in ("127.0.0.1", "localhost", "::1")
-    say(f"Serving `{name}` ({engine.loaded.description}) at http://{host}:{port}/v1 - "
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    say(f"Serving `{name}` ({engine.loaded.description}) at http://{address}:{port}/v1 - "
         f"{'a bearer key is required' if api_key else 'no key required'}; one reply is generated at a time, "
         "requests queue in arrival order.")
     if exposed and api_key is None:

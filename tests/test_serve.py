@@ -3,6 +3,8 @@ on a free port, streaming and not, sampling options, bad requests, a key, concur
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +13,7 @@ import openai  # the `test` extra
 import pytest
 
 from conftest import serving
-from qlora_cli.serve import ChatRequest, Engine, StopScanner, TurnLock, create_app
+from qlora_cli.serve import ChatRequest, Engine, StopScanner, create_app
 
 MODEL = "tiny"
 KEY_ENV = "QLORA_TEST_SERVE_KEY"
@@ -212,6 +214,101 @@ def test_concurrent_requests_are_queued_not_interleaved(client, engine, monkeypa
     assert most[0] == 1  # one generation at a time
 
 
+class Gate:
+    """Holds the model's generations until released, and counts the requests that reached the queue."""
+
+    def __init__(self, engine, monkeypatch):
+        self.release, self.started, self.lock = threading.Event(), threading.Event(), threading.Lock()
+        self.arrived, self.cancels = 0, []
+        prepare, generate = engine.prepare, engine.generate
+
+        def counted_prepare(request):
+            result = prepare(request)
+            with self.lock:
+                self.arrived += 1
+            return result
+
+        def held_generate(request, ids, max_tokens, streamer=None, cancel=None):
+            self.cancels.append(cancel)
+            self.started.set()
+            while not self.release.is_set() and not (cancel is not None and cancel.is_set()):
+                time.sleep(0.01)
+            return generate(request, ids, max_tokens, streamer=streamer, cancel=cancel)
+
+        monkeypatch.setattr(engine, "prepare", counted_prepare)
+        monkeypatch.setattr(engine, "generate", held_generate)
+
+    def wait_for_arrivals(self, count: int) -> None:
+        while self.arrived < count:
+            time.sleep(0.01)
+
+
+def raw_request(base_url: str, body: dict) -> socket.socket:
+    """A chat-completions request sent on a socket the test can close before the reply comes."""
+    host, port = base_url.removeprefix("http://").removesuffix("/v1").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def test_queued_requests_hold_no_worker_thread(engine, client, monkeypatch):
+    """Waiting for the model must not take one of the server's worker threads: with a thread per waiting
+    request, the request being answered finds none for its next streamed piece once enough queue up."""
+    import urllib.request
+
+    import anyio.to_thread
+
+    prompts = [[{"role": "user", "content": text}] for text in ("Add two and three.", "Arr!")]
+    alone = [greedy(client, messages, max_tokens=6).choices[0].message.content for messages in prompts]
+    app = create_app(engine, MODEL)
+
+    @app.get("/threads-in-use")
+    async def threads_in_use():
+        return {"borrowed": anyio.to_thread.current_default_thread_limiter().borrowed_tokens}
+
+    gate = Gate(engine, monkeypatch)
+    with serving(app) as url:
+        local = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+        def ask(index: int) -> str:
+            if index % 2:
+                return streamed(local, prompts[index % 2], temperature=0, max_tokens=6)[0]
+            return greedy(local, prompts[index % 2], max_tokens=6).choices[0].message.content
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            replies = [pool.submit(ask, index) for index in range(6)]
+            gate.wait_for_arrivals(6)
+            root = url.removesuffix("/v1")
+            no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            in_use = json.load(no_proxy.open(f"{root}/threads-in-use"))["borrowed"]
+            health = no_proxy.open(f"{root}/health").status
+            gate.release.set()
+            answers = [reply.result() for reply in replies]
+    assert in_use <= 1  # at most the one reply being generated; the five waiting ones hold none
+    assert health == 200  # answers while the model is busy
+    assert answers == [alone[index % 2] for index in range(6)]
+
+
+def test_a_client_that_leaves_stops_its_generation_or_is_skipped_in_the_queue(engine, client, monkeypatch):
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 8}
+    gate = Gate(engine, monkeypatch)
+    with serving(create_app(engine, MODEL)) as url:
+        answering = raw_request(url, body)
+        gate.started.wait()
+        queued = raw_request(url, body)
+        gate.wait_for_arrivals(2)
+        queued.close()
+        answering.close()
+        assert gate.cancels[0].wait(60)  # the reply being generated is cut short (within a poll, 0.25 s)
+        local = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        gate.release.set()
+        after = greedy(local, max_tokens=4)
+    assert after.choices[0].message.content
+    assert len(gate.cancels) == 2  # the first request and the last: the one that left while queued was skipped
+
+
 # --- the pure parts ---------------------------------------------------------------------------------
 
 
@@ -227,27 +324,6 @@ def test_stop_scanner_holds_back_what_could_start_a_stop_sequence():
     assert whole.feed("Fine.\nUser: more") + whole.finish() == "Fine."
     streamed_pieces = StopScanner(["\nUser:"])
     assert "".join(streamed_pieces.feed(p) for p in ["Fine.", "\nUs", "er: more"]) + streamed_pieces.finish() == "Fine."
-
-
-def test_turn_lock_serves_in_arrival_order():
-    lock, order, arrived = TurnLock(), [], []
-
-    def take(number: int) -> None:
-        with lock:
-            order.append(number)
-
-    with lock:  # hold it while the others line up, one after another
-        threads = []
-        for number in range(5):
-            thread = threading.Thread(target=take, args=(number,))
-            thread.start()
-            while lock._next_ticket < number + 2:  # the thread has taken its ticket
-                time.sleep(0.001)
-            threads.append(thread)
-            arrived.append(number)
-    for thread in threads:
-        thread.join()
-    assert order == arrived == [0, 1, 2, 3, 4]
 
 
 def test_request_defaults_are_openai_s():
