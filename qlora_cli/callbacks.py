@@ -29,18 +29,25 @@ from .rundir import EVAL_METRICS, METRICS, write_atomic
 
 class TrainClock:
     """Training time over the whole run: the earlier sessions' (from the checkpoint a run resumes from) plus
-    this session's, counted from `start`."""
+    this session's, counted from `start` to `stop` (the final evaluation and saving are not training)."""
 
     def __init__(self, before: float = 0.0):
         self.before = before
         self.started: float | None = None
+        self.stopped: float | None = None
 
     def start(self) -> None:
-        self.started = time.perf_counter()
+        self.started, self.stopped = time.perf_counter(), None
+
+    def stop(self) -> None:
+        if self.started is not None and self.stopped is None:
+            self.stopped = time.perf_counter()
 
     @property
     def session(self) -> float:
-        return time.perf_counter() - self.started if self.started is not None else 0.0
+        if self.started is None:
+            return 0.0
+        return (self.stopped if self.stopped is not None else time.perf_counter()) - self.started
 
     @property
     def total(self) -> float:

@@ -404,6 +404,7 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
             f"Last good checkpoint: {checkpointer.last or 'none'}"
         ) from None
     finally:
+        clock.stop()
         if context.is_main:
             clear_staging(run_dir)
     if stops.requested:

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,17 @@ def test_fsdp_in_one_cpu_process_is_refused(tiny_recipe, capsys, monkeypatch):
         main(["train", str(tiny_recipe), "--set", "training.distributed=fsdp"])
     assert exited.value.code == 2 and "fsdp needs GPUs" in capsys.readouterr().err
     assert not (tiny_recipe.parent / "run").exists()
+
+
+def test_train_time_stops_with_training_not_with_the_final_evaluation(tiny_recipe):
+    """summary.json's train_seconds and tokens/s count the training loop, not the evaluation and saving after it."""
+    from rich.console import Console
+
+    from qlora_cli.recipe import load_recipe
+    from qlora_cli.train import fit, setup
+
+    run = setup(load_recipe(tiny_recipe, ["training.max_steps=1"]), console=Console(file=io.StringIO()))
+    result = fit(run)
+    first = result.clock.session
+    time.sleep(0.01)
+    assert result.clock.session == first > 0
