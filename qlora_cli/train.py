@@ -38,7 +38,7 @@ from .data.tokenize import FedTokens, PackBatch, PadToLongest, cache_key
 from .distributed import barrier, sum_over_ranks
 from .errors import RunFailure, RunInterrupted, UserError
 from .evaluation.mmlu import read_mmlu
-from .loss import head_only_loss, output_head
+from .loss import forget_cast_weights, head_only_loss, output_head
 from .merge import merge_run
 from .models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
 from .profile import PhaseClock, StepProfiler
@@ -509,6 +509,7 @@ def release_trained_model(run: Run, result: FitResult) -> None:
     run.model = None
     result.trainer = None
     result.mmlu = None
+    forget_cast_weights()
     gc.collect()
     if run.context.device == "cuda":
         torch.cuda.empty_cache()

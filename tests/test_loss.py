@@ -92,7 +92,7 @@ def test_chunks_do_not_change_the_result(monkeypatch):
     expected = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
 
-    monkeypatch.setattr("qlora_cli.loss.CHUNK_ELEMENTS", 50 * 5)  # 5 rows per chunk, the last one short
+    monkeypatch.setattr("qlora_cli.loss_spec.CHUNK_ELEMENTS", 50 * 5)  # 5 rows per chunk, the last one short
     loss = linear_cross_entropy(hidden, weight, targets)
     (2 * loss).backward()
     assert abs(loss.item() - reference.item()) < 1e-5

@@ -370,6 +370,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_merge(trained_run, tmp_p
 
 
 def test_output_merge_frees_the_trained_model_then_merges(tmp_path, tiny_model_dir, monkeypatch):
+    import qlora_cli.loss as loss
     import qlora_cli.train as train_module
     from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
 
@@ -383,6 +384,7 @@ def test_output_merge_frees_the_trained_model_then_merges(tmp_path, tiny_model_d
     def merge_run_checking(*args, **kwargs):
         gc.collect()
         trained["alive when merging"] = trained["model"]() is not None
+        trained["cast head cached when merging"] = bool(loss._cast_cache)
         return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "fit", fit)
@@ -390,8 +392,10 @@ def test_output_merge_frees_the_trained_model_then_merges(tmp_path, tiny_model_d
     write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
     path = tmp_path / "tiny.yaml"
     path.write_text(tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=2) + "output:\n  dir: run\n  merge: true\n")
+    frozen_head = torch.zeros(8, 4)
+    loss.cast_weight(frozen_head, torch.bfloat16)  # what a bfloat16 run's loss caches: a cast copy of the frozen head
     summary = run_training(load_recipe(path), console=quiet()).summary
-    assert trained["alive when merging"] is False
+    assert trained["alive when merging"] is False and trained["cast head cached when merging"] is False
     report = json.loads((tmp_path / "run" / "merged" / "merge_report.json").read_text())
     assert report["dtype"] == "bfloat16" and report["base"] == "dequantized"
     assert summary["merged"]["out"] == str(tmp_path / "run" / "merged")
