@@ -21,7 +21,7 @@ from .compat import library_versions
 from .console import format_seconds
 from .context import RunContext
 from .distributed import barrier, sum_over_ranks
-from .errors import RunFailure
+from .errors import Problem, RunFailure, UserError
 from .evaluation.mmlu import evaluate
 from .recipe import MmluSection
 from .rundir import EVAL_METRICS, METRICS, write_atomic
@@ -150,7 +150,18 @@ def read_records(path: Path, up_to_step: int | None) -> list[dict[str, Any]]:
     file rewritten to hold just those: a resumed run logs the later steps again."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # a write cut short by a kill: its step comes after the checkpoint, logged again
+                break
+            raise UserError(Problem(f"not a JSON record ({error.msg}); the run's log is damaged", file=path,
+                                    line=number)) from None
     kept = [r for r in records if up_to_step is None or r["step"] <= up_to_step]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
@@ -255,8 +266,10 @@ class ProgressReporter(TrainerCallback):
                                                loss="-", lr="-", tps="0")
 
     def on_step_end(self, args, state, control, **kwargs):
+        # The fields wait for the next log: the token count lives on the device, and reading it here would
+        # make the host wait for the GPU at every step.
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, **self._fields())
+            self.progress.update(self.task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -274,5 +287,9 @@ class ProgressReporter(TrainerCallback):
         )
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None

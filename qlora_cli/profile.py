@@ -118,7 +118,8 @@ class StepProfiler(TrainerCallback):
         self.profiler.start()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.tokens_at_start = self.fed.tokens  # counted as each micro-batch trains, after this
+        if self.clock.active:  # read back on profiled steps only: the count lives on the device
+            self.tokens_at_start = self.fed.tokens  # counted as each micro-batch trains, after this
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.clock.active:

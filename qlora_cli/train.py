@@ -10,6 +10,7 @@ callbacks that log, checkpoint and stop on signals in callbacks.py, the loss in 
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import resource
@@ -44,8 +45,8 @@ from .models import count_parameters, decide_checkpointing, load_model, load_tok
 from .profile import PhaseClock, StepProfiler
 from .recipe import Recipe, TrainingSection, to_yaml
 from .rundir import (
-    ADAPTER, LOSS_PLOT, RECIPE, SUMMARY, check_writable, is_run, read_run_recipe, save_adapter, start_fresh, write_atomic,
-    write_json,
+    ADAPTER, LOSS_PLOT, RECIPE, SUMMARY, check_writable, is_run, read_run_recipe, save_adapter, staged, start_fresh,
+    write_atomic, write_json,
 )
 
 
@@ -104,7 +105,7 @@ def training_arguments(training: TrainingSection, run_dir: Path, context: RunCon
         # Data-parallel runs (under torchrun): gloo on CPU; LoRA leaves no parameter unused.
         ddp_backend="gloo" if context.device == "cpu" and context.distributed else None,
         ddp_find_unused_parameters=False,
-        **(FSDP_ARGUMENTS if context.sharded else {}),
+        **(copy.deepcopy(FSDP_ARGUMENTS) if context.sharded else {}),  # TrainingArguments edits fsdp_config in place
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
@@ -368,19 +369,19 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
     checkpointer = Checkpointer(run_dir, recipe.training.save_steps, recipe.training.keep_checkpoints, fed, stops,
                                 run.fingerprints, run.trainable_parameters, context, clock)
     ours: list = [checkpointer]
-    metrics = mmlu = None
+    metrics = mmlu = reporter = profiler = None
     if context.is_main:  # only rank 0 logs: the metrics files are rewritten on resume
         metrics = MetricsWriter(run_dir, fed, clock, resumed_step)
-        ours += [metrics, ProgressReporter(run.console, fed)]
+        reporter = ProgressReporter(run.console, fed)
+        ours += [metrics, reporter]
         if run.mmlu_data is not None:
             mmlu = MmluEvaluator(recipe.training.eval_mmlu, recipe.training.eval_steps, run_dir, run.tokenizer,
                                  run.mmlu_data, run.console)
             ours.append(mmlu)
-    phases = PhaseClock(context.device)
-    if profile_steps and context.is_main:
-        profiler = StepProfiler(run_dir, profile_steps, context.device, fed, say=run.console.print)
-        phases = profiler.clock
-        ours.append(profiler)
+        if profile_steps:
+            profiler = StepProfiler(run_dir, profile_steps, context.device, fed, say=run.console.print)
+            ours.append(profiler)
+    phases = profiler.clock if profiler is not None else PhaseClock(context.device)
     trainer = make_trainer(run, fed, [*ours, *callbacks], phases)
     if context.sharded and not trainer.is_fsdp_enabled:
         raise RunFailure("training.distributed: fsdp was asked for, but accelerate did not enable FSDP on these devices")
@@ -404,7 +405,13 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
             f"Last good checkpoint: {checkpointer.last or 'none'}"
         ) from None
     finally:
+        # transformers ends its callbacks only when training ends normally: a failure must not leave the
+        # profiler running or the progress bar drawn.
         clock.stop()
+        if reporter is not None:
+            reporter.stop()
+        if profiler is not None:
+            profiler.finish()  # what was profiled before a failure is written too
         if context.is_main:
             clear_staging(run_dir)
     if stops.requested:
@@ -435,7 +442,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     axes.set_ylabel("training loss")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    with staged(path) as staging:  # the staging name keeps the suffix, from which matplotlib takes the format
+        figure.savefig(staging)
     plt.close(figure)
 
 

@@ -55,3 +55,26 @@ def test_a_run_that_ends_in_its_warm_up_says_nothing_was_profiled(tiny_recipe, c
     main(["train", str(tiny_recipe), "--profile", "--set", f"training.max_steps={WARMUP_STEPS}"])
     assert "nothing was profiled" in capsys.readouterr().out
     assert not (tiny_recipe.parent / "run" / "profile").exists()
+
+
+def test_a_run_that_fails_stops_the_profiler_and_writes_what_it_profiled(tiny_recipe):
+    import io
+
+    import torch
+    from rich.console import Console
+    from transformers import TrainerCallback
+
+    from qlora_cli.recipe import load_recipe
+    from qlora_cli.train import fit, setup
+
+    class FailAfterTheFirstProfiledStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == WARMUP_STEPS + 1:
+                raise RuntimeError("a failure mid-run")
+
+    run = setup(load_recipe(tiny_recipe, ["training.max_steps=6"]), console=Console(file=io.StringIO()))
+    with pytest.raises(RuntimeError, match="a failure mid-run"):
+        fit(run, callbacks=[FailAfterTheFirstProfiledStep()], profile_steps=3)
+    assert not torch.autograd._profiler_enabled()
+    report = json.loads((run.run_dir / "profile" / "steps.json").read_text())
+    assert [step["step"] for step in report["steps"]] == [WARMUP_STEPS + 1]

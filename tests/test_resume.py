@@ -200,3 +200,17 @@ def test_a_non_finite_micro_batch_stops_its_update():
     assert stopped.value.step == 7
     guard.observe(torch.tensor(3.0))
     guard.on_pre_optimizer_step(None, State(), None)  # the next window is checked afresh
+
+
+def test_a_metrics_log_torn_by_a_kill_is_read_up_to_its_last_whole_record(tmp_path):
+    from qlora_cli.callbacks import read_records
+    from qlora_cli.errors import UserError
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n{"step": 3, "lo')
+    assert read_records(log, up_to_step=2) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.4}]
+    assert log.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n'
+    log.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo\n{"step": 3, "loss": 2.3}\n')
+    with pytest.raises(UserError) as error:
+        read_records(log, up_to_step=3)
+    assert f"{log}:2" in error.value.render()

@@ -238,7 +238,8 @@ class FedTokens:
     Counted when a batch is trained on, not when it is collated: the data loader collates one batch
     ahead, which would count a batch that a stop or a checkpoint never reaches. On a GPU the batch is
     already there, and reading its token count back at once would make the host wait for the device at
-    every micro-batch: the count stays on the device until `tokens` is read (at logging steps).
+    every micro-batch: the count stays on the device until `tokens` is read (at logging and checkpoint
+    steps, and on profiled steps).
     """
 
     def __init__(self, tokens: int = 0, positions: int = 0):
