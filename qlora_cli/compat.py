@@ -3,7 +3,9 @@
 Each function below relies on something its library does not promise to keep: a private method, an
 attribute set in a constructor, a logger's name. Each says which versions it was checked against and
 guards what it relies on, so that a library upgrade that removes it fails here, loudly and by name,
-instead of training something else silently. tests/test_compat.py exercises every one.
+instead of training something else silently. tests/test_compat.py exercises every one, except the
+streaming merge's skeleton helpers (`quantize_skeleton`, `load_adapter_onto_skeleton`), which the merge
+tests exercise by comparing the merge's logits with the trained model's.
 
 Checked against: torch 2.13, transformers 5.23-5.24, peft 0.21.2, bitsandbytes 0.49-0.50.2, accelerate 1.15; the
 floors in pyproject.toml are the first releases that have what is used here and in models.py.

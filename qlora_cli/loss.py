@@ -28,6 +28,9 @@ def trained_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, targets): which positions predict a trained label, and those labels.
 
     Position t predicts label t+1, as in transformers' causal-LM loss; the last position predicts nothing.
+    Selecting by a boolean mask (here, and in the model's `logits_to_keep`) makes the host wait for a GPU
+    once per micro-batch, as the result's size must be known; the divisor, the non-finite check and the
+    token count add no further waits.
     """
     shifted = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
     mask = shifted != IGNORE_INDEX

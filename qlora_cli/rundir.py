@@ -1,5 +1,6 @@
 """The run directory: its layout, how a run is recognised and read back, and the atomic writes every
-writer of the project uses.
+writer of the project uses (files written inside a staged folder are published with it; the JSONL logs are
+appended a record at a time, and their readers drop a last line a kill cut short).
 
     RUN_DIR/recipe.yaml         the resolved recipe; its presence marks a folder as a run
     RUN_DIR/adapter/            PEFT adapter (safetensors) + tokenizer with the chat template trained with

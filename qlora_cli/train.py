@@ -94,7 +94,8 @@ def training_arguments(training: TrainingSection, run_dir: Path, context: RunCon
         save_strategy="no",  # saving is driven by the Checkpointer callback (schedule, signals)
         seed=training.seed,
         data_seed=training.seed,
-        # Length grouping is the RecipeTrainer's own sampler (see data.prepare.EpochSeededLengthGroupedSampler).
+        # Length grouping is our own sampler (data.prepare.EpochSeededLengthGroupedSampler), installed on the
+        # trainer by compat.install_train_sampler in make_trainer.
         train_sampling_strategy="random",
         per_device_eval_batch_size=training.batch_size,
         eval_strategy="steps" if has_eval and training.eval_steps else "no",
