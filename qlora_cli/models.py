@@ -239,13 +239,16 @@ def load_run(run_dir: Path) -> LoadedModel:
     """
     recipe = read_run_recipe(run_dir)
     base = adapter_base_model(run_dir)
+    try:  # before the base model loads: a damaged adapter folder should not cost that wait
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    except (OSError, ValueError) as exc:
+        raise UserError(Problem(f"cannot load the tokenizer saved with the adapter: {exc}", file=run_dir / ADAPTER)) from None
     model = load_quantized_base(base, recipe.model, recipe.quantization, inference_context(recipe.quantization.compute_dtype))
     try:
         with compat.peft_reading_deprecated_flags():
             model = PeftModel.from_pretrained(model, run_dir / ADAPTER)
     except Exception as exc:  # peft raises several types for a damaged adapter
         raise UserError(Problem(f"cannot load the adapter: {exc}", file=run_dir / ADAPTER)) from None
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
     return LoadedModel(model.eval(), tokenizer, f"{run_dir} (4-bit base + adapter)")
 
 

@@ -88,3 +88,18 @@ def test_generate_cli_reads_a_prompt_file_with_line_errors(run_dir, tmp_path, ca
 def test_generate_cli_answers(run_dir, capsys):
     main(["generate", str(run_dir), "-p", "Add two and three.", "--temperature", "0", "--max-new-tokens", "4"])
     assert "> Add two and three." in capsys.readouterr().out
+
+
+def test_a_damaged_tokenizer_in_a_run_is_reported_before_the_base_model_loads(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import qlora_cli.models as models
+    from qlora_cli.errors import UserError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "adapter" / "tokenizer.json").write_text("{not json")
+    monkeypatch.setattr(models, "load_quantized_base", lambda *a, **k: pytest.fail("the base model was loaded"))
+    with pytest.raises(UserError) as error:
+        models.load_run(damaged)
+    assert "cannot load the tokenizer" in error.value.render() and str(damaged / "adapter") in error.value.render()
