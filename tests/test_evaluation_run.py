@@ -237,6 +237,62 @@ def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_p
     assert len((out / "answers" / f"{model}.jsonl").read_text().splitlines()) == 12
 
 
+REMOTE_JUDGE = "https://judge.example.com/v1"  # never contacted: every request goes to a stub opener
+
+
+@pytest.mark.parametrize("judge_model", [["--judge-model", "gpt-4"], []], ids=["judge-model", "listed-model"])
+def test_a_remote_judge_without_its_key_is_refused_before_anything_runs(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys, judge_model):
+    import urllib.error
+
+    import qlora_cli.evaluation.judges as judges
+    import qlora_cli.generate as generation
+    from qlora_cli.evaluation.questions import read_questions
+
+    monkeypatch.delenv("QLORA_TEST_REMOTE_KEY", raising=False)
+    opened, asked = [], []
+
+    class Offline:
+        def open(self, request, timeout=None):
+            opened.append(request.full_url)
+            raise urllib.error.URLError("offline")
+
+    def fake_generate(loaded, conversations, **sampling):
+        asked.append(len(conversations))
+        return ["a reply"] * len(conversations)
+
+    monkeypatch.setattr(judges, "_OPENER", Offline())
+    monkeypatch.setattr(generation, "load_for_generation", lambda reference: "a loaded model")
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    out, model = tmp_path / "eval", tiny_model_dir.name
+    write_answers(out / "answers" / "other-bot.jsonl", "other-bot", read_questions(None)[:2])
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", str(tiny_model_dir), "--baseline", "other-bot", "--limit", "2", "--judge", REMOTE_JUDGE,
+              *judge_model, "--api-key-env", "QLORA_TEST_REMOTE_KEY", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "--api-key-env: the environment variable QLORA_TEST_REMOTE_KEY is not set" in err
+    assert "Traceback" not in err
+    # Refused before answering and before any request.
+    assert asked == [] and opened == [] and not (out / "answers" / f"{model}.jsonl").exists()
+
+
+def test_the_judge_key_variable_is_needed_only_off_this_machine(monkeypatch):
+    from qlora_cli.errors import UserError
+    from qlora_cli.evaluation.run import judge_key_env
+
+    monkeypatch.delenv("QLORA_TEST_REMOTE_KEY", raising=False)
+    said = []
+    assert judge_key_env("http://127.0.0.1:8000/v1", "QLORA_TEST_REMOTE_KEY", say=said.append) is None
+    assert judge_key_env("http://localhost:8000/v1", "QLORA_TEST_REMOTE_KEY", say=said.append) is None
+    assert len(said) == 2 and "QLORA_TEST_REMOTE_KEY is not set" in said[0]
+    with pytest.raises(UserError, match="QLORA_TEST_REMOTE_KEY is not set"):
+        judge_key_env(REMOTE_JUDGE, "QLORA_TEST_REMOTE_KEY")
+    monkeypatch.setenv("QLORA_TEST_REMOTE_KEY", "sk-test")
+    assert judge_key_env(REMOTE_JUDGE, "QLORA_TEST_REMOTE_KEY") == "QLORA_TEST_REMOTE_KEY"
+    assert judge_key_env("http://127.0.0.1:8000/v1", "QLORA_TEST_REMOTE_KEY") == "QLORA_TEST_REMOTE_KEY"
+
+
 def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
     import io
 

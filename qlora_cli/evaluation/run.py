@@ -19,6 +19,7 @@ import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 
+from ..api_keys import read_api_key
 from ..errors import Problem, RunFailure, RunInterrupted, UserError
 from ..rundir import write_atomic
 from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
@@ -80,16 +81,35 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-def make_judge(spec: str, judge_model: str | None, api_key_env: str | None, say=print):
+def is_http(spec: str) -> bool:
+    """Whether the judge `spec` is an OpenAI-compatible endpoint rather than a local model reference."""
+    return spec.startswith(("http://", "https://"))
+
+
+def judge_key_env(spec: str, api_key_env: str | None, say=print) -> str | None:
+    """The environment variable an HTTP judge at `spec` reads its API key from, or None to send no key.
+
+    An endpoint on this machine (`qlora serve`) is called without a key when the variable is not set;
+    one elsewhere needs it, and is refused here, before any answer is generated, rather than after
+    every judge call has failed.
+
+    Raises:
+        UserError: the judge is not on this machine and `api_key_env` is not set in the environment.
+    """
+    if api_key_env and not os.environ.get(api_key_env) and is_loopback(spec):
+        say(f"No API key sent to {spec}: {api_key_env} is not set and the judge is on this machine.")
+        return None
+    read_api_key(api_key_env)  # only to refuse an unset variable: the judge reads the key itself, per call
+    return api_key_env
+
+
+def make_judge(spec: str, judge_model: str | None, api_key_env: str | None):
     """An OpenAI-compatible endpoint (`http(s)://...`) or a local model reference, and a note for the report.
 
-    For an endpoint, `judge_model` defaults to the one model it lists at /models; an endpoint on this
-    machine (`qlora serve`) is called without a key when `api_key_env` is not set in the environment.
+    For an endpoint, `judge_model` defaults to the one model it lists at /models, and `api_key_env` is
+    the variable the key is read from, as `judge_key_env` gives it (None: no key is sent).
     """
-    if spec.startswith(("http://", "https://")):
-        if api_key_env and not os.environ.get(api_key_env) and is_loopback(spec):
-            say(f"No API key sent to {spec}: {api_key_env} is not set and the judge is on this machine.")
-            api_key_env = None
+    if is_http(spec):
         if not judge_model:
             try:
                 served = served_models(spec, api_key_env)
@@ -161,6 +181,8 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
 def _run_eval(target: str, *, baselines, questions_path, judge_spec, judge_model, api_key_env, modes, out, limit,
               sampling, console, answer_files, answer_formats, answers_only) -> dict:
     timings: dict[str, float] = {}
+    if is_http(judge_spec) and not answers_only:
+        api_key_env = judge_key_env(judge_spec, api_key_env, say=console.print)
     progress = stage_progress(console)
     questions = read_questions(questions_path)[:limit]
     models = Models(target)
@@ -189,7 +211,7 @@ def _run_eval(target: str, *, baselines, questions_path, judge_spec, judge_model
         return {"models": names, "questions": len(questions), "answers": str(out / "answers")}
 
     started = time.perf_counter()
-    judge, note = make_judge(judge_spec, judge_model, api_key_env, say=console.print)
+    judge, note = make_judge(judge_spec, judge_model, api_key_env)
     timings["loading the judge"] = round(time.perf_counter() - started, 1)
     cache = JudgmentCache(out / "judge_cache.jsonl")
     judged = {name: answers_for_judging(answers[name]) for name in names}
