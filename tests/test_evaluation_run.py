@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,37 @@ def test_eval_score_reads_fastchat_and_plain_files(tmp_path):
     assert report["pairwise"]["m2"]["win_rate"] == pytest.approx(10 / 20)
     assert report["relative"]["models"]["m1"]["percent"] == pytest.approx(100.0)
     assert report["pairwise"]["m3"]["losses"] == 2
+
+
+def test_plots_are_written_whole_and_a_plot_no_longer_made_is_removed(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    pairwise = tmp_path / "pairwise.jsonl"
+    pairwise.write_text("".join(json.dumps({"question_id": q, "model_a": a, "model_b": b, "winner": "model_a",
+                                            "category": "writing" if q % 2 else "coding"}) + "\n"
+                                for q in range(6) for a, b in (("m1", "m2"), ("m2", "m1"))))
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"question_id": q, "model_a": "m1", "model_b": "m2", "score_a": 8,
+                                          "score_b": 7}) + "\n" for q in range(6)))
+    out = tmp_path / "out"
+    main(["eval", "score", str(pairwise), "--out", str(out)])
+    elo, categories = (out / "elo.png").read_bytes(), (out / "categories.png").read_bytes()
+    assert elo.startswith(b"\x89PNG") and categories.startswith(b"\x89PNG")
+
+    def torn_savefig(self, path, *args, **kwargs):  # a disk that fills up halfway through a plot
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Figure, "savefig", torn_savefig)
+        with pytest.raises(OSError):
+            main(["eval", "score", str(pairwise), "--out", str(out)])
+    assert (out / "elo.png").read_bytes() == elo  # the previous plot, whole
+    assert sorted(p.name for p in out.iterdir()) == ["categories.png", "elo.png", "report.json", "report.md"]
+
+    # Score pairs alone make no pairwise ratings: a report written over the first has none of its plots.
+    main(["eval", "score", str(scores), "--reference", "m2", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
 
 
 def test_eval_score_malformed_lines_exit_2_with_strict(tmp_path, capsys):
