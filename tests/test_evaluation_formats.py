@@ -166,6 +166,29 @@ def test_alpaca_eval_annotations_round_trip(tmp_path):
         tmp_path / "out" / "report.md").read_text()
 
 
+def test_every_element_of_a_large_annotations_array_is_named_by_its_first_line(tmp_path):
+    from qlora_cli.evaluation.judgments import _array_element_lines, read_judgments
+
+    # 4,000 elements laid out every way a JSON writer may: indented over many lines, several on one line,
+    # blank lines and tabs between them, nested arrays. The line each starts on is counted while writing.
+    pieces, starts, line = ["\ufeff[\n"], [], 2
+    for number in range(4000):
+        preference = 3.0 if number % 97 == 0 else 1.0 + (number % 5) / 4
+        element = json.dumps(alpaca_annotation(f"Question {number}: [1, 2]?", preference),
+                             indent=2 if number % 3 else None)
+        separator = ("" if number == 3999 else ",") + ("\n\n\t " if number % 7 == 0 else " " if number % 3 == 1 else "\n")
+        starts.append(line)
+        pieces.append("  " + element + separator)
+        line += (element + separator).count("\n")
+    path = tmp_path / "annotations.json"
+    path.write_text("".join(pieces) + "\n]\n", encoding="utf-8")
+
+    assert _array_element_lines(path) == starts
+    judgments = read_judgments([path])
+    assert len(judgments.comparisons) == 4000 - len(range(0, 4000, 97))
+    assert [entry.problem.line for entry in judgments.excluded] == [starts[n] for n in range(0, 4000, 97)]
+
+
 def test_alpaca_eval_1_draws_and_jsonl(tmp_path):
     path = write_lines(tmp_path / "annotations.jsonl", [
         alpaca_annotation("a", 0, annotator="alpaca_eval_gpt4"),  # AlpacaEval 1 wrote draws as 0
