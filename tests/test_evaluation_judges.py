@@ -393,6 +393,15 @@ def test_a_truncated_last_cache_line_is_ignored_and_cut_off(tmp_path):
     assert len(lines) == 6 and all(json.loads(line)["key"] for line in lines)
 
 
+def test_a_whole_last_cache_record_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"key": "a", "text": "[[A]]"}\n{"key": "b", "text": "[[B]]"}')
+    cache = JudgmentCache(path)
+    assert cache.get("b") == {"key": "b", "text": "[[B]]"}
+    cache.put("c", {"text": "[[C]]"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
 def test_a_damaged_cache_line_that_is_not_the_last_is_reported(tmp_path):
     path = tmp_path / "cache.jsonl"
     path.write_text('{"key": "a", "text": "[[A]]"}\nnot json\n{"key": "b", "text": "[[B]]"}\n')

@@ -269,6 +269,42 @@ def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_p
     assert len((out / "answers" / f"{model}.jsonl").read_text().splitlines()) == 12
 
 
+def test_answers_cut_short_by_a_kill_are_answered_again_and_the_torn_line_cut_off(tmp_path, monkeypatch):
+    import qlora_cli.generate as generation
+    from qlora_cli.evaluation.answers import Sampling, ensure_answers
+    from qlora_cli.evaluation.questions import read_questions
+
+    questions = read_questions(None)[:6]
+    asked = []
+
+    def fake_generate(loaded, conversations, **sampling):
+        asked.extend(conversation[-1]["content"] for conversation in conversations)
+        return [f"reply {len(asked)}.{n}" for n in range(len(conversations))]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    path = tmp_path / "answers" / "bot.jsonl"
+    write_answers(path, "bot", questions[:4])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-30])  # killed while writing the 4th answer: its line is cut short
+    answers, _ = ensure_answers(path, "bot", questions, Sampling(), load=lambda: "a loaded model", say=lambda *a: None)
+    assert asked == [q.turns[0] for q in questions[3:]]  # the torn answer and the two never made
+    assert sorted(answers) == sorted(q.question_id for q in questions)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole, none torn
+    assert [row["question_id"] for row in rows] == [q.question_id for q in questions]
+    assert path.read_bytes().startswith(whole[:whole.rindex(b"\n", 0, len(whole) - 1) + 1])
+
+    # A last answer without its newline (written by hand) is whole: kept, and a newline goes before the next.
+    hand = tmp_path / "answers" / "hand.jsonl"
+    write_answers(hand, "hand", questions[:2])
+    hand.write_bytes(hand.read_bytes().rstrip(b"\n"))
+    asked.clear()
+    answers, _ = ensure_answers(hand, "hand", questions[:3], Sampling(), load=lambda: "a loaded model",
+                                say=lambda *a: None)
+    assert asked == [questions[2].turns[0]] and answers[questions[1].question_id] == ["hand says 1"]
+    assert [json.loads(line)["question_id"] for line in hand.read_text().splitlines()] == [
+        q.question_id for q in questions[:3]]
+
+
 REMOTE_JUDGE = "https://judge.example.com/v1"  # never contacted: every request goes to a stub opener
 
 

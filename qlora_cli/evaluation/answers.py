@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..data.readers import read_path
+from ..data.readers import RawRows, jsonl_rows, read_path
 from ..errors import Problem, UserError
 from ..rundir import write_atomic
+from .jsonl_log import JsonlLog
 from .questions import Question
 
 
@@ -65,7 +66,11 @@ def read_answers(path: Path) -> tuple[str | None, dict[str, list[str]]]:
     Raises:
         UserError: every malformed row, with its file and line.
     """
-    raw = read_path(path)
+    return _answer_rows(path, read_path(path))
+
+
+def _answer_rows(path: Path, raw: RawRows) -> tuple[str | None, dict[str, list[str]]]:
+    """`read_answers` of rows already read from `path`."""
     problems = list(raw.problems)
     answers: dict[str, list[str]] = {}
     model = None
@@ -116,7 +121,8 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
                    progress: Callable[[str, int], object] | None = None) -> tuple[dict[str, list[str]], float]:
     """The model's answers to every question: those already in `path` are reused, the rest generated
     (loading the model through `load()` only if needed) and appended batch by batch, so that an
-    interrupted run keeps every finished batch.
+    interrupted run keeps every finished batch. A last line cut short by a kill is left out and cut
+    off (see `JsonlLog`), so the next run answers that question again.
 
     Args:
         progress: `progress(description, total)` gives a context manager with `advance(n)`, told of
@@ -124,8 +130,12 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
 
     Returns:
         (answers, seconds spent generating).
+
+    Raises:
+        UserError: a line of `path` other than a last one cut short is not an answer.
     """
-    existing: dict[str, list[str]] = read_answers(path)[1] if path.is_file() else {}
+    log = JsonlLog(path)
+    existing = _answer_rows(path, jsonl_rows(log.read(), str(path)))[1]
     missing = [q for q in questions if q.question_id not in existing]
     if not missing:
         say(f"Answers of {model}: all {len(questions)} reused from {path}")
@@ -134,17 +144,14 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
     started = time.perf_counter()
     loaded = load()
     made: dict[str, list[str]] = {}
-    path.parent.mkdir(parents=True, exist_ok=True)
     bar = progress(f"Answers of {model}", len(missing)) if progress else None
-    with path.open("a", encoding="utf-8") as handle, (bar or nullcontext()):
+    with bar or nullcontext():
         batch_started = time.perf_counter()
         for batch in generate_answers(loaded, missing, sampling):
             seconds = (time.perf_counter() - batch_started) / len(batch)
-            # One write per batch: an interrupt lands between writes, never inside a line.
-            handle.write("".join(json.dumps({"question_id": qid, "model": model, "answer": turns[-1], "turns": turns,
-                                             "sampling": asdict(sampling), "seconds": round(seconds, 3)}) + "\n"
-                                 for qid, turns in batch.items()))
-            handle.flush()
+            log.append("".join(json.dumps({"question_id": qid, "model": model, "answer": turns[-1], "turns": turns,
+                                           "sampling": asdict(sampling), "seconds": round(seconds, 3)}) + "\n"
+                               for qid, turns in batch.items()).encode())
             made.update(batch)
             if bar is not None:
                 bar.advance(len(batch))

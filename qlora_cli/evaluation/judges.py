@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
 
 from ..errors import Problem, UserError
+from .jsonl_log import JsonlLog
 from .judgments import Comparison, ScorePair, Winner
 from .questions import Question
 
@@ -390,20 +391,15 @@ class LocalJudge:
 class JudgmentCache:
     """Judge replies in a JSON Lines file, one record per line, keyed by `cache_key`.
 
-    Each record is appended with one write and fsync'd, so a crash can only cut the LAST line short; such
-    a line is ignored on read and cut off before the next append. Any other bad line is a UserError.
+    Each record is appended with one write and fsync'd (a `JsonlLog`), so a crash can only cut the LAST
+    line short; such a line is ignored on read and cut off before the next append. Any other bad line
+    is a UserError.
     """
 
     def __init__(self, path: Path):
-        self.path, self._records, self._lock = Path(path), {}, threading.Lock()
-        self._good_size = self._torn_size = 0
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        self._good_size, self._torn_size = data.rfind(b"\n") + 1, len(data)
+        self.path, self._records, self._log = Path(path), {}, JsonlLog(path)
         problems = []
-        for number, line in enumerate(data[:self._good_size].split(b"\n")[:-1], start=1):
+        for number, line in enumerate(self._log.read().split(b"\n"), start=1):
             try:
                 record = json.loads(line)
                 if not isinstance(record["text"], str):
@@ -422,22 +418,8 @@ class JudgmentCache:
     def put(self, key: str, record: dict) -> None:
         """Appends `record` (with its key) as one line; safe to call from several threads."""
         record = {**record, "key": key}
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self._torn_size > self._good_size:  # a torn last line: appending to it would corrupt both
-                os.truncate(self.path, self._good_size)
-                self._torn_size = self._good_size
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                written = 0
-                while written < len(data):
-                    written += os.write(descriptor, data[written:])
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            self._good_size = self._torn_size = self._good_size + len(data)
-            self._records[key] = record
+        self._log.append((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        self._records[key] = record
 
 
 def _games(questions: list[Question], answers: dict[str, dict[str, Answer]],
