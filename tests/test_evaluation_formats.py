@@ -11,6 +11,7 @@ import json
 import pytest
 
 from qlora_cli.cli import main
+from qlora_cli.errors import UserError
 from qlora_cli.evaluation.answers import read_answers
 from qlora_cli.evaluation.questions import read_questions
 
@@ -330,6 +331,19 @@ def test_arena_hard_question_files_are_read(tmp_path):
     assert (question.question_id, question.source_id, question.turns) == ("f00d", "f00d", ("Explain monads.",))
     (question,) = read_questions(v01)
     assert (question.question_id, question.category, question.turns) == ("beef", "arena-hard-v0.1", ("Explain functors.",))
+
+
+def test_arena_hard_v01_answer_files_are_read(tmp_path):
+    # Arena-Hard v0.1's gen_answer.py wrote FastChat's layout with each turn as {"content", "token_len"}.
+    v01 = write_lines(tmp_path / "model_answer" / "gpt-4-0314.jsonl", [
+        {"question_id": "beef", "answer_id": "x1", "model_id": "gpt-4-0314", "tstamp": 1712345678.0,
+         "choices": [{"index": 0, "turns": [{"content": "A functor maps.", "token_len": 4}]}]}])
+    assert read_answers(v01) == ("gpt-4-0314", {"beef": ["A functor maps."]})
+    bad = write_lines(tmp_path / "bad.jsonl", [{"question_id": "b", "model_id": "m",
+                                                "choices": [{"turns": [{"text": "no content"}]}]}])
+    with pytest.raises(UserError) as raised:
+        read_answers(bad)
+    assert [problem.line for problem in raised.value.problems] == [1]
 
 
 def test_unknown_answers_format_is_a_user_error(tiny_model_dir, tmp_path, capsys):

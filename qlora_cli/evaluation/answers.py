@@ -23,7 +23,7 @@ from ..data.readers import RawRows, jsonl_rows, read_path
 from ..errors import Problem, UserError
 from ..rundir import write_atomic
 from .jsonl_log import JsonlLog
-from .questions import Question
+from .questions import Question, turn_texts
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,7 @@ def _arena_hard_turns(messages: object) -> list | None:
 
 def _fastchat_turns(turns: object) -> object:
     """FastChat turns are strings; Arena-Hard v0.1 wrote them as `{"content": text}`."""
-    if isinstance(turns, list):
-        return [t.get("content") if isinstance(t, dict) else t for t in turns]
-    return turns
+    return turn_texts(turns) if isinstance(turns, list) else turns
 
 
 def read_answers(path: Path) -> tuple[str | None, dict[str, list[str]]]:
@@ -198,7 +196,6 @@ def write_answer_layout(folder: Path, layout: str, model: str, questions: list[Q
         raise ValueError(f"`layout` must be one of {', '.join(ANSWER_FORMATS)}, got {layout!r}")
     subfolder, make = _LAYOUTS[layout]
     target = folder / subfolder / "model_answer" / f"{slug(model)}.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tstamp = time.time()
     rows = [make(q, model, answers[q.question_id], tstamp) for q in questions if q.question_id in answers]
     write_atomic(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
