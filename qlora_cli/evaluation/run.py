@@ -16,8 +16,10 @@ import json
 import os
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from ..api_keys import read_api_key
 from ..errors import Problem, RunFailure, RunInterrupted, UserError
@@ -150,6 +152,20 @@ def _kept(out: Path) -> str:
             f"in {cache}")
 
 
+@contextmanager
+def _kept_on_stop(out: Path) -> Iterator[None]:
+    """Turns Ctrl-C into RunInterrupted and a judge that failed for good into RunFailure, each saying what
+    `out` keeps for the next run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Interrupted. Kept {_kept(out)}.\nRun the same command again to continue from "
+                             "there: nothing kept is answered or judged twice.") from None
+    except JudgeError as error:
+        raise RunFailure(f"{error}\nKept {_kept(out)}; running the same command again asks the judge only "
+                         "for what is missing.") from None
+
+
 def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, judge_spec: str,
              judge_model: str | None, api_key_env: str | None, modes: list[str], out: Path, limit: int | None,
              sampling: Sampling, console, answer_files: list[Path] = (), answer_formats: list[str] = (),
@@ -165,88 +181,74 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
         RunInterrupted: Ctrl-C; what was answered and judged is kept, and the message says how to go on.
         RunFailure: judge calls failed for good (after retries); the replies received are kept.
     """
-    try:
-        return _run_eval(target, baselines=baselines, questions_path=questions_path, judge_spec=judge_spec,
-                         judge_model=judge_model, api_key_env=api_key_env, modes=modes, out=out, limit=limit,
-                         sampling=sampling, console=console, answer_files=answer_files,
-                         answer_formats=answer_formats, answers_only=answers_only)
-    except KeyboardInterrupt:
-        raise RunInterrupted(f"Interrupted. Kept {_kept(out)}.\nRun the same command again to continue from "
-                             "there: nothing kept is answered or judged twice.") from None
-    except JudgeError as error:
-        raise RunFailure(f"{error}\nKept {_kept(out)}; running the same command again asks the judge only "
-                         "for what is missing.") from None
+    with _kept_on_stop(out):
+        timings: dict[str, float] = {}
+        if is_http(judge_spec) and not answers_only:
+            api_key_env = judge_key_env(judge_spec, api_key_env, say=console.print)
+        progress = stage_progress(console)
+        questions = read_questions(questions_path)[:limit]
+        models = Models(target)
+        names = [models.name(target)] + [models.name(b) for b in baselines]
+        supplied = {}
+        for path in answer_files:
+            name, rows = read_answers(path)
+            supplied[name or slug(path.stem)] = rows
+        names += list(supplied)
+        if len(set(names)) != len(names):
+            raise UserError(f"the models to compare must differ, got {', '.join(names)}")
+        answers = {name: rows for name, rows in supplied.items()}
+        for name in supplied:
+            missing_answers(name, answers[name], questions)
+        for reference, name in zip([target, *baselines], names):
+            path = out / "answers" / f"{slug(name)}.jsonl"
+            answers[name], seconds = ensure_answers(path, name, questions, sampling, models.loader(reference),
+                                                    console.print, progress=progress)
+            missing_answers(name, answers[name], questions)
+            timings[f"answers of {name}"] = round(seconds, 1)
+        for layout in answer_formats:
+            for name in names:
+                written = write_answer_layout(out, layout, name, questions, answers[name])
+                console.print(f"Answers of {name} in {layout}'s layout: {written}")
+        if answers_only:
+            return {"models": names, "questions": len(questions), "answers": str(out / "answers")}
 
-
-def _run_eval(target: str, *, baselines, questions_path, judge_spec, judge_model, api_key_env, modes, out, limit,
-              sampling, console, answer_files, answer_formats, answers_only) -> dict:
-    timings: dict[str, float] = {}
-    if is_http(judge_spec) and not answers_only:
-        api_key_env = judge_key_env(judge_spec, api_key_env, say=console.print)
-    progress = stage_progress(console)
-    questions = read_questions(questions_path)[:limit]
-    models = Models(target)
-    names = [models.name(target)] + [models.name(b) for b in baselines]
-    supplied = {}
-    for path in answer_files:
-        name, rows = read_answers(path)
-        supplied[name or slug(path.stem)] = rows
-    names += list(supplied)
-    if len(set(names)) != len(names):
-        raise UserError(f"the models to compare must differ, got {', '.join(names)}")
-    answers = {name: rows for name, rows in supplied.items()}
-    for name in supplied:
-        missing_answers(name, answers[name], questions)
-    for reference, name in zip([target, *baselines], names):
-        path = out / "answers" / f"{slug(name)}.jsonl"
-        answers[name], seconds = ensure_answers(path, name, questions, sampling, models.loader(reference),
-                                                console.print, progress=progress)
-        missing_answers(name, answers[name], questions)
-        timings[f"answers of {name}"] = round(seconds, 1)
-    for layout in answer_formats:
-        for name in names:
-            written = write_answer_layout(out, layout, name, questions, answers[name])
-            console.print(f"Answers of {name} in {layout}'s layout: {written}")
-    if answers_only:
-        return {"models": names, "questions": len(questions), "answers": str(out / "answers")}
-
-    started = time.perf_counter()
-    judge, note = make_judge(judge_spec, judge_model, api_key_env)
-    timings["loading the judge"] = round(time.perf_counter() - started, 1)
-    cache = JudgmentCache(out / "judge_cache.jsonl")
-    judged = {name: answers_for_judging(answers[name]) for name in names}
-    pairs = [(names[0], other) for other in names[1:]]
-    comparisons: list[Comparison] = []
-    scores: list[ScorePair] = []
-    failures, calls = 0, []
-    for mode in modes:
         started = time.perf_counter()
-        console.print(f"Judging {len(questions)} questions x {len(pairs)} pair(s) x 2 orders ({mode}) with {judge.name}")
-        found, failed, made = judge_pairs(judge, questions, judged, pairs, mode=mode, cache=cache,
-                                          progress=lambda total, mode=mode: progress(f"Judging ({mode})", total))
-        (comparisons if mode == "pairwise" else scores).extend(found)
-        failures += failed
-        calls += made
-        timings[f"judging ({mode})"] = round(time.perf_counter() - started, 1)
+        judge, note = make_judge(judge_spec, judge_model, api_key_env)
+        timings["loading the judge"] = round(time.perf_counter() - started, 1)
+        cache = JudgmentCache(out / "judge_cache.jsonl")
+        judged = {name: answers_for_judging(answers[name]) for name in names}
+        pairs = [(names[0], other) for other in names[1:]]
+        comparisons: list[Comparison] = []
+        scores: list[ScorePair] = []
+        failures, calls = 0, []
+        for mode in modes:
+            started = time.perf_counter()
+            console.print(f"Judging {len(questions)} questions x {len(pairs)} pair(s) x 2 orders ({mode}) with {judge.name}")
+            found, failed, made = judge_pairs(judge, questions, judged, pairs, mode=mode, cache=cache,
+                                              progress=lambda total, mode=mode: progress(f"Judging ({mode})", total))
+            (comparisons if mode == "pairwise" else scores).extend(found)
+            failures += failed
+            calls += made
+            timings[f"judging ({mode})"] = round(time.perf_counter() - started, 1)
 
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "judgments.jsonl", "".join(json.dumps(plain_judgment(j)) + "\n" for j in comparisons + scores))
-    result = score_report(comparisons, scores, names[1], parse_failures=failures)
-    timings["scoring"] = round(time.perf_counter() - started, 1)
-    fresh = [c for c in calls if not c["cached"]]
-    result.update(
-        models=names, reference=names[1], questions=len(questions), judge=judge.name, modes=modes,
-        sampling=asdict(sampling), notes=[note] if note else [], timings=timings,
-        judgments={"read": len(calls), "scored": len(comparisons) + len(scores), "excluded": failures,
-                   "malformed": 0, "unscored": failures},
-        judge_calls={"total": len(calls), "made": len(fresh), "cached": len(calls) - len(fresh),
-                     "prompt_tokens": sum(c["prompt_tokens"] or 0 for c in fresh),
-                     "completion_tokens": sum(c["completion_tokens"] or 0 for c in fresh),
-                     "seconds": round(sum(c["seconds"] or 0 for c in fresh), 1)},
-    )
-    write_report(result, out, console)
-    return result
+        started = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "judgments.jsonl", "".join(json.dumps(plain_judgment(j)) + "\n" for j in comparisons + scores))
+        result = score_report(comparisons, scores, names[1], parse_failures=failures)
+        timings["scoring"] = round(time.perf_counter() - started, 1)
+        fresh = [c for c in calls if not c["cached"]]
+        result.update(
+            models=names, reference=names[1], questions=len(questions), judge=judge.name, modes=modes,
+            sampling=asdict(sampling), notes=[note] if note else [], timings=timings,
+            judgments={"read": len(calls), "scored": len(comparisons) + len(scores), "excluded": failures,
+                       "malformed": 0, "unscored": failures},
+            judge_calls={"total": len(calls), "made": len(fresh), "cached": len(calls) - len(fresh),
+                         "prompt_tokens": sum(c["prompt_tokens"] or 0 for c in fresh),
+                         "completion_tokens": sum(c["completion_tokens"] or 0 for c in fresh),
+                         "seconds": round(sum(c["seconds"] or 0 for c in fresh), 1)},
+        )
+        write_report(result, out, console)
+        return result
 
 
 def excluded_section(judgments: Judgments) -> dict:
