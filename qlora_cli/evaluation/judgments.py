@@ -36,7 +36,8 @@ Arena-Hard-Auto judgments (gen_judgment.py; v2.0 and v0.1):
   ARENA_HARD_STRONG_WEIGHT games, as show_result.py counts it. Older files have no `baseline` field: it
   is then the baseline Arena-Hard configures for the row's category (ARENA_HARD_BASELINES), or
   gpt-4-0314 for v0.1 rows, which have no category. A game whose score is null (the judge gave no
-  verdict) is excluded as unscored; show_result.py drops the whole row then.
+  verdict) is excluded as unscored and the row's other game is kept, as v0.1's show_result.py does
+  (it gives such a game weight 0); v2's show_result.py drops the whole row when either game is null.
 
 AlpacaEval annotations (annotations.json, a JSON array, or the same objects one per line):
     {"instruction", "output_1", "generator_1", "output_2", "generator_2", "annotator", "preference", "dataset"?}
