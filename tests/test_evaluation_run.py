@@ -366,18 +366,18 @@ def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
 
     from rich.console import Console
 
-    from qlora_cli.evaluation.progress import StageProgress, eta, plain_line
+    from qlora_cli.console import Steps, eta, plain_line
 
     assert plain_line("Judging (pairwise)", 20, 80, 60.0) == "Judging (pairwise): 20/80 (25%), 1:00 elapsed, about 3:00 left"
     assert plain_line("Answers of run", 80, 80, 240.0) == "Answers of run: 80/80 (100%), 4:00 elapsed"
     assert eta(0, 10, 5.0) is None and eta(5, 10, 5.0) == 5.0
     log = io.StringIO()
-    with StageProgress(Console(file=log, force_terminal=False), "Answers of run", 3, plain_every=float("inf")) as bar:
+    with Steps(Console(file=log, force_terminal=False), "Answers of run", 3, plain_every=float("inf")) as bar:
         for _ in range(3):
             bar.advance()
     assert log.getvalue().splitlines() == ["Answers of run: 3/3 (100%), 0:00 elapsed"]  # one line, at the end
     screen = io.StringIO()
-    with StageProgress(Console(file=screen, force_terminal=True, width=100), "Judging", 2) as bar:
+    with Steps(Console(file=screen, force_terminal=True, width=100), "Judging", 2) as bar:
         bar.advance(2)
     assert "Judging" in screen.getvalue() and "2/2" in screen.getvalue() and "eta" in screen.getvalue()
 

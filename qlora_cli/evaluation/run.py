@@ -18,16 +18,17 @@ import time
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 from ..api_keys import read_api_key
+from ..console import Steps
 from ..errors import Problem, RunFailure, RunInterrupted, UserError
 from ..rundir import write_atomic
 from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
 from .judges import HttpJudge, JudgeError, JudgmentCache, LocalJudge, judge_pairs, served_models
 from .judgments import Comparison, Judgments, ScorePair
-from .progress import stage_progress
 from .questions import read_questions
 from .report import write_report
 from .scoring import report as score_report
@@ -185,7 +186,7 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
         timings: dict[str, float] = {}
         if is_http(judge_spec) and not answers_only:
             api_key_env = judge_key_env(judge_spec, api_key_env, say=console.print)
-        progress = stage_progress(console)
+        progress = partial(Steps, console)  # (description, total) -> a context manager with advance(n)
         questions = read_questions(questions_path)[:limit]
         models = Models(target)
         names = [models.name(target)] + [models.name(b) for b in baselines]
