@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from .recipe import Recipe, flatten
@@ -96,32 +98,69 @@ def working(console: Console, what: str) -> Iterator[None]:
         console.print(f"{what}: done in {format_seconds(seconds)}")
 
 
-class Steps:
-    """Progress through the steps of a phase that takes a while: a live bar on a terminal, a plain line per
-    step otherwise (logs, CI)."""
+PLAIN_EVERY = 30.0  # seconds between the plain lines of steps that have no text of their own
 
-    def __init__(self, console: Console, title: str, total: int):
+
+def eta(done: int, total: int, elapsed: float) -> float | None:
+    """Seconds left at the pace so far, or None before anything is done."""
+    if done <= 0:
+        return None
+    return elapsed / done * max(0, total - done)
+
+
+def plain_line(description: str, done: int, total: int, elapsed: float) -> str:
+    """`Answers of run: 16/80 (20%), 0:45 elapsed, about 3:00 left`."""
+    left = eta(done, total, elapsed)
+    percent = f" ({done / total:.0%})" if total else ""
+    rest = f", about {format_seconds(left)} left" if left is not None and done < total else ""
+    return f"{description}: {done}/{total}{percent}, {format_seconds(elapsed)} elapsed{rest}"
+
+
+class Steps:
+    """Progress through the steps of a phase that takes a while: a live bar with the time elapsed and left
+    on a terminal; off one (logs, CI, `nohup`), plain lines: one whenever a step's `text` changes, and for
+    steps without a text a `plain_line` every `plain_every` seconds and one at the end.
+
+    Use as a context manager: the bar is closed on the way out, also when the phase is interrupted.
+    `advance` may be called from several threads (judge workers).
+    """
+
+    def __init__(self, console: Console, title: str, total: int, *, plain_every: float = PLAIN_EVERY,
+                 transient: bool = False):
         self.console, self.title, self.total = console, title, total
-        self.progress = None
-        self.last_line = None
+        self.plain_every, self.transient = plain_every, transient
+        self.done = 0
+        self._lock = threading.Lock()
+        self._started = self._last_printed = time.monotonic()
+        self._last_line: str | None = None
+        self._bar: Progress | None = None
+        self._task = None
 
     def __enter__(self) -> "Steps":
+        self._started = self._last_printed = time.monotonic()
         if self.console.is_terminal:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=self.console, transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(self.title, total=self.total)
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+                                 transient=self.transient)
+            self._bar.start()
+            self._task = self._bar.add_task(self.title, total=self.total)
         return self
 
-    def advance(self, done: int, text: str) -> None:
-        """Step `done` of `total` is finished; `text` says what it was (off a terminal, printed when it changes)."""
-        line = f"{self.title}: {text}"
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done, description=line)
-        elif line != self.last_line:
-            self.console.print(line)
-            self.last_line = line
+    def advance(self, count: int = 1, text: str | None = None) -> None:
+        """`count` more steps are finished; `text` says what the last one was."""
+        with self._lock:
+            self.done += count
+            line = None if text is None else f"{self.title}: {text}"
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self.done, description=line or self.title)
+                return
+            now = time.monotonic()
+            if line is None and (now - self._last_printed >= self.plain_every or self.done >= self.total):
+                line = plain_line(self.title, self.done, self.total, now - self._started)
+            if line is not None and line != self._last_line:
+                self.console.print(line, markup=False, highlight=False)
+                self._last_line, self._last_printed = line, now
 
     def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self._bar is not None:
+            self._bar.stop()

@@ -286,7 +286,7 @@ class LayerMerger:
             before_layers=lambda: self.merge(self.leading),
             while_held=lambda index, layer: self.merge(self.of_layer[index], held=True),
             after_layers=lambda: self.merge(self.trailing),
-            on_layer=lambda done, total: steps.advance(done, f"layer {done} of {total}"),
+            on_layer=lambda done, total: steps.advance(1, f"layer {done} of {total}"),
         )
 
 
@@ -368,8 +368,8 @@ def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], de
     """The merged checkpoint's logits on the prompts, read back a layer at a time."""
     model, weights = merged_model(AutoConfig.from_pretrained(folder), CheckpointFiles(folder), dtype, device)
     count = len(decoder_layers(model))
-    with Steps(console, "Merged checkpoint read back on the parity prompts", count) as steps:
-        hooks = LayerHooks(on_layer=lambda done, total: steps.advance(done, f"layer {done} of {total}"))
+    with Steps(console, "Merged checkpoint read back on the parity prompts", count, transient=True) as steps:
+        hooks = LayerHooks(on_layer=lambda done, total: steps.advance(1, f"layer {done} of {total}"))
         return streamed_logits(model, weights, prompts, device, hooks)
 
 
@@ -442,7 +442,7 @@ def merge_run(
                              max_shard_bytes=max_shard_bytes, trust_remote_code=recipe.model.trust_remote_code)
         say("Each layer is read from the base, quantized as in training, run on the parity prompts with the "
             "adapter, and merged")
-        with Steps(console, "Merging", len(merger.of_layer)) as steps, warnings.catch_warnings():
+        with Steps(console, "Merging", len(merger.of_layer), transient=True) as steps, warnings.catch_warnings():
             # bitsandbytes says on every 8-bit matmul that it casts the inputs to float16, as training did
             warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
             reference = streamed_logits(trained.model, trained.weights, prompts, device, merger.hooks(steps))

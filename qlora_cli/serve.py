@@ -23,7 +23,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import queue
 import socket
 import threading
@@ -44,6 +43,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import StoppingCriteriaList
 
+from .api_keys import read_api_key
 from .errors import UserError
 from .generate import conversation_ids, load_for_generation, stop_token_ids
 
@@ -369,20 +369,6 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
-
-
-def read_api_key(api_key_env: str | None) -> str | None:
-    """The key clients must send, from the environment variable `api_key_env`; None when no key is wanted.
-
-    Raises:
-        UserError: the variable is named but not set (or empty).
-    """
-    if not api_key_env:
-        return None
-    key = os.environ.get(api_key_env)
-    if not key:
-        raise UserError(f"--api-key-env: the environment variable {api_key_env} is not set")
-    return key
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:

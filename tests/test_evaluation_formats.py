@@ -11,6 +11,7 @@ import json
 import pytest
 
 from qlora_cli.cli import main
+from qlora_cli.errors import UserError
 from qlora_cli.evaluation.answers import read_answers
 from qlora_cli.evaluation.questions import read_questions
 
@@ -166,6 +167,29 @@ def test_alpaca_eval_annotations_round_trip(tmp_path):
         tmp_path / "out" / "report.md").read_text()
 
 
+def test_every_element_of_a_large_annotations_array_is_named_by_its_first_line(tmp_path):
+    from qlora_cli.evaluation.judgments import _array_element_lines, read_judgments
+
+    # 4,000 elements laid out every way a JSON writer may: indented over many lines, several on one line,
+    # blank lines and tabs between them, nested arrays. The line each starts on is counted while writing.
+    pieces, starts, line = ["\ufeff[\n"], [], 2
+    for number in range(4000):
+        preference = 3.0 if number % 97 == 0 else 1.0 + (number % 5) / 4
+        element = json.dumps(alpaca_annotation(f"Question {number}: [1, 2]?", preference),
+                             indent=2 if number % 3 else None)
+        separator = ("" if number == 3999 else ",") + ("\n\n\t " if number % 7 == 0 else " " if number % 3 == 1 else "\n")
+        starts.append(line)
+        pieces.append("  " + element + separator)
+        line += (element + separator).count("\n")
+    path = tmp_path / "annotations.json"
+    path.write_text("".join(pieces) + "\n]\n", encoding="utf-8")
+
+    assert _array_element_lines(path) == starts
+    judgments = read_judgments([path])
+    assert len(judgments.comparisons) == 4000 - len(range(0, 4000, 97))
+    assert [entry.problem.line for entry in judgments.excluded] == [starts[n] for n in range(0, 4000, 97)]
+
+
 def test_alpaca_eval_1_draws_and_jsonl(tmp_path):
     path = write_lines(tmp_path / "annotations.jsonl", [
         alpaca_annotation("a", 0, annotator="alpaca_eval_gpt4"),  # AlpacaEval 1 wrote draws as 0
@@ -307,6 +331,19 @@ def test_arena_hard_question_files_are_read(tmp_path):
     assert (question.question_id, question.source_id, question.turns) == ("f00d", "f00d", ("Explain monads.",))
     (question,) = read_questions(v01)
     assert (question.question_id, question.category, question.turns) == ("beef", "arena-hard-v0.1", ("Explain functors.",))
+
+
+def test_arena_hard_v01_answer_files_are_read(tmp_path):
+    # Arena-Hard v0.1's gen_answer.py wrote FastChat's layout with each turn as {"content", "token_len"}.
+    v01 = write_lines(tmp_path / "model_answer" / "gpt-4-0314.jsonl", [
+        {"question_id": "beef", "answer_id": "x1", "model_id": "gpt-4-0314", "tstamp": 1712345678.0,
+         "choices": [{"index": 0, "turns": [{"content": "A functor maps.", "token_len": 4}]}]}])
+    assert read_answers(v01) == ("gpt-4-0314", {"beef": ["A functor maps."]})
+    bad = write_lines(tmp_path / "bad.jsonl", [{"question_id": "b", "model_id": "m",
+                                                "choices": [{"turns": [{"text": "no content"}]}]}])
+    with pytest.raises(UserError) as raised:
+        read_answers(bad)
+    assert [problem.line for problem in raised.value.problems] == [1]
 
 
 def test_unknown_answers_format_is_a_user_error(tiny_model_dir, tmp_path, capsys):

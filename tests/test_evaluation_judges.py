@@ -25,6 +25,7 @@ from qlora_cli.evaluation.judges import (
     judge_pairs,
     parse_pairwise,
     parse_relative,
+    served_models,
 )
 from qlora_cli.evaluation.questions import Question, read_questions
 
@@ -48,13 +49,16 @@ class ChatServer:
         self.lock = threading.Lock()
 
     def respond(self, handler: BaseHTTPRequestHandler) -> None:
-        body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = json.loads(handler.rfile.read(length)) if length else None  # None: a GET
         with self.lock:
-            self.requests.append({"path": handler.path, "headers": dict(handler.headers), "body": body})
+            self.requests.append({"path": handler.path, "method": handler.command, "headers": dict(handler.headers),
+                                  "body": body})
             self.active += 1
             self.max_active = max(self.max_active, self.active)
-            status, payload, headers = self.script.pop(0) if self.script else (
-                self.default or (200, completion(body["messages"][0]["content"] + "\n[[A]]"), {}))
+            status, payload, headers = self.script.pop(0) if self.script else self.default or (
+                (200, completion(body["messages"][0]["content"] + "\n[[A]]"), {}) if body is not None
+                else (200, {"object": "list", "data": [{"id": "judge-model", "object": "model"}]}, {}))
         time.sleep(self.delay)
         data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         handler.send_response(status)
@@ -75,6 +79,9 @@ def server(monkeypatch):
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
+            chat.respond(self)
+
+        def do_GET(self):
             chat.respond(self)
 
         def log_message(self, *args):  # keep the test output clean
@@ -243,6 +250,31 @@ def test_complete_many_returns_failures_in_place(server, key):
     assert isinstance(replies[0], JudgeError) and isinstance(replies[1], JudgeReply)
 
 
+def test_served_models_sends_the_key_and_reports_errors_as_the_judge_does(server, key, monkeypatch):
+    assert served_models(server.base_url, KEY_ENV) == ["judge-model"]
+    listing = server.requests[-1]
+    assert (listing["method"], listing["path"]) == ("GET", "/v1/models")
+    assert listing["headers"]["Authorization"] == f"Bearer {key}"
+    # A refused key: the body (which may echo the key) is never shown.
+    server.script.append((401, {"error": {"message": f"Incorrect API key provided: {key}"}}, {}))
+    with pytest.raises(JudgeError) as refused:
+        served_models(server.base_url, KEY_ENV)
+    assert refused.value.status == 401 and "HTTP 401" in str(refused.value) and key not in str(refused.value)
+    # Other errors say what the server said, with the key blanked out.
+    server.script.append((404, {"error": {"message": f"no /models here for {key}"}}, {}))
+    with pytest.raises(JudgeError) as missing:
+        served_models(server.base_url, KEY_ENV)
+    assert "HTTP 404 when listing the served models: no /models here for [redacted]" in str(missing.value)
+    # A named variable that is not set is an error, as for a judge call, not a request without a key.
+    asked = len(server.requests)
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(JudgeError, match=f"{KEY_ENV} with the API key is not set"):
+        served_models(server.base_url, KEY_ENV)
+    assert len(server.requests) == asked
+    assert served_models(server.base_url, None) == ["judge-model"]  # no variable named: no key sent
+    assert "Authorization" not in server.requests[-1]["headers"]
+
+
 # --- prompts and parsers -------------------------------------------------------------------------
 
 
@@ -359,6 +391,15 @@ def test_a_truncated_last_cache_line_is_ignored_and_cut_off(tmp_path):
     assert judge.calls == 1
     lines = path.read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(line)["key"] for line in lines)
+
+
+def test_a_whole_last_cache_record_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"key": "a", "text": "[[A]]"}\n{"key": "b", "text": "[[B]]"}')
+    cache = JudgmentCache(path)
+    assert cache.get("b") == {"key": "b", "text": "[[B]]"}
+    cache.put("c", {"text": "[[C]]"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
 
 
 def test_a_damaged_cache_line_that_is_not_the_last_is_reported(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,37 @@ def test_eval_score_reads_fastchat_and_plain_files(tmp_path):
     assert report["pairwise"]["m2"]["win_rate"] == pytest.approx(10 / 20)
     assert report["relative"]["models"]["m1"]["percent"] == pytest.approx(100.0)
     assert report["pairwise"]["m3"]["losses"] == 2
+
+
+def test_plots_are_written_whole_and_a_plot_no_longer_made_is_removed(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    pairwise = tmp_path / "pairwise.jsonl"
+    pairwise.write_text("".join(json.dumps({"question_id": q, "model_a": a, "model_b": b, "winner": "model_a",
+                                            "category": "writing" if q % 2 else "coding"}) + "\n"
+                                for q in range(6) for a, b in (("m1", "m2"), ("m2", "m1"))))
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"question_id": q, "model_a": "m1", "model_b": "m2", "score_a": 8,
+                                          "score_b": 7}) + "\n" for q in range(6)))
+    out = tmp_path / "out"
+    main(["eval", "score", str(pairwise), "--out", str(out)])
+    elo, categories = (out / "elo.png").read_bytes(), (out / "categories.png").read_bytes()
+    assert elo.startswith(b"\x89PNG") and categories.startswith(b"\x89PNG")
+
+    def torn_savefig(self, path, *args, **kwargs):  # a disk that fills up halfway through a plot
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Figure, "savefig", torn_savefig)
+        with pytest.raises(OSError):
+            main(["eval", "score", str(pairwise), "--out", str(out)])
+    assert (out / "elo.png").read_bytes() == elo  # the previous plot, whole
+    assert sorted(p.name for p in out.iterdir()) == ["categories.png", "elo.png", "report.json", "report.md"]
+
+    # Score pairs alone make no pairwise ratings: a report written over the first has none of its plots.
+    main(["eval", "score", str(scores), "--reference", "m2", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
 
 
 def test_eval_score_malformed_lines_exit_2_with_strict(tmp_path, capsys):
@@ -237,23 +269,115 @@ def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_p
     assert len((out / "answers" / f"{model}.jsonl").read_text().splitlines()) == 12
 
 
+def test_answers_cut_short_by_a_kill_are_answered_again_and_the_torn_line_cut_off(tmp_path, monkeypatch):
+    import qlora_cli.generate as generation
+    from qlora_cli.evaluation.answers import Sampling, ensure_answers
+    from qlora_cli.evaluation.questions import read_questions
+
+    questions = read_questions(None)[:6]
+    asked = []
+
+    def fake_generate(loaded, conversations, **sampling):
+        asked.extend(conversation[-1]["content"] for conversation in conversations)
+        return [f"reply {len(asked)}.{n}" for n in range(len(conversations))]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    path = tmp_path / "answers" / "bot.jsonl"
+    write_answers(path, "bot", questions[:4])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-30])  # killed while writing the 4th answer: its line is cut short
+    answers, _ = ensure_answers(path, "bot", questions, Sampling(), load=lambda: "a loaded model", say=lambda *a: None)
+    assert asked == [q.turns[0] for q in questions[3:]]  # the torn answer and the two never made
+    assert sorted(answers) == sorted(q.question_id for q in questions)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole, none torn
+    assert [row["question_id"] for row in rows] == [q.question_id for q in questions]
+    assert path.read_bytes().startswith(whole[:whole.rindex(b"\n", 0, len(whole) - 1) + 1])
+
+    # A last answer without its newline (written by hand) is whole: kept, and a newline goes before the next.
+    hand = tmp_path / "answers" / "hand.jsonl"
+    write_answers(hand, "hand", questions[:2])
+    hand.write_bytes(hand.read_bytes().rstrip(b"\n"))
+    asked.clear()
+    answers, _ = ensure_answers(hand, "hand", questions[:3], Sampling(), load=lambda: "a loaded model",
+                                say=lambda *a: None)
+    assert asked == [questions[2].turns[0]] and answers[questions[1].question_id] == ["hand says 1"]
+    assert [json.loads(line)["question_id"] for line in hand.read_text().splitlines()] == [
+        q.question_id for q in questions[:3]]
+
+
+REMOTE_JUDGE = "https://judge.example.com/v1"  # never contacted: every request goes to a stub opener
+
+
+@pytest.mark.parametrize("judge_model", [["--judge-model", "gpt-4"], []], ids=["judge-model", "listed-model"])
+def test_a_remote_judge_without_its_key_is_refused_before_anything_runs(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys, judge_model):
+    import urllib.error
+
+    import qlora_cli.evaluation.judges as judges
+    import qlora_cli.generate as generation
+    from qlora_cli.evaluation.questions import read_questions
+
+    monkeypatch.delenv("QLORA_TEST_REMOTE_KEY", raising=False)
+    opened, asked = [], []
+
+    class Offline:
+        def open(self, request, timeout=None):
+            opened.append(request.full_url)
+            raise urllib.error.URLError("offline")
+
+    def fake_generate(loaded, conversations, **sampling):
+        asked.append(len(conversations))
+        return ["a reply"] * len(conversations)
+
+    monkeypatch.setattr(judges, "_OPENER", Offline())
+    monkeypatch.setattr(generation, "load_for_generation", lambda reference: "a loaded model")
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    out, model = tmp_path / "eval", tiny_model_dir.name
+    write_answers(out / "answers" / "other-bot.jsonl", "other-bot", read_questions(None)[:2])
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", str(tiny_model_dir), "--baseline", "other-bot", "--limit", "2", "--judge", REMOTE_JUDGE,
+              *judge_model, "--api-key-env", "QLORA_TEST_REMOTE_KEY", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "--api-key-env: the environment variable QLORA_TEST_REMOTE_KEY is not set" in err
+    assert "Traceback" not in err
+    # Refused before answering and before any request.
+    assert asked == [] and opened == [] and not (out / "answers" / f"{model}.jsonl").exists()
+
+
+def test_the_judge_key_variable_is_needed_only_off_this_machine(monkeypatch):
+    from qlora_cli.errors import UserError
+    from qlora_cli.evaluation.run import judge_key_env
+
+    monkeypatch.delenv("QLORA_TEST_REMOTE_KEY", raising=False)
+    said = []
+    assert judge_key_env("http://127.0.0.1:8000/v1", "QLORA_TEST_REMOTE_KEY", say=said.append) is None
+    assert judge_key_env("http://localhost:8000/v1", "QLORA_TEST_REMOTE_KEY", say=said.append) is None
+    assert len(said) == 2 and "QLORA_TEST_REMOTE_KEY is not set" in said[0]
+    with pytest.raises(UserError, match="QLORA_TEST_REMOTE_KEY is not set"):
+        judge_key_env(REMOTE_JUDGE, "QLORA_TEST_REMOTE_KEY")
+    monkeypatch.setenv("QLORA_TEST_REMOTE_KEY", "sk-test")
+    assert judge_key_env(REMOTE_JUDGE, "QLORA_TEST_REMOTE_KEY") == "QLORA_TEST_REMOTE_KEY"
+    assert judge_key_env("http://127.0.0.1:8000/v1", "QLORA_TEST_REMOTE_KEY") == "QLORA_TEST_REMOTE_KEY"
+
+
 def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
     import io
 
     from rich.console import Console
 
-    from qlora_cli.evaluation.progress import StageProgress, eta, plain_line
+    from qlora_cli.console import Steps, eta, plain_line
 
     assert plain_line("Judging (pairwise)", 20, 80, 60.0) == "Judging (pairwise): 20/80 (25%), 1:00 elapsed, about 3:00 left"
     assert plain_line("Answers of run", 80, 80, 240.0) == "Answers of run: 80/80 (100%), 4:00 elapsed"
     assert eta(0, 10, 5.0) is None and eta(5, 10, 5.0) == 5.0
     log = io.StringIO()
-    with StageProgress(Console(file=log, force_terminal=False), "Answers of run", 3, plain_every=float("inf")) as bar:
+    with Steps(Console(file=log, force_terminal=False), "Answers of run", 3, plain_every=float("inf")) as bar:
         for _ in range(3):
             bar.advance()
     assert log.getvalue().splitlines() == ["Answers of run: 3/3 (100%), 0:00 elapsed"]  # one line, at the end
     screen = io.StringIO()
-    with StageProgress(Console(file=screen, force_terminal=True, width=100), "Judging", 2) as bar:
+    with Steps(Console(file=screen, force_terminal=True, width=100), "Judging", 2) as bar:
         bar.advance(2)
     assert "Judging" in screen.getvalue() and "2/2" in screen.getvalue() and "eta" in screen.getvalue()
 

@@ -98,8 +98,13 @@ def _read_jsonl(path: Path, name: str) -> RawRows:
     """One row per non-blank line; one problem per line that is not UTF-8 or not JSON."""
     result = RawRows()
     data = _read_bytes(path, name, result)
-    if data is None:
-        return result
+    return result if data is None else jsonl_rows(data, name)
+
+
+def jsonl_rows(data: bytes, name: str) -> RawRows:
+    """The rows of JSON Lines `data` read from the file `name`: one per non-blank line, one problem per
+    line that is not UTF-8 or not JSON."""
+    result = RawRows()
     for number, raw_line in enumerate(data.split(b"\n"), start=1):
         try:
             # A byte-order mark is invisible in editors, so one at the start must not fail line 1.

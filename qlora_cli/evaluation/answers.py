@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..data.readers import read_path
+from ..data.readers import RawRows, jsonl_rows, read_path
 from ..errors import Problem, UserError
 from ..rundir import write_atomic
-from .questions import Question
+from .jsonl_log import JsonlLog
+from .questions import Question, turn_texts
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,7 @@ def _arena_hard_turns(messages: object) -> list | None:
 
 def _fastchat_turns(turns: object) -> object:
     """FastChat turns are strings; Arena-Hard v0.1 wrote them as `{"content": text}`."""
-    if isinstance(turns, list):
-        return [t.get("content") if isinstance(t, dict) else t for t in turns]
-    return turns
+    return turn_texts(turns) if isinstance(turns, list) else turns
 
 
 def read_answers(path: Path) -> tuple[str | None, dict[str, list[str]]]:
@@ -65,7 +64,11 @@ def read_answers(path: Path) -> tuple[str | None, dict[str, list[str]]]:
     Raises:
         UserError: every malformed row, with its file and line.
     """
-    raw = read_path(path)
+    return _answer_rows(path, read_path(path))
+
+
+def _answer_rows(path: Path, raw: RawRows) -> tuple[str | None, dict[str, list[str]]]:
+    """`read_answers` of rows already read from `path`."""
     problems = list(raw.problems)
     answers: dict[str, list[str]] = {}
     model = None
@@ -116,7 +119,8 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
                    progress: Callable[[str, int], object] | None = None) -> tuple[dict[str, list[str]], float]:
     """The model's answers to every question: those already in `path` are reused, the rest generated
     (loading the model through `load()` only if needed) and appended batch by batch, so that an
-    interrupted run keeps every finished batch.
+    interrupted run keeps every finished batch. A last line cut short by a kill is left out and cut
+    off (see `JsonlLog`), so the next run answers that question again.
 
     Args:
         progress: `progress(description, total)` gives a context manager with `advance(n)`, told of
@@ -124,8 +128,12 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
 
     Returns:
         (answers, seconds spent generating).
+
+    Raises:
+        UserError: a line of `path` other than a last one cut short is not an answer.
     """
-    existing: dict[str, list[str]] = read_answers(path)[1] if path.is_file() else {}
+    log = JsonlLog(path)
+    existing = _answer_rows(path, jsonl_rows(log.read(), str(path)))[1]
     missing = [q for q in questions if q.question_id not in existing]
     if not missing:
         say(f"Answers of {model}: all {len(questions)} reused from {path}")
@@ -134,17 +142,14 @@ def ensure_answers(path: Path, model: str, questions: list[Question], sampling: 
     started = time.perf_counter()
     loaded = load()
     made: dict[str, list[str]] = {}
-    path.parent.mkdir(parents=True, exist_ok=True)
     bar = progress(f"Answers of {model}", len(missing)) if progress else None
-    with path.open("a", encoding="utf-8") as handle, (bar or nullcontext()):
+    with bar or nullcontext():
         batch_started = time.perf_counter()
         for batch in generate_answers(loaded, missing, sampling):
             seconds = (time.perf_counter() - batch_started) / len(batch)
-            # One write per batch: an interrupt lands between writes, never inside a line.
-            handle.write("".join(json.dumps({"question_id": qid, "model": model, "answer": turns[-1], "turns": turns,
-                                             "sampling": asdict(sampling), "seconds": round(seconds, 3)}) + "\n"
-                                 for qid, turns in batch.items()))
-            handle.flush()
+            log.append("".join(json.dumps({"question_id": qid, "model": model, "answer": turns[-1], "turns": turns,
+                                           "sampling": asdict(sampling), "seconds": round(seconds, 3)}) + "\n"
+                               for qid, turns in batch.items()).encode())
             made.update(batch)
             if bar is not None:
                 bar.advance(len(batch))
@@ -191,7 +196,6 @@ def write_answer_layout(folder: Path, layout: str, model: str, questions: list[Q
         raise ValueError(f"`layout` must be one of {', '.join(ANSWER_FORMATS)}, got {layout!r}")
     subfolder, make = _LAYOUTS[layout]
     target = folder / subfolder / "model_answer" / f"{slug(model)}.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tstamp = time.time()
     rows = [make(q, model, answers[q.question_id], tstamp) for q in questions if q.question_id in answers]
     write_atomic(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
 
 from ..errors import Problem, UserError
+from .jsonl_log import JsonlLog
 from .judgments import Comparison, ScorePair, Winner
 from .questions import Question
 
@@ -178,6 +179,47 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+def _api_request(url: str, api_key_env: str | None, body: dict | None = None) -> urllib.request.Request:
+    """A GET of `url`, or a POST of `body` as JSON, with the key from the environment variable `api_key_env`
+    as a bearer token (none when `api_key_env` is None).
+
+    Raises:
+        JudgeError: `api_key_env` is named but not set.
+    """
+    # The key lives only in this frame and in the request's headers, which no message or repr shows.
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise JudgeError(f"{url}: the environment variable {api_key_env} with the API key is not set", url=url)
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    return urllib.request.Request(url, data=data, headers=headers, method="POST" if body is not None else "GET")
+
+
+def _error_detail(error: urllib.error.HTTPError, api_key_env: str | None) -> str:
+    """": <a short excerpt of the error body>", with the key blanked out in case the server echoes it; ""
+    for 401 and 403, whose bodies are never shown, and for an empty or unreadable body."""
+    if error.code in _NO_DETAIL:
+        return ""
+    try:
+        text = error.read(2000).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return ""
+    try:
+        text = str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    key = os.environ.get(api_key_env) if api_key_env else None
+    text = text.replace(key, "[redacted]") if key else text
+    return f": {' '.join(text.split())[:200]}" if text.strip() else ""
+
+
+def _connection_problem(error: Exception) -> str:
+    """What went wrong with a connection, as urllib or the socket says it."""
+    return str(getattr(error, "reason", None) or error or type(error).__name__)
+
+
 class HttpJudge:
     """An OpenAI-compatible chat-completions endpoint, asked at temperature 0.
 
@@ -204,32 +246,8 @@ class HttpJudge:
         return f"HttpJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def _request(self, prompt: str) -> urllib.request.Request:
-        # The key lives only in this frame and in the request's headers, which no message or repr shows.
-        headers = {"Content-Type": "application/json"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise JudgeError(f"{self.url}: the environment variable {self.api_key_env} with the API key is not set",
-                                 url=self.url)
-            headers["Authorization"] = f"Bearer {key}"
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
-        return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-
-    def _detail(self, error: urllib.error.HTTPError) -> str:
-        """A short excerpt of an error body, with the key blanked out in case the server echoes it."""
-        if error.code in _NO_DETAIL:
-            return ""
-        try:
-            text = error.read(2000).decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException):
-            return ""
-        try:
-            text = str(json.loads(text)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            pass
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        text = text.replace(key, "[redacted]") if key else text
-        return f": {' '.join(text.split())[:200]}" if text.strip() else ""
+        return _api_request(self.url, self.api_key_env, body)
 
     def _reply(self, payload: bytes, seconds: float, attempt: int) -> JudgeReply:
         try:
@@ -259,7 +277,7 @@ class HttpJudge:
                     payload = response.read()
                 return self._reply(payload, time.monotonic() - start, attempt)
             except urllib.error.HTTPError as error:
-                status, reason = error.code, self._detail(error)
+                status, reason = error.code, _error_detail(error, self.api_key_env)
                 wait = _retry_after((error.headers or {}).get("Retry-After"))
                 error.close()
                 if status != _RETRYABLE and status < 500:
@@ -267,7 +285,7 @@ class HttpJudge:
                                      url=self.url, status=status, attempts=attempt) from None
                 what = f"HTTP {status}{reason}"
             except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-                what = f"connection failed: {getattr(error, 'reason', None) or error or type(error).__name__}"
+                what = f"connection failed: {_connection_problem(error)}"
             if attempt == attempts:
                 break
             delay = min(self.max_wait, wait if wait is not None else self.backoff * 2 ** (attempt - 1))
@@ -308,26 +326,25 @@ class HttpJudge:
 
 
 def served_models(base_url: str, api_key_env: str | None, timeout: float = 30) -> list[str]:
-    """The model ids an OpenAI-compatible endpoint lists at GET {base_url}/models.
+    """The model ids an OpenAI-compatible endpoint lists at GET {base_url}/models, asked with the key from
+    `api_key_env` as `HttpJudge` sends it.
 
     Raises:
-        JudgeError: the endpoint cannot be reached or does not answer with a model list.
+        JudgeError: `api_key_env` is named but not set, the endpoint cannot be reached or does not answer
+            with a model list.
     """
     url = base_url.rstrip("/") + "/models"
-    headers = {}
-    key = os.environ.get(api_key_env) if api_key_env else None
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
     try:
-        with _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+        with _OPENER.open(_api_request(url, api_key_env), timeout=timeout) as response:
             data = json.loads(response.read())
         return [str(entry["id"]) for entry in data["data"]]
     except urllib.error.HTTPError as error:
+        detail = _error_detail(error, api_key_env)
         error.close()
-        raise JudgeError(f"{url}: HTTP {error.code} when listing the served models", url=url, status=error.code) from None
+        raise JudgeError(f"{url}: HTTP {error.code} when listing the served models{detail}", url=url,
+                         status=error.code) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-        raise JudgeError(f"{url}: cannot list the served models: {getattr(error, 'reason', None) or error}",
-                         url=url) from None
+        raise JudgeError(f"{url}: cannot list the served models: {_connection_problem(error)}", url=url) from None
     except (ValueError, KeyError, TypeError):
         raise JudgeError(f"{url}: the reply is not a model list (no data[].id)", url=url) from None
 
@@ -374,20 +391,15 @@ class LocalJudge:
 class JudgmentCache:
     """Judge replies in a JSON Lines file, one record per line, keyed by `cache_key`.
 
-    Each record is appended with one write and fsync'd, so a crash can only cut the LAST line short; such
-    a line is ignored on read and cut off before the next append. Any other bad line is a UserError.
+    Each record is appended with one write and fsync'd (a `JsonlLog`), so a crash can only cut the LAST
+    line short; such a line is ignored on read and cut off before the next append. Any other bad line
+    is a UserError.
     """
 
     def __init__(self, path: Path):
-        self.path, self._records, self._lock = Path(path), {}, threading.Lock()
-        self._good_size = self._torn_size = 0
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        self._good_size, self._torn_size = data.rfind(b"\n") + 1, len(data)
+        self.path, self._records, self._log = Path(path), {}, JsonlLog(path)
         problems = []
-        for number, line in enumerate(data[:self._good_size].split(b"\n")[:-1], start=1):
+        for number, line in enumerate(self._log.read().split(b"\n"), start=1):
             try:
                 record = json.loads(line)
                 if not isinstance(record["text"], str):
@@ -406,22 +418,8 @@ class JudgmentCache:
     def put(self, key: str, record: dict) -> None:
         """Appends `record` (with its key) as one line; safe to call from several threads."""
         record = {**record, "key": key}
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self._torn_size > self._good_size:  # a torn last line: appending to it would corrupt both
-                os.truncate(self.path, self._good_size)
-                self._torn_size = self._good_size
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                written = 0
-                while written < len(data):
-                    written += os.write(descriptor, data[written:])
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            self._good_size = self._torn_size = self._good_size + len(data)
-            self._records[key] = record
+        self._log.append((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        self._records[key] = record
 
 
 def _games(questions: list[Question], answers: dict[str, dict[str, Answer]],

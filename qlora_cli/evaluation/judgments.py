@@ -36,7 +36,8 @@ Arena-Hard-Auto judgments (gen_judgment.py; v2.0 and v0.1):
   ARENA_HARD_STRONG_WEIGHT games, as show_result.py counts it. Older files have no `baseline` field: it
   is then the baseline Arena-Hard configures for the row's category (ARENA_HARD_BASELINES), or
   gpt-4-0314 for v0.1 rows, which have no category. A game whose score is null (the judge gave no
-  verdict) is excluded as unscored; show_result.py drops the whole row then.
+  verdict) is excluded as unscored and the row's other game is kept, as v0.1's show_result.py does
+  (it gives such a game weight 0); v2's show_result.py drops the whole row when either game is null.
 
 AlpacaEval annotations (annotations.json, a JSON array, or the same objects one per line):
     {"instruction", "output_1", "generator_1", "output_2", "generator_2", "annotator", "preference", "dataset"?}
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,11 +498,15 @@ def _read_row(location: Location, row: object, result: Judgments) -> None:
         result.excluded.append(Excluded(location.problem(str(exc)), exc.reason, models))
 
 
+_JSON_BLANK = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
+
+
 def _array_element_lines(path: Path) -> list[int] | None:
     """The line each element of a top-level JSON array starts on, or None when the file is not one.
 
     AlpacaEval writes annotations.json indented, one element over many lines; naming an element by
-    its first line lets an editor jump to it, which `row 812` does not.
+    its first line lets an editor jump to it, which `row 812` does not. One pass over the text: the
+    newlines are counted from one element's start to the next's, never from the top of the file.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -508,16 +514,18 @@ def _array_element_lines(path: Path) -> list[int] | None:
         return None
     decoder, lines = json.JSONDecoder(), []
 
-    def skip(at: int) -> int:  # the index of the next non-blank character
-        return len(text) - len(text[at:].lstrip())
+    def skip(at: int) -> int:  # the index of the next character that is not JSON whitespace
+        return _JSON_BLANK.match(text, at).end()
 
     index = skip(0)
     if not text.startswith("[", index):
         return None
     index = skip(index + 1)
+    line, counted = 1, 0  # `line` is the line of text[counted]
     try:
         while index < len(text) and text[index] != "]":
-            lines.append(text.count("\n", 0, index) + 1)
+            line, counted = line + text.count("\n", counted, index), index
+            lines.append(line)
             _, index = decoder.raw_decode(text, index)
             index = skip(index)
             if text.startswith(",", index):

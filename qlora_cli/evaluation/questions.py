@@ -100,6 +100,12 @@ def _openassistant_turn(text: str) -> str:
     return contents[0].strip()
 
 
+def turn_texts(turns: list) -> list:
+    """The turns of a question or an answer as written: strings, or Arena-Hard v0.1's `{"content": text}`
+    unwrapped. Anything else is passed through, for the caller to refuse with its own message."""
+    return [turn.get("content") if isinstance(turn, dict) else turn for turn in turns]
+
+
 def _turns(row: dict) -> tuple[str, ...]:
     present = [key for key in _PROMPT_KEYS if row.get(key) is not None]
     if not present:
@@ -111,8 +117,7 @@ def _turns(row: dict) -> tuple[str, ...]:
         turns = row["turns"]
         if not isinstance(turns, list) or not turns:
             raise _Bad("field `turns` must be a non-empty array of strings")
-        # Arena-Hard v0.1 wrote each turn as {"content": text}.
-        turns = [turn.get("content") if isinstance(turn, dict) else turn for turn in turns]
+        turns = turn_texts(turns)
         for number, turn in enumerate(turns, start=1):
             if not isinstance(turn, str) or not turn.strip():
                 raise _Bad(f"turn {number} of `turns` must be a non-empty string (or {{\"content\": string}})")

@@ -7,9 +7,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..rundir import write_atomic, write_json
+from ..rundir import staged, write_atomic, write_json
 
 MAX_LISTED = 200  # excluded lines listed in report.md; report.json lists them all
+ELO_PLOT = "elo.png"
+CATEGORIES_PLOT = "categories.png"
 
 
 def _ci(entry: dict, spec: str = ".1f") -> str:
@@ -130,17 +132,43 @@ def _excluded_markdown(excluded: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _save(figure, target: Path) -> Path:
+    """Writes `figure` to `target` whole or not at all (the staging name keeps the .png suffix matplotlib reads)."""
+    plt = _pyplot()
+    try:
+        with staged(target) as staging:
+            figure.savefig(staging)
+    finally:
+        plt.close(figure)
+    return target
+
+
 def plots(report: dict, folder: Path) -> list[Path]:
     """elo.png (ratings with 95% intervals) and categories.png (win rate per category), when there are
-    comparisons."""
-    if not report.get("elo"):
-        return []
+    comparisons (and categories). A plot the report does not make is removed from `folder`, so that a
+    report written over an older one never sits beside the older one's plots."""
+    written = []
+    if report.get("elo"):
+        written.append(_save(_elo_figure(report), folder / ELO_PLOT))
+        if report.get("categories"):
+            written.append(_save(_categories_figure(report), folder / CATEGORIES_PLOT))
+    for name in (ELO_PLOT, CATEGORIES_PLOT):
+        if folder / name not in written:
+            (folder / name).unlink(missing_ok=True)
+    return written
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    return plt
+
+
+def _elo_figure(report: dict):
+    plt = _pyplot()
     models = list(report["elo"])
     ratings = [report["elo"][m]["rating"] for m in models]
     # Clipped at 0: when every ordering ends alike, the mean can sit a rounding error outside the interval.
@@ -152,25 +180,24 @@ def plots(report: dict, folder: Path) -> list[Path]:
     axes.set_xlabel("Elo (mean of 10,000 orderings, 95% interval)")
     axes.set_xlim(min(ratings) - 100, max(ratings) + 100)
     figure.tight_layout()
-    figure.savefig(folder / "elo.png")
-    plt.close(figure)
-    written.append(folder / "elo.png")
-    categories = sorted(report.get("categories") or {})
-    if categories:
-        figure, axes = plt.subplots(figsize=(max(6, len(categories) * 0.9), 3.5), dpi=120)
-        width = 0.8 / len(models)
-        for index, model in enumerate(models):
-            axes.bar([c + index * width for c in range(len(categories))],
-                     [report["categories"][cat].get(model, 0) for cat in categories], width, label=model)
-        axes.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, rotation=30, ha="right")
-        axes.set_ylabel("win rate (tie = half)")
-        axes.set_ylim(0, 1)
-        axes.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(folder / "categories.png")
-        plt.close(figure)
-        written.append(folder / "categories.png")
-    return written
+    return figure
+
+
+def _categories_figure(report: dict):
+    plt = _pyplot()
+    models = list(report["elo"])
+    categories = sorted(report["categories"])
+    figure, axes = plt.subplots(figsize=(max(6, len(categories) * 0.9), 3.5), dpi=120)
+    width = 0.8 / len(models)
+    for index, model in enumerate(models):
+        axes.bar([c + index * width for c in range(len(categories))],
+                 [report["categories"][cat].get(model, 0) for cat in categories], width, label=model)
+    axes.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, rotation=30, ha="right")
+    axes.set_ylabel("win rate (tie = half)")
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
 
 
 def write_report(report: dict, folder: Path, console: Console) -> None:

@@ -16,15 +16,19 @@ import json
 import os
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
+from ..api_keys import read_api_key
+from ..console import Steps
 from ..errors import Problem, RunFailure, RunInterrupted, UserError
 from ..rundir import write_atomic
 from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
 from .judges import HttpJudge, JudgeError, JudgmentCache, LocalJudge, judge_pairs, served_models
 from .judgments import Comparison, Judgments, ScorePair
-from .progress import stage_progress
 from .questions import read_questions
 from .report import write_report
 from .scoring import report as score_report
@@ -80,16 +84,35 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-def make_judge(spec: str, judge_model: str | None, api_key_env: str | None, say=print):
+def is_http(spec: str) -> bool:
+    """Whether the judge `spec` is an OpenAI-compatible endpoint rather than a local model reference."""
+    return spec.startswith(("http://", "https://"))
+
+
+def judge_key_env(spec: str, api_key_env: str | None, say=print) -> str | None:
+    """The environment variable an HTTP judge at `spec` reads its API key from, or None to send no key.
+
+    An endpoint on this machine (`qlora serve`) is called without a key when the variable is not set;
+    one elsewhere needs it, and is refused here, before any answer is generated, rather than after
+    every judge call has failed.
+
+    Raises:
+        UserError: the judge is not on this machine and `api_key_env` is not set in the environment.
+    """
+    if api_key_env and not os.environ.get(api_key_env) and is_loopback(spec):
+        say(f"No API key sent to {spec}: {api_key_env} is not set and the judge is on this machine.")
+        return None
+    read_api_key(api_key_env)  # only to refuse an unset variable: the judge reads the key itself, per call
+    return api_key_env
+
+
+def make_judge(spec: str, judge_model: str | None, api_key_env: str | None):
     """An OpenAI-compatible endpoint (`http(s)://...`) or a local model reference, and a note for the report.
 
-    For an endpoint, `judge_model` defaults to the one model it lists at /models; an endpoint on this
-    machine (`qlora serve`) is called without a key when `api_key_env` is not set in the environment.
+    For an endpoint, `judge_model` defaults to the one model it lists at /models, and `api_key_env` is
+    the variable the key is read from, as `judge_key_env` gives it (None: no key is sent).
     """
-    if spec.startswith(("http://", "https://")):
-        if api_key_env and not os.environ.get(api_key_env) and is_loopback(spec):
-            say(f"No API key sent to {spec}: {api_key_env} is not set and the judge is on this machine.")
-            api_key_env = None
+    if is_http(spec):
         if not judge_model:
             try:
                 served = served_models(spec, api_key_env)
@@ -130,6 +153,20 @@ def _kept(out: Path) -> str:
             f"in {cache}")
 
 
+@contextmanager
+def _kept_on_stop(out: Path) -> Iterator[None]:
+    """Turns Ctrl-C into RunInterrupted and a judge that failed for good into RunFailure, each saying what
+    `out` keeps for the next run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Interrupted. Kept {_kept(out)}.\nRun the same command again to continue from "
+                             "there: nothing kept is answered or judged twice.") from None
+    except JudgeError as error:
+        raise RunFailure(f"{error}\nKept {_kept(out)}; running the same command again asks the judge only "
+                         "for what is missing.") from None
+
+
 def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, judge_spec: str,
              judge_model: str | None, api_key_env: str | None, modes: list[str], out: Path, limit: int | None,
              sampling: Sampling, console, answer_files: list[Path] = (), answer_formats: list[str] = (),
@@ -145,86 +182,74 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
         RunInterrupted: Ctrl-C; what was answered and judged is kept, and the message says how to go on.
         RunFailure: judge calls failed for good (after retries); the replies received are kept.
     """
-    try:
-        return _run_eval(target, baselines=baselines, questions_path=questions_path, judge_spec=judge_spec,
-                         judge_model=judge_model, api_key_env=api_key_env, modes=modes, out=out, limit=limit,
-                         sampling=sampling, console=console, answer_files=answer_files,
-                         answer_formats=answer_formats, answers_only=answers_only)
-    except KeyboardInterrupt:
-        raise RunInterrupted(f"Interrupted. Kept {_kept(out)}.\nRun the same command again to continue from "
-                             "there: nothing kept is answered or judged twice.") from None
-    except JudgeError as error:
-        raise RunFailure(f"{error}\nKept {_kept(out)}; running the same command again asks the judge only "
-                         "for what is missing.") from None
+    with _kept_on_stop(out):
+        timings: dict[str, float] = {}
+        if is_http(judge_spec) and not answers_only:
+            api_key_env = judge_key_env(judge_spec, api_key_env, say=console.print)
+        progress = partial(Steps, console)  # (description, total) -> a context manager with advance(n)
+        questions = read_questions(questions_path)[:limit]
+        models = Models(target)
+        names = [models.name(target)] + [models.name(b) for b in baselines]
+        supplied = {}
+        for path in answer_files:
+            name, rows = read_answers(path)
+            supplied[name or slug(path.stem)] = rows
+        names += list(supplied)
+        if len(set(names)) != len(names):
+            raise UserError(f"the models to compare must differ, got {', '.join(names)}")
+        answers = {name: rows for name, rows in supplied.items()}
+        for name in supplied:
+            missing_answers(name, answers[name], questions)
+        for reference, name in zip([target, *baselines], names):
+            path = out / "answers" / f"{slug(name)}.jsonl"
+            answers[name], seconds = ensure_answers(path, name, questions, sampling, models.loader(reference),
+                                                    console.print, progress=progress)
+            missing_answers(name, answers[name], questions)
+            timings[f"answers of {name}"] = round(seconds, 1)
+        for layout in answer_formats:
+            for name in names:
+                written = write_answer_layout(out, layout, name, questions, answers[name])
+                console.print(f"Answers of {name} in {layout}'s layout: {written}")
+        if answers_only:
+            return {"models": names, "questions": len(questions), "answers": str(out / "answers")}
 
-
-def _run_eval(target: str, *, baselines, questions_path, judge_spec, judge_model, api_key_env, modes, out, limit,
-              sampling, console, answer_files, answer_formats, answers_only) -> dict:
-    timings: dict[str, float] = {}
-    progress = stage_progress(console)
-    questions = read_questions(questions_path)[:limit]
-    models = Models(target)
-    names = [models.name(target)] + [models.name(b) for b in baselines]
-    supplied = {}
-    for path in answer_files:
-        name, rows = read_answers(path)
-        supplied[name or slug(path.stem)] = rows
-    names += list(supplied)
-    if len(set(names)) != len(names):
-        raise UserError(f"the models to compare must differ, got {', '.join(names)}")
-    answers = {name: rows for name, rows in supplied.items()}
-    for name in supplied:
-        missing_answers(name, answers[name], questions)
-    for reference, name in zip([target, *baselines], names):
-        path = out / "answers" / f"{slug(name)}.jsonl"
-        answers[name], seconds = ensure_answers(path, name, questions, sampling, models.loader(reference),
-                                                console.print, progress=progress)
-        missing_answers(name, answers[name], questions)
-        timings[f"answers of {name}"] = round(seconds, 1)
-    for layout in answer_formats:
-        for name in names:
-            written = write_answer_layout(out, layout, name, questions, answers[name])
-            console.print(f"Answers of {name} in {layout}'s layout: {written}")
-    if answers_only:
-        return {"models": names, "questions": len(questions), "answers": str(out / "answers")}
-
-    started = time.perf_counter()
-    judge, note = make_judge(judge_spec, judge_model, api_key_env, say=console.print)
-    timings["loading the judge"] = round(time.perf_counter() - started, 1)
-    cache = JudgmentCache(out / "judge_cache.jsonl")
-    judged = {name: answers_for_judging(answers[name]) for name in names}
-    pairs = [(names[0], other) for other in names[1:]]
-    comparisons: list[Comparison] = []
-    scores: list[ScorePair] = []
-    failures, calls = 0, []
-    for mode in modes:
         started = time.perf_counter()
-        console.print(f"Judging {len(questions)} questions x {len(pairs)} pair(s) x 2 orders ({mode}) with {judge.name}")
-        found, failed, made = judge_pairs(judge, questions, judged, pairs, mode=mode, cache=cache,
-                                          progress=lambda total, mode=mode: progress(f"Judging ({mode})", total))
-        (comparisons if mode == "pairwise" else scores).extend(found)
-        failures += failed
-        calls += made
-        timings[f"judging ({mode})"] = round(time.perf_counter() - started, 1)
+        judge, note = make_judge(judge_spec, judge_model, api_key_env)
+        timings["loading the judge"] = round(time.perf_counter() - started, 1)
+        cache = JudgmentCache(out / "judge_cache.jsonl")
+        judged = {name: answers_for_judging(answers[name]) for name in names}
+        pairs = [(names[0], other) for other in names[1:]]
+        comparisons: list[Comparison] = []
+        scores: list[ScorePair] = []
+        failures, calls = 0, []
+        for mode in modes:
+            started = time.perf_counter()
+            console.print(f"Judging {len(questions)} questions x {len(pairs)} pair(s) x 2 orders ({mode}) with {judge.name}")
+            found, failed, made = judge_pairs(judge, questions, judged, pairs, mode=mode, cache=cache,
+                                              progress=lambda total, mode=mode: progress(f"Judging ({mode})", total))
+            (comparisons if mode == "pairwise" else scores).extend(found)
+            failures += failed
+            calls += made
+            timings[f"judging ({mode})"] = round(time.perf_counter() - started, 1)
 
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "judgments.jsonl", "".join(json.dumps(plain_judgment(j)) + "\n" for j in comparisons + scores))
-    result = score_report(comparisons, scores, names[1], parse_failures=failures)
-    timings["scoring"] = round(time.perf_counter() - started, 1)
-    fresh = [c for c in calls if not c["cached"]]
-    result.update(
-        models=names, reference=names[1], questions=len(questions), judge=judge.name, modes=modes,
-        sampling=asdict(sampling), notes=[note] if note else [], timings=timings,
-        judgments={"read": len(calls), "scored": len(comparisons) + len(scores), "excluded": failures,
-                   "malformed": 0, "unscored": failures},
-        judge_calls={"total": len(calls), "made": len(fresh), "cached": len(calls) - len(fresh),
-                     "prompt_tokens": sum(c["prompt_tokens"] or 0 for c in fresh),
-                     "completion_tokens": sum(c["completion_tokens"] or 0 for c in fresh),
-                     "seconds": round(sum(c["seconds"] or 0 for c in fresh), 1)},
-    )
-    write_report(result, out, console)
-    return result
+        started = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "judgments.jsonl", "".join(json.dumps(plain_judgment(j)) + "\n" for j in comparisons + scores))
+        result = score_report(comparisons, scores, names[1], parse_failures=failures)
+        timings["scoring"] = round(time.perf_counter() - started, 1)
+        fresh = [c for c in calls if not c["cached"]]
+        result.update(
+            models=names, reference=names[1], questions=len(questions), judge=judge.name, modes=modes,
+            sampling=asdict(sampling), notes=[note] if note else [], timings=timings,
+            judgments={"read": len(calls), "scored": len(comparisons) + len(scores), "excluded": failures,
+                       "malformed": 0, "unscored": failures},
+            judge_calls={"total": len(calls), "made": len(fresh), "cached": len(calls) - len(fresh),
+                         "prompt_tokens": sum(c["prompt_tokens"] or 0 for c in fresh),
+                         "completion_tokens": sum(c["completion_tokens"] or 0 for c in fresh),
+                         "seconds": round(sum(c["seconds"] or 0 for c in fresh), 1)},
+        )
+        write_report(result, out, console)
+        return result
 
 
 def excluded_section(judgments: Judgments) -> dict:
