@@ -23,6 +23,7 @@ from .context import RunContext
 from .distributed import barrier, sum_over_ranks
 from .errors import Problem, RunFailure, UserError
 from .evaluation.mmlu import evaluate
+from .jsonl_log import JsonlLog
 from .recipe import MmluSection
 from .rundir import EVAL_METRICS, METRICS, write_atomic
 
@@ -150,7 +151,8 @@ def read_records(path: Path, up_to_step: int | None) -> list[dict[str, Any]]:
     file rewritten to hold just those: a resumed run logs the later steps again."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # A last line cut short by a kill is left out: its step comes after the checkpoint, and is logged again.
+    lines = JsonlLog(path).read().decode("utf-8").splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -158,8 +160,6 @@ def read_records(path: Path, up_to_step: int | None) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            if number == len(lines):  # a write cut short by a kill: its step comes after the checkpoint, logged again
-                break
             raise UserError(Problem(f"not a JSON record ({error.msg}); the run's log is damaged", file=path,
                                     line=number)) from None
     kept = [r for r in records if up_to_step is None or r["step"] <= up_to_step]

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from ..data.readers import RawRows, jsonl_rows, read_path
 from ..errors import Problem, UserError
 from ..rundir import write_atomic
-from .jsonl_log import JsonlLog
+from ..jsonl_log import JsonlLog
 from .questions import Question, turn_texts
 
 

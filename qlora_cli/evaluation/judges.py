@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
 
 from ..errors import Problem, UserError
-from .jsonl_log import JsonlLog
+from ..jsonl_log import JsonlLog
 from .judgments import Comparison, ScorePair, Winner
 from .questions import Question
 

@@ -1,4 +1,5 @@
-"""Append-only JSON Lines files that survive a kill: the judge's reply cache and each model's answers.
+"""Append-only JSON Lines files that survive a kill: the judge's reply cache, each model's answers, and
+(for reading) a run's metrics logs.
 
 A line is appended with one write and then fsync'd, so a crash (a kill, a power cut) can only cut the
 LAST line short. Reading leaves such a line out, and the next append cuts it off first, so a run
