@@ -336,9 +336,10 @@ def available_device_memory(context: RunContext) -> int | None:
     return int(free)
 
 
-def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torch.dtype, max_shard_bytes: int,
+def check_needs(model_folder: Path, run_dir: Path, context: RunContext, *, dtype: torch.dtype, max_shard_bytes: int,
                 prompt_tokens: int, gguf_types: tuple[str, ...], out: Path, say) -> None:
-    """Say what the merge needs, from the model's config, and refuse when this machine lacks it.
+    """Say what the merge needs, from the config.json in `model_folder`, and refuse when this machine lacks it.
+    A config the planner does not understand (a mixture of experts, other shape keys) gets no estimate.
 
     Raises:
         UserError: not enough memory, GPU memory or disk, with the figures.
@@ -351,7 +352,7 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
         prompt_tokens=prompt_tokens, on_gpu=context.device == "cuda", gguf_types=gguf_types,
     )
     try:
-        needs = merge_needs(config, settings)
+        needs = merge_needs(read_model_config(model_folder), settings)
     except UserError as error:  # an architecture the planner does not know: merge without the estimate
         say(f"No memory estimate for this model ({error}); merging without one")
         return
@@ -431,7 +432,7 @@ def merge_run(
     files = base_checkpoint(base_path, recipe.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
     prompts, prompts_from = parity_prompts(run_dir, tokenizer)
-    check_needs(read_model_config(files.folder), run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
+    check_needs(files.folder, run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
                 prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
     config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
     trained = trained_model(config, files, run_dir, context, device)

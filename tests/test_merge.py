@@ -66,6 +66,22 @@ def tied_run(tmp_path_factory, tiny_model_dir):
     return folder / "run"
 
 
+def run_on_edited_base(run_dir, folder, edit):
+    """A copy of the run whose adapter names a copy of its base model, the copy's config.json changed by `edit`."""
+    import shutil
+
+    base, run = folder / "base", folder / "run"
+    shutil.copytree(run_dir, run)
+    config_path = run / "adapter" / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    shutil.copytree(adapter_config["base_model_name_or_path"], base)
+    config = json.loads((base / "config.json").read_text())
+    edit(config)
+    (base / "config.json").write_text(json.dumps(config))
+    config_path.write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(base)}))
+    return run
+
+
 def trained_logits(run_dir):
     loaded = load_run(run_dir)
     with torch.no_grad():
@@ -430,3 +446,13 @@ def test_progress_says_which_layer_off_a_terminal(trained_run, tmp_path):
     assert "Merging: layer 1 of 2" in lines and "Merging: layer 2 of 2" in lines
     assert lines.count("Merging: layer 1 of 2") == 1  # a line when the layer changes, not per tensor
     assert "Merged checkpoint read back on the parity prompts: layer 2 of 2" in lines
+
+
+def test_a_model_the_planner_does_not_know_merges_without_an_estimate(trained_run, tmp_path):
+    # A config the memory planner refuses (it counts no experts) is still a model transformers builds and merges.
+    run = run_on_edited_base(trained_run, tmp_path, lambda config: config.update(num_local_experts=4))
+    console = quiet()
+    report = merge_run(run, out=tmp_path / "merged", dtype_name="float32", console=console)
+    output = " ".join(console.file.getvalue().split())
+    assert "No memory estimate for this model" in output and "mixture-of-experts" in output
+    assert report["mean_kl_nats_per_token"] < 1e-6
