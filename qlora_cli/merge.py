@@ -324,6 +324,25 @@ def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
     return [row["input_ids"] for row in rows], f"the first {len(rows)} {where}, at most {PARITY_MAX_TOKENS} tokens each"
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be written, or that holds something a merge must not replace: never
+    overwrite a folder that is not a merged model.
+
+    Raises:
+        UserError: `out` or a folder above it is a file; `out` is a non-empty folder that is not a merge, or a
+            merge and `overwrite` is off.
+    """
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out: {existing} is a file, not a folder; choose another --out")
+    if existing != out or not any(out.iterdir()):
+        return
+    if not (out / "merge_report.json").is_file():
+        raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+
+
 def available_host_memory() -> int:
     """Memory the operating system can give this process now, page cache included (MemAvailable)."""
     return int(psutil.virtual_memory().available)
@@ -410,11 +429,7 @@ def merge_run(
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
     out = Path(out).resolve() if out is not None else run_dir / MERGED
-    if out.exists() and any(out.iterdir()):
-        if not (out / "merge_report.json").is_file():
-            raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    check_out(out, overwrite)
     try:
         max_shard_bytes = parse_bytes(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     except UserError as error:

@@ -456,3 +456,16 @@ def test_a_model_the_planner_does_not_know_merges_without_an_estimate(trained_ru
     output = " ".join(console.file.getvalue().split())
     assert "No memory estimate for this model" in output and "mixture-of-experts" in output
     assert report["mean_kl_nats_per_token"] < 1e-6
+
+
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_an_out_that_is_a_file_is_refused(trained_run, tmp_path, capsys, where):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep")
+    out = file if where == "out" else file / "merged"
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", str(trained_run), "--out", str(out), "--overwrite"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"--out: {file} is a file, not a folder" in err
+    assert file.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
