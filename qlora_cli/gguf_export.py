@@ -254,8 +254,12 @@ def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
     return None
 
 
-def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
+def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str | None = None) -> None:
     """Write `target` (.gguf) from a merged checkpoint directory of a Llama-architecture model.
+
+    Args:
+        name: the model's name in the file (`general.name`); none: the folder's name, as llama.cpp's converter
+            names it.
 
     Raises:
         UserError: another architecture, another tokenizer kind, a pre-tokenizer llama.cpp does not
@@ -275,7 +279,7 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
 
     writer = gguf.GGUFWriter(str(target), "llama")
-    writer.add_name(merged_dir.name)
+    writer.add_name(name or merged_dir.name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -331,9 +335,13 @@ def gguf_parity(merged_dir: Path, gguf_file: Path, prompts: list[list[int]]) -> 
     return {"max_abs_logit_diff": report.max_abs_logit_diff, "mean_kl_nats_per_token": report.mean_kl, "tokens": report.tokens}
 
 
-def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: list[list[int]], say=print) -> dict:
+def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: list[list[int]], name: str,
+                      say=print) -> dict:
     """Write model-<type>.gguf and its Ollama Modelfile into `merged_dir` for each type, each checked
     by transformers' GGUF loader and, where llama-cpp-python is installed, by llama.cpp's tokenizer.
+
+    Args:
+        name: the model's name in the files; `merged_dir` may be a staging folder of another name.
 
     Returns:
         per type: the file, its size, the parity with the merged model, the llama.cpp check and the Modelfile.
@@ -341,7 +349,7 @@ def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: lis
     results = {}
     for out_type in out_types:
         file = merged_dir / f"model-{out_type}.gguf"
-        export_gguf(merged_dir, file, out_type)
+        export_gguf(merged_dir, file, out_type, name)
         result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(merged_dir, file, prompts)}
         say(f"Wrote {file.name}: reloaded by transformers' GGUF loader, max |Δlogit| "
             f"{result['max_abs_logit_diff']:.3g} against the merged model")

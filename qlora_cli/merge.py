@@ -488,7 +488,7 @@ def merge_run(
             )
         if gguf_types:
             say(f"Writing GGUF ({', '.join(gguf_types)}): this loads the merged model whole")
-            result["gguf"] = export_gguf_files(staging, gguf_types, prompts, say=say)
+            result["gguf"] = export_gguf_files(staging, gguf_types, prompts, name=out.name, say=say)
         result["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     result["out"] = str(out)

@@ -427,6 +427,10 @@ def test_gguf_export_loads_back_with_the_same_logits_and_tokens(trained_run, tmp
     text = "<s><|user|>\nWhat is the capital of France?</s>"
     assert reloaded(text, add_special_tokens=False)["input_ids"] == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert json.loads((out / "merge_report.json").read_text())["gguf"]["f16"]["file"] == "model-f16.gguf"
+    import gguf
+
+    for out_type in ("f16", "q8_0"):  # named as llama.cpp's converter names it: after the model's folder
+        assert gguf.GGUFReader(str(out / f"model-{out_type}.gguf")).fields["general.name"].contents() == "merged"
     # An Ollama Modelfile beside each file, and llama.cpp's tokenizer consulted where it is installed.
     for out_type in ("f16", "q8_0"):
         modelfile = (out / f"model-{out_type}.Modelfile").read_text()
