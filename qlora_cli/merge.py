@@ -181,10 +181,10 @@ def lora_delta(lora) -> torch.Tensor:
     return sum(deltas[1:], deltas[0])
 
 
-def dequantized_weight(trained: TrainedModel, slot, files: CheckpointFiles, device, held: bool) -> torch.Tensor:
-    """The float32 weight the trained model computed with: the quantized weight its layer holds (`held`), or
+def dequantized_weight(trained: TrainedModel, slot, module, attribute: str, files: CheckpointFiles, device,
+                       held: bool) -> torch.Tensor:
+    """The float32 weight the trained model computed with: the quantized weight `module` holds (`held`), or
     the original read and quantized as when training; dequantized."""
-    module, attribute = slot.owners[0]
     quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
         files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
     try:
@@ -207,17 +207,34 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
     if slot is None:  # a persistent buffer: the checkpoint's value if it has one, else the model's own
         value = files.read(name) if name in files else buffers[name]
         return value.to(dtype) if value.is_floating_point() else value
-    module, attribute = slot.owners[0]
+    module, attribute = slot.owners[slot.owner_names.index(name)]  # of a tied weight, the module named so
     lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
     if base == "dequantized" and is_quantized(slot.placeholder):
-        weight = dequantized_weight(trained, slot, files, device, held)
+        weight = dequantized_weight(trained, slot, module, attribute, files, device, held)
     elif lora is not None:
-        weight = files.read(name, torch.float32, device)
+        weight = files.read(slot.name, torch.float32, device)
     else:
-        return files.read(name, dtype)
+        return files.read(slot.name, dtype)
     if lora is not None:
         weight += lora_delta(lora)
     return weight.to(dtype).cpu()
+
+
+def adapted_tied_weights(trained: TrainedModel) -> list[list[str]]:
+    """The names of each weight that several modules share (tied) and an adapter changes in one of them."""
+    return [slot.owner_names for slot in trained.weights.slots
+            if len(slot.owners) > 1 and any(id(module) in trained.lora_of for module, _ in slot.owners)]
+
+
+def merged_config(config, trained: TrainedModel):
+    """The merged model's config: the base's, with its word embeddings untied when the adapter changes a tied
+    weight (a LoRA on a tied output head changes the head alone, which one shared tensor cannot hold; peft's own
+    merge would add the head's update to the input embedding too)."""
+    if not adapted_tied_weights(trained):
+        return config
+    config = copy.deepcopy(config)
+    config.tie_word_embeddings = False
+    return config
 
 
 class ShardWriter:
@@ -265,10 +282,15 @@ class LayerMerger:
         model = empty_model(config, dtype, trust_remote_code)
         self.architecture = type(model).__name__
         tensors = output_tensors(model)
+        for names in adapted_tied_weights(trained):
+            if not all(name in tensors for name in names):
+                raise UserError(f"the adapter changes {' and '.join(names)}, which this model ties together even "
+                                "with tie_word_embeddings: false, so no merged checkpoint can hold both; nothing was "
+                                "merged. Train without a LoRA on a tied weight (lora.target_modules)")
         self.buffers = dict(model.named_buffers())
         self.writer = ShardWriter(folder, tensors, max_shard_bytes)
         self.trained, self.files, self.base, self.dtype, self.device = trained, files, base, dtype, device
-        self.of_layer = [[slot.name for slot in trained.weights.within(layer) if slot.name in tensors]
+        self.of_layer = [[name for slot in trained.weights.within(layer) for name in slot.owner_names if name in tensors]
                          for layer in decoder_layers(trained.model)]
         in_layers = {name for names in self.of_layer for name in names}
         order = list(tensors)
@@ -451,6 +473,10 @@ def merge_run(
                 prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
     config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
     trained = trained_model(config, files, run_dir, context, device)
+    config = merged_config(config, trained)
+    for names in adapted_tied_weights(trained):
+        say(f"The base model ties {' and '.join(names)}, which the adapter changes apart: the merged model holds "
+            "them untied (tie_word_embeddings: false)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as staging:
         staging.mkdir()

@@ -14,11 +14,12 @@ what the allocator and the operating system add on top is not counted.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .plan import (CUDA_CONTEXT_BYTES, ModelShapes, format_bytes, kept_parameter_count, lora_targets,
+from .plan import (CUDA_CONTEXT_BYTES, OUTPUT_HEAD, ModelShapes, format_bytes, kept_parameter_count, lora_targets,
                    model_shapes, quantized_linear_bytes)
 from .streaming import READ_BLOCK_BYTES
 
@@ -78,6 +79,9 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
         UserError: the config lacks the shapes (see plan.model_shapes), or names no LoRA target of this model.
     """
     s, shapes = settings, model_shapes(config)
+    targets = lora_targets(shapes, s.target_modules)
+    if shapes.tied and OUTPUT_HEAD in targets:  # the merge unties an adapted head (merge.merged_config)
+        shapes = dataclasses.replace(shapes, tied=False)
     linears = shapes.linears()
     parameters = parameter_count(shapes)
     largest_linear = max(i * o for i, o in linears.values())
@@ -85,7 +89,6 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
     outside_layers = embedding * (1 if shapes.tied else 2) + shapes.hidden
     layer_kept = (kept_parameter_count(shapes) - outside_layers) // shapes.layers  # norms, biases
 
-    targets = lora_targets(shapes, s.target_modules)
     adapter = 4 * s.lora_r * sum((i + o) * (1 if name == "lm_head" else shapes.layers) for name, (i, o) in targets.items())
 
     def outer(weight_bytes: int) -> int:

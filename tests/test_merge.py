@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import warnings
 import weakref
 
 import pytest
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from conftest import train_tiny_run
 from qlora_cli.cli import main
+from qlora_cli.errors import UserError
 from qlora_cli.merge import merge_run
 from qlora_cli.models import load_run
 from qlora_cli.recipe import load_recipe
@@ -49,20 +51,41 @@ def trained_8bit_run(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def tied_run(tmp_path_factory, tiny_model_dir):
-    """A run on a tiny Llama whose output head is its input embedding (Llama 3.2, Gemma, SmolLM2)."""
+def tied_model_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny Llama whose output head is its input embedding (Llama 3.2, Gemma, SmolLM2)."""
     import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tied")
-    model_dir = folder / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
+    model_dir = tmp_path_factory.mktemp("tied-model")
+    shutil.copytree(tiny_model_dir, model_dir, dirs_exist_ok=True)
     config = LlamaConfig.from_pretrained(tiny_model_dir)
     config.tie_word_embeddings = True
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
-    train_tiny_run(folder, model_dir, max_steps=4, learning_rate=5e-3)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory, tied_model_dir):
+    folder = tmp_path_factory.mktemp("tied")
+    train_tiny_run(folder, tied_model_dir, max_steps=4, learning_rate=5e-3)
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def tied_head_run(tmp_path_factory, tied_model_dir):
+    """A run on the tied tiny Llama with a LoRA on the output head too (lora.target_modules names lm_head)."""
+    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+
+    folder = tmp_path_factory.mktemp("tied-head")
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    targets = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]"
+    text = tiny_recipe_text(tied_model_dir, ["alpaca.jsonl"], max_steps=8, learning_rate=5e-3)
+    (folder / "tiny.yaml").write_text(text.replace("lora:\n", f"lora:\n  target_modules: {targets}\n") + "output:\n  dir: run\n")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # peft's, about exactly this case
+        run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
     return folder / "run"
 
 
@@ -473,3 +496,38 @@ def test_an_out_that_is_a_file_is_refused(trained_run, tmp_path, capsys, where):
     assert exited.value.code == 2 and "Traceback" not in err
     assert f"--out: {file} is a file, not a folder" in err
     assert file.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_lora_on_a_tied_output_head_is_merged_into_an_untied_head(tied_head_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_run(tied_head_run)
+    head = loaded.model.base_model.model.lm_head
+    delta = head.get_delta_weight("default").float()
+    base_embedding = head.get_base_layer().weight.detach().float().cpu().clone()
+    assert delta.abs().max().item() > 1e-3  # the head's adapter learned something to lose
+
+    out, console = tmp_path / "merged", quiet()
+    report = merge_run(tied_head_run, out=out, dtype_name="float32", console=console)
+    assert report["mean_kl_nats_per_token"] < 1e-6
+    assert "ties model.embed_tokens.weight and lm_head.weight" in " ".join(console.file.getvalue().split())
+    tensors = safetensors_of(out)
+    # The embedding stays the base's; the head gets its own weight with the delta: one tensor cannot hold both.
+    assert torch.equal(tensors["model.embed_tokens.weight"], base_embedding)
+    assert torch.equal(tensors["lm_head.weight"], base_embedding + delta.cpu())
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    expected, _ = trained_logits(tied_head_run)
+    with torch.no_grad():
+        assert (merged(input_ids=torch.tensor([PROMPT_IDS])).logits - expected).abs().max().item() < 1e-4
+
+
+def test_a_tied_weight_that_cannot_be_untied_is_refused_before_merging(tied_head_run, tmp_path, monkeypatch):
+    import qlora_cli.merge as merge_module
+
+    # As for a model whose weights stay tied whatever its config says.
+    monkeypatch.setattr(merge_module, "merged_config", lambda config, trained: config)
+    with pytest.raises(UserError, match="changes model.embed_tokens.weight and lm_head.weight, which this model ties"):
+        merge_run(tied_head_run, out=tmp_path / "merged", dtype_name="float32")
+    assert list(tmp_path.iterdir()) == []
