@@ -51,8 +51,8 @@ from .models import quantization_config
 from .parity import compare_logits
 from .plan import parse_bytes, read_model_config
 from .rundir import ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, staged
-from .streaming import (INDEX_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers, move_buffers,
-                        streamed_logits)
+from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
+                        move_buffers, streamed_logits)
 
 KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
 PARITY_PROMPTS = 4
@@ -66,6 +66,27 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 # ---------------------------------------------------------------------------------------------
 # The two models, on the meta device
 
+def download_base(repo_id: str, revision: str | None) -> Path:
+    """The hub model's folder in the Hugging Face cache, with its JSON files and the safetensors weights
+    transformers loads: the shards its index names, else model.safetensors. Other safetensors files of the
+    repository stay on the hub (Mistral-7B-Instruct-v0.3 also holds its weights again in one 14.5 GB file).
+
+    Raises:
+        UserError: no such model, or an unreadable index.
+    """
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except Exception as exc:  # hub errors come in many types; all mean the same here
+            raise UserError(f"the run's base model {repo_id} cannot be found: {exc}") from None
+
+    folder = fetch(["*.json"])
+    weights = [SINGLE_FILE]
+    if (folder / INDEX_FILE).is_file():
+        weights = sorted({file.name for file in CheckpointFiles(folder).file_of.values()})  # the index's shards
+    return fetch(["*.json", *weights])
+
+
 def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
     """The safetensors files of the base model: a local folder, or a hub id's download in the Hugging Face cache.
 
@@ -74,10 +95,7 @@ def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
     """
     folder = Path(base_path)
     if not folder.is_dir():
-        try:
-            folder = Path(snapshot_download(base_path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
-        except Exception as exc:  # hub errors come in many types; all mean the same here
-            raise UserError(f"the run's base model {base_path} cannot be found: {exc}") from None
+        folder = download_base(base_path, revision)
     try:
         return CheckpointFiles(folder)
     except UserError as error:

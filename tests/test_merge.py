@@ -531,3 +531,36 @@ def test_a_tied_weight_that_cannot_be_untied_is_refused_before_merging(tied_head
     with pytest.raises(UserError, match="changes model.embed_tokens.weight and lm_head.weight, which this model ties"):
         merge_run(tied_head_run, out=tmp_path / "merged", dtype_name="float32")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_hub_base_downloads_only_the_weights_its_index_names(tiny_model_dir, tmp_path, monkeypatch, sharded):
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+    from transformers import AutoModelForCausalLM
+
+    import qlora_cli.merge as merge_module
+
+    # A hub repository as Mistral-7B-Instruct-v0.3's: transformers' weights, and a consolidated copy beside them.
+    repo = tmp_path / "repo"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(repo, max_shard_size="100KB" if sharded else "1GB")
+    shards = sorted(p.name for p in repo.glob("*.safetensors"))
+    assert (len(shards) > 1) == sharded
+    shutil.copy(repo / shards[0], repo / "consolidated.safetensors")
+    (repo / "params.json").write_text("{}")
+    cache = tmp_path / "cache"
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        # What huggingface_hub fetches for these patterns, into one snapshot folder.
+        assert repo_id == "org/model" and revision == "main" and not kwargs
+        names = [p.name for p in repo.iterdir()]
+        for name in filter_repo_objects(names, allow_patterns=allow_patterns):
+            cache.mkdir(exist_ok=True)
+            shutil.copy(repo / name, cache / name)
+        return str(cache)
+
+    monkeypatch.setattr(merge_module, "snapshot_download", snapshot_download)
+    files = merge_module.base_checkpoint("org/model", "main")
+    assert files.folder == cache and sorted(p.name for p in cache.glob("*.safetensors")) == shards
+    assert all(name in files for name in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
