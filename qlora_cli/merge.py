@@ -37,6 +37,7 @@ from peft.tuners.lora import LoraLayer
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
 
 from . import compat
 from .console import Steps
@@ -66,10 +67,11 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 # ---------------------------------------------------------------------------------------------
 # The two models, on the meta device
 
-def download_base(repo_id: str, revision: str | None) -> Path:
-    """The hub model's folder in the Hugging Face cache, with its JSON files and the safetensors weights
-    transformers loads: the shards its index names, else model.safetensors. Other safetensors files of the
-    repository stay on the hub (Mistral-7B-Instruct-v0.3 also holds its weights again in one 14.5 GB file).
+def download_base(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    """The hub model's folder in the Hugging Face cache, with its JSON files (and, for a model trusted to run its
+    own code, its Python files) and the safetensors weights transformers loads: the shards its index names, else
+    model.safetensors. Other safetensors files of the repository stay on the hub (Mistral-7B-Instruct-v0.3 also
+    holds its weights again in one 14.5 GB file).
 
     Raises:
         UserError: no such model, or an unreadable index.
@@ -80,14 +82,15 @@ def download_base(repo_id: str, revision: str | None) -> Path:
         except Exception as exc:  # hub errors come in many types; all mean the same here
             raise UserError(f"the run's base model {repo_id} cannot be found: {exc}") from None
 
-    folder = fetch(["*.json"])
+    described = ["*.json", "*.py"] if trust_remote_code else ["*.json"]
+    folder = fetch(described)
     weights = [SINGLE_FILE]
     if (folder / INDEX_FILE).is_file():
         weights = sorted({file.name for file in CheckpointFiles(folder).file_of.values()})  # the index's shards
-    return fetch(["*.json", *weights])
+    return fetch(described + weights)
 
 
-def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
+def base_checkpoint(base_path: str, revision: str | None, trust_remote_code: bool = False) -> CheckpointFiles:
     """The safetensors files of the base model: a local folder, or a hub id's download in the Hugging Face cache.
 
     Raises:
@@ -95,7 +98,7 @@ def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
     """
     folder = Path(base_path)
     if not folder.is_dir():
-        folder = download_base(base_path, revision)
+        folder = download_base(base_path, revision, trust_remote_code)
     try:
         return CheckpointFiles(folder)
     except UserError as error:
@@ -166,13 +169,13 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunCon
     return TrainedModel(peft_model, weights, lora_of, dtype)
 
 
-def merged_model(config, files: CheckpointFiles, dtype: torch.dtype, device):
+def merged_model(config, files: CheckpointFiles, dtype: torch.dtype, device, trust_remote_code: bool):
     """The merged checkpoint as a model on the meta device, and its weights read from `files`."""
 
     def make_parameter(slot, files):
         return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
 
-    model = empty_model(config, dtype, trust_remote_code=False).eval()
+    model = empty_model(config, dtype, trust_remote_code).eval()
     weights = StreamedWeights(model, files, make_parameter)
     move_buffers(model, device)
     return model, weights
@@ -298,7 +301,7 @@ class LayerMerger:
     def __init__(self, folder: Path, trained: TrainedModel, files: CheckpointFiles, config, *, base: str,
                  dtype: torch.dtype, device, max_shard_bytes: int, trust_remote_code: bool):
         model = empty_model(config, dtype, trust_remote_code)
-        self.architecture = type(model).__name__
+        self.model = model  # on the meta device: what the output is written as
         tensors = output_tensors(model)
         for names in adapted_tied_weights(trained):
             if not all(name in tensors for name in names):
@@ -330,12 +333,15 @@ class LayerMerger:
         )
 
 
-def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, architecture: str, tokenizer) -> None:
-    """config.json (in the merged dtype), generation_config.json and the run's tokenizer, as `save_pretrained`
-    writes them beside the weights."""
+def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, model, tokenizer) -> None:
+    """config.json (in the merged dtype), generation_config.json, the code of a model defined by its own code,
+    and the run's tokenizer, as `save_pretrained` of `model` (the merged model on the meta device) writes them
+    beside the weights."""
     config = copy.deepcopy(config)
     config.dtype = dtype
-    config.architectures = [architecture]
+    config.architectures = [type(model).__name__]
+    if model.is_remote_code():
+        custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
     try:
         generation = GenerationConfig.from_pretrained(base_folder)
@@ -424,9 +430,11 @@ def check_needs(model_folder: Path, run_dir: Path, context: RunContext, *, dtype
 # ---------------------------------------------------------------------------------------------
 # The merge
 
-def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
+def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console,
+                  trust_remote_code: bool) -> list[torch.Tensor]:
     """The merged checkpoint's logits on the prompts, read back a layer at a time."""
-    model, weights = merged_model(AutoConfig.from_pretrained(folder), CheckpointFiles(folder), dtype, device)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model, weights = merged_model(config, CheckpointFiles(folder), dtype, device, trust_remote_code)
     count = len(decoder_layers(model))
     with Steps(console, "Merged checkpoint read back on the parity prompts", count) as steps:
         hooks = LayerHooks(on_layer=lambda done, total: steps.advance(done, f"layer {done} of {total}"))
@@ -484,7 +492,7 @@ def merge_run(
     device = torch.device("cuda", context.local_rank) if context.device == "cuda" else torch.device("cpu")
     say(f"Merging {run_dir / ADAPTER} into {base_path} ({base} base, {dtype_name}, on {device.type}); "
         f"reading the run's first rows to check the merge on")
-    files = base_checkpoint(base_path, recipe.model.revision)
+    files = base_checkpoint(base_path, recipe.model.revision, recipe.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
     prompts, prompts_from = parity_prompts(run_dir, tokenizer)
     check_needs(files.folder, run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
@@ -507,11 +515,12 @@ def merge_run(
             warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
             reference = streamed_logits(trained.model, trained.weights, prompts, device, merger.hooks(steps))
         shards = merger.writer.close()
-        write_configs(staging, files.folder, config, dtype, merger.architecture, tokenizer)
+        write_configs(staging, files.folder, config, dtype, merger.model, tokenizer)
         del trained, merger  # the adapter's weights: all the merge kept in memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        report = compare_logits(reference, merged_logits(staging, dtype, prompts, device, console))
+        report = compare_logits(reference, merged_logits(staging, dtype, prompts, device, console,
+                                                            recipe.model.trust_remote_code))
         enforced = base == "dequantized" and dtype == torch.float32
         result = {
             "base": base,

@@ -533,8 +533,8 @@ def test_a_tied_weight_that_cannot_be_untied_is_refused_before_merging(tied_head
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("sharded", [True, False])
-def test_a_hub_base_downloads_only_the_weights_its_index_names(tiny_model_dir, tmp_path, monkeypatch, sharded):
+@pytest.mark.parametrize("sharded, remote_code", [(True, False), (False, False), (True, True)])
+def test_a_hub_base_downloads_only_the_weights_its_index_names(tiny_model_dir, tmp_path, monkeypatch, sharded, remote_code):
     import shutil
 
     from huggingface_hub.utils import filter_repo_objects
@@ -549,6 +549,7 @@ def test_a_hub_base_downloads_only_the_weights_its_index_names(tiny_model_dir, t
     assert (len(shards) > 1) == sharded
     shutil.copy(repo / shards[0], repo / "consolidated.safetensors")
     (repo / "params.json").write_text("{}")
+    (repo / "modeling_custom.py").write_text("")  # fetched only for a model trusted to run its own code
     cache = tmp_path / "cache"
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
@@ -561,6 +562,68 @@ def test_a_hub_base_downloads_only_the_weights_its_index_names(tiny_model_dir, t
         return str(cache)
 
     monkeypatch.setattr(merge_module, "snapshot_download", snapshot_download)
-    files = merge_module.base_checkpoint("org/model", "main")
+    files = merge_module.base_checkpoint("org/model", "main", trust_remote_code=remote_code)
     assert files.folder == cache and sorted(p.name for p in cache.glob("*.safetensors")) == shards
+    assert (cache / "params.json").is_file() and (cache / "modeling_custom.py").is_file() == remote_code
     assert all(name in files for name in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
+
+
+# A model defined by its own code, as hub models loaded with trust_remote_code are: a Llama under another name.
+REMOTE_CONFIGURATION = '''from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tinyremote"
+'''
+REMOTE_MODELING = '''from transformers import LlamaForCausalLM
+
+from .configuration_tinyremote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+'''
+
+
+@pytest.fixture(scope="module")
+def remote_code_run(tmp_path_factory, tiny_model_dir):
+    """A run (model.trust_remote_code: true) on a copy of the tiny Llama that names its own code in auto_map.
+    transformers copies such code into a modules cache: the module's own while its tests run, not the user's."""
+    import shutil
+
+    import transformers.dynamic_module_utils as dynamic
+
+    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+
+    folder = tmp_path_factory.mktemp("remote")
+    model_dir = folder / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "configuration_tinyremote.py").write_text(REMOTE_CONFIGURATION)
+    (model_dir / "modeling_tinyremote.py").write_text(REMOTE_MODELING)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="tinyremote", architectures=["TinyRemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tinyremote.TinyRemoteConfig",
+                            "AutoModelForCausalLM": "modeling_tinyremote.TinyRemoteForCausalLM"})
+    (model_dir / "config.json").write_text(json.dumps(config))
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    text = tiny_recipe_text(model_dir, ["alpaca.jsonl"], max_steps=4, learning_rate=5e-3)
+    (folder / "tiny.yaml").write_text(text.replace("model:\n", "model:\n  trust_remote_code: true\n") + "output:\n  dir: run\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("modules")))
+        run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
+        yield folder / "run"
+
+
+def test_a_model_with_its_own_code_merges_and_loads(remote_code_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    report = merge_run(remote_code_run, out=out, dtype_name="float32")
+    assert report["mean_kl_nats_per_token"] < 1e-6
+    # The code travels with the checkpoint, as save_pretrained writes it.
+    assert (out / "modeling_tinyremote.py").is_file() and (out / "configuration_tinyremote.py").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
+    assert type(merged).__name__ == "TinyRemoteForCausalLM"
+    expected, _ = trained_logits(remote_code_run)
+    with torch.no_grad():
+        assert (merged(input_ids=torch.tensor([PROMPT_IDS])).logits - expected).abs().max().item() < 1e-4
