@@ -126,17 +126,20 @@ def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
 
 
+def check_vocabulary_fits(tokenizer, vocab_size: int) -> None:
+    """Raises UserError when the tokenizer has ids beyond the model's embedding rows."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise UserError(f"--gguf: the tokenizer has ids up to {largest}, the model only {vocab_size} embedding rows")
+
+
 def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """One token string and llama.cpp token type per embedding row, as llama.cpp's converter writes a
     byte-level BPE vocabulary: special added tokens are CONTROL (matched whole in text), other added
-    tokens USER_DEFINED, rows no token uses UNUSED padding.
-
-    Raises:
-        UserError: the tokenizer has ids beyond the model's embedding rows.
+    tokens USER_DEFINED, rows no token uses UNUSED padding. Ids beyond the rows are refused before
+    (`check_vocabulary_fits`).
     """
     vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise UserError(f"--gguf: the tokenizer has ids up to {max(vocab.values())}, the model only {vocab_size} embedding rows")
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
     by_id = {index: token for token, index in vocab.items()}
@@ -224,18 +227,28 @@ def rope_parameters(config) -> dict:
     return params
 
 
-def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
-    """Write the RoPE keys; returns the `rope_freqs` tensor a `llama3` scaling needs, else None.
+def rope_type(config) -> str:
+    """The config's RoPE scaling kind.
 
     Raises:
         UserError: a scaling llama.cpp's Llama architecture cannot reproduce (dynamic NTK, longrope, ...).
     """
-    params = rope_parameters(config)
-    kind = params["rope_type"]
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(params["rope_theta"]))
+    kind = rope_parameters(config)["rope_type"]
     if kind not in ROPE_TYPES:
         raise UserError(f"--gguf: RoPE scaling {kind!r} is not supported in the GGUF export (supported: {', '.join(ROPE_TYPES)})")
+    return kind
+
+
+def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
+    """Write the RoPE keys; returns the `rope_freqs` tensor a `llama3` scaling needs, else None.
+
+    Raises:
+        UserError: an unsupported scaling (see `rope_type`).
+    """
+    params = rope_parameters(config)
+    kind = rope_type(config)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(params["rope_theta"]))
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
@@ -254,6 +267,28 @@ def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
     return None
 
 
+def check_exportable(config, tokenizer, tokenizer_dir: Path, out_types: tuple[str, ...]) -> str:
+    """Refuse a model the GGUF export cannot write, from its config and tokenizer alone: cheap enough to
+    run before a merge starts. Returns llama.cpp's name of the tokenizer's pre-tokenizer.
+
+    Args:
+        tokenizer_dir: the folder of the tokenizer's tokenizer.json.
+
+    Raises:
+        UserError: an unknown out type, another architecture, another tokenizer kind, a pre-tokenizer
+            llama.cpp does not know, tokenizer ids beyond the embedding rows, or an unsupported RoPE scaling.
+    """
+    for out_type in out_types:
+        if out_type not in FORMATS:
+            raise UserError(f"--gguf: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
+    if config.model_type != "llama":
+        raise UserError(f"--gguf: only Llama-architecture models are supported, not {config.model_type}")
+    pre = pre_tokenizer_name(tokenizer, read_tokenizer_spec(tokenizer_dir))
+    check_vocabulary_fits(tokenizer, config.vocab_size)
+    rope_type(config)
+    return pre
+
+
 def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str | None = None) -> None:
     """Write `target` (.gguf) from a merged checkpoint directory of a Llama-architecture model.
 
@@ -262,17 +297,11 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str
             names it.
 
     Raises:
-        UserError: another architecture, another tokenizer kind, a pre-tokenizer llama.cpp does not
-            know, an unsupported RoPE scaling, or an unknown out_type.
+        UserError: what `check_exportable` refuses.
     """
-    if out_type not in FORMATS:
-        raise UserError(f"--gguf: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
     config = AutoConfig.from_pretrained(merged_dir)
-    if config.model_type != "llama":
-        raise UserError(f"--gguf: only Llama-architecture models are supported, not {config.model_type}")
-    spec = read_tokenizer_spec(merged_dir)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    pre = pre_tokenizer_name(tokenizer, spec)
+    pre = check_exportable(config, tokenizer, merged_dir, (out_type,))
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     special = special_vocab(merged_dir, tokenizer, config.vocab_size)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads

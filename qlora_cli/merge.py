@@ -46,7 +46,7 @@ from .context import RunContext, inference_context
 from .data.sources import load_datasets
 from .data.tokenize import TokenizeOptions, tokenize_examples
 from .errors import Problem, UserError
-from .gguf_export import export_gguf_files
+from .gguf_export import check_exportable, export_gguf_files
 from .merge_plan import MergeSettings, check_fits, merge_needs
 from .models import quantization_config
 from .parity import compare_logits
@@ -468,8 +468,9 @@ def merge_run(
         the parity report, also written to OUT/merge_report.json.
 
     Raises:
-        UserError: not a run directory, damaged adapter, existing output, not enough memory or disk, or a
-            float32 dequantized merge whose KL exceeds KL_LIMIT.
+        UserError: not a run directory, damaged adapter, existing output, a GGUF export that cannot be done
+            (refused before merging), not enough memory or disk, or a float32 dequantized merge whose KL exceeds
+            KL_LIMIT.
     """
     console = console or Console(quiet=True)
     say = console.print
@@ -493,11 +494,13 @@ def merge_run(
     say(f"Merging {run_dir / ADAPTER} into {base_path} ({base} base, {dtype_name}, on {device.type}); "
         f"reading the run's first rows to check the merge on")
     files = base_checkpoint(base_path, recipe.model.revision, recipe.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    if gguf_types:  # the merged checkpoint has the base's config and the run's tokenizer
+        check_exportable(config, tokenizer, run_dir / ADAPTER, gguf_types)
     prompts, prompts_from = parity_prompts(run_dir, tokenizer)
     check_needs(files.folder, run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
                 prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
-    config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
     trained = trained_model(config, files, run_dir, context, device)
     config = merged_config(config, trained)
     for names in adapted_tied_weights(trained):

@@ -627,3 +627,23 @@ def test_a_model_with_its_own_code_merges_and_loads(remote_code_run, tmp_path):
     expected, _ = trained_logits(remote_code_run)
     with torch.no_grad():
         assert (merged(input_ids=torch.tensor([PROMPT_IDS])).logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda config: config.update(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+     "RoPE scaling 'dynamic' is not supported"),
+    (lambda config: config.update(model_type="mistral", architectures=["MistralForCausalLM"]),
+     "only Llama-architecture models are supported, not mistral"),
+], ids=["rope", "architecture"])
+def test_a_gguf_export_that_cannot_be_done_is_refused_before_merging(trained_run, tmp_path, monkeypatch, edit, message):
+    import qlora_cli.merge as merge_module
+
+    run = run_on_edited_base(trained_run, tmp_path / "edited", edit)
+
+    def trained_model(*args, **kwargs):
+        raise AssertionError("the merge started")
+
+    monkeypatch.setattr(merge_module, "trained_model", trained_model)
+    with pytest.raises(UserError, match=message):
+        merge_run(run, out=tmp_path / "merged", dtype_name="float32", gguf_types=("f16",))
+    assert not (tmp_path / "merged").exists()
