@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .plan import (CUDA_CONTEXT_BYTES, OUTPUT_HEAD, ModelShapes, format_bytes, kept_parameter_count, lora_targets,
-                   model_shapes, quantized_linear_bytes)
+from .plan import (CUDA_CONTEXT_BYTES, OUTPUT_HEAD, ModelShapes, _lora_parameter_count, format_bytes,
+                   kept_parameter_count, lora_targets, model_shapes, quantized_linear_bytes)
 from .streaming import READ_BLOCK_BYTES
 
 GiB = 2**30
@@ -89,7 +89,7 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
     outside_layers = embedding * (1 if shapes.tied else 2) + shapes.hidden
     layer_kept = (kept_parameter_count(shapes) - outside_layers) // shapes.layers  # norms, biases
 
-    adapter = 4 * s.lora_r * sum((i + o) * (1 if name == "lm_head" else shapes.layers) for name, (i, o) in targets.items())
+    adapter = 4 * _lora_parameter_count(shapes, targets, s.lora_r)  # float32
 
     def outer(weight_bytes: int) -> int:
         """The modules outside the decoder layers, in memory together; weights are read a block at a time."""
