@@ -25,7 +25,7 @@ from . import compat
 from .data.tokenize import encode_prompt, tokenizer_adds_bos
 from .generate import stop_token_ids
 from .models import LoadedModel
-from .modelfile import VERIFY_CONVERSATIONS, derive_turn_format, go_template, render_like_ollama
+from .modelfile import derive_turn_format, go_template, rendering_differences
 
 INSTALL_HINT = "pip install llama-cpp-python"
 
@@ -264,10 +264,11 @@ def modelfile_agreement(llama, tokenizer, modelfile: Path) -> dict:
         return formatter(messages=messages).prompt
 
     turns = derive_turn_format(render, bos_text)
+    conversations, differences = rendering_differences(turns, render, bos_text)
     text = modelfile.read_text(encoding="utf-8")
-    agreeing = sum(render_like_ollama(turns, c) == render(c, True).removeprefix(bos_text or "") for c in VERIFY_CONVERSATIONS)
     return {"template_in_modelfile_is_derived_from_the_file": f'TEMPLATE """{go_template(turns)}"""' in text,
-            "conversations_rendered_alike": agreeing, "conversations": len(VERIFY_CONVERSATIONS)}
+            "conversations_rendered_alike": conversations - len(differences), "conversations": conversations,
+            "differences": differences}
 
 
 def judge_export(gguf_file: Path, model_dir: Path, greedy: bool = True) -> dict:

@@ -207,15 +207,23 @@ LATER_SYSTEM_CONVERSATION = [_message("user", "Hi."), _message("assistant", "Hel
 OPEN_REPLY_CONVERSATION = [_message("user", "Say hi."), _message("assistant", "Hi there")]
 
 
-def verify_turn_format(turns: TurnFormat, render: Render, bos_text: str | None = None) -> None:
-    """Check `render_like_ollama` against the Jinja template on several conversations.
-
-    Raises:
-        TemplateShapeError: naming the first conversation they render differently.
-    """
+def verification_cases(turns: TurnFormat) -> list[tuple[list[dict], bool]]:
+    """The conversations `render_like_ollama` is checked on, each with whether the generation prompt follows
+    (not after an open last reply); a later system message only where the template accepts one."""
     cases = [(c, True) for c in VERIFY_CONVERSATIONS] + [(OPEN_REPLY_CONVERSATION, False)]
     if turns.later_system_prefix is not None:
         cases.append((LATER_SYSTEM_CONVERSATION, True))
+    return cases
+
+
+def rendering_differences(turns: TurnFormat, render: Render, bos_text: str | None = None) -> tuple[int, list[str]]:
+    """Compare `render_like_ollama` with the Jinja template on `verification_cases`.
+
+    Returns:
+        how many conversations were compared, and a description of each rendered differently.
+    """
+    cases = verification_cases(turns)
+    differences = []
     for conversation, generation_prompt in cases:
         expected = render(conversation, generation_prompt)
         if bos_text:
@@ -225,7 +233,19 @@ def verify_turn_format(turns: TurnFormat, render: Render, bos_text: str | None =
             got += turns.assistant_suffix  # Jinja closes the last reply; Ollama leaves it open
         if got != expected:
             roles = "/".join(m["role"] for m in conversation)
-            raise TemplateShapeError(f"the derived template renders a {roles} conversation differently: {got!r} != {expected!r}")
+            differences.append(f"a {roles} conversation differently: {got!r} != {expected!r}")
+    return len(cases), differences
+
+
+def verify_turn_format(turns: TurnFormat, render: Render, bos_text: str | None = None) -> None:
+    """Check `render_like_ollama` against the Jinja template on several conversations.
+
+    Raises:
+        TemplateShapeError: naming the first conversation they render differently.
+    """
+    _, differences = rendering_differences(turns, render, bos_text)
+    if differences:
+        raise TemplateShapeError(f"the derived template renders {differences[0]}")
 
 
 def stop_strings(tokenizer) -> list[str]:
