@@ -140,13 +140,11 @@ def compare_tokenization(llama, tokenizer, lines: list[str], keep: int = 5) -> T
     return TokenizationReport(identical, len(lines), mismatches)
 
 
-def llama_cpp_tokenization_check(gguf_file: Path, model_dir: Path, say=print) -> dict:
-    """Tokenize CHECK_LINES with llama.cpp's vocabulary of `gguf_file` and with the tokenizer of
-    `model_dir`; a difference is reported (and said), never hidden. Skipped, saying so, without
-    llama-cpp-python."""
+def llama_cpp_tokenization_check(gguf_file: Path, tokenizer, say=print) -> dict:
+    """Tokenize CHECK_LINES with llama.cpp's vocabulary of `gguf_file` and with the model's `tokenizer`; a
+    difference is reported (and said), never hidden. Skipped, saying so, without llama-cpp-python."""
     if not llama_cpp_available():
         return {"checked": False, "reason": f"llama-cpp-python is not installed ({INSTALL_HINT})"}
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocabulary = load_llama(gguf_file, vocab_only=True)
     try:
         report = compare_tokenization(vocabulary, tokenizer, CHECK_LINES)

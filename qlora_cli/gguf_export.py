@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data.templates import end_of_turn_token
 from .data.tokenize import tokenizer_adds_bos
@@ -289,8 +290,32 @@ def check_exportable(config, tokenizer, tokenizer_dir: Path, out_types: tuple[st
     return pre
 
 
+@dataclass
+class MergedModel:
+    """A merged checkpoint folder, loaded once for all its GGUF files: the model whole, in float32."""
+
+    folder: Path
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def load_merged(folder: Path) -> MergedModel:
+    return MergedModel(folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+                       AutoTokenizer.from_pretrained(folder))
+
+
 def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str | None = None) -> None:
-    """Write `target` (.gguf) from a merged checkpoint directory of a Llama-architecture model.
+    """Write `target` (.gguf) from a merged checkpoint directory of a Llama-architecture model (see `write_gguf`)."""
+    write_gguf(load_merged(merged_dir), target, out_type, name)
+
+
+def write_gguf(merged: MergedModel, target: Path, out_type: str = "f16", name: str | None = None) -> None:
+    """Write `target` (.gguf) of the merged model. Besides the model, it holds the file's tensors until they
+    are written: at most 2 bytes per parameter more (f16).
 
     Args:
         name: the model's name in the file (`general.name`); none: the folder's name, as llama.cpp's converter
@@ -299,8 +324,7 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str
     Raises:
         UserError: what `check_exportable` refuses.
     """
-    config = AutoConfig.from_pretrained(merged_dir)
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    config, tokenizer, merged_dir = merged.config, merged.tokenizer, merged.folder
     pre = check_exportable(config, tokenizer, merged_dir, (out_type,))
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     special = special_vocab(merged_dir, tokenizer, config.vocab_size)
@@ -326,11 +350,10 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)
 
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     if rope_freqs is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
-    state = model.state_dict()
+    state = merged.model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for hf_name, tensor in state.items():
@@ -356,11 +379,11 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str
     writer.close()
 
 
-def gguf_parity(merged_dir: Path, gguf_file: Path, prompts: list[list[int]]) -> dict:
-    """Max |Δlogit| and mean KL between the merged model and the GGUF file loaded back by transformers."""
-    original = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+def gguf_parity(model: torch.nn.Module, gguf_file: Path, prompts: list[list[int]]) -> dict:
+    """Max |Δlogit| and mean KL between the merged model and the GGUF file loaded back by transformers (a second
+    float32 copy, freed on return)."""
     reloaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
-    report = parity(original, reloaded, prompts)
+    report = parity(model, reloaded, prompts)
     return {"max_abs_logit_diff": report.max_abs_logit_diff, "mean_kl_nats_per_token": report.mean_kl, "tokens": report.tokens}
 
 
@@ -369,21 +392,25 @@ def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: lis
     """Write model-<type>.gguf and its Ollama Modelfile into `merged_dir` for each type, each checked
     by transformers' GGUF loader and, where llama-cpp-python is installed, by llama.cpp's tokenizer.
 
+    The merged model is loaded once, whole in float32, for all types; while a file is checked its reload is a
+    second such copy (merge_plan.GGUF_HOST_BYTES_PER_PARAMETER).
+
     Args:
         name: the model's name in the files; `merged_dir` may be a staging folder of another name.
 
     Returns:
         per type: the file, its size, the parity with the merged model, the llama.cpp check and the Modelfile.
     """
+    merged = load_merged(merged_dir)
     results = {}
     for out_type in out_types:
         file = merged_dir / f"model-{out_type}.gguf"
-        export_gguf(merged_dir, file, out_type, name)
-        result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(merged_dir, file, prompts)}
+        write_gguf(merged, file, out_type, name)
+        result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(merged.model, file, prompts)}
         say(f"Wrote {file.name}: reloaded by transformers' GGUF loader, max |Δlogit| "
             f"{result['max_abs_logit_diff']:.3g} against the merged model")
-        result["llama_cpp"] = llama_cpp_tokenization_check(file, merged_dir, say=say)
-        result["modelfile"] = write_modelfile(merged_dir, file, say=say)
+        result["llama_cpp"] = llama_cpp_tokenization_check(file, merged.tokenizer, say=say)
+        result["modelfile"] = write_modelfile(file, merged.tokenizer, merged.model.generation_config, say=say)
         results[out_type] = result
     return results
 

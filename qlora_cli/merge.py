@@ -51,6 +51,7 @@ from .merge_plan import MergeSettings, check_fits, merge_needs
 from .models import quantization_config
 from .parity import compare_logits
 from .plan import parse_bytes, read_model_config
+from .recipe import Recipe
 from .rundir import ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, staged
 from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
                         move_buffers, streamed_logits)
@@ -131,13 +132,13 @@ class TrainedModel:
     compute_dtype: torch.dtype
 
 
-def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunContext, device) -> TrainedModel:
+def trained_model(config, files: CheckpointFiles, run_dir: Path, recipe: Recipe, context: RunContext,
+                  device) -> TrainedModel:
     """The run's model as `load_run` loads it, but with nothing of the base in memory.
 
     Raises:
         UserError: a damaged adapter.
     """
-    recipe = read_run_recipe(run_dir)
     dtype = context.compute_dtype
     model = empty_model(config, dtype, recipe.model.trust_remote_code)
     quantization = quantization_config(recipe.quantization, dtype)
@@ -354,10 +355,9 @@ def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, m
 # ---------------------------------------------------------------------------------------------
 # Before starting: the prompts, and what the merge needs
 
-def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
+def parity_prompts(run_dir: Path, recipe: Recipe, tokenizer) -> tuple[list[list[int]], str]:
     """Token ids of the first evaluation rows of the run (else its first training rows), as the model
     saw them in training, and a description of where they came from."""
-    recipe = read_run_recipe(run_dir)
     try:
         datasets = load_datasets(recipe.data, recipe.training.seed)
     except UserError:
@@ -401,7 +401,7 @@ def available_device_memory(context: RunContext) -> int | None:
     return int(free)
 
 
-def check_needs(model_folder: Path, run_dir: Path, context: RunContext, *, dtype: torch.dtype, max_shard_bytes: int,
+def check_needs(model_folder: Path, recipe: Recipe, context: RunContext, *, dtype: torch.dtype, max_shard_bytes: int,
                 prompt_tokens: int, gguf_types: tuple[str, ...], out: Path, say) -> None:
     """Say what the merge needs, from the config.json in `model_folder`, and refuse when this machine lacks it.
     A config the planner does not understand (a mixture of experts, other shape keys) gets no estimate.
@@ -409,7 +409,6 @@ def check_needs(model_folder: Path, run_dir: Path, context: RunContext, *, dtype
     Raises:
         UserError: not enough memory, GPU memory or disk, with the figures.
     """
-    recipe = read_run_recipe(run_dir)
     settings = MergeSettings(
         bits=recipe.quantization.bits, double_quant=recipe.quantization.double_quant, lora_r=recipe.lora.r,
         target_modules=recipe.lora.target_modules, compute_bytes=context.compute_dtype.itemsize,
@@ -498,10 +497,10 @@ def merge_run(
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
     if gguf_types:  # the merged checkpoint has the base's config and the run's tokenizer
         check_exportable(config, tokenizer, run_dir / ADAPTER, gguf_types)
-    prompts, prompts_from = parity_prompts(run_dir, tokenizer)
-    check_needs(files.folder, run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
+    prompts, prompts_from = parity_prompts(run_dir, recipe, tokenizer)
+    check_needs(files.folder, recipe, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
                 prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
-    trained = trained_model(config, files, run_dir, context, device)
+    trained = trained_model(config, files, run_dir, recipe, context, device)
     config = merged_config(config, trained)
     for names in adapted_tied_weights(trained):
         say(f"The base model ties {' and '.join(names)}, which the adapter changes apart: the merged model holds "

@@ -30,7 +30,8 @@ LIBRARIES_BYTES = GiB // 2
 # GGUF files as gguf_export.py writes them: 16-bit matrices, or 8-bit blocks of 32 weights with a
 # 16-bit scale each; 1-D tensors stay float32 and are negligible.
 GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 34 / 32}
-# gguf_export.py loads the merged checkpoint whole in float32, and its check loads two such copies.
+# gguf_export.py holds the merged model whole in float32 (once for all GGUF types); writing a file adds its
+# tensors (at most 2 bytes per parameter), checking it the file loaded back (a second float32 copy).
 GGUF_HOST_BYTES_PER_PARAMETER = 8
 
 

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from transformers import AutoTokenizer, GenerationConfig
-
 from .data.tokenize import tokenizer_adds_bos
 from .generate import end_token_ids
 
@@ -285,14 +283,9 @@ def modelfile_for(tokenizer, generation_config, gguf_name: str) -> tuple[str, st
     return modelfile_text(gguf_name, template, stop_strings(tokenizer, generation_config)), reason
 
 
-def write_modelfile(model_dir: Path, gguf_file: Path, say=print) -> dict:
-    """Write <gguf stem>.Modelfile beside `gguf_file`; returns its name, stop strings and whether it
-    has a TEMPLATE (with the reason when not)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:  # the model has none
-        generation_config = None
+def write_modelfile(gguf_file: Path, tokenizer, generation_config, say=print) -> dict:
+    """Write <gguf stem>.Modelfile beside `gguf_file` of a model with `tokenizer` and `generation_config`;
+    returns its name, stop strings and whether it has a TEMPLATE (with the reason when not)."""
     text, reason = modelfile_for(tokenizer, generation_config, gguf_file.name)
     path = gguf_file.with_suffix(".Modelfile")
     path.write_text(text, encoding="utf-8")

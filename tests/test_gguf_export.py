@@ -336,10 +336,10 @@ def test_the_modelfile_stops_at_every_end_token_generation_stops_at(tmp_path, ti
         if (tiny_model_dir / name).exists():
             shutil.copy(tiny_model_dir / name, tmp_path / name)
     GenerationConfig(bos_token_id=1, eos_token_id=[2, 3]).save_pretrained(tmp_path)
-    written = write_modelfile(tmp_path, tmp_path / "m.gguf", say=lambda *_: None)
+    tokenizer, generation_config = AutoTokenizer.from_pretrained(tmp_path), GenerationConfig.from_pretrained(tmp_path)
+    written = write_modelfile(tmp_path / "m.gguf", tokenizer, generation_config, say=lambda *_: None)
     assert written["stop"] == ["</s>", "<|user|>"]
     assert 'PARAMETER stop "</s>"\nPARAMETER stop "<|user|>"\n' in (tmp_path / "m.Modelfile").read_text()
     # What `qlora generate` stops at, as text.
-    model = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(tmp_path))
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = SimpleNamespace(generation_config=generation_config)
     assert written["stop"] == [tokenizer.decode([i]) for i in stop_token_ids(LoadedModel(model, tokenizer, "m"))]

@@ -186,6 +186,7 @@ def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(trained_run, tmp_
 
     from qlora_cli.merge import parity_prompts
     from qlora_cli.parity import compare_logits, model_logits
+    from qlora_cli.rundir import read_run_recipe
 
     dtype = getattr(torch, dtype_name)
     report = merge_run(trained_run, out=tmp_path / "streamed", dtype_name=dtype_name, base=base)
@@ -198,7 +199,7 @@ def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(trained_run, tmp_
         assert json.loads((tmp_path / "streamed" / file).read_text()) == json.loads((tmp_path / "in-memory" / file).read_text())
 
     # The report is the parity of the trained model with the merged checkpoint as transformers loads it.
-    prompts, _ = parity_prompts(trained_run, load_run(trained_run).tokenizer)
+    prompts, _ = parity_prompts(trained_run, read_run_recipe(trained_run), load_run(trained_run).tokenizer)
     reference = model_logits(trained, prompts)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=dtype).eval()
     expected = compare_logits(reference, model_logits(loaded, prompts))
@@ -233,11 +234,12 @@ def test_the_streamed_trained_model_computes_what_the_loaded_one_does(run, reque
 
     run_dir = request.getfixturevalue(run)
     loaded = load_run(run_dir)
-    prompts, _ = parity_prompts(run_dir, loaded.tokenizer)
+    recipe = read_run_recipe(run_dir)
+    prompts, _ = parity_prompts(run_dir, recipe, loaded.tokenizer)
     files = base_checkpoint(adapter_base_model(run_dir), None)
-    context = inference_context(read_run_recipe(run_dir).quantization.compute_dtype)
+    context = inference_context(recipe.quantization.compute_dtype)
     device = next(loaded.model.parameters()).device  # where load_run put it, as the merge does
-    streamed = trained_model(AutoConfig.from_pretrained(files.folder), files, run_dir, context, device)
+    streamed = trained_model(AutoConfig.from_pretrained(files.folder), files, run_dir, recipe, context, device)
     assert all(p.device.type == "meta" for n, p in streamed.model.named_parameters() if "lora_" not in n)
     got = streamed_logits(streamed.model, streamed.weights, prompts, device)
     for expected, logits in zip(model_logits(loaded.model, prompts), got, strict=True):
@@ -647,3 +649,33 @@ def test_a_gguf_export_that_cannot_be_done_is_refused_before_merging(trained_run
     with pytest.raises(UserError, match=message):
         merge_run(run, out=tmp_path / "merged", dtype_name="float32", gguf_types=("f16",))
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_merge_with_gguf_files_loads_the_merged_model_and_tokenizer_once(trained_run, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qlora_cli.merge as merge_module
+
+    loads = {"model": 0, "gguf": 0, "tokenizer": 0, "recipe": 0}
+    real_model, real_tokenizer, real_recipe = (AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained,
+                                               merge_module.read_run_recipe)
+
+    def load_model(*args, **kwargs):
+        loads["gguf" if "gguf_file" in kwargs else "model"] += 1
+        return real_model(*args, **kwargs)
+
+    def load_tokenizer(*args, **kwargs):
+        loads["tokenizer"] += 1
+        return real_tokenizer(*args, **kwargs)
+
+    def read_recipe(*args, **kwargs):
+        loads["recipe"] += 1
+        return real_recipe(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load_model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", load_tokenizer)
+    monkeypatch.setattr(merge_module, "read_run_recipe", read_recipe)
+    report = merge_run(trained_run, out=tmp_path / "merged", dtype_name="float32", gguf_types=("f16", "q8_0"))
+    assert set(report["gguf"]) == {"f16", "q8_0"}
+    # The run's tokenizer, the merged folder's; the merged model whole once, and each file loaded back once.
+    assert loads == {"model": 1, "gguf": 2, "tokenizer": 2, "recipe": 1}
