@@ -57,8 +57,6 @@ class CheckpointFiles:
         resident memory while the file is open. So the tensor is copied (and converted) a block of rows at a
         time, each from a fresh opening of the file: besides the result, at most READ_BLOCK_BYTES are resident.
         """
-        from safetensors import safe_open
-
         file = str(self.file_of[name])
         with safe_open(file, framework="pt") as handle:
             shape = handle.get_slice(name).get_shape()
