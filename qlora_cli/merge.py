@@ -210,7 +210,7 @@ def dequantized_weight(trained: TrainedModel, slot, module, attribute: str, file
     quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
         files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
     try:
-        if type(quantized).__name__ == "Params4bit":
+        if isinstance(quantized, bnb.nn.Params4bit):
             return dequantize_4bit(quantized.data, quantized.quant_state).float()
         return compat.dequantize_8bit(quantized, getattr(module, "state", None)).float()
     finally:
