@@ -198,13 +198,19 @@ def special_vocab(model_dir: Path, tokenizer, vocab_size: int):
 
 def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
     """Per-frequency divisors of Llama 3.x RoPE scaling (`rope_type: llama3`), the `rope_freqs` tensor
-    llama.cpp divides its rotary frequencies by (as its converter computes it)."""
-    base = params.get("rope_theta", 10000.0)
+    llama.cpp divides its rotary frequencies by, computed as its converter computes them (in float64), so the
+    tensor is the converter's to the bit. transformers' ROPE_INIT_FUNCTIONS["llama3"] gives the same factors
+    to float32 rounding (a few entries differ by up to 2.6e-7 relative, for Llama 3.1-8B's parameters).
+
+    Args:
+        params: the config's `rope_parameters`; transformers requires every key read here for `llama3`.
+    """
+    base = params["rope_theta"]
     freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    factor = params.get("factor", 8.0)
-    low_freq_factor = params.get("low_freq_factor", 1.0)
-    high_freq_factor = params.get("high_freq_factor", 4.0)
-    old_context = params.get("original_max_position_embeddings", 8192)
+    factor = params["factor"]
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    old_context = params["original_max_position_embeddings"]
     low_freq_wavelen = old_context / low_freq_factor
     high_freq_wavelen = old_context / high_freq_factor
     factors = []
@@ -220,21 +226,16 @@ def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def rope_parameters(config) -> dict:
-    """The config's RoPE parameters with `rope_type` and `rope_theta` always present."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    params.setdefault("rope_type", params.get("type", "default"))
-    params.setdefault("rope_theta", float(getattr(config, "rope_theta", 10000.0)))
-    return params
-
-
 def rope_type(config) -> str:
     """The config's RoPE scaling kind.
 
     Raises:
         UserError: a scaling llama.cpp's Llama architecture cannot reproduce (dynamic NTK, longrope, ...).
     """
-    kind = rope_parameters(config)["rope_type"]
+    # transformers (5.x) standardizes every Llama config's RoPE settings, legacy `rope_scaling` and a top-level
+    # `rope_theta` included, into `rope_parameters` with `rope_type` and `rope_theta` (and, for llama3 and yarn,
+    # `original_max_position_embeddings`).
+    kind = config.rope_parameters["rope_type"]
     if kind not in ROPE_TYPES:
         raise UserError(f"--gguf: RoPE scaling {kind!r} is not supported in the GGUF export (supported: {', '.join(ROPE_TYPES)})")
     return kind
@@ -246,7 +247,7 @@ def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
     Raises:
         UserError: an unsupported scaling (see `rope_type`).
     """
-    params = rope_parameters(config)
+    params = config.rope_parameters
     kind = rope_type(config)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(params["rope_theta"]))
@@ -256,7 +257,7 @@ def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
     elif kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(params["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(params.get("original_max_position_embeddings") or config.max_position_embeddings))
+        writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
         for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
                          ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
                          ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),

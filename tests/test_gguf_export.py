@@ -161,6 +161,24 @@ def test_rope_scaling_is_written(tmp_path, tiny_tokenizer, rope):
         assert fields["llama.rope.scaling.original_context_length"] == 128
 
 
+def test_rope_scaling_in_the_legacy_keys_is_written(tmp_path, tiny_tokenizer):
+    # Llama 3.1's config.json as published: `rope_scaling` and a top-level `rope_theta`, which transformers
+    # reads into `rope_parameters`.
+    rope = ROPE_SCALINGS[0]
+    tiny_tokenizer.save_pretrained(tmp_path)
+    build_tiny_llama(tmp_path, len(tiny_tokenizer), rope_parameters=rope)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]
+    config["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
+    config["rope_theta"] = 500000.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    reader, fields = read_gguf(tmp_path / "m.gguf")
+    assert fields["llama.rope.freq_base"] == 500000.0
+    factors = np.asarray({t.name: t for t in reader.tensors}["rope_freqs.weight"].data)
+    np.testing.assert_allclose(factors, llama3_rope_factors({**rope, "rope_theta": 500000.0}, 16))
+
+
 def test_unsupported_rope_scaling_is_refused(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path)
     build_tiny_llama(tmp_path, len(tiny_tokenizer), rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
