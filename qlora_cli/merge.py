@@ -1,19 +1,22 @@
 """Merging: a full-precision checkpoint that computes what the trained model (4-bit base + adapter) computed,
-written a tensor at a time, so that no step holds the model.
+written a tensor at a time, so that no step of the merge holds the model (the GGUF export after it does).
 
 The adapter learned against dequant(quant(W)), not W. So by default the LoRA delta is added to the
 dequantized 4-bit (or 8-bit) weights (`base: dequantized`); `base: original` adds it to the original weights,
 as reloading the 16-bit base and calling peft's merge does, and the parity report says how far that drifts.
 Nothing is ever merged into quantized weights and re-quantized.
 
-Neither the trained model nor the merged one is ever loaded whole (streaming.py):
+The merge loads neither the trained model nor the merged one whole (streaming.py):
 1. the trained model is built on the meta device with the adapter's weights, and run on the parity prompts a
    decoder layer at a time, each layer read from the base checkpoint and quantized exactly as `from_pretrained`
    quantizes it (on the GPU when there is one);
-2. while a layer is in memory, each of its weights is dequantized, given its LoRA delta (peft's
-   `get_delta_weight`), cast, and added to the output shard being filled, which is written and freed when full;
+2. while a layer is in memory, each of its weights is dequantized (`base: original`: read again as stored),
+   given its LoRA delta (peft's `get_delta_weight`), cast, and added to the output shard being filled, which is
+   written and freed when full;
 3. the merged checkpoint is read back a layer at a time for the same prompts, and the two sets of logits are
    compared.
+With GGUF files asked for (`--gguf`), the export then loads the merged checkpoint whole, in float32
+(gguf_export.py), and the memory the merge says it needs counts that.
 """
 
 from __future__ import annotations
@@ -296,8 +299,9 @@ class ShardWriter:
 class LayerMerger:
     """Merges the output while the trained model's streamed forward holds its layers (streaming.LayerHooks): the
     tensors before the decoder layers once the forward has gone past them, each layer's while it is in memory
-    (its quantized weights as the trained model holds them), the rest after the layers. So the base is read and
-    quantized once, and the memory held is one shard and one layer."""
+    (its quantized weights as the trained model holds them), the rest after the layers. So the memory held is
+    one shard and one layer, and merging into the dequantized base (the default) reads and quantizes the base
+    once; `base: original` reads the layers' original weights a second time, to merge into them."""
 
     def __init__(self, folder: Path, trained: TrainedModel, files: CheckpointFiles, config, *, base: str,
                  dtype: torch.dtype, device, max_shard_bytes: int, trust_remote_code: bool):

@@ -1,14 +1,16 @@
 """What a merge needs, memory and disk, from the model's config alone, before anything loads.
 
-The merge (merge.py, streaming.py) never holds the model: it holds the adapter and the parity prompts' logits
-(the trained model's and the merged one's), plus, one phase at a time,
+The merge (merge.py, streaming.py) never holds the model whole: it holds the adapter and the parity prompts'
+logits (the trained model's and the merged one's), plus, one phase at a time,
 - the trained model's modules outside the decoder layers, in the compute dtype (embeddings, head, final norm);
 - one quantized decoder layer of the trained model, with the working set of the tensor of it being merged (its
   dequantized float32 weight, its float32 LoRA delta, the result in the output dtype) and the output shard
   being filled;
 - the merged model's modules outside the layers, or one of its layers, in the output dtype.
 Weights are read from the checkpoints a block of READ_BLOCK_BYTES at a time. On a GPU the weights compute
-there, and the host holds the output shard and the block being read. The counts are the tensors' own sizes;
+there, and the host holds the output shard and the block being read. A GGUF export (--gguf) comes after the
+merge and does hold the merged model whole, in float32, with a second such copy while it checks a file
+(GGUF_HOST_BYTES_PER_PARAMETER): with it, that is usually the peak. The counts are the tensors' own sizes;
 what the allocator and the operating system add on top is not counted.
 """
 
