@@ -40,7 +40,7 @@ from .data.tokenize import tokenizer_adds_bos
 from .errors import UserError
 from .gguf_check import llama_cpp_tokenization_check
 from .modelfile import write_modelfile
-from .parity import parity
+from .parity import compare_logits, model_logits
 
 FORMATS = {"f16", "q8_0"}
 
@@ -380,11 +380,11 @@ def write_gguf(merged: MergedModel, target: Path, out_type: str = "f16", name: s
     writer.close()
 
 
-def gguf_parity(model: torch.nn.Module, gguf_file: Path, prompts: list[list[int]]) -> dict:
-    """Max |Δlogit| and mean KL between the merged model and the GGUF file loaded back by transformers (a second
-    float32 copy, freed on return)."""
+def gguf_parity(reference: list[torch.Tensor], gguf_file: Path, prompts: list[list[int]]) -> dict:
+    """Max |Δlogit| and mean KL between the merged model's logits on the prompts (`reference`) and the GGUF file's,
+    loaded back by transformers (whole, in float32; freed on return)."""
     reloaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
-    report = parity(model, reloaded, prompts)
+    report = compare_logits(reference, model_logits(reloaded, prompts))
     return {"max_abs_logit_diff": report.max_abs_logit_diff, "mean_kl_nats_per_token": report.mean_kl, "tokens": report.tokens}
 
 
@@ -393,8 +393,9 @@ def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: lis
     """Write model-<type>.gguf and its Ollama Modelfile into `merged_dir` for each type, each checked
     by transformers' GGUF loader and, where llama-cpp-python is installed, by llama.cpp's tokenizer.
 
-    The merged model is loaded once, whole in float32, for all types; while a file is checked its reload is a
-    second such copy (merge_plan.GGUF_HOST_BYTES_PER_PARAMETER).
+    The merged model is loaded once, whole in float32: its logits on the prompts are kept and every file is
+    written from it; it is then freed, so that loading a file back to check it is the only model in memory
+    (merge_plan.GGUF_HOST_BYTES_PER_PARAMETER).
 
     Args:
         name: the model's name in the files; `merged_dir` may be a staging folder of another name.
@@ -403,15 +404,19 @@ def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: lis
         per type: the file, its size, the parity with the merged model, the llama.cpp check and the Modelfile.
     """
     merged = load_merged(merged_dir)
-    results = {}
-    for out_type in out_types:
-        file = merged_dir / f"model-{out_type}.gguf"
+    reference = model_logits(merged.model, prompts)
+    files = {out_type: merged_dir / f"model-{out_type}.gguf" for out_type in out_types}
+    for out_type, file in files.items():
         write_gguf(merged, file, out_type, name)
-        result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(merged.model, file, prompts)}
+    tokenizer, generation_config = merged.tokenizer, merged.model.generation_config
+    del merged
+    results = {}
+    for out_type, file in files.items():
+        result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(reference, file, prompts)}
         say(f"Wrote {file.name}: reloaded by transformers' GGUF loader, max |Δlogit| "
             f"{result['max_abs_logit_diff']:.3g} against the merged model")
-        result["llama_cpp"] = llama_cpp_tokenization_check(file, merged.tokenizer, say=say)
-        result["modelfile"] = write_modelfile(file, merged.tokenizer, merged.model.generation_config, say=say)
+        result["llama_cpp"] = llama_cpp_tokenization_check(file, tokenizer, say=say)
+        result["modelfile"] = write_modelfile(file, tokenizer, generation_config, say=say)
         results[out_type] = result
     return results
 

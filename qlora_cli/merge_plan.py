@@ -9,8 +9,8 @@ logits (the trained model's and the merged one's), plus, one phase at a time,
 - the merged model's modules outside the layers, or one of its layers, in the output dtype.
 Weights are read from the checkpoints a block of READ_BLOCK_BYTES at a time. On a GPU the weights compute
 there, and the host holds the output shard and the block being read. A GGUF export (--gguf) comes after the
-merge and does hold the merged model whole, in float32, with a second such copy while it checks a file
-(GGUF_HOST_BYTES_PER_PARAMETER): with it, that is usually the peak. The counts are the tensors' own sizes;
+merge and does hold a model whole, in float32: the merged one while it writes the files, then each file loaded
+back to check it (GGUF_HOST_BYTES_PER_PARAMETER); with it, that is usually the peak. The counts are the tensors' own sizes;
 what the allocator and the operating system add on top is not counted.
 """
 
@@ -32,8 +32,10 @@ LIBRARIES_BYTES = GiB // 2
 # GGUF files as gguf_export.py writes them: 16-bit matrices, or 8-bit blocks of 32 weights with a
 # 16-bit scale each; 1-D tensors stay float32 and are negligible.
 GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 34 / 32}
-# gguf_export.py holds the merged model whole in float32 (once for all GGUF types); writing a file adds its
-# tensors (at most 2 bytes per parameter), checking it the file loaded back (a second float32 copy).
+# gguf_export.py holds the merged model whole in float32 while it writes the files (plus a file's tensors, at
+# most 2 bytes per parameter), then frees it and loads each file back (transformers' GGUF loader holds the
+# dequantized float32 tensors beside the float32 model it fills). Measured with /usr/bin/time -v on a
+# 134.5 M-parameter model, f16 and q8_0: peak RSS 7.9 bytes per parameter above the libraries.
 GGUF_HOST_BYTES_PER_PARAMETER = 8
 
 
