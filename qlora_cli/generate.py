@@ -50,9 +50,14 @@ def conversation_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 def stop_token_ids(loaded: LoadedModel) -> list[int]:
     """EOS ids of the model plus the token the chat template closes replies with."""
-    tokenizer = loaded.tokenizer
+    return end_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
+
+
+def end_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's EOS id, the generation config's EOS ids (Llama 3.1 lists <|eom_id|> there too) and the
+    token the chat template closes replies with."""
     ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     if tokenizer.chat_template:
         end = end_of_turn_token(tokenizer, tokenizer.chat_template)

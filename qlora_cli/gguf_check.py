@@ -25,7 +25,7 @@ from . import compat
 from .data.tokenize import encode_prompt, tokenizer_adds_bos
 from .generate import stop_token_ids
 from .models import LoadedModel
-from .modelfile import VERIFY_CONVERSATIONS, derive_turn_format, go_template, render_like_ollama
+from .modelfile import derive_turn_format, go_template, rendering_differences
 
 INSTALL_HINT = "pip install llama-cpp-python"
 
@@ -140,13 +140,11 @@ def compare_tokenization(llama, tokenizer, lines: list[str], keep: int = 5) -> T
     return TokenizationReport(identical, len(lines), mismatches)
 
 
-def llama_cpp_tokenization_check(gguf_file: Path, model_dir: Path, say=print) -> dict:
-    """Tokenize CHECK_LINES with llama.cpp's vocabulary of `gguf_file` and with the tokenizer of
-    `model_dir`; a difference is reported (and said), never hidden. Skipped, saying so, without
-    llama-cpp-python."""
+def llama_cpp_tokenization_check(gguf_file: Path, tokenizer, say=print) -> dict:
+    """Tokenize CHECK_LINES with llama.cpp's vocabulary of `gguf_file` and with the model's `tokenizer`; a
+    difference is reported (and said), never hidden. Skipped, saying so, without llama-cpp-python."""
     if not llama_cpp_available():
         return {"checked": False, "reason": f"llama-cpp-python is not installed ({INSTALL_HINT})"}
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocabulary = load_llama(gguf_file, vocab_only=True)
     try:
         report = compare_tokenization(vocabulary, tokenizer, CHECK_LINES)
@@ -264,10 +262,11 @@ def modelfile_agreement(llama, tokenizer, modelfile: Path) -> dict:
         return formatter(messages=messages).prompt
 
     turns = derive_turn_format(render, bos_text)
+    conversations, differences = rendering_differences(turns, render, bos_text)
     text = modelfile.read_text(encoding="utf-8")
-    agreeing = sum(render_like_ollama(turns, c) == render(c, True).removeprefix(bos_text or "") for c in VERIFY_CONVERSATIONS)
     return {"template_in_modelfile_is_derived_from_the_file": f'TEMPLATE """{go_template(turns)}"""' in text,
-            "conversations_rendered_alike": agreeing, "conversations": len(VERIFY_CONVERSATIONS)}
+            "conversations_rendered_alike": conversations - len(differences), "conversations": conversations,
+            "differences": differences}
 
 
 def judge_export(gguf_file: Path, model_dir: Path, greedy: bool = True) -> dict:

@@ -26,20 +26,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data.templates import end_of_turn_token
 from .data.tokenize import tokenizer_adds_bos
 from .errors import UserError
 from .gguf_check import llama_cpp_tokenization_check
 from .modelfile import write_modelfile
-from .parity import parity
+from .parity import compare_logits, model_logits
 
 FORMATS = {"f16", "q8_0"}
 
@@ -126,17 +127,20 @@ def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
 
 
+def check_vocabulary_fits(tokenizer, vocab_size: int) -> None:
+    """Raises UserError when the tokenizer has ids beyond the model's embedding rows."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise UserError(f"--gguf: the tokenizer has ids up to {largest}, the model only {vocab_size} embedding rows")
+
+
 def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """One token string and llama.cpp token type per embedding row, as llama.cpp's converter writes a
     byte-level BPE vocabulary: special added tokens are CONTROL (matched whole in text), other added
-    tokens USER_DEFINED, rows no token uses UNUSED padding.
-
-    Raises:
-        UserError: the tokenizer has ids beyond the model's embedding rows.
+    tokens USER_DEFINED, rows no token uses UNUSED padding. Ids beyond the rows are refused before
+    (`check_vocabulary_fits`).
     """
     vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise UserError(f"--gguf: the tokenizer has ids up to {max(vocab.values())}, the model only {vocab_size} embedding rows")
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
     by_id = {index: token for token, index in vocab.items()}
@@ -194,13 +198,19 @@ def special_vocab(model_dir: Path, tokenizer, vocab_size: int):
 
 def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
     """Per-frequency divisors of Llama 3.x RoPE scaling (`rope_type: llama3`), the `rope_freqs` tensor
-    llama.cpp divides its rotary frequencies by (as its converter computes it)."""
-    base = params.get("rope_theta", 10000.0)
+    llama.cpp divides its rotary frequencies by, computed as its converter computes them (in float64), so the
+    tensor is the converter's to the bit. transformers' ROPE_INIT_FUNCTIONS["llama3"] gives the same factors
+    to float32 rounding (a few entries differ by up to 2.6e-7 relative, for Llama 3.1-8B's parameters).
+
+    Args:
+        params: the config's `rope_parameters`; transformers requires every key read here for `llama3`.
+    """
+    base = params["rope_theta"]
     freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    factor = params.get("factor", 8.0)
-    low_freq_factor = params.get("low_freq_factor", 1.0)
-    high_freq_factor = params.get("high_freq_factor", 4.0)
-    old_context = params.get("original_max_position_embeddings", 8192)
+    factor = params["factor"]
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    old_context = params["original_max_position_embeddings"]
     low_freq_wavelen = old_context / low_freq_factor
     high_freq_wavelen = old_context / high_freq_factor
     factors = []
@@ -216,33 +226,38 @@ def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def rope_parameters(config) -> dict:
-    """The config's RoPE parameters with `rope_type` and `rope_theta` always present."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    params.setdefault("rope_type", params.get("type", "default"))
-    params.setdefault("rope_theta", float(getattr(config, "rope_theta", 10000.0)))
-    return params
+def rope_type(config) -> str:
+    """The config's RoPE scaling kind.
+
+    Raises:
+        UserError: a scaling llama.cpp's Llama architecture cannot reproduce (dynamic NTK, longrope, ...).
+    """
+    # transformers (5.x) standardizes every Llama config's RoPE settings, legacy `rope_scaling` and a top-level
+    # `rope_theta` included, into `rope_parameters` with `rope_type` and `rope_theta` (and, for llama3 and yarn,
+    # `original_max_position_embeddings`).
+    kind = config.rope_parameters["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise UserError(f"--gguf: RoPE scaling {kind!r} is not supported in the GGUF export (supported: {', '.join(ROPE_TYPES)})")
+    return kind
 
 
 def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
     """Write the RoPE keys; returns the `rope_freqs` tensor a `llama3` scaling needs, else None.
 
     Raises:
-        UserError: a scaling llama.cpp's Llama architecture cannot reproduce (dynamic NTK, longrope, ...).
+        UserError: an unsupported scaling (see `rope_type`).
     """
-    params = rope_parameters(config)
-    kind = params["rope_type"]
+    params = config.rope_parameters
+    kind = rope_type(config)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(params["rope_theta"]))
-    if kind not in ROPE_TYPES:
-        raise UserError(f"--gguf: RoPE scaling {kind!r} is not supported in the GGUF export (supported: {', '.join(ROPE_TYPES)})")
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
     elif kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(params["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(params.get("original_max_position_embeddings") or config.max_position_embeddings))
+        writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
         for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
                          ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
                          ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
@@ -254,28 +269,71 @@ def write_rope(writer, config, head_dim: int) -> np.ndarray | None:
     return None
 
 
-def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
-    """Write `target` (.gguf) from a merged checkpoint directory of a Llama-architecture model.
+def check_exportable(config, tokenizer, tokenizer_dir: Path, out_types: tuple[str, ...]) -> str:
+    """Refuse a model the GGUF export cannot write, from its config and tokenizer alone: cheap enough to
+    run before a merge starts. Returns llama.cpp's name of the tokenizer's pre-tokenizer.
+
+    Args:
+        tokenizer_dir: the folder of the tokenizer's tokenizer.json.
 
     Raises:
-        UserError: another architecture, another tokenizer kind, a pre-tokenizer llama.cpp does not
-            know, an unsupported RoPE scaling, or an unknown out_type.
+        UserError: an unknown out type, another architecture, another tokenizer kind, a pre-tokenizer
+            llama.cpp does not know, tokenizer ids beyond the embedding rows, or an unsupported RoPE scaling.
     """
-    if out_type not in FORMATS:
-        raise UserError(f"--gguf: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
-    config = AutoConfig.from_pretrained(merged_dir)
+    for out_type in out_types:
+        if out_type not in FORMATS:
+            raise UserError(f"--gguf: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
     if config.model_type != "llama":
         raise UserError(f"--gguf: only Llama-architecture models are supported, not {config.model_type}")
-    spec = read_tokenizer_spec(merged_dir)
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    pre = pre_tokenizer_name(tokenizer, spec)
+    pre = pre_tokenizer_name(tokenizer, read_tokenizer_spec(tokenizer_dir))
+    check_vocabulary_fits(tokenizer, config.vocab_size)
+    rope_type(config)
+    return pre
+
+
+@dataclass
+class MergedModel:
+    """A merged checkpoint folder, loaded once for all its GGUF files: the model whole, in float32."""
+
+    folder: Path
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def load_merged(folder: Path) -> MergedModel:
+    return MergedModel(folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+                       AutoTokenizer.from_pretrained(folder))
+
+
+def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16", name: str | None = None) -> None:
+    """Write `target` (.gguf) from a merged checkpoint directory of a Llama-architecture model (see `write_gguf`)."""
+    write_gguf(load_merged(merged_dir), target, out_type, name)
+
+
+def write_gguf(merged: MergedModel, target: Path, out_type: str = "f16", name: str | None = None) -> None:
+    """Write `target` (.gguf) of the merged model. Besides the model, it holds the file's tensors until they
+    are written: at most 2 bytes per parameter more (f16).
+
+    Args:
+        name: the model's name in the file (`general.name`); none: the folder's name, as llama.cpp's converter
+            names it.
+
+    Raises:
+        UserError: what `check_exportable` refuses.
+    """
+    config, tokenizer, merged_dir = merged.config, merged.tokenizer, merged.folder
+    pre = check_exportable(config, tokenizer, merged_dir, (out_type,))
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     special = special_vocab(merged_dir, tokenizer, config.vocab_size)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
 
     writer = gguf.GGUFWriter(str(target), "llama")
-    writer.add_name(merged_dir.name)
+    writer.add_name(name or merged_dir.name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -293,11 +351,10 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)
 
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     if rope_freqs is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
-    state = model.state_dict()
+    state = merged.model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for hf_name, tensor in state.items():
@@ -323,30 +380,43 @@ def export_gguf(merged_dir: Path, target: Path, out_type: str = "f16") -> None:
     writer.close()
 
 
-def gguf_parity(merged_dir: Path, gguf_file: Path, prompts: list[list[int]]) -> dict:
-    """Max |Δlogit| and mean KL between the merged model and the GGUF file loaded back by transformers."""
-    original = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+def gguf_parity(reference: list[torch.Tensor], gguf_file: Path, prompts: list[list[int]]) -> dict:
+    """Max |Δlogit| and mean KL between the merged model's logits on the prompts (`reference`) and the GGUF file's,
+    loaded back by transformers (whole, in float32; freed on return)."""
     reloaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
-    report = parity(original, reloaded, prompts)
+    report = compare_logits(reference, model_logits(reloaded, prompts))
     return {"max_abs_logit_diff": report.max_abs_logit_diff, "mean_kl_nats_per_token": report.mean_kl, "tokens": report.tokens}
 
 
-def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: list[list[int]], say=print) -> dict:
+def export_gguf_files(merged_dir: Path, out_types: tuple[str, ...], prompts: list[list[int]], name: str,
+                      say=print) -> dict:
     """Write model-<type>.gguf and its Ollama Modelfile into `merged_dir` for each type, each checked
     by transformers' GGUF loader and, where llama-cpp-python is installed, by llama.cpp's tokenizer.
+
+    The merged model is loaded once, whole in float32: its logits on the prompts are kept and every file is
+    written from it; it is then freed, so that loading a file back to check it is the only model in memory
+    (merge_plan.GGUF_HOST_BYTES_PER_PARAMETER).
+
+    Args:
+        name: the model's name in the files; `merged_dir` may be a staging folder of another name.
 
     Returns:
         per type: the file, its size, the parity with the merged model, the llama.cpp check and the Modelfile.
     """
+    merged = load_merged(merged_dir)
+    reference = model_logits(merged.model, prompts)
+    files = {out_type: merged_dir / f"model-{out_type}.gguf" for out_type in out_types}
+    for out_type, file in files.items():
+        write_gguf(merged, file, out_type, name)
+    tokenizer, generation_config = merged.tokenizer, merged.model.generation_config
+    del merged
     results = {}
-    for out_type in out_types:
-        file = merged_dir / f"model-{out_type}.gguf"
-        export_gguf(merged_dir, file, out_type)
-        result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(merged_dir, file, prompts)}
+    for out_type, file in files.items():
+        result = {"file": file.name, "bytes": file.stat().st_size, **gguf_parity(reference, file, prompts)}
         say(f"Wrote {file.name}: reloaded by transformers' GGUF loader, max |Δlogit| "
             f"{result['max_abs_logit_diff']:.3g} against the merged model")
-        result["llama_cpp"] = llama_cpp_tokenization_check(file, merged_dir, say=say)
-        result["modelfile"] = write_modelfile(merged_dir, file, say=say)
+        result["llama_cpp"] = llama_cpp_tokenization_check(file, tokenizer, say=say)
+        result["modelfile"] = write_modelfile(file, tokenizer, generation_config, say=say)
         results[out_type] = result
     return results
 

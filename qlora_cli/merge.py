@@ -1,19 +1,22 @@
 """Merging: a full-precision checkpoint that computes what the trained model (4-bit base + adapter) computed,
-written a tensor at a time, so that no step holds the model.
+written a tensor at a time, so that no step of the merge holds the model (the GGUF export after it does).
 
 The adapter learned against dequant(quant(W)), not W. So by default the LoRA delta is added to the
 dequantized 4-bit (or 8-bit) weights (`base: dequantized`); `base: original` adds it to the original weights,
 as reloading the 16-bit base and calling peft's merge does, and the parity report says how far that drifts.
 Nothing is ever merged into quantized weights and re-quantized.
 
-Neither the trained model nor the merged one is ever loaded whole (streaming.py):
+The merge loads neither the trained model nor the merged one whole (streaming.py):
 1. the trained model is built on the meta device with the adapter's weights, and run on the parity prompts a
    decoder layer at a time, each layer read from the base checkpoint and quantized exactly as `from_pretrained`
    quantizes it (on the GPU when there is one);
-2. while a layer is in memory, each of its weights is dequantized, given its LoRA delta (peft's
-   `get_delta_weight`), cast, and added to the output shard being filled, which is written and freed when full;
+2. while a layer is in memory, each of its weights is dequantized (`base: original`: read again as stored),
+   given its LoRA delta (peft's `get_delta_weight`), cast, and added to the output shard being filled, which is
+   written and freed when full;
 3. the merged checkpoint is read back a layer at a time for the same prompts, and the two sets of logits are
    compared.
+With GGUF files asked for (`--gguf`), the export then loads the merged checkpoint whole, in float32
+(gguf_export.py), and the memory the merge says it needs counts that.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from peft.tuners.lora import LoraLayer
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
 
 from . import compat
 from .console import Steps
@@ -45,14 +49,15 @@ from .context import RunContext, inference_context
 from .data.sources import load_datasets
 from .data.tokenize import TokenizeOptions, tokenize_examples
 from .errors import Problem, UserError
-from .gguf_export import export_gguf_files
+from .gguf_export import check_exportable, export_gguf_files
 from .merge_plan import MergeSettings, check_fits, merge_needs
 from .models import quantization_config
 from .parity import compare_logits
 from .plan import parse_bytes, read_model_config
+from .recipe import Recipe
 from .rundir import ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, staged
-from .streaming import (INDEX_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers, move_buffers,
-                        streamed_logits)
+from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
+                        move_buffers, streamed_logits)
 
 KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
 PARITY_PROMPTS = 4
@@ -66,7 +71,30 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 # ---------------------------------------------------------------------------------------------
 # The two models, on the meta device
 
-def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
+def download_base(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    """The hub model's folder in the Hugging Face cache, with its JSON files (and, for a model trusted to run its
+    own code, its Python files) and the safetensors weights transformers loads: the shards its index names, else
+    model.safetensors. Other safetensors files of the repository stay on the hub (Mistral-7B-Instruct-v0.3 also
+    holds its weights again in one 14.5 GB file).
+
+    Raises:
+        UserError: no such model, or an unreadable index.
+    """
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except Exception as exc:  # hub errors come in many types; all mean the same here
+            raise UserError(f"the run's base model {repo_id} cannot be found: {exc}") from None
+
+    described = ["*.json", "*.py"] if trust_remote_code else ["*.json"]
+    folder = fetch(described)
+    weights = [SINGLE_FILE]
+    if (folder / INDEX_FILE).is_file():
+        weights = sorted({file.name for file in CheckpointFiles(folder).file_of.values()})  # the index's shards
+    return fetch(described + weights)
+
+
+def base_checkpoint(base_path: str, revision: str | None, trust_remote_code: bool = False) -> CheckpointFiles:
     """The safetensors files of the base model: a local folder, or a hub id's download in the Hugging Face cache.
 
     Raises:
@@ -74,10 +102,7 @@ def base_checkpoint(base_path: str, revision: str | None) -> CheckpointFiles:
     """
     folder = Path(base_path)
     if not folder.is_dir():
-        try:
-            folder = Path(snapshot_download(base_path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
-        except Exception as exc:  # hub errors come in many types; all mean the same here
-            raise UserError(f"the run's base model {base_path} cannot be found: {exc}") from None
+        folder = download_base(base_path, revision, trust_remote_code)
     try:
         return CheckpointFiles(folder)
     except UserError as error:
@@ -110,13 +135,13 @@ class TrainedModel:
     compute_dtype: torch.dtype
 
 
-def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunContext, device) -> TrainedModel:
+def trained_model(config, files: CheckpointFiles, run_dir: Path, recipe: Recipe, context: RunContext,
+                  device) -> TrainedModel:
     """The run's model as `load_run` loads it, but with nothing of the base in memory.
 
     Raises:
         UserError: a damaged adapter.
     """
-    recipe = read_run_recipe(run_dir)
     dtype = context.compute_dtype
     model = empty_model(config, dtype, recipe.model.trust_remote_code)
     quantization = quantization_config(recipe.quantization, dtype)
@@ -148,13 +173,13 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, context: RunCon
     return TrainedModel(peft_model, weights, lora_of, dtype)
 
 
-def merged_model(config, files: CheckpointFiles, dtype: torch.dtype, device):
+def merged_model(config, files: CheckpointFiles, dtype: torch.dtype, device, trust_remote_code: bool):
     """The merged checkpoint as a model on the meta device, and its weights read from `files`."""
 
     def make_parameter(slot, files):
         return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
 
-    model = empty_model(config, dtype, trust_remote_code=False).eval()
+    model = empty_model(config, dtype, trust_remote_code).eval()
     weights = StreamedWeights(model, files, make_parameter)
     move_buffers(model, device)
     return model, weights
@@ -181,14 +206,14 @@ def lora_delta(lora) -> torch.Tensor:
     return sum(deltas[1:], deltas[0])
 
 
-def dequantized_weight(trained: TrainedModel, slot, files: CheckpointFiles, device, held: bool) -> torch.Tensor:
-    """The float32 weight the trained model computed with: the quantized weight its layer holds (`held`), or
+def dequantized_weight(trained: TrainedModel, slot, module, attribute: str, files: CheckpointFiles, device,
+                       held: bool) -> torch.Tensor:
+    """The float32 weight the trained model computed with: the quantized weight `module` holds (`held`), or
     the original read and quantized as when training; dequantized."""
-    module, attribute = slot.owners[0]
     quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
         files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
     try:
-        if type(quantized).__name__ == "Params4bit":
+        if isinstance(quantized, bnb.nn.Params4bit):
             return dequantize_4bit(quantized.data, quantized.quant_state).float()
         return compat.dequantize_8bit(quantized, getattr(module, "state", None)).float()
     finally:
@@ -207,17 +232,34 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
     if slot is None:  # a persistent buffer: the checkpoint's value if it has one, else the model's own
         value = files.read(name) if name in files else buffers[name]
         return value.to(dtype) if value.is_floating_point() else value
-    module, attribute = slot.owners[0]
+    module, attribute = slot.owners[slot.owner_names.index(name)]  # of a tied weight, the module named so
     lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
     if base == "dequantized" and is_quantized(slot.placeholder):
-        weight = dequantized_weight(trained, slot, files, device, held)
+        weight = dequantized_weight(trained, slot, module, attribute, files, device, held)
     elif lora is not None:
-        weight = files.read(name, torch.float32, device)
+        weight = files.read(slot.name, torch.float32, device)
     else:
-        return files.read(name, dtype)
+        return files.read(slot.name, dtype)
     if lora is not None:
         weight += lora_delta(lora)
     return weight.to(dtype).cpu()
+
+
+def adapted_tied_weights(trained: TrainedModel) -> list[list[str]]:
+    """The names of each weight that several modules share (tied) and an adapter changes in one of them."""
+    return [slot.owner_names for slot in trained.weights.slots
+            if len(slot.owners) > 1 and any(id(module) in trained.lora_of for module, _ in slot.owners)]
+
+
+def merged_config(config, trained: TrainedModel):
+    """The merged model's config: the base's, with its word embeddings untied when the adapter changes a tied
+    weight (a LoRA on a tied output head changes the head alone, which one shared tensor cannot hold; peft's own
+    merge would add the head's update to the input embedding too)."""
+    if not adapted_tied_weights(trained):
+        return config
+    config = copy.deepcopy(config)
+    config.tie_word_embeddings = False
+    return config
 
 
 class ShardWriter:
@@ -257,18 +299,24 @@ class ShardWriter:
 class LayerMerger:
     """Merges the output while the trained model's streamed forward holds its layers (streaming.LayerHooks): the
     tensors before the decoder layers once the forward has gone past them, each layer's while it is in memory
-    (its quantized weights as the trained model holds them), the rest after the layers. So the base is read and
-    quantized once, and the memory held is one shard and one layer."""
+    (its quantized weights as the trained model holds them), the rest after the layers. So the memory held is
+    one shard and one layer, and merging into the dequantized base (the default) reads and quantizes the base
+    once; `base: original` reads the layers' original weights a second time, to merge into them."""
 
     def __init__(self, folder: Path, trained: TrainedModel, files: CheckpointFiles, config, *, base: str,
                  dtype: torch.dtype, device, max_shard_bytes: int, trust_remote_code: bool):
         model = empty_model(config, dtype, trust_remote_code)
-        self.architecture = type(model).__name__
+        self.model = model  # on the meta device: what the output is written as
         tensors = output_tensors(model)
+        for names in adapted_tied_weights(trained):
+            if not all(name in tensors for name in names):
+                raise UserError(f"the adapter changes {' and '.join(names)}, which this model ties together even "
+                                "with tie_word_embeddings: false, so no merged checkpoint can hold both; nothing was "
+                                "merged. Train without a LoRA on a tied weight (lora.target_modules)")
         self.buffers = dict(model.named_buffers())
         self.writer = ShardWriter(folder, tensors, max_shard_bytes)
         self.trained, self.files, self.base, self.dtype, self.device = trained, files, base, dtype, device
-        self.of_layer = [[slot.name for slot in trained.weights.within(layer) if slot.name in tensors]
+        self.of_layer = [[name for slot in trained.weights.within(layer) for name in slot.owner_names if name in tensors]
                          for layer in decoder_layers(trained.model)]
         in_layers = {name for names in self.of_layer for name in names}
         order = list(tensors)
@@ -290,12 +338,15 @@ class LayerMerger:
         )
 
 
-def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, architecture: str, tokenizer) -> None:
-    """config.json (in the merged dtype), generation_config.json and the run's tokenizer, as `save_pretrained`
-    writes them beside the weights."""
+def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, model, tokenizer) -> None:
+    """config.json (in the merged dtype), generation_config.json, the code of a model defined by its own code,
+    and the run's tokenizer, as `save_pretrained` of `model` (the merged model on the meta device) writes them
+    beside the weights."""
     config = copy.deepcopy(config)
     config.dtype = dtype
-    config.architectures = [architecture]
+    config.architectures = [type(model).__name__]
+    if model.is_remote_code():
+        custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
     try:
         generation = GenerationConfig.from_pretrained(base_folder)
@@ -308,10 +359,9 @@ def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, a
 # ---------------------------------------------------------------------------------------------
 # Before starting: the prompts, and what the merge needs
 
-def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
+def parity_prompts(run_dir: Path, recipe: Recipe, tokenizer) -> tuple[list[list[int]], str]:
     """Token ids of the first evaluation rows of the run (else its first training rows), as the model
     saw them in training, and a description of where they came from."""
-    recipe = read_run_recipe(run_dir)
     try:
         datasets = load_datasets(recipe.data, recipe.training.seed)
     except UserError:
@@ -322,6 +372,25 @@ def parity_prompts(run_dir: Path, tokenizer) -> tuple[list[list[int]], str]:
     rows, _ = tokenize_examples(tokenizer, tokenizer.chat_template, examples, options)
     where = "evaluation rows" if held_out else "training rows (the run has no evaluation rows)"
     return [row["input_ids"] for row in rows], f"the first {len(rows)} {where}, at most {PARITY_MAX_TOKENS} tokens each"
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be written, or that holds something a merge must not replace: never
+    overwrite a folder that is not a merged model.
+
+    Raises:
+        UserError: `out` or a folder above it is a file; `out` is a non-empty folder that is not a merge, or a
+            merge and `overwrite` is off.
+    """
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out: {existing} is a file, not a folder; choose another --out")
+    if existing != out or not any(out.iterdir()):
+        return
+    if not (out / "merge_report.json").is_file():
+        raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
 
 
 def available_host_memory() -> int:
@@ -336,14 +405,14 @@ def available_device_memory(context: RunContext) -> int | None:
     return int(free)
 
 
-def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torch.dtype, max_shard_bytes: int,
+def check_needs(model_folder: Path, recipe: Recipe, context: RunContext, *, dtype: torch.dtype, max_shard_bytes: int,
                 prompt_tokens: int, gguf_types: tuple[str, ...], out: Path, say) -> None:
-    """Say what the merge needs, from the model's config, and refuse when this machine lacks it.
+    """Say what the merge needs, from the config.json in `model_folder`, and refuse when this machine lacks it.
+    A config the planner does not understand (a mixture of experts, other shape keys) gets no estimate.
 
     Raises:
         UserError: not enough memory, GPU memory or disk, with the figures.
     """
-    recipe = read_run_recipe(run_dir)
     settings = MergeSettings(
         bits=recipe.quantization.bits, double_quant=recipe.quantization.double_quant, lora_r=recipe.lora.r,
         target_modules=recipe.lora.target_modules, compute_bytes=context.compute_dtype.itemsize,
@@ -351,7 +420,7 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
         prompt_tokens=prompt_tokens, on_gpu=context.device == "cuda", gguf_types=gguf_types,
     )
     try:
-        needs = merge_needs(config, settings)
+        needs = merge_needs(read_model_config(model_folder), settings)
     except UserError as error:  # an architecture the planner does not know: merge without the estimate
         say(f"No memory estimate for this model ({error}); merging without one")
         return
@@ -364,9 +433,11 @@ def check_needs(config: dict, run_dir: Path, context: RunContext, *, dtype: torc
 # ---------------------------------------------------------------------------------------------
 # The merge
 
-def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console) -> list[torch.Tensor]:
+def merged_logits(folder: Path, dtype: torch.dtype, prompts: list[list[int]], device, console,
+                  trust_remote_code: bool) -> list[torch.Tensor]:
     """The merged checkpoint's logits on the prompts, read back a layer at a time."""
-    model, weights = merged_model(AutoConfig.from_pretrained(folder), CheckpointFiles(folder), dtype, device)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model, weights = merged_model(config, CheckpointFiles(folder), dtype, device, trust_remote_code)
     count = len(decoder_layers(model))
     with Steps(console, "Merged checkpoint read back on the parity prompts", count, transient=True) as steps:
         hooks = LayerHooks(on_layer=lambda done, total: steps.advance(1, f"layer {done} of {total}"))
@@ -400,8 +471,9 @@ def merge_run(
         the parity report, also written to OUT/merge_report.json.
 
     Raises:
-        UserError: not a run directory, damaged adapter, existing output, not enough memory or disk, or a
-            float32 dequantized merge whose KL exceeds KL_LIMIT.
+        UserError: not a run directory, damaged adapter, existing output, a GGUF export that cannot be done
+            (refused before merging), not enough memory or disk, or a float32 dequantized merge whose KL exceeds
+            KL_LIMIT.
     """
     console = console or Console(quiet=True)
     say = console.print
@@ -409,11 +481,7 @@ def merge_run(
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
     out = Path(out).resolve() if out is not None else run_dir / MERGED
-    if out.exists() and any(out.iterdir()):
-        if not (out / "merge_report.json").is_file():
-            raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    check_out(out, overwrite)
     try:
         max_shard_bytes = parse_bytes(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     except UserError as error:
@@ -428,13 +496,19 @@ def merge_run(
     device = torch.device("cuda", context.local_rank) if context.device == "cuda" else torch.device("cpu")
     say(f"Merging {run_dir / ADAPTER} into {base_path} ({base} base, {dtype_name}, on {device.type}); "
         f"reading the run's first rows to check the merge on")
-    files = base_checkpoint(base_path, recipe.model.revision)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-    prompts, prompts_from = parity_prompts(run_dir, tokenizer)
-    check_needs(read_model_config(files.folder), run_dir, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
+    files = base_checkpoint(base_path, recipe.model.revision, recipe.model.trust_remote_code)
     config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
-    trained = trained_model(config, files, run_dir, context, device)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    if gguf_types:  # the merged checkpoint has the base's config and the run's tokenizer
+        check_exportable(config, tokenizer, run_dir / ADAPTER, gguf_types)
+    prompts, prompts_from = parity_prompts(run_dir, recipe, tokenizer)
+    check_needs(files.folder, recipe, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)
+    trained = trained_model(config, files, run_dir, recipe, context, device)
+    config = merged_config(config, trained)
+    for names in adapted_tied_weights(trained):
+        say(f"The base model ties {' and '.join(names)}, which the adapter changes apart: the merged model holds "
+            "them untied (tie_word_embeddings: false)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as staging:
         staging.mkdir()
@@ -447,11 +521,12 @@ def merge_run(
             warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
             reference = streamed_logits(trained.model, trained.weights, prompts, device, merger.hooks(steps))
         shards = merger.writer.close()
-        write_configs(staging, files.folder, config, dtype, merger.architecture, tokenizer)
+        write_configs(staging, files.folder, config, dtype, merger.model, tokenizer)
         del trained, merger  # the adapter's weights: all the merge kept in memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        report = compare_logits(reference, merged_logits(staging, dtype, prompts, device, console))
+        report = compare_logits(reference, merged_logits(staging, dtype, prompts, device, console,
+                                                            recipe.model.trust_remote_code))
         enforced = base == "dequantized" and dtype == torch.float32
         result = {
             "base": base,
@@ -472,7 +547,7 @@ def merge_run(
             )
         if gguf_types:
             say(f"Writing GGUF ({', '.join(gguf_types)}): this loads the merged model whole")
-            result["gguf"] = export_gguf_files(staging, gguf_types, prompts, say=say)
+            result["gguf"] = export_gguf_files(staging, gguf_types, prompts, name=out.name, say=say)
         result["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     result["out"] = str(out)

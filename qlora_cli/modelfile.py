@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from transformers import AutoTokenizer
-
-from .data.templates import end_of_turn_token
 from .data.tokenize import tokenizer_adds_bos
+from .generate import end_token_ids
 
 # Probe contents: plain words that no template rewrites (no surrounding whitespace to trim).
 SYSTEM_PROBE, USER_PROBE, ASSISTANT_PROBE, USER2_PROBE, SYSTEM2_PROBE = (
@@ -207,15 +205,23 @@ LATER_SYSTEM_CONVERSATION = [_message("user", "Hi."), _message("assistant", "Hel
 OPEN_REPLY_CONVERSATION = [_message("user", "Say hi."), _message("assistant", "Hi there")]
 
 
-def verify_turn_format(turns: TurnFormat, render: Render, bos_text: str | None = None) -> None:
-    """Check `render_like_ollama` against the Jinja template on several conversations.
-
-    Raises:
-        TemplateShapeError: naming the first conversation they render differently.
-    """
+def verification_cases(turns: TurnFormat) -> list[tuple[list[dict], bool]]:
+    """The conversations `render_like_ollama` is checked on, each with whether the generation prompt follows
+    (not after an open last reply); a later system message only where the template accepts one."""
     cases = [(c, True) for c in VERIFY_CONVERSATIONS] + [(OPEN_REPLY_CONVERSATION, False)]
     if turns.later_system_prefix is not None:
         cases.append((LATER_SYSTEM_CONVERSATION, True))
+    return cases
+
+
+def rendering_differences(turns: TurnFormat, render: Render, bos_text: str | None = None) -> tuple[int, list[str]]:
+    """Compare `render_like_ollama` with the Jinja template on `verification_cases`.
+
+    Returns:
+        how many conversations were compared, and a description of each rendered differently.
+    """
+    cases = verification_cases(turns)
+    differences = []
     for conversation, generation_prompt in cases:
         expected = render(conversation, generation_prompt)
         if bos_text:
@@ -225,15 +231,25 @@ def verify_turn_format(turns: TurnFormat, render: Render, bos_text: str | None =
             got += turns.assistant_suffix  # Jinja closes the last reply; Ollama leaves it open
         if got != expected:
             roles = "/".join(m["role"] for m in conversation)
-            raise TemplateShapeError(f"the derived template renders a {roles} conversation differently: {got!r} != {expected!r}")
+            differences.append(f"a {roles} conversation differently: {got!r} != {expected!r}")
+    return len(cases), differences
 
 
-def stop_strings(tokenizer) -> list[str]:
-    """The end-of-turn token of the chat template and the EOS token, as text (what ends a reply)."""
-    stops = []
-    if tokenizer.chat_template:
-        stops.append(end_of_turn_token(tokenizer, tokenizer.chat_template))
-    stops.append(tokenizer.eos_token)
+def verify_turn_format(turns: TurnFormat, render: Render, bos_text: str | None = None) -> None:
+    """Check `render_like_ollama` against the Jinja template on several conversations.
+
+    Raises:
+        TemplateShapeError: naming the first conversation they render differently.
+    """
+    _, differences = rendering_differences(turns, render, bos_text)
+    if differences:
+        raise TemplateShapeError(f"the derived template renders {differences[0]}")
+
+
+def stop_strings(tokenizer, generation_config) -> list[str]:
+    """The tokens generation stops at (generate.end_token_ids: EOS ids, the chat template's end-of-turn
+    token), as text: what ends a reply."""
+    stops = [tokenizer.decode([token_id]) for token_id in end_token_ids(tokenizer, generation_config)]
     # A quote could not be written inside PARAMETER stop "...".
     return list(dict.fromkeys(s for s in stops if s and '"' not in s))
 
@@ -246,9 +262,9 @@ def modelfile_text(gguf_name: str, template: str | None, stops: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def modelfile_for(tokenizer, gguf_name: str) -> tuple[str, str | None]:
-    """The Modelfile for the GGUF file `gguf_name` of a model with `tokenizer`, and the reason there is
-    no TEMPLATE in it (None when there is one)."""
+def modelfile_for(tokenizer, generation_config, gguf_name: str) -> tuple[str, str | None]:
+    """The Modelfile for the GGUF file `gguf_name` of a model with `tokenizer` and `generation_config` (None
+    when the model has none), and the reason there is no TEMPLATE in it (None when there is one)."""
     template, reason = None, None
     if not tokenizer.chat_template:
         reason = "the tokenizer has no chat template"
@@ -264,17 +280,16 @@ def modelfile_for(tokenizer, gguf_name: str) -> tuple[str, str | None]:
             template = go_template(turns)
         except Exception as error:  # any template failure: write no TEMPLATE rather than a wrong one
             reason = str(error)
-    return modelfile_text(gguf_name, template, stop_strings(tokenizer)), reason
+    return modelfile_text(gguf_name, template, stop_strings(tokenizer, generation_config)), reason
 
 
-def write_modelfile(model_dir: Path, gguf_file: Path, say=print) -> dict:
-    """Write <gguf stem>.Modelfile beside `gguf_file`; returns its name, stop strings and whether it
-    has a TEMPLATE (with the reason when not)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text, reason = modelfile_for(tokenizer, gguf_file.name)
+def write_modelfile(gguf_file: Path, tokenizer, generation_config, say=print) -> dict:
+    """Write <gguf stem>.Modelfile beside `gguf_file` of a model with `tokenizer` and `generation_config`;
+    returns its name, stop strings and whether it has a TEMPLATE (with the reason when not)."""
+    text, reason = modelfile_for(tokenizer, generation_config, gguf_file.name)
     path = gguf_file.with_suffix(".Modelfile")
     path.write_text(text, encoding="utf-8")
     if reason is not None:
         say(f"Warning: {path.name} has no TEMPLATE ({reason}); Ollama will guess the chat format")
     return {"file": path.name, "template": reason is None, "no_template_reason": reason,
-            "stop": stop_strings(tokenizer)}
+            "stop": stop_strings(tokenizer, generation_config)}

@@ -33,8 +33,3 @@ def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor])
         kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
         tokens += expected.shape[0]
     return ParityReport(max_abs_logit_diff=max_diff, mean_kl=kl_sum / tokens, tokens=tokens)
-
-
-def parity(trained_model, merged_model, batches: list[list[int]]) -> ParityReport:
-    """Max |Δlogit| and mean KL(trained || merged) per token over the prompts."""
-    return compare_logits(model_logits(trained_model, batches), model_logits(merged_model, batches))

@@ -57,8 +57,6 @@ class CheckpointFiles:
         resident memory while the file is open. So the tensor is copied (and converted) a block of rows at a
         time, each from a fresh opening of the file: besides the result, at most READ_BLOCK_BYTES are resident.
         """
-        from safetensors import safe_open
-
         file = str(self.file_of[name])
         with safe_open(file, framework="pt") as handle:
             shape = handle.get_slice(name).get_shape()
@@ -77,11 +75,13 @@ class CheckpointFiles:
 @dataclass
 class Slot:
     """One weight of a model built on the meta device: the name it is read by, the meta parameter the model was
-    built with, and every (module, attribute) holding it (tied weights have several)."""
+    built with, and every (module, attribute) holding it (tied weights have several), with the name the model
+    gives it there."""
 
     name: str
     placeholder: torch.nn.Parameter
     owners: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
+    owner_names: list[str] = field(default_factory=list)  # one per owner, in the same order
 
 
 # Reads a weight from the files (in the dtype and on the device it needs) and makes the model's parameter of it.
@@ -99,20 +99,18 @@ class StreamedWeights:
         self.files = files
         self.make_parameter = make_parameter
         slots: dict[int, Slot] = {}
-        names: dict[int, list[str]] = {}
         for module_name, module in model.named_modules(remove_duplicate=False):
             for attribute, parameter in module.named_parameters(recurse=False):
                 if parameter.device.type != "meta":
                     continue
-                full_name = f"{module_name}.{attribute}" if module_name else attribute
                 slot = slots.setdefault(id(parameter), Slot("", parameter))
                 slot.owners.append((module, attribute))
-                names.setdefault(id(parameter), []).append(full_name)
+                slot.owner_names.append(f"{module_name}.{attribute}" if module_name else attribute)
         unknown = []
-        for key, slot in slots.items():
-            slot.name = next((name for name in names[key] if name in files), "")
+        for slot in slots.values():
+            slot.name = next((name for name in slot.owner_names if name in files), "")
             if not slot.name:
-                unknown.append(names[key][0])
+                unknown.append(slot.owner_names[0])
         if unknown:
             raise UserError(
                 f"{files.folder}: the checkpoint has no tensor {unknown[0]}"
@@ -121,7 +119,7 @@ class StreamedWeights:
                 "while loading), which a layer-by-layer merge cannot follow"
             )
         self.slots = list(slots.values())
-        self.by_name = {slot.name: slot for slot in self.slots}
+        self.by_name = {name: slot for slot in self.slots for name in slot.owner_names}  # every name of a tied weight
 
     def within(self, module: torch.nn.Module) -> list[Slot]:
         """The weights held by `module` or its submodules."""

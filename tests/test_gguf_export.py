@@ -161,6 +161,24 @@ def test_rope_scaling_is_written(tmp_path, tiny_tokenizer, rope):
         assert fields["llama.rope.scaling.original_context_length"] == 128
 
 
+def test_rope_scaling_in_the_legacy_keys_is_written(tmp_path, tiny_tokenizer):
+    # Llama 3.1's config.json as published: `rope_scaling` and a top-level `rope_theta`, which transformers
+    # reads into `rope_parameters`.
+    rope = ROPE_SCALINGS[0]
+    tiny_tokenizer.save_pretrained(tmp_path)
+    build_tiny_llama(tmp_path, len(tiny_tokenizer), rope_parameters=rope)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]
+    config["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
+    config["rope_theta"] = 500000.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    reader, fields = read_gguf(tmp_path / "m.gguf")
+    assert fields["llama.rope.freq_base"] == 500000.0
+    factors = np.asarray({t.name: t for t in reader.tensors}["rope_freqs.weight"].data)
+    np.testing.assert_allclose(factors, llama3_rope_factors({**rope, "rope_theta": 500000.0}, 16))
+
+
 def test_unsupported_rope_scaling_is_refused(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path)
     build_tiny_llama(tmp_path, len(tiny_tokenizer), rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
@@ -182,10 +200,10 @@ def template_of(modelfile: str) -> str | None:
 
 
 def test_modelfile_of_a_chatml_model_writes_the_default_system_prompt(chatml_model_dir):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(chatml_model_dir)
-    text, reason = modelfile_for(tokenizer, "model-f16.gguf")
+    text, reason = modelfile_for(tokenizer, GenerationConfig.from_pretrained(chatml_model_dir), "model-f16.gguf")
     assert reason is None
     assert text.startswith("FROM ./model-f16.gguf\nTEMPLATE \"\"\"")
     assert text.endswith('PARAMETER stop "<|im_end|>"\n')
@@ -228,10 +246,12 @@ def test_templates_that_fold_the_system_prompt_into_the_first_turn_are_refused(t
         derive_turn_format(jinja_render(tiny_tokenizer, NAMED_TEMPLATES[name]))
 
 
-def test_a_template_that_rewrites_turns_gets_no_template(tiny_tokenizer):
+def test_a_template_that_rewrites_turns_gets_no_template(tiny_tokenizer, tiny_model_dir):
+    from transformers import GenerationConfig
+
     tokenizer = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
     tokenizer.chat_template = REWRITING_TEMPLATE
-    text, reason = modelfile_for(tokenizer, "m.gguf")
+    text, reason = modelfile_for(tokenizer, GenerationConfig.from_pretrained(tiny_model_dir), "m.gguf")
     assert template_of(text) is None and "TEMPLATE" not in text
     assert "rewrites earlier turns" in reason
     assert text == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
@@ -318,3 +338,26 @@ def test_merge_summary_line_of_an_export():
     entry["modelfile"]["template"] = False
     assert gguf_summary(entry).endswith("check skipped: llama-cpp-python is not installed (pip install llama-cpp-python); "
                                         "model-f16.Modelfile (no TEMPLATE)")
+
+
+def test_the_modelfile_stops_at_every_end_token_generation_stops_at(tmp_path, tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from qlora_cli.generate import stop_token_ids
+    from qlora_cli.models import LoadedModel
+    from qlora_cli.modelfile import write_modelfile
+
+    # As Llama 3.1's generation_config.json lists <|eot_id|> and <|eom_id|> beside the EOS token.
+    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+        if (tiny_model_dir / name).exists():
+            shutil.copy(tiny_model_dir / name, tmp_path / name)
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 3]).save_pretrained(tmp_path)
+    tokenizer, generation_config = AutoTokenizer.from_pretrained(tmp_path), GenerationConfig.from_pretrained(tmp_path)
+    written = write_modelfile(tmp_path / "m.gguf", tokenizer, generation_config, say=lambda *_: None)
+    assert written["stop"] == ["</s>", "<|user|>"]
+    assert 'PARAMETER stop "</s>"\nPARAMETER stop "<|user|>"\n' in (tmp_path / "m.Modelfile").read_text()
+    # What `qlora generate` stops at, as text.
+    model = SimpleNamespace(generation_config=generation_config)
+    assert written["stop"] == [tokenizer.decode([i]) for i in stop_token_ids(LoadedModel(model, tokenizer, "m"))]

@@ -84,12 +84,15 @@ def test_modelfile_agrees_with_the_template_llama_cpp_reads(model_dir, tmp_path)
     for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
         if (model_dir / name).exists():
             (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    from transformers import GenerationConfig
+
     export_gguf(tmp_path, tmp_path / "model-f16.gguf", "f16")
-    written = write_modelfile(tmp_path, tmp_path / "model-f16.gguf", say=lambda *_: None)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    written = write_modelfile(tmp_path / "model-f16.gguf", tokenizer, GenerationConfig.from_pretrained(model_dir),
+                              say=lambda *_: None)
     assert written["template"], written
     from qlora_cli.gguf_check import modelfile_agreement
 
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     agreement = modelfile_agreement(load_llama(tmp_path / "model-f16.gguf", vocab_only=True), tokenizer, tmp_path / "model-f16.Modelfile")
     assert agreement["template_in_modelfile_is_derived_from_the_file"]
     assert agreement["conversations_rendered_alike"] == agreement["conversations"]
@@ -112,8 +115,11 @@ def test_bundled_model_export_as_llama_cpp_sees_it(tmp_path, out_type):
     for file in Path(source).iterdir():
         (tmp_path / file.name).symlink_to(file)
     gguf_file = tmp_path / f"model-{out_type}.gguf"
+    from transformers import AutoTokenizer, GenerationConfig
+
     export_gguf(tmp_path, gguf_file, out_type)
-    write_modelfile(tmp_path, gguf_file, say=lambda *_: None)
+    write_modelfile(gguf_file, AutoTokenizer.from_pretrained(tmp_path), GenerationConfig.from_pretrained(tmp_path),
+                    say=lambda *_: None)
     result = judge_export(gguf_file, tmp_path, greedy=out_type == "f16")
     tokens = result["tokenization"]
     assert tokens["identical"] == tokens["lines"], tokens["mismatches"]

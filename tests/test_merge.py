@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import warnings
 import weakref
 
 import pytest
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from conftest import train_tiny_run
 from qlora_cli.cli import main
+from qlora_cli.errors import UserError
 from qlora_cli.merge import merge_run
 from qlora_cli.models import load_run
 from qlora_cli.recipe import load_recipe
@@ -49,21 +51,58 @@ def trained_8bit_run(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def tied_run(tmp_path_factory, tiny_model_dir):
-    """A run on a tiny Llama whose output head is its input embedding (Llama 3.2, Gemma, SmolLM2)."""
+def tied_model_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny Llama whose output head is its input embedding (Llama 3.2, Gemma, SmolLM2)."""
     import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tied")
-    model_dir = folder / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
+    model_dir = tmp_path_factory.mktemp("tied-model")
+    shutil.copytree(tiny_model_dir, model_dir, dirs_exist_ok=True)
     config = LlamaConfig.from_pretrained(tiny_model_dir)
     config.tie_word_embeddings = True
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
-    train_tiny_run(folder, model_dir, max_steps=4, learning_rate=5e-3)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory, tied_model_dir):
+    folder = tmp_path_factory.mktemp("tied")
+    train_tiny_run(folder, tied_model_dir, max_steps=4, learning_rate=5e-3)
     return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def tied_head_run(tmp_path_factory, tied_model_dir):
+    """A run on the tied tiny Llama with a LoRA on the output head too (lora.target_modules names lm_head)."""
+    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+
+    folder = tmp_path_factory.mktemp("tied-head")
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    targets = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]"
+    text = tiny_recipe_text(tied_model_dir, ["alpaca.jsonl"], max_steps=8, learning_rate=5e-3)
+    (folder / "tiny.yaml").write_text(text.replace("lora:\n", f"lora:\n  target_modules: {targets}\n") + "output:\n  dir: run\n")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # peft's, about exactly this case
+        run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
+    return folder / "run"
+
+
+def run_on_edited_base(run_dir, folder, edit):
+    """A copy of the run whose adapter names a copy of its base model, the copy's config.json changed by `edit`."""
+    import shutil
+
+    base, run = folder / "base", folder / "run"
+    shutil.copytree(run_dir, run)
+    config_path = run / "adapter" / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    shutil.copytree(adapter_config["base_model_name_or_path"], base)
+    config = json.loads((base / "config.json").read_text())
+    edit(config)
+    (base / "config.json").write_text(json.dumps(config))
+    config_path.write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(base)}))
+    return run
 
 
 def trained_logits(run_dir):
@@ -147,6 +186,7 @@ def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(trained_run, tmp_
 
     from qlora_cli.merge import parity_prompts
     from qlora_cli.parity import compare_logits, model_logits
+    from qlora_cli.rundir import read_run_recipe
 
     dtype = getattr(torch, dtype_name)
     report = merge_run(trained_run, out=tmp_path / "streamed", dtype_name=dtype_name, base=base)
@@ -159,7 +199,7 @@ def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(trained_run, tmp_
         assert json.loads((tmp_path / "streamed" / file).read_text()) == json.loads((tmp_path / "in-memory" / file).read_text())
 
     # The report is the parity of the trained model with the merged checkpoint as transformers loads it.
-    prompts, _ = parity_prompts(trained_run, load_run(trained_run).tokenizer)
+    prompts, _ = parity_prompts(trained_run, read_run_recipe(trained_run), load_run(trained_run).tokenizer)
     reference = model_logits(trained, prompts)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=dtype).eval()
     expected = compare_logits(reference, model_logits(loaded, prompts))
@@ -194,11 +234,12 @@ def test_the_streamed_trained_model_computes_what_the_loaded_one_does(run, reque
 
     run_dir = request.getfixturevalue(run)
     loaded = load_run(run_dir)
-    prompts, _ = parity_prompts(run_dir, loaded.tokenizer)
+    recipe = read_run_recipe(run_dir)
+    prompts, _ = parity_prompts(run_dir, recipe, loaded.tokenizer)
     files = base_checkpoint(adapter_base_model(run_dir), None)
-    context = inference_context(read_run_recipe(run_dir).quantization.compute_dtype)
+    context = inference_context(recipe.quantization.compute_dtype)
     device = next(loaded.model.parameters()).device  # where load_run put it, as the merge does
-    streamed = trained_model(AutoConfig.from_pretrained(files.folder), files, run_dir, context, device)
+    streamed = trained_model(AutoConfig.from_pretrained(files.folder), files, run_dir, recipe, context, device)
     assert all(p.device.type == "meta" for n, p in streamed.model.named_parameters() if "lora_" not in n)
     got = streamed_logits(streamed.model, streamed.weights, prompts, device)
     for expected, logits in zip(model_logits(loaded.model, prompts), got, strict=True):
@@ -415,6 +456,10 @@ def test_gguf_export_loads_back_with_the_same_logits_and_tokens(trained_run, tmp
     text = "<s><|user|>\nWhat is the capital of France?</s>"
     assert reloaded(text, add_special_tokens=False)["input_ids"] == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert json.loads((out / "merge_report.json").read_text())["gguf"]["f16"]["file"] == "model-f16.gguf"
+    import gguf
+
+    for out_type in ("f16", "q8_0"):  # named as llama.cpp's converter names it: after the model's folder
+        assert gguf.GGUFReader(str(out / f"model-{out_type}.gguf")).fields["general.name"].contents() == "merged"
     # An Ollama Modelfile beside each file, and llama.cpp's tokenizer consulted where it is installed.
     for out_type in ("f16", "q8_0"):
         modelfile = (out / f"model-{out_type}.Modelfile").read_text()
@@ -434,3 +479,207 @@ def test_progress_says_which_layer_off_a_terminal(trained_run, tmp_path):
     assert "Merging: layer 1 of 2" in lines and "Merging: layer 2 of 2" in lines
     assert lines.count("Merging: layer 1 of 2") == 1  # a line when the layer changes, not per tensor
     assert "Merged checkpoint read back on the parity prompts: layer 2 of 2" in lines
+
+
+def test_a_model_the_planner_does_not_know_merges_without_an_estimate(trained_run, tmp_path):
+    # A config the memory planner refuses (it counts no experts) is still a model transformers builds and merges.
+    run = run_on_edited_base(trained_run, tmp_path, lambda config: config.update(num_local_experts=4))
+    console = quiet()
+    report = merge_run(run, out=tmp_path / "merged", dtype_name="float32", console=console)
+    output = " ".join(console.file.getvalue().split())
+    assert "No memory estimate for this model" in output and "mixture-of-experts" in output
+    assert report["mean_kl_nats_per_token"] < 1e-6
+
+
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_an_out_that_is_a_file_is_refused(trained_run, tmp_path, capsys, where):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep")
+    out = file if where == "out" else file / "merged"
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", str(trained_run), "--out", str(out), "--overwrite"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"--out: {file} is a file, not a folder" in err
+    assert file.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_lora_on_a_tied_output_head_is_merged_into_an_untied_head(tied_head_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_run(tied_head_run)
+    head = loaded.model.base_model.model.lm_head
+    delta = head.get_delta_weight("default").float()
+    base_embedding = head.get_base_layer().weight.detach().float().cpu().clone()
+    assert delta.abs().max().item() > 1e-3  # the head's adapter learned something to lose
+
+    out, console = tmp_path / "merged", quiet()
+    report = merge_run(tied_head_run, out=out, dtype_name="float32", console=console)
+    assert report["mean_kl_nats_per_token"] < 1e-6
+    assert "ties model.embed_tokens.weight and lm_head.weight" in " ".join(console.file.getvalue().split())
+    tensors = safetensors_of(out)
+    # The embedding stays the base's; the head gets its own weight with the delta: one tensor cannot hold both.
+    assert torch.equal(tensors["model.embed_tokens.weight"], base_embedding)
+    assert torch.equal(tensors["lm_head.weight"], base_embedding + delta.cpu())
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    expected, _ = trained_logits(tied_head_run)
+    with torch.no_grad():
+        assert (merged(input_ids=torch.tensor([PROMPT_IDS])).logits - expected).abs().max().item() < 1e-4
+
+
+def test_a_tied_weight_that_cannot_be_untied_is_refused_before_merging(tied_head_run, tmp_path, monkeypatch):
+    import qlora_cli.merge as merge_module
+
+    # As for a model whose weights stay tied whatever its config says.
+    monkeypatch.setattr(merge_module, "merged_config", lambda config, trained: config)
+    with pytest.raises(UserError, match="changes model.embed_tokens.weight and lm_head.weight, which this model ties"):
+        merge_run(tied_head_run, out=tmp_path / "merged", dtype_name="float32")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sharded, remote_code", [(True, False), (False, False), (True, True)])
+def test_a_hub_base_downloads_only_the_weights_its_index_names(tiny_model_dir, tmp_path, monkeypatch, sharded, remote_code):
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+    from transformers import AutoModelForCausalLM
+
+    import qlora_cli.merge as merge_module
+
+    # A hub repository as Mistral-7B-Instruct-v0.3's: transformers' weights, and a consolidated copy beside them.
+    repo = tmp_path / "repo"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(repo, max_shard_size="100KB" if sharded else "1GB")
+    shards = sorted(p.name for p in repo.glob("*.safetensors"))
+    assert (len(shards) > 1) == sharded
+    shutil.copy(repo / shards[0], repo / "consolidated.safetensors")
+    (repo / "params.json").write_text("{}")
+    (repo / "modeling_custom.py").write_text("")  # fetched only for a model trusted to run its own code
+    cache = tmp_path / "cache"
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        # What huggingface_hub fetches for these patterns, into one snapshot folder.
+        assert repo_id == "org/model" and revision == "main" and not kwargs
+        names = [p.name for p in repo.iterdir()]
+        for name in filter_repo_objects(names, allow_patterns=allow_patterns):
+            cache.mkdir(exist_ok=True)
+            shutil.copy(repo / name, cache / name)
+        return str(cache)
+
+    monkeypatch.setattr(merge_module, "snapshot_download", snapshot_download)
+    files = merge_module.base_checkpoint("org/model", "main", trust_remote_code=remote_code)
+    assert files.folder == cache and sorted(p.name for p in cache.glob("*.safetensors")) == shards
+    assert (cache / "params.json").is_file() and (cache / "modeling_custom.py").is_file() == remote_code
+    assert all(name in files for name in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
+
+
+# A model defined by its own code, as hub models loaded with trust_remote_code are: a Llama under another name.
+REMOTE_CONFIGURATION = '''from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tinyremote"
+'''
+REMOTE_MODELING = '''from transformers import LlamaForCausalLM
+
+from .configuration_tinyremote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+'''
+
+
+@pytest.fixture(scope="module")
+def remote_code_run(tmp_path_factory, tiny_model_dir):
+    """A run (model.trust_remote_code: true) on a copy of the tiny Llama that names its own code in auto_map.
+    transformers copies such code into a modules cache: the module's own while its tests run, not the user's."""
+    import shutil
+
+    import transformers.dynamic_module_utils as dynamic
+
+    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+
+    folder = tmp_path_factory.mktemp("remote")
+    model_dir = folder / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "configuration_tinyremote.py").write_text(REMOTE_CONFIGURATION)
+    (model_dir / "modeling_tinyremote.py").write_text(REMOTE_MODELING)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="tinyremote", architectures=["TinyRemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tinyremote.TinyRemoteConfig",
+                            "AutoModelForCausalLM": "modeling_tinyremote.TinyRemoteForCausalLM"})
+    (model_dir / "config.json").write_text(json.dumps(config))
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    text = tiny_recipe_text(model_dir, ["alpaca.jsonl"], max_steps=4, learning_rate=5e-3)
+    (folder / "tiny.yaml").write_text(text.replace("model:\n", "model:\n  trust_remote_code: true\n") + "output:\n  dir: run\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("modules")))
+        run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
+        yield folder / "run"
+
+
+def test_a_model_with_its_own_code_merges_and_loads(remote_code_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    report = merge_run(remote_code_run, out=out, dtype_name="float32")
+    assert report["mean_kl_nats_per_token"] < 1e-6
+    # The code travels with the checkpoint, as save_pretrained writes it.
+    assert (out / "modeling_tinyremote.py").is_file() and (out / "configuration_tinyremote.py").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
+    assert type(merged).__name__ == "TinyRemoteForCausalLM"
+    expected, _ = trained_logits(remote_code_run)
+    with torch.no_grad():
+        assert (merged(input_ids=torch.tensor([PROMPT_IDS])).logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda config: config.update(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+     "RoPE scaling 'dynamic' is not supported"),
+    (lambda config: config.update(model_type="mistral", architectures=["MistralForCausalLM"]),
+     "only Llama-architecture models are supported, not mistral"),
+], ids=["rope", "architecture"])
+def test_a_gguf_export_that_cannot_be_done_is_refused_before_merging(trained_run, tmp_path, monkeypatch, edit, message):
+    import qlora_cli.merge as merge_module
+
+    run = run_on_edited_base(trained_run, tmp_path / "edited", edit)
+
+    def trained_model(*args, **kwargs):
+        raise AssertionError("the merge started")
+
+    monkeypatch.setattr(merge_module, "trained_model", trained_model)
+    with pytest.raises(UserError, match=message):
+        merge_run(run, out=tmp_path / "merged", dtype_name="float32", gguf_types=("f16",))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_merge_with_gguf_files_loads_the_merged_model_and_tokenizer_once(trained_run, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qlora_cli.merge as merge_module
+
+    loads = {"model": 0, "gguf": 0, "tokenizer": 0, "recipe": 0}
+    real_model, real_tokenizer, real_recipe = (AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained,
+                                               merge_module.read_run_recipe)
+
+    def load_model(*args, **kwargs):
+        loads["gguf" if "gguf_file" in kwargs else "model"] += 1
+        return real_model(*args, **kwargs)
+
+    def load_tokenizer(*args, **kwargs):
+        loads["tokenizer"] += 1
+        return real_tokenizer(*args, **kwargs)
+
+    def read_recipe(*args, **kwargs):
+        loads["recipe"] += 1
+        return real_recipe(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load_model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", load_tokenizer)
+    monkeypatch.setattr(merge_module, "read_run_recipe", read_recipe)
+    report = merge_run(trained_run, out=tmp_path / "merged", dtype_name="float32", gguf_types=("f16", "q8_0"))
+    assert set(report["gguf"]) == {"f16", "q8_0"}
+    # The run's tokenizer, the merged folder's; the merged model whole once, and each file loaded back once.
+    assert loads == {"model": 1, "gguf": 2, "tokenizer": 2, "recipe": 1}

@@ -65,3 +65,12 @@ def test_a_merge_that_does_not_fit_is_refused_with_the_figures():
     gpu = merge_needs(config("huggyllama/llama-7b"), settings(on_gpu=True))
     with pytest.raises(UserError, match="of GPU memory free"):
         check_fits(gpu, host_available=gpu.host_bytes, device_available=GiB // 2, disk_free=2 * gpu.disk_bytes, disk_folder="/x")
+
+
+def test_an_adapted_tied_head_is_written_untied():
+    smollm2 = config("smollm2-135m-instruct")
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    tied = merge_needs(smollm2, settings(target_modules=linears))
+    untied = merge_needs(smollm2, settings(target_modules=linears + ["lm_head"]))
+    assert untied.parameters - tied.parameters == 49152 * 576  # the head gets a weight of its own
+    assert untied.disk_bytes - tied.disk_bytes == 2 * 49152 * 576
