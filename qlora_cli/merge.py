@@ -55,7 +55,9 @@ from .models import quantization_config
 from .parity import compare_logits
 from .plan import parse_bytes, read_model_config
 from .recipe import Recipe
-from .rundir import ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, staged
+from .rundir import (
+    ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, remove_abandoned_staging, staged,
+)
 from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
                         move_buffers, streamed_logits)
 
@@ -482,6 +484,8 @@ def merge_run(
         raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
     out = Path(out).resolve() if out is not None else run_dir / MERGED
     check_out(out, overwrite)
+    for leftover in remove_abandoned_staging(out):  # before the disk check: it frees what a killed merge held
+        say(f"Removed {leftover}, left by a merge that was killed")
     try:
         max_shard_bytes = parse_bytes(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     except UserError as error:

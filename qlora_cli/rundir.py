@@ -17,6 +17,7 @@ Nothing here imports torch: the CLI recognises runs before deciding what to load
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -46,6 +47,34 @@ def staging_path(target: Path) -> Path:
     """A hidden name beside `target`, private to this process: the ranks of a distributed run may
     write the same target at once. The suffix is kept, as `numpy.savez` insists on its own."""
     return target.with_name(f".{target.name}.tmp-{os.getpid()}{target.suffix}")
+
+
+def remove_abandoned_staging(target: Path) -> list[Path]:
+    """Remove what processes that no longer run on this machine left staged for `target` (a kill -9 or
+    the OOM killer gives `staged` no chance to clean up; a merge leaves gigabytes). Only for targets that
+    one process on this machine writes at a time: another machine's process would look dead from here.
+
+    Returns:
+        the paths removed.
+    """
+    removed = []
+    prefix = f".{target.name}.tmp-"
+    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):].removesuffix(target.suffix)
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_runs(int(pid)):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

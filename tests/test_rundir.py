@@ -7,7 +7,9 @@ import os
 import pytest
 
 from qlora_cli.errors import UserError
-from qlora_cli.rundir import is_run, is_run_dir, publish, read_run_recipe, staged, staging_path, write_atomic
+from qlora_cli.rundir import (
+    is_run, is_run_dir, publish, read_run_recipe, remove_abandoned_staging, staged, staging_path, write_atomic,
+)
 
 
 def test_write_atomic_replaces_a_file_whole(tmp_path):
@@ -66,3 +68,24 @@ def test_runs_are_recognised_and_a_broken_recipe_is_named(tmp_path):
     assert is_run_dir(run_dir)
     with pytest.raises(UserError, match="recipe.yaml: not a readable run recipe"):
         read_run_recipe(run_dir)
+
+
+def test_what_a_killed_process_staged_is_removed_and_a_running_one_s_is_kept(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "merged"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".merged.tmp-{int(finished.stdout)}"  # that process has exited
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "model.safetensors").write_bytes(b"x" * 10)
+    alive = staging_path(target)  # this process's own
+    alive.mkdir()
+    with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE) as running:
+        other = tmp_path / f".merged.tmp-{running.pid}"
+        other.mkdir()
+        unrelated = tmp_path / ".merged-notes.tmp-1"
+        unrelated.write_text("keep")
+        assert remove_abandoned_staging(target) == [dead]
+        running.stdin.close()
+    assert not dead.exists() and alive.is_dir() and other.is_dir() and unrelated.read_text() == "keep"
