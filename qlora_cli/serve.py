@@ -13,8 +13,9 @@ shaped like OpenAI's. The model generates ONE reply at a time: concurrent reques
 what the model gives that request alone, at the cost of throughput under load. A waiting request holds
 no worker thread (the endpoints are coroutines; only generation runs in a thread), so any number can
 queue without starving the one being answered, and a client that goes away, queued or mid-reply, frees
-the model: its request is skipped or its generation stopped at the next token. An optional bearer key is read once, at start, from an
-environment variable and compared in constant time; it is never printed or logged.
+the model: its request is skipped or its generation stopped at the next token. An optional bearer key is
+read once, at start, from an environment variable and compared in constant time; it is never printed or
+logged.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional, TypeVar, Union
 
 import anyio
-
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from transformers import StoppingCriteriaList
 
 from .api_keys import read_api_key
