@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .compat import show_flags_without_a_type
-from .errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, RunFailure, RunInterrupted, UserError
+from .core.compat import show_flags_without_a_type
+from .core.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, RunFailure, RunInterrupted, UserError
 
 show_flags_without_a_type()
 
@@ -54,8 +54,8 @@ OutputDirOption = Annotated[Optional[Path], typer.Option("--output-dir", metavar
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOption = None, output_dir: OutputDirOption = None) -> None:
     """Check a recipe and print it resolved, without loading anything."""
-    from .console import make_console, recipe_table
-    from .recipe import load_recipe
+    from .core.console import make_console, recipe_table
+    from .core.recipe import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], output_dir)
     console = make_console()
@@ -79,13 +79,13 @@ def train(
     """Fine-tune a model as the recipe says and write the run directory."""
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         from .data.sources import load_datasets
-        from .distributed import launch
-        from .recipe import load_recipe as check
+        from .core.distributed import launch
+        from .core.recipe import load_recipe as check
 
         # Bad input is reported once, with exit code 2, before any process starts (each checks again).
         checked = check(recipe, set_ or [], output_dir)
         load_datasets(checked.data, checked.training.seed)
-        from .context import run_context
+        from .core.context import run_context
 
         run_context(checked.quantization.compute_dtype, checked.training.distributed, processes=nproc)
 
@@ -95,11 +95,11 @@ def train(
         raise SystemExit(launch(nproc, argv))
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
-    from .console import make_console
-    from .recipe import load_recipe
+    from .core.console import make_console
+    from .core.recipe import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], output_dir)
-    from .train import run_training
+    from .train.run import run_training
 
     command = " ".join(["qlora", "train", str(recipe), *[f"--set {item}" for item in set_ or []],
                         *([f"--output-dir {output_dir}"] if output_dir else []), "--resume"])
@@ -120,9 +120,9 @@ def plan(
     """Plan GPU memory for a recipe from the model's config alone, before anything loads."""
     import json as json_module
 
-    from .plan import parse_bytes, plan_memory, read_model_config
-    from .plan_report import plan_table
-    from .recipe import load_recipe
+    from .plan.memory import parse_bytes, plan_memory, read_model_config
+    from .plan.report import plan_table
+    from .core.recipe import load_recipe
 
     resolved = load_recipe(recipe, set_ or [])
     source = config if config is not None else model_config_source(resolved.model.base)
@@ -133,7 +133,7 @@ def plan(
     if as_json:
         print(json_module.dumps(result.to_json(), indent=2))
         return
-    from .console import make_console
+    from .core.console import make_console
 
     make_console().print(plan_table(result, title=f"Memory plan for {recipe} (per GPU)"))
 
@@ -141,14 +141,14 @@ def plan(
 def model_config_source(base: str):
     """Where the planner reads the model's config: a local directory or hub id as is; the config shipped for the
     bundled model; the converted checkpoint of another .gguf file (converting once if needed)."""
-    from .recipe import BUNDLED_MODEL_ALIAS
+    from .core.recipe import BUNDLED_MODEL_ALIAS
 
     if base == BUNDLED_MODEL_ALIAS:
-        from .plan import shipped_config
+        from .plan.memory import shipped_config
 
         return shipped_config(BUNDLED_MODEL_ALIAS)
     if base.endswith(".gguf"):
-        from .models import resolve_model_path
+        from .core.models import resolve_model_path
 
         return resolve_model_path(base)
     return base
@@ -161,16 +161,16 @@ def data_preview(
     set_: SetOption = None,
 ) -> None:
     """Show tokenized examples with the trained tokens marked, and statistics of the data."""
-    from .console import make_console, working
+    from .core.console import make_console, working
     from .data.sources import load_datasets
-    from .recipe import load_recipe
+    from .core.recipe import load_recipe
 
     resolved = load_recipe(recipe, set_ or [])
     datasets = load_datasets(resolved.data, resolved.training.seed)
     from .data.prepare import prepare
     from .data.preview import show_preview
     from .data.templates import resolve_template
-    from .models import load_tokenizer, quiet_libraries, resolve_model_path
+    from .core.models import load_tokenizer, quiet_libraries, resolve_model_path
 
     console = make_console()
     quiet_libraries(console.is_terminal)
@@ -193,16 +193,16 @@ def generate(
     seed: Seed = 0,
 ) -> None:
     """Answer prompts with a model, using the chat template it was trained with."""
-    from .prompts import read_prompts
+    from .inference.prompts import read_prompts
 
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     if not prompts:
         raise UserError("give at least one --prompt or a --file of prompts")
     from rich.console import Console
 
-    from .console import working
-    from .generate import generate as run_generate, load_for_generation
-    from .models import quiet_libraries
+    from .core.console import working
+    from .inference.generate import generate as run_generate, load_for_generation
+    from .core.models import quiet_libraries
 
     console = Console(highlight=False)
     quiet_libraries(console.is_terminal)
@@ -236,10 +236,10 @@ def chat(
     seed: Seed = 0,
 ) -> None:
     """Talk with a model: multi-turn, streamed, with /reset and /system."""
-    from .chat import chat_loop
-    from .console import make_console, working
-    from .generate import load_for_generation
-    from .models import quiet_libraries
+    from .inference.chat import chat_loop
+    from .core.console import make_console, working
+    from .inference.generate import load_for_generation
+    from .core.models import quiet_libraries
 
     console = make_console()
     quiet_libraries(console.is_terminal)
@@ -268,9 +268,9 @@ def merge(
         raise UserError(f"--dtype: {dtype!r} is not one of bfloat16, float16, float32")
     if base not in ("dequantized", "original"):
         raise UserError(f"--base: {base!r} is not one of dequantized, original")
-    from .console import key_value_table, make_console
-    from .merge import merge_run
-    from .models import quiet_libraries
+    from .core.console import key_value_table, make_console
+    from .export.merge import merge_run
+    from .core.models import quiet_libraries
 
     console = make_console()
     quiet_libraries(console.is_terminal)
@@ -278,7 +278,7 @@ def merge(
                        gguf_types=tuple(gguf or []), max_shard_size=max_shard_size, console=console)
     rows = [(key, value) for key, value in report.items() if key != "gguf"]
     if "gguf" in report:
-        from .gguf_export import gguf_summary
+        from .export.gguf import gguf_summary
 
         rows += [(f"gguf {out_type}", gguf_summary(entry)) for out_type, entry in report["gguf"].items()]
     console.print(key_value_table("Merge", rows))
@@ -312,11 +312,11 @@ def eval_run(
     for layout in answers_format or []:
         if layout not in ANSWER_FORMATS:
             raise UserError(f"--answers-format: {layout!r} is not one of {', '.join(ANSWER_FORMATS)}")
-    from .console import make_console
+    from .core.console import make_console
     from .evaluation.answers import Sampling, slug
     from .evaluation.run import run_eval
-    from .models import quiet_libraries
-    from .rundir import is_run_dir
+    from .core.models import quiet_libraries
+    from .core.rundir import is_run_dir
 
     console = make_console()
     quiet_libraries(console.is_terminal)
@@ -336,7 +336,7 @@ def eval_score(
     strict: Annotated[bool, typer.Option("--strict", help="Refuse the files if any line is malformed or out of range, instead of leaving such lines out (and listing them).")] = False,
 ) -> None:
     """Score judgments made elsewhere: relative score, win rates, Elo and Bradley-Terry with CIs."""
-    from .console import make_console
+    from .core.console import make_console
     from .evaluation.run import score_files
 
     score_files(files, reference, out, make_console(), strict=strict)
@@ -353,10 +353,10 @@ def eval_mmlu(
     """Multiple-choice accuracy (MMLU-style): argmax over the four letter tokens, per subject and averaged."""
     import json as json_module
 
-    from .console import key_value_table, make_console, working
+    from .core.console import key_value_table, make_console, working
     from .evaluation.mmlu import evaluate, read_mmlu
-    from .generate import load_for_generation
-    from .models import quiet_libraries
+    from .inference.generate import load_for_generation
+    from .core.models import quiet_libraries
 
     dev, test = read_mmlu(data)
     console = make_console(stderr=as_json)  # --json keeps stdout for the JSON object
@@ -395,8 +395,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Reply length when a request gives no max_tokens.")] = 512,
 ) -> None:
     """Serve a model over an OpenAI-compatible API: POST /v1/chat/completions (streamed or not), GET /v1/models."""
-    from .models import quiet_libraries
-    from .serve import serve as run_server
+    from .core.models import quiet_libraries
+    from .inference.serve import serve as run_server
 
     quiet_libraries(sys.stdout.isatty())
     run_server(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_tokens=max_tokens,

@@ -14,7 +14,7 @@ import time
 
 
 def timed(loaded, prompts, batch_size, max_new_tokens):
-    from qlora_cli.generate import generate
+    from qlora_cli.inference.generate import generate
 
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(prompts), batch_size):
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from qlora_cli.evaluation.questions import read_questions
-    from qlora_cli.generate import load_for_generation
+    from qlora_cli.inference.generate import load_for_generation
 
     prompts = [q.turns[0] for q in read_questions(None)[: args.prompts]]
     loaded = load_for_generation(args.model)

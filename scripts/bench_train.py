@@ -42,7 +42,7 @@ def matmul_peak_gflops() -> float:
 
 def parameter_count(model_dir: str) -> int:
     """Parameters of the model from its config: linear layers, embeddings, head (if untied) and norms."""
-    from qlora_cli.plan import kept_parameter_count, model_shapes, read_model_config
+    from qlora_cli.plan.memory import kept_parameter_count, model_shapes, read_model_config
 
     shapes = model_shapes(read_model_config(model_dir))
     linear = sum(fan_in * fan_out for fan_in, fan_out in shapes.linears().values()) * shapes.layers
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="Folder for the data and runs (default: a temporary one).")
     args = parser.parse_args()
 
-    from qlora_cli.models import resolve_model_path
+    from qlora_cli.core.models import resolve_model_path
 
     # The peak is measured before and after the runs, and the higher one kept: the machine's best, not a slow moment.
     peak_before = matmul_peak_gflops()

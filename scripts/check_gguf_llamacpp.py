@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from qlora_cli.gguf_check import judge_export, llama_cpp_available
+from qlora_cli.export.gguf_check import judge_export, llama_cpp_available
 
 
 def main() -> int:

@@ -50,8 +50,8 @@ def build_base(folder: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qlora_cli.models import resolve_model_path
-    from qlora_cli.recipe import BUNDLED_MODEL_ALIAS
+    from qlora_cli.core.models import resolve_model_path
+    from qlora_cli.core.recipe import BUNDLED_MODEL_ALIAS
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(BUNDLED_MODEL_ALIAS))
     config = LlamaConfig(**LLAMA_32_1B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

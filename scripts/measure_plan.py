@@ -77,7 +77,7 @@ class RecordAllocations(TrainerCallback):
         self.profiler.__enter__()
 
     def on_train_end(self, args, state, control, **kwargs):
-        from qlora_cli.compat import profiler_memory_events
+        from qlora_cli.core.compat import profiler_memory_events
 
         self.profiler.__exit__(None, None, None)
         events = profiler_memory_events(self.profiler)
@@ -88,10 +88,10 @@ def measure(recipe_path: Path, steps: int, work: Path, overrides: list[str] = ()
     """Train `steps` steps of the recipe on full-length rows; return the plan's figures and the measured ones."""
     from rich.console import Console
 
-    from qlora_cli.plan import plan_memory, read_model_config
-    from qlora_cli.models import resolve_model_path
-    from qlora_cli.recipe import Recipe, load_recipe
-    from qlora_cli.train import finish, fit, setup
+    from qlora_cli.plan.memory import plan_memory, read_model_config
+    from qlora_cli.core.models import resolve_model_path
+    from qlora_cli.core.recipe import Recipe, load_recipe
+    from qlora_cli.train.run import finish, fit, setup
 
     recipe = load_recipe(recipe_path, list(overrides))
     rows = recipe.training.batch_size * recipe.training.gradient_accumulation_steps * steps

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from qlora_cli.recipe import reference_markdown
+from qlora_cli.core.recipe import reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"

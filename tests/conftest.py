@@ -202,7 +202,7 @@ def tokenized_rows(tiny_tokenizer, tmp_path_factory):
     """ALPACA_ROWS and CHAT_ROWS tokenized for training with the tiny tokenizer's chat template."""
     from qlora_cli.data.sources import load_datasets
     from qlora_cli.data.tokenize import TokenizeOptions, tokenize_examples
-    from qlora_cli.recipe import DataSection
+    from qlora_cli.core.recipe import DataSection
 
     folder = tmp_path_factory.mktemp("rows")
     write_jsonl(folder / "a.jsonl", ALPACA_ROWS)
@@ -280,8 +280,8 @@ def train_tiny_run(folder: Path, model_dir: Path, chat: bool = False, **training
 
     from rich.console import Console
 
-    from qlora_cli.recipe import load_recipe
-    from qlora_cli.train import run_training
+    from qlora_cli.core.recipe import load_recipe
+    from qlora_cli.train.run import run_training
 
     write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
     files = ["alpaca.jsonl"]

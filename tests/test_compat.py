@@ -1,4 +1,4 @@
-"""Every use of a library internal (qlora_cli/compat.py) works with the installed libraries, and fails loudly,
+"""Every use of a library internal (qlora_cli/core/compat.py) works with the installed libraries, and fails loudly,
 by name, when the internal is gone."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from qlora_cli import compat
-from qlora_cli.compat import LibraryChanged
+from qlora_cli.core import compat
+from qlora_cli.core.compat import LibraryChanged
 
 
 def test_library_versions_name_what_decides_training():

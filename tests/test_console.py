@@ -7,7 +7,7 @@ import threading
 
 from rich.console import Console
 
-from qlora_cli.console import Steps
+from qlora_cli.core.console import Steps
 
 
 def test_steps_with_a_text_print_a_line_when_it_changes_and_count_from_every_thread():

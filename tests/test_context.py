@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_cli.context import RunContext, choose_compute_dtype, run_context
-from qlora_cli.errors import UserError
+from qlora_cli.core.context import RunContext, choose_compute_dtype, run_context
+from qlora_cli.core.errors import UserError
 
 
 def test_each_rank_gets_its_own_gpu():
@@ -19,7 +19,7 @@ def test_the_launch_environment_is_read(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setattr("qlora_cli.context.detect_device", lambda: "cuda")
+    monkeypatch.setattr("qlora_cli.core.context.detect_device", lambda: "cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     context = run_context("auto", "fsdp")
     assert (context.rank, context.local_rank, context.world_size, context.sharded) == (3, 1, 4, True)
@@ -29,7 +29,7 @@ def test_the_launch_environment_is_read(monkeypatch):
 
 
 def test_fsdp_and_float16_are_refused_on_cpu(monkeypatch):
-    monkeypatch.setattr("qlora_cli.context.detect_device", lambda: "cpu")
+    monkeypatch.setattr("qlora_cli.core.context.detect_device", lambda: "cpu")
     with pytest.raises(UserError, match="fsdp needs GPUs"):
         run_context("auto", "fsdp", processes=1)
     with pytest.raises(UserError, match="use float32 or auto"):

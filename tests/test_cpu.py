@@ -10,15 +10,15 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_cli import cpu
-from qlora_cli.context import choose_compute_dtype
-from qlora_cli.recipe import load_recipe
-from qlora_cli.train import run_training
+from qlora_cli.core import cpu
+from qlora_cli.core.context import choose_compute_dtype
+from qlora_cli.core.recipe import load_recipe
+from qlora_cli.train.run import run_training
 
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch, native, expected):
-    monkeypatch.setattr("qlora_cli.context.cpu_has_native_bfloat16", lambda: native)
+    monkeypatch.setattr("qlora_cli.core.context.cpu_has_native_bfloat16", lambda: native)
     assert choose_compute_dtype("auto", "cpu").dtype == expected
     assert choose_compute_dtype("float32", "cpu").dtype == torch.float32  # an explicit choice is kept
 
@@ -30,7 +30,7 @@ def test_the_allocator_accepts_the_settings():
 
 FREED_AND_RETAINED = """
 import sys, torch
-from qlora_cli import cpu
+from qlora_cli.core import cpu
 
 def resident():
     return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024

@@ -12,8 +12,8 @@ from qlora_cli.data.formats import detect_format
 from qlora_cli.data.sources import load_datasets
 from qlora_cli.data.templates import GUANACO_TEMPLATE, resolve_template
 from qlora_cli.data.tokenize import IGNORE_INDEX, PadToLongest, TokenizeOptions, tokenize_examples
-from qlora_cli.errors import UserError
-from qlora_cli.recipe import DataSection
+from qlora_cli.core.errors import UserError
+from qlora_cli.core.recipe import DataSection
 
 CHATML_WITH_BOS = (
     "{{ bos_token }}{% for message in messages %}"

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from qlora_cli.cli import main
-from qlora_cli.errors import UserError
+from qlora_cli.core.errors import UserError
 from qlora_cli.evaluation.answers import read_answers
 from qlora_cli.evaluation.questions import read_questions
 

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from qlora_cli.errors import UserError
+from qlora_cli.core.errors import UserError
 from qlora_cli.evaluation.judgments import Comparison, ScorePair
 from qlora_cli.evaluation.judges import (
     HttpJudge,
@@ -442,7 +442,7 @@ def test_missing_answers_are_a_user_error():
 
 @pytest.mark.parametrize("constrained", [True, False])
 def test_local_judge_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, constrained):
-    from qlora_cli.generate import load_for_generation
+    from qlora_cli.inference.generate import load_for_generation
 
     judge = LocalJudge(load_for_generation(str(tiny_model_dir)), max_new_tokens=6, constrained=constrained)
     assert judge.name == str(tiny_model_dir) + (" (constrained verdicts)" if constrained else "")

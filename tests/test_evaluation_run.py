@@ -157,8 +157,8 @@ class SlowEngine:
 
 @pytest.fixture(scope="module")
 def judge_engine(tiny_model_dir):
-    from qlora_cli.generate import load_for_generation
-    from qlora_cli.serve import Engine
+    from qlora_cli.inference.generate import load_for_generation
+    from qlora_cli.inference.serve import Engine
 
     engine = Engine(load_for_generation(str(tiny_model_dir)), default_max_tokens=8)
     # Judge prompts outgrow the tiny model's nominal 512 positions; its rotary positions go further.
@@ -167,7 +167,7 @@ def judge_engine(tiny_model_dir):
 
 
 def test_eval_with_a_served_judge(run_dir, judge_engine, tmp_path, monkeypatch, capsys):
-    from qlora_cli.serve import create_app
+    from qlora_cli.inference.serve import create_app
 
     no_proxies(monkeypatch)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a judge on this machine is called without a key
@@ -202,7 +202,7 @@ def test_ctrl_c_while_judging_exits_130_and_the_rerun_reuses_the_cache(tiny_mode
     import sys
 
     from qlora_cli.evaluation.questions import read_questions
-    from qlora_cli.serve import create_app
+    from qlora_cli.inference.serve import create_app
 
     no_proxies(monkeypatch)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -239,7 +239,7 @@ def test_ctrl_c_while_judging_exits_130_and_the_rerun_reuses_the_cache(tiny_mode
 
 
 def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import qlora_cli.generate as generation
+    import qlora_cli.inference.generate as generation
     from qlora_cli.evaluation.questions import read_questions
 
     questions = read_questions(None)[:12]
@@ -270,7 +270,7 @@ def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_p
 
 
 def test_answers_cut_short_by_a_kill_are_answered_again_and_the_torn_line_cut_off(tmp_path, monkeypatch):
-    import qlora_cli.generate as generation
+    import qlora_cli.inference.generate as generation
     from qlora_cli.evaluation.answers import Sampling, ensure_answers
     from qlora_cli.evaluation.questions import read_questions
 
@@ -314,7 +314,7 @@ def test_a_remote_judge_without_its_key_is_refused_before_anything_runs(tiny_mod
     import urllib.error
 
     import qlora_cli.evaluation.judges as judges
-    import qlora_cli.generate as generation
+    import qlora_cli.inference.generate as generation
     from qlora_cli.evaluation.questions import read_questions
 
     monkeypatch.delenv("QLORA_TEST_REMOTE_KEY", raising=False)
@@ -346,7 +346,7 @@ def test_a_remote_judge_without_its_key_is_refused_before_anything_runs(tiny_mod
 
 
 def test_the_judge_key_variable_is_needed_only_off_this_machine(monkeypatch):
-    from qlora_cli.errors import UserError
+    from qlora_cli.core.errors import UserError
     from qlora_cli.evaluation.run import judge_key_env
 
     monkeypatch.delenv("QLORA_TEST_REMOTE_KEY", raising=False)
@@ -366,7 +366,7 @@ def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
 
     from rich.console import Console
 
-    from qlora_cli.console import Steps, eta, plain_line
+    from qlora_cli.core.console import Steps, eta, plain_line
 
     assert plain_line("Judging (pairwise)", 20, 80, 60.0) == "Judging (pairwise): 20/80 (25%), 1:00 elapsed, about 3:00 left"
     assert plain_line("Answers of run", 80, 80, 240.0) == "Answers of run: 80/80 (100%), 4:00 elapsed"

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from qlora_cli.data.formats import RowError, to_example
 from qlora_cli.data.readers import Location, read_path
-from qlora_cli.errors import UserError
+from qlora_cli.core.errors import UserError
 from qlora_cli.evaluation.judgments import read_judgments
-from qlora_cli.recipe import Recipe, load_recipe
+from qlora_cli.core.recipe import Recipe, load_recipe
 
 CASES = settings(
     max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None

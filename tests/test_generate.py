@@ -7,9 +7,9 @@ import io
 import pytest
 
 from conftest import train_tiny_run
-from qlora_cli.chat import chat_loop
+from qlora_cli.inference.chat import chat_loop
 from qlora_cli.cli import main
-from qlora_cli.generate import conversation_ids, generate, load_for_generation, stop_token_ids
+from qlora_cli.inference.generate import conversation_ids, generate, load_for_generation, stop_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_sampling_is_seeded(loaded):
 
 def test_chat_keeps_history_and_resets(loaded, monkeypatch):
     seen = []
-    import qlora_cli.chat as chat_module
+    import qlora_cli.inference.chat as chat_module
 
     real_generate = chat_module.generate
 
@@ -93,8 +93,8 @@ def test_generate_cli_answers(run_dir, capsys):
 def test_a_damaged_tokenizer_in_a_run_is_reported_before_the_base_model_loads(run_dir, tmp_path, monkeypatch):
     import shutil
 
-    import qlora_cli.models as models
-    from qlora_cli.errors import UserError
+    import qlora_cli.core.models as models
+    from qlora_cli.core.errors import UserError
 
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)

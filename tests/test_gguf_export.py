@@ -17,9 +17,9 @@ import pytest
 from conftest import (
     CHATML_DEFAULT_SYSTEM_TEMPLATE, ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama,
 )
-from qlora_cli.errors import UserError
-from qlora_cli.gguf_export import export_gguf, llama3_rope_factors, pre_tokenizer_name, read_tokenizer_spec
-from qlora_cli.modelfile import (
+from qlora_cli.core.errors import UserError
+from qlora_cli.export.gguf import export_gguf, llama3_rope_factors, pre_tokenizer_name, read_tokenizer_spec
+from qlora_cli.export.modelfile import (
     LATER_SYSTEM_CONVERSATION,
     OPEN_REPLY_CONVERSATION,
     VERIFY_CONVERSATIONS,
@@ -110,7 +110,7 @@ def test_unknown_pre_tokenizer_is_refused_with_its_hash(tmp_path):
 def test_pre_tokenizer_is_recognised_by_llama_cpp_hash_first(tiny_model_dir, tiny_tokenizer, monkeypatch):
     from hashlib import sha256
 
-    from qlora_cli import gguf_export
+    from qlora_cli.export import gguf as gguf_export
 
     spec = read_tokenizer_spec(tiny_model_dir)
     digest = sha256(str(tiny_tokenizer.encode(gguf_export.PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
@@ -327,7 +327,7 @@ def test_go_executes_the_template_as_the_jinja_one_renders(go_renderer, tiny_tok
 
 
 def test_merge_summary_line_of_an_export():
-    from qlora_cli.gguf_export import gguf_summary
+    from qlora_cli.export.gguf import gguf_summary
 
     entry = {"file": "model-f16.gguf", "bytes": 270885664, "max_abs_logit_diff": 5.5e-05, "mean_kl_nats_per_token": 3.9e-08,
              "llama_cpp": {"checked": True, "identical": 374, "lines": 374, "mismatches": []},
@@ -345,9 +345,9 @@ def test_the_modelfile_stops_at_every_end_token_generation_stops_at(tmp_path, ti
 
     from transformers import AutoTokenizer, GenerationConfig
 
-    from qlora_cli.generate import stop_token_ids
-    from qlora_cli.models import LoadedModel
-    from qlora_cli.modelfile import write_modelfile
+    from qlora_cli.inference.generate import stop_token_ids
+    from qlora_cli.core.models import LoadedModel
+    from qlora_cli.export.modelfile import write_modelfile
 
     # As Llama 3.1's generation_config.json lists <|eot_id|> and <|eom_id|> beside the EOS token.
     for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:

@@ -12,15 +12,15 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama.cpp judges the GGUF export: pip install llama-cpp-python")
 
 from conftest import ROPE_SCALINGS, build_tiny_llama  # noqa: E402
-from qlora_cli.gguf_check import (  # noqa: E402
+from qlora_cli.export.gguf_check import (  # noqa: E402
     CHECK_LINES,
     compare_tokenization,
     float16_model,
     judge_export,
     load_llama,
 )
-from qlora_cli.gguf_export import export_gguf  # noqa: E402
-from qlora_cli.modelfile import write_modelfile  # noqa: E402
+from qlora_cli.export.gguf import export_gguf  # noqa: E402
+from qlora_cli.export.modelfile import write_modelfile  # noqa: E402
 
 LONG_TEXT = " ".join(CHECK_LINES)  # a few thousand tokens, cut to the positions a test needs
 
@@ -91,7 +91,7 @@ def test_modelfile_agrees_with_the_template_llama_cpp_reads(model_dir, tmp_path)
     written = write_modelfile(tmp_path / "model-f16.gguf", tokenizer, GenerationConfig.from_pretrained(model_dir),
                               say=lambda *_: None)
     assert written["template"], written
-    from qlora_cli.gguf_check import modelfile_agreement
+    from qlora_cli.export.gguf_check import modelfile_agreement
 
     agreement = modelfile_agreement(load_llama(tmp_path / "model-f16.gguf", vocab_only=True), tokenizer, tmp_path / "model-f16.Modelfile")
     assert agreement["template_in_modelfile_is_derived_from_the_file"]
@@ -103,7 +103,7 @@ def test_modelfile_agrees_with_the_template_llama_cpp_reads(model_dir, tmp_path)
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
 def test_bundled_model_export_as_llama_cpp_sees_it(tmp_path, out_type):
     pytest.importorskip("gguf")
-    from qlora_cli.models import bundled_gguf_path, resolve_model_path
+    from qlora_cli.core.models import bundled_gguf_path, resolve_model_path
 
     try:
         bundled_gguf_path()

@@ -10,10 +10,10 @@ import torch
 from rich.console import Console
 from transformers import TrainerCallback
 
-from qlora_cli.context import choose_compute_dtype
-from qlora_cli.errors import RunFailure
-from qlora_cli.recipe import load_recipe
-from qlora_cli.train import finish, fit, run_training, setup
+from qlora_cli.core.context import choose_compute_dtype
+from qlora_cli.core.errors import RunFailure
+from qlora_cli.core.recipe import load_recipe
+from qlora_cli.train.run import finish, fit, run_training, setup
 
 pytestmark = pytest.mark.gpu
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora_cli.data.tokenize import IGNORE_INDEX, PackBatch, PadToLongest
-from qlora_cli.loss import head_only_loss, linear_cross_entropy, output_head, trained_targets
+from qlora_cli.train.loss import head_only_loss, linear_cross_entropy, output_head, trained_targets
 
 
 def with_lora(base):
@@ -92,7 +92,7 @@ def test_chunks_do_not_change_the_result(monkeypatch):
     expected = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
 
-    monkeypatch.setattr("qlora_cli.loss_spec.CHUNK_ELEMENTS", 50 * 5)  # 5 rows per chunk, the last one short
+    monkeypatch.setattr("qlora_cli.train.loss_spec.CHUNK_ELEMENTS", 50 * 5)  # 5 rows per chunk, the last one short
     loss = linear_cross_entropy(hidden, weight, targets)
     (2 * loss).backward()
     assert abs(loss.item() - reference.item()) < 1e-5
@@ -116,7 +116,7 @@ def test_soft_capped_logits_keep_the_models_own_loss(model):
 
 
 def test_the_cached_head_cast_follows_the_weight():
-    from qlora_cli.loss import cast_weight
+    from qlora_cli.train.loss import cast_weight
 
     first = torch.randn(64, 8)
     assert torch.equal(cast_weight(first, torch.bfloat16), first.to(torch.bfloat16))

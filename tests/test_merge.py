@@ -17,11 +17,11 @@ from rich.console import Console
 
 from conftest import train_tiny_run
 from qlora_cli.cli import main
-from qlora_cli.errors import UserError
-from qlora_cli.merge import merge_run
-from qlora_cli.models import load_run
-from qlora_cli.recipe import load_recipe
-from qlora_cli.train import run_training
+from qlora_cli.core.errors import UserError
+from qlora_cli.export.merge import merge_run
+from qlora_cli.core.models import load_run
+from qlora_cli.core.recipe import load_recipe
+from qlora_cli.train.run import run_training
 
 PROMPT_IDS = [1, 40, 41, 42, 43, 44, 45]
 
@@ -184,9 +184,9 @@ def test_original_base_drifts_and_the_report_says_so(trained_run, tmp_path):
 def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(trained_run, tmp_path, base, dtype_name):
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.merge import parity_prompts
-    from qlora_cli.parity import compare_logits, model_logits
-    from qlora_cli.rundir import read_run_recipe
+    from qlora_cli.export.merge import parity_prompts
+    from qlora_cli.export.parity import compare_logits, model_logits
+    from qlora_cli.core.rundir import read_run_recipe
 
     dtype = getattr(torch, dtype_name)
     report = merge_run(trained_run, out=tmp_path / "streamed", dtype_name=dtype_name, base=base)
@@ -226,11 +226,11 @@ def test_tied_embeddings_are_merged_once_and_stay_tied(tied_run, tmp_path):
 def test_the_streamed_trained_model_computes_what_the_loaded_one_does(run, request):
     from transformers import AutoConfig
 
-    from qlora_cli.context import inference_context
-    from qlora_cli.merge import base_checkpoint, parity_prompts, trained_model
-    from qlora_cli.parity import model_logits
-    from qlora_cli.rundir import adapter_base_model, read_run_recipe
-    from qlora_cli.streaming import streamed_logits
+    from qlora_cli.core.context import inference_context
+    from qlora_cli.export.merge import base_checkpoint, parity_prompts, trained_model
+    from qlora_cli.export.parity import model_logits
+    from qlora_cli.core.rundir import adapter_base_model, read_run_recipe
+    from qlora_cli.export.streaming import streamed_logits
 
     run_dir = request.getfixturevalue(run)
     loaded = load_run(run_dir)
@@ -290,8 +290,8 @@ def test_an_8bit_run_merges(trained_8bit_run, tmp_path):
 
 
 def test_a_merge_that_does_not_fit_is_refused_with_what_it_needs(trained_run, tmp_path, monkeypatch, capsys):
-    import qlora_cli.merge as merge_module
-    from qlora_cli.plan import format_bytes
+    import qlora_cli.export.merge as merge_module
+    from qlora_cli.plan.memory import format_bytes
 
     seen = {}
     real_check = merge_module.check_fits
@@ -344,7 +344,7 @@ print(json.dumps(ids[0].tolist()))
 
 
 def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
-    import qlora_cli.merge as merge_module
+    import qlora_cli.export.merge as merge_module
 
     real_save = merge_module.save_file
     written = []
@@ -363,7 +363,7 @@ def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
 
 
 def test_failed_parity_writes_nothing(trained_run, tmp_path, monkeypatch):
-    import qlora_cli.merge as merge_module
+    import qlora_cli.export.merge as merge_module
 
     monkeypatch.setattr(merge_module, "KL_LIMIT", 0.0)
     with pytest.raises(Exception) as caught:
@@ -411,8 +411,8 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_merge(trained_run, tmp_p
 
 
 def test_output_merge_frees_the_trained_model_then_merges(tmp_path, tiny_model_dir, monkeypatch):
-    import qlora_cli.loss as loss
-    import qlora_cli.train as train_module
+    import qlora_cli.train.loss as loss
+    import qlora_cli.train.run as train_module
     from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
 
     trained = {}
@@ -530,7 +530,7 @@ def test_a_lora_on_a_tied_output_head_is_merged_into_an_untied_head(tied_head_ru
 
 
 def test_a_tied_weight_that_cannot_be_untied_is_refused_before_merging(tied_head_run, tmp_path, monkeypatch):
-    import qlora_cli.merge as merge_module
+    import qlora_cli.export.merge as merge_module
 
     # As for a model whose weights stay tied whatever its config says.
     monkeypatch.setattr(merge_module, "merged_config", lambda config, trained: config)
@@ -546,7 +546,7 @@ def test_a_hub_base_downloads_only_the_weights_its_index_names(tiny_model_dir, t
     from huggingface_hub.utils import filter_repo_objects
     from transformers import AutoModelForCausalLM
 
-    import qlora_cli.merge as merge_module
+    import qlora_cli.export.merge as merge_module
 
     # A hub repository as Mistral-7B-Instruct-v0.3's: transformers' weights, and a consolidated copy beside them.
     repo = tmp_path / "repo"
@@ -642,7 +642,7 @@ def test_a_model_with_its_own_code_merges_and_loads(remote_code_run, tmp_path):
      "only Llama-architecture models are supported, not mistral"),
 ], ids=["rope", "architecture"])
 def test_a_gguf_export_that_cannot_be_done_is_refused_before_merging(trained_run, tmp_path, monkeypatch, edit, message):
-    import qlora_cli.merge as merge_module
+    import qlora_cli.export.merge as merge_module
 
     run = run_on_edited_base(trained_run, tmp_path / "edited", edit)
 
@@ -658,7 +658,7 @@ def test_a_gguf_export_that_cannot_be_done_is_refused_before_merging(trained_run
 def test_a_merge_with_gguf_files_loads_the_merged_model_and_tokenizer_once(trained_run, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import qlora_cli.merge as merge_module
+    import qlora_cli.export.merge as merge_module
 
     loads = {"model": 0, "gguf": 0, "tokenizer": 0, "recipe": 0}
     real_model, real_tokenizer, real_recipe = (AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qlora_cli.cli import main
-from qlora_cli.errors import UserError
+from qlora_cli.core.errors import UserError
 from qlora_cli.evaluation.mmlu import Item, build_prompt, evaluate, letter_token_ids, read_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +104,8 @@ def test_mmlu_is_tracked_during_training(tiny_recipe, tmp_path):
 
     from rich.console import Console
 
-    from qlora_cli.recipe import load_recipe
-    from qlora_cli.train import run_training
+    from qlora_cli.core.recipe import load_recipe
+    from qlora_cli.train.run import run_training
 
     write_mmlu(tmp_path / "mmlu", {"a": (ROWS[:1], ROWS)})
     text = tiny_recipe.read_text().replace("training:\n", f"training:\n  eval_steps: 2\n  eval_mmlu:\n    data: {tmp_path / 'mmlu'}\n    shots: 1\n")

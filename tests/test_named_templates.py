@@ -259,7 +259,7 @@ def test_every_named_template_is_covered():
     assert set(NAMED_TEMPLATES) == set(FAMILIES)
     assert NAMED_TEMPLATES["guanaco"] == templates.GUANACO_TEMPLATE
     # The recipe schema lists the names without importing this module.
-    from qlora_cli.recipe import TEMPLATE_NAMES
+    from qlora_cli.core.recipe import TEMPLATE_NAMES
 
     assert set(TEMPLATE_NAMES) == set(NAMED_TEMPLATES)
 

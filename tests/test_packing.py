@@ -10,7 +10,7 @@ from conftest import ALPACA_ROWS, write_jsonl
 from qlora_cli.data.prepare import expected_padding
 from qlora_cli.data.sources import load_datasets
 from qlora_cli.data.tokenize import IGNORE_INDEX, FedTokens, PackBatch, PadToLongest, TokenizeOptions, tokenize_cached
-from qlora_cli.recipe import DataSection
+from qlora_cli.core.recipe import DataSection
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -71,7 +71,7 @@ def test_fed_tokens_count_real_tokens_and_positions(tokenized_rows, tiny_tokeniz
 
 
 def test_expected_padding_by_batching(tokenized_rows, tmp_path, tiny_model_dir):
-    from qlora_cli.recipe import Recipe
+    from qlora_cli.core.recipe import Recipe
 
     lengths = [5, 50, 6, 48, 7, 52, 5, 49]
     base = {"model": {"base": "org/model"}, "data": {"train": [{"path": str(tmp_path)}]}, "training": {"batch_size": 2}}

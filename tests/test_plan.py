@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from qlora_cli.compat import quiet_bitsandbytes_kernel_fetch
-from qlora_cli.errors import UserError
-from qlora_cli.plan import (
+from qlora_cli.core.compat import quiet_bitsandbytes_kernel_fetch
+from qlora_cli.core.errors import UserError
+from qlora_cli.plan.memory import (
     activation_estimate,
     model_shapes,
     parse_bytes,
     plan_memory,
     read_model_config,
 )
-from qlora_cli.loss_spec import CHUNK_ELEMENTS
-from qlora_cli.recipe import Recipe
+from qlora_cli.train.loss_spec import CHUNK_ELEMENTS
+from qlora_cli.core.recipe import Recipe
 
 quiet_bitsandbytes_kernel_fetch()
 
@@ -80,8 +80,8 @@ def test_a_directory_with_only_config_json_plans_without_torch(tmp_path):
     assert read_model_config(tmp_path / "config.json") == read_model_config(LLAMA_65B)
     script = (
         "import sys\n"
-        "from qlora_cli.plan import plan_memory, read_model_config, parse_bytes\n"
-        "from qlora_cli.recipe import Recipe\n"
+        "from qlora_cli.plan.memory import plan_memory, read_model_config, parse_bytes\n"
+        "from qlora_cli.core.recipe import Recipe\n"
         "r = Recipe.model_validate({'model': {'base': 'a/b'}, 'data': {'train': [{'hub': 'a/b'}]}})\n"
         f"plan = plan_memory(read_model_config({str(tmp_path)!r}), r, gpu_memory_bytes=parse_bytes('24GiB'))\n"
         "assert plan.fits is False and plan.advice\n"
@@ -349,7 +349,7 @@ def test_saved_activations_match_a_real_forward(mid_dir, compute, batch):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    from qlora_cli.loss import head_only_loss, output_head
+    from qlora_cli.train.loss import head_only_loss, output_head
 
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -382,7 +382,7 @@ def trainable_mid_dir(tmp_path_factory):
 def test_a_real_runs_peak_is_within_15_percent_of_the_plan(trainable_mid_dir, tmp_path, compute, checkpointing,
                                                            monkeypatch):
     """Every tensor allocation of two real training steps, at the plan's batch x sequence length."""
-    monkeypatch.setattr("qlora_cli.context.detect_device", lambda: "cpu")  # the measurement is of a CPU run
+    monkeypatch.setattr("qlora_cli.core.context.detect_device", lambda: "cpu")  # the measurement is of a CPU run
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from measure_plan import measure
 

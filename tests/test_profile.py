@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlora_cli.cli import PROFILE_STEPS, main, with_profile_default
-from qlora_cli.profile import PHASES, WARMUP_STEPS, phase_breakdown
+from qlora_cli.train.profile import PHASES, WARMUP_STEPS, phase_breakdown
 
 
 def test_profile_without_a_number_takes_the_default():
@@ -64,8 +64,8 @@ def test_a_run_that_fails_stops_the_profiler_and_writes_what_it_profiled(tiny_re
     from rich.console import Console
     from transformers import TrainerCallback
 
-    from qlora_cli.recipe import load_recipe
-    from qlora_cli.train import fit, setup
+    from qlora_cli.core.recipe import load_recipe
+    from qlora_cli.train.run import fit, setup
 
     class FailAfterTheFirstProfiledStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from qlora_cli.data.readers import SUPPORTED_SUFFIXES, Location, RawRows, read_hub, read_path
-from qlora_cli.errors import Problem
+from qlora_cli.core.errors import Problem
 
 
 def located(result: RawRows) -> list[tuple[int | None, int | None, object]]:

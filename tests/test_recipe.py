@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from qlora_cli.cli import main
-from qlora_cli.errors import UserError
-from qlora_cli.recipe import Recipe, load_recipe
+from qlora_cli.core.errors import UserError
+from qlora_cli.core.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))

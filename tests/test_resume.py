@@ -16,8 +16,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from qlora_cli.cli import main
-from qlora_cli.recipe import load_recipe
-from qlora_cli.train import run_training
+from qlora_cli.core.recipe import load_recipe
+from qlora_cli.train.run import run_training
 
 STEPS = 60
 
@@ -187,7 +187,7 @@ def test_full_disk_is_detected_before_a_checkpoint_is_written(recipe_path, tmp_p
 
 
 def test_a_non_finite_micro_batch_stops_its_update():
-    from qlora_cli.callbacks import NonFiniteGuard, NonFiniteLoss
+    from qlora_cli.train.callbacks import NonFiniteGuard, NonFiniteLoss
 
     class State:
         global_step = 6
@@ -203,8 +203,8 @@ def test_a_non_finite_micro_batch_stops_its_update():
 
 
 def test_a_metrics_log_torn_by_a_kill_is_read_up_to_its_last_whole_record(tmp_path):
-    from qlora_cli.callbacks import read_records
-    from qlora_cli.errors import UserError
+    from qlora_cli.train.callbacks import read_records
+    from qlora_cli.core.errors import UserError
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n{"step": 3, "lo')

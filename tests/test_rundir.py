@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from qlora_cli.errors import UserError
-from qlora_cli.rundir import (
+from qlora_cli.core.errors import UserError
+from qlora_cli.core.rundir import (
     is_run, is_run_dir, publish, read_run_recipe, remove_abandoned_staging, staged, staging_path, write_atomic,
 )
 

@@ -13,7 +13,7 @@ import openai  # the `test` extra
 import pytest
 
 from conftest import serving
-from qlora_cli.serve import ChatRequest, Engine, StopScanner, create_app
+from qlora_cli.inference.serve import ChatRequest, Engine, StopScanner, create_app
 
 MODEL = "tiny"
 KEY_ENV = "QLORA_TEST_SERVE_KEY"
@@ -22,7 +22,7 @@ HELLO = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "c
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    from qlora_cli.generate import load_for_generation
+    from qlora_cli.inference.generate import load_for_generation
 
     return load_for_generation(str(tiny_model_dir))
 
@@ -60,7 +60,7 @@ def test_models_lists_the_served_model(client):
 
 
 def test_a_reply_is_what_the_model_generates_with_its_chat_template(client, loaded):
-    from qlora_cli.generate import conversation_ids, generate
+    from qlora_cli.inference.generate import conversation_ids, generate
 
     response = greedy(client, max_tokens=12)
     (choice,) = response.choices
@@ -166,8 +166,8 @@ def test_malformed_bodies_unknown_models_and_routes(base_url):
 
 
 def test_a_key_from_the_environment_is_required_when_set(engine, monkeypatch):
-    from qlora_cli.errors import UserError
-    from qlora_cli.serve import read_api_key
+    from qlora_cli.core.errors import UserError
+    from qlora_cli.inference.serve import read_api_key
 
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(UserError, match=KEY_ENV):
@@ -350,7 +350,7 @@ def test_help_imports_neither_torch_nor_the_server_stack():
 def test_a_taken_port_or_a_missing_key_fails_before_loading(tmp_path, monkeypatch, capsys):
     import socket
 
-    import qlora_cli.generate as generation
+    import qlora_cli.inference.generate as generation
     from qlora_cli.cli import main
 
     monkeypatch.setattr(generation, "load_for_generation", lambda reference: pytest.fail("the model was loaded"))

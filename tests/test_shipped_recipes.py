@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from qlora_cli.cli import main
-from qlora_cli.plan import plan_memory, read_model_config, shipped_config
-from qlora_cli.recipe import load_recipe
+from qlora_cli.plan.memory import plan_memory, read_model_config, shipped_config
+from qlora_cli.core.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # The hub model each big-model recipe trains; qlora ships its config.json, so plans need no network.

@@ -15,10 +15,10 @@ from rich.console import Console
 
 from conftest import ALPACA_ROWS, CHAT_ROWS
 from qlora_cli.cli import main
-from qlora_cli.context import RunContext
-from qlora_cli.models import load_model
-from qlora_cli.recipe import load_recipe
-from qlora_cli.train import run_training
+from qlora_cli.core.context import RunContext
+from qlora_cli.core.models import load_model
+from qlora_cli.core.recipe import load_recipe
+from qlora_cli.train.run import run_training
 
 # Losses of the golden run below (CPU, float32, seed 0, length-grouped batches). A change here is a change in what is trained.
 GOLDEN_LOSSES = [6.020361423492432, 6.022075653076172, 5.970609188079834, 5.978979587554932]
@@ -116,7 +116,7 @@ model = AutoPeftModelForCausalLM.from_pretrained({str(run_dir / "adapter")!r}, q
                                                  dtype=torch.float32, device_map={{"": device}})
 model.eval()
 # The same 4-bit kernels as in training on both sides of the comparison.
-from qlora_cli.compat import keep_4bit_training_kernels
+from qlora_cli.core.compat import keep_4bit_training_kernels
 keep_4bit_training_kernels(model)
 with torch.no_grad():
     logits = model(input_ids=torch.tensor({PROBE_IDS}, device=device)).logits.cpu()
@@ -185,7 +185,7 @@ def test_bad_row_stops_before_anything_is_written(tiny_recipe, capsys):
 
 
 def test_fp16_on_cpu_is_refused_with_the_fix(tiny_recipe, capsys, monkeypatch):
-    monkeypatch.setattr("qlora_cli.context.detect_device", lambda: "cpu")  # also on a machine with a GPU
+    monkeypatch.setattr("qlora_cli.core.context.detect_device", lambda: "cpu")  # also on a machine with a GPU
     with pytest.raises(SystemExit) as exited:
         main(["train", str(tiny_recipe), "--set", "quantization.compute_dtype=float16"])
     assert exited.value.code == 2
@@ -248,7 +248,7 @@ def test_pickle_weights_need_an_explicit_opt_in(tiny_model_dir, tmp_path, tiny_r
 
 
 def test_auto_checkpointing_follows_the_memory_plan(tiny_recipe, tiny_model_dir, monkeypatch):
-    import qlora_cli.models as models
+    import qlora_cli.core.models as models
 
     recipe = load_recipe(tiny_recipe, ["training.gradient_checkpointing=auto"])
     on, why = models.decide_checkpointing(recipe, str(tiny_model_dir), CPU_FLOAT32)
@@ -272,7 +272,7 @@ def test_8_bit_and_unquantized_bases_train(tiny_recipe, bits):
 
 
 def test_fsdp_in_one_cpu_process_is_refused(tiny_recipe, capsys, monkeypatch):
-    monkeypatch.setattr("qlora_cli.context.detect_device", lambda: "cpu")
+    monkeypatch.setattr("qlora_cli.core.context.detect_device", lambda: "cpu")
     with pytest.raises(SystemExit) as exited:
         main(["train", str(tiny_recipe), "--set", "training.distributed=fsdp"])
     assert exited.value.code == 2 and "fsdp needs GPUs" in capsys.readouterr().err
@@ -283,8 +283,8 @@ def test_train_time_stops_with_training_not_with_the_final_evaluation(tiny_recip
     """summary.json's train_seconds and tokens/s count the training loop, not the evaluation and saving after it."""
     from rich.console import Console
 
-    from qlora_cli.recipe import load_recipe
-    from qlora_cli.train import fit, setup
+    from qlora_cli.core.recipe import load_recipe
+    from qlora_cli.train.run import fit, setup
 
     run = setup(load_recipe(tiny_recipe, ["training.max_steps=1"]), console=Console(file=io.StringIO()))
     result = fit(run)

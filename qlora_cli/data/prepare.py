@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from ..cache import cache_dir
-from ..recipe import Recipe
+from ..core.cache import cache_dir
+from ..core.recipe import Recipe
 from .sources import Datasets
 from .tokenize import TokenizeOptions, TokenizeStats, padding_fraction, tokenize_cached
 

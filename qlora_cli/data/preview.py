@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..recipe import Recipe
+from ..core.recipe import Recipe
 from .prepare import PreparedData, expected_padding
 from .sources import Datasets
 from .tokenize import IGNORE_INDEX

@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..errors import Problem, UserError
-from ..recipe import DataSection, DataSource
+from ..core.errors import Problem, UserError
+from ..core.recipe import DataSection, DataSource
 from .formats import Example, RowError, to_example
 from .readers import RawRows, read_hub, read_path
 

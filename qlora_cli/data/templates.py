@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .named_templates import GUANACO_TEMPLATE, NAMED_TEMPLATES
 
 def resolve_template(setting: str, tokenizer) -> str:

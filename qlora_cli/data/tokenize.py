@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithFlattening
 
-from ..errors import UserError
-from ..rundir import staged
+from ..core.errors import UserError
+from ..core.rundir import staged
 from .formats import Example
 from .templates import Segment, render_segments
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..data.readers import RawRows, jsonl_rows, read_path
-from ..errors import Problem, UserError
-from ..rundir import write_atomic
-from ..jsonl_log import JsonlLog
+from ..core.errors import Problem, UserError
+from ..core.rundir import write_atomic
+from ..core.jsonl_log import JsonlLog
 from .questions import Question, turn_texts
 
 
@@ -98,7 +98,7 @@ def generate_answers(loaded, questions: list[Question], sampling: Sampling, batc
                      ) -> Iterator[dict[str, list[str]]]:
     """The answers of each batch of questions, yielded as soon as the batch is done: every turn of a
     question is asked after its earlier turns and the model's replies to them."""
-    from ..generate import generate
+    from ..inference.generate import generate
 
     for start in range(0, len(questions), batch_size):
         batch = questions[start: start + batch_size]

@@ -25,13 +25,13 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
 
-from ..errors import Problem, UserError
-from ..jsonl_log import JsonlLog
+from ..core.errors import Problem, UserError
+from ..core.jsonl_log import JsonlLog
 from .judgments import Comparison, ScorePair, Winner
 from .questions import Question
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..core.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ class LocalJudge:
     def _verdict(self, prompt: str) -> str:
         import torch
 
-        from ..generate import prompt_ids
+        from ..inference.generate import prompt_ids
 
         tokenizer, model = self.loaded.tokenizer, self.loaded.model
         ids = prompt_ids(tokenizer, prompt) + tokenizer("[[", add_special_tokens=False)["input_ids"]
@@ -377,7 +377,7 @@ class LocalJudge:
 
     def complete(self, prompt: str) -> JudgeReply:
         """The model's greedy reply; completion_tokens counts the reply re-tokenized, so it is approximate."""
-        from ..generate import generate, prompt_ids  # here, not at the top: it imports torch
+        from ..inference.generate import generate, prompt_ids  # here, not at the top: it imports torch
 
         start, tokenizer = time.monotonic(), self.loaded.tokenizer
         if self.constrained and prompt.endswith(PAIRWISE.split("{dialogue}", 1)[1]):

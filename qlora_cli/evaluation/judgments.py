@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..data.readers import Location, read_path
-from ..errors import Problem
+from ..core.errors import Problem
 
 Winner = Literal["model_a", "model_b", "tie"]
 WINNERS = ("model_a", "model_b", "tie")

@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import Problem, UserError
+from ..core.errors import Problem, UserError
 
 LETTERS = "ABCD"
 

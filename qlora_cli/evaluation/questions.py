@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..data.readers import Location, read_path
-from ..errors import Problem, UserError
+from ..core.errors import Problem, UserError
 
 DEFAULT_QUESTIONS = "default_questions.jsonl"
 DEFAULT_CATEGORY = "general"

@@ -22,10 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from ..api_keys import read_api_key
-from ..console import Steps
-from ..errors import Problem, RunFailure, RunInterrupted, UserError
-from ..rundir import write_atomic
+from ..core.api_keys import read_api_key
+from ..core.console import Steps
+from ..core.errors import Problem, RunFailure, RunInterrupted, UserError
+from ..core.rundir import write_atomic
 from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
 from .judges import HttpJudge, JudgeError, JudgmentCache, LocalJudge, judge_pairs, served_models
 from .judgments import Comparison, Judgments, ScorePair
@@ -42,7 +42,7 @@ class Models:
     loaded model with its adapter switched off: the base exactly as it was fine-tuned (same quantization)."""
 
     def __init__(self, target: str):
-        from ..rundir import is_run_dir
+        from ..core.rundir import is_run_dir
 
         self.target = target
         self.run_dir = Path(target) if Path(target).is_dir() and is_run_dir(Path(target)) else None
@@ -58,7 +58,7 @@ class Models:
         return slug(Path(reference).name if Path(reference).exists() else reference)
 
     def loader(self, reference: str):
-        from ..generate import load_for_generation
+        from ..inference.generate import load_for_generation
 
         def load():
             key = "run" if reference in ("base", self.target) and self.run_dir is not None else reference
@@ -123,7 +123,7 @@ def make_judge(spec: str, judge_model: str | None, api_key_env: str | None):
                                 "name the judge with --judge-model")
             judge_model = served[0]
         return HttpJudge(spec, judge_model, api_key_env=api_key_env), None
-    from ..generate import load_for_generation
+    from ..inference.generate import load_for_generation
 
     loaded = load_for_generation(spec)
     parameters = sum(p.numel() for p in loaded.model.parameters())

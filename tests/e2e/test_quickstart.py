@@ -37,7 +37,7 @@ def test_quickstart_loss_falls_and_run_is_complete(short_quickstart):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 24
     assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
-    from qlora_cli.compat import cpu_has_native_bfloat16
+    from qlora_cli.core.compat import cpu_has_native_bfloat16
 
     assert summary["compute_dtype"] == ("bfloat16" if cpu_has_native_bfloat16() else "float32")
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

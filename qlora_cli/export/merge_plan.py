@@ -20,8 +20,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import UserError
-from .plan import (CUDA_CONTEXT_BYTES, OUTPUT_HEAD, ModelShapes, _lora_parameter_count, format_bytes,
+from ..core.errors import UserError
+from ..plan.memory import (CUDA_CONTEXT_BYTES, OUTPUT_HEAD, ModelShapes, _lora_parameter_count, format_bytes,
                    kept_parameter_count, lora_targets, model_shapes, quantized_linear_bytes)
 from .streaming import READ_BLOCK_BYTES
 
@@ -29,10 +29,10 @@ GiB = 2**30
 # Resident memory of a process that has imported torch 2.13, transformers 5.24, peft 0.21 and bitsandbytes
 # 0.50: 0.44 GiB measured on CPU (VmRSS after the imports), rounded up.
 LIBRARIES_BYTES = GiB // 2
-# GGUF files as gguf_export.py writes them: 16-bit matrices, or 8-bit blocks of 32 weights with a
+# GGUF files as export/gguf.py writes them: 16-bit matrices, or 8-bit blocks of 32 weights with a
 # 16-bit scale each; 1-D tensors stay float32 and are negligible.
 GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 34 / 32}
-# gguf_export.py holds the merged model whole in float32 while it writes the files (plus a file's tensors, at
+# export/gguf.py holds the merged model whole in float32 while it writes the files (plus a file's tensors, at
 # most 2 bytes per parameter), then frees it and loads each file back (transformers' GGUF loader holds the
 # dequantized float32 tensors beside the float32 model it fills). Measured with /usr/bin/time -v on a
 # 134.5 M-parameter model, f16 and q8_0: peak RSS 7.9 bytes per parameter above the libraries.

@@ -16,7 +16,7 @@ The merge loads neither the trained model nor the merged one whole (streaming.py
 3. the merged checkpoint is read back a layer at a time for the same prompts, and the two sets of logits are
    compared.
 With GGUF files asked for (`--gguf`), the export then loads the merged checkpoint whole, in float32
-(gguf_export.py), and the memory the merge says it needs counts that.
+(export/gguf.py), and the memory the merge says it needs counts that.
 """
 
 from __future__ import annotations
@@ -42,20 +42,20 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from . import compat
-from .console import Steps
-from .cpu import return_freed_memory
-from .context import RunContext, inference_context
-from .data.sources import load_datasets
-from .data.tokenize import TokenizeOptions, tokenize_examples
-from .errors import Problem, UserError
-from .gguf_export import check_exportable, export_gguf_files
+from ..core import compat
+from ..core.console import Steps
+from ..core.cpu import return_freed_memory
+from ..core.context import RunContext, inference_context
+from ..data.sources import load_datasets
+from ..data.tokenize import TokenizeOptions, tokenize_examples
+from ..core.errors import Problem, UserError
+from .gguf import check_exportable, export_gguf_files
 from .merge_plan import MergeSettings, check_fits, merge_needs
-from .models import quantization_config
+from ..core.models import quantization_config
 from .parity import compare_logits
-from .plan import parse_bytes, read_model_config
-from .recipe import Recipe
-from .rundir import (
+from ..plan.memory import parse_bytes, read_model_config
+from ..core.recipe import Recipe
+from ..core.rundir import (
     ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, remove_abandoned_staging, staged,
 )
 from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,

@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from transformers import StoppingCriteriaList
 
-from .api_keys import read_api_key
-from .errors import UserError
+from ..core.api_keys import read_api_key
+from ..core.errors import UserError
 from .generate import conversation_ids, load_for_generation, stop_token_ids
 
 log = logging.getLogger(__name__)

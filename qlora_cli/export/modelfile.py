@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .data.tokenize import tokenizer_adds_bos
-from .generate import end_token_ids
+from ..data.tokenize import tokenizer_adds_bos
+from ..inference.generate import end_token_ids
 
 # Probe contents: plain words that no template rewrites (no surrounding whitespace to trim).
 SYSTEM_PROBE, USER_PROBE, ASSISTANT_PROBE, USER2_PROBE, SYSTEM2_PROBE = (

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .data.templates import end_of_turn_token
-from .data.tokenize import tokenizer_adds_bos
-from .errors import UserError
+from ..data.templates import end_of_turn_token
+from ..data.tokenize import tokenizer_adds_bos
+from ..core.errors import UserError
 from .gguf_check import llama_cpp_tokenization_check
 from .modelfile import write_modelfile
 from .parity import compare_logits, model_logits

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .recipe import Recipe, flatten
-from .rundir import publish
+from ..core.errors import UserError
+from ..core.recipe import Recipe, flatten
+from ..core.rundir import publish
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, UserError
-from .loss_spec import chunk_rows, logits_are_plain
-from .recipe import Recipe
+from ..core.errors import Problem, UserError
+from ..train.loss_spec import chunk_rows, logits_are_plain
+from ..core.recipe import Recipe
 
 GiB = 2**30
 

@@ -18,8 +18,8 @@ import weakref
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from . import compat
-from .data.tokenize import IGNORE_INDEX
+from ..core import compat
+from ..data.tokenize import IGNORE_INDEX
 from . import loss_spec
 from .loss_spec import logits_are_plain
 

@@ -17,15 +17,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 from .checkpoint import checkpoint_bytes_estimate, finalize
-from .compat import library_versions
-from .console import format_seconds
-from .context import RunContext
-from .distributed import barrier, sum_over_ranks
-from .errors import Problem, RunFailure, UserError
-from .evaluation.mmlu import evaluate
-from .jsonl_log import JsonlLog
-from .recipe import MmluSection
-from .rundir import EVAL_METRICS, METRICS, write_atomic
+from ..core.compat import library_versions
+from ..core.console import format_seconds
+from ..core.context import RunContext
+from ..core.distributed import barrier, sum_over_ranks
+from ..core.errors import Problem, RunFailure, UserError
+from ..evaluation.mmlu import evaluate
+from ..core.jsonl_log import JsonlLog
+from ..core.recipe import MmluSection
+from ..core.rundir import EVAL_METRICS, METRICS, write_atomic
 
 
 class TrainClock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import Problem, UserError
+from ..core.errors import Problem, UserError
 
 
 def read_prompts(path: Path) -> list[str]:

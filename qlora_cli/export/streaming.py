@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from . import compat
-from .errors import UserError
+from ..core import compat
+from ..core.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

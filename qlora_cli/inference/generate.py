@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .context import inference_context
-from .data.templates import end_of_turn_token
-from .data.tokenize import encode_prompt
-from .errors import UserError
-from .models import LoadedModel, load_run, resolve_model_path
-from .rundir import is_run_dir
+from ..core.context import inference_context
+from ..data.templates import end_of_turn_token
+from ..data.tokenize import encode_prompt
+from ..core.errors import UserError
+from ..core.models import LoadedModel, load_run, resolve_model_path
+from ..core.rundir import is_run_dir
 
 
 def load_plain(reference: str) -> LoadedModel:

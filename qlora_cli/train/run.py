@@ -23,28 +23,28 @@ import torch
 from rich.console import Console
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
-from . import compat
+from ..core import compat
 from .callbacks import (
     Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteGuard, NonFiniteLoss, ProgressReporter, StopRequests,
     TrainClock,
 )
 from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint, staging_dir
-from .console import format_seconds, key_value_table, recipe_table, working
-from .context import RunContext, run_context
-from .cpu import keep_freed_memory
-from .data.prepare import EpochSeededLengthGroupedSampler, PreparedData, expected_padding, options_of, prepare
-from .data.sources import Datasets, load_datasets
-from .data.templates import resolve_template
-from .data.tokenize import FedTokens, PackBatch, PadToLongest, cache_key
-from .distributed import barrier, sum_over_ranks
-from .errors import RunFailure, RunInterrupted, UserError
-from .evaluation.mmlu import read_mmlu
+from ..core.console import format_seconds, key_value_table, recipe_table, working
+from ..core.context import RunContext, run_context
+from ..core.cpu import keep_freed_memory
+from ..data.prepare import EpochSeededLengthGroupedSampler, PreparedData, expected_padding, options_of, prepare
+from ..data.sources import Datasets, load_datasets
+from ..data.templates import resolve_template
+from ..data.tokenize import FedTokens, PackBatch, PadToLongest, cache_key
+from ..core.distributed import barrier, sum_over_ranks
+from ..core.errors import RunFailure, RunInterrupted, UserError
+from ..evaluation.mmlu import read_mmlu
 from .loss import forget_cast_weights, head_only_loss, output_head
-from .merge import merge_run
-from .models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
+from ..export.merge import merge_run
+from ..core.models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
 from .profile import PhaseClock, StepProfiler
-from .recipe import Recipe, TrainingSection, to_yaml
-from .rundir import (
+from ..core.recipe import Recipe, TrainingSection, to_yaml
+from ..core.rundir import (
     ADAPTER, LOSS_PLOT, RECIPE, SUMMARY, check_writable, is_run, read_run_recipe, save_adapter, staged, start_fresh,
     write_atomic, write_json,
 )

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import compat
-from .data.tokenize import encode_prompt, tokenizer_adds_bos
-from .generate import stop_token_ids
-from .models import LoadedModel
+from ..core import compat
+from ..data.tokenize import encode_prompt, tokenizer_adds_bos
+from ..inference.generate import stop_token_ids
+from ..core.models import LoadedModel
 from .modelfile import derive_turn_format, go_template, rendering_differences
 
 INSTALL_HINT = "pip install llama-cpp-python"

@@ -7,7 +7,7 @@ from typing import Callable, TextIO
 from transformers import TextStreamer
 
 from .generate import generate
-from .models import LoadedModel
+from ..core.models import LoadedModel
 
 HELP = "Commands: /reset forgets the conversation, /system TEXT sets the system message, /exit leaves."
 

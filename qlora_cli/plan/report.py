@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .plan import MemoryPlan, format_bytes
+from .memory import MemoryPlan, format_bytes
 
 
 def plan_table(plan: MemoryPlan, title: str) -> Table:

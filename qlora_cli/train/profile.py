@@ -32,7 +32,7 @@ from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import TrainerCallback
 
-from .rundir import PROFILE, staged
+from ..core.rundir import PROFILE, staged
 
 WARMUP_STEPS = 2
 PHASES = ("data", "forward", "backward", "optimizer", "other")
