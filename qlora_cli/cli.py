@@ -78,13 +78,14 @@ def train(
 ) -> None:
     """Fine-tune a model as the recipe says and write the run directory."""
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from .data.sources import load_datasets
         from .core.distributed import launch
         from .core.recipe import load_recipe as check
+        from .data.sources import load_datasets
+        from .train.methods import load_method
 
         # Bad input is reported once, with exit code 2, before any process starts (each checks again).
         checked = check(recipe, set_ or [], output_dir)
-        load_datasets(checked.data, checked.training.seed)
+        load_datasets(checked.data, checked.training.seed, load_method(checked.training.method).read_row)
         from .core.context import run_context
 
         run_context(checked.quantization.compute_dtype, checked.training.distributed, processes=nproc)
@@ -162,23 +163,25 @@ def data_preview(
 ) -> None:
     """Show tokenized examples with the trained tokens marked, and statistics of the data."""
     from .core.console import make_console, working
-    from .data.sources import load_datasets
     from .core.recipe import load_recipe
+    from .data.sources import load_datasets
+    from .train.methods import load_method
 
     resolved = load_recipe(recipe, set_ or [])
-    datasets = load_datasets(resolved.data, resolved.training.seed)
+    method = load_method(resolved.training.method)
+    datasets = load_datasets(resolved.data, resolved.training.seed, method.read_row)
+    from .core.models import load_tokenizer, quiet_libraries, resolve_model_path
     from .data.prepare import prepare
     from .data.preview import show_preview
     from .data.templates import resolve_template
-    from .core.models import load_tokenizer, quiet_libraries, resolve_model_path
 
     console = make_console()
     quiet_libraries(console.is_terminal)
     tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, console), resolved.model)
     template = resolve_template(resolved.data.template, tokenizer)
     with working(console, "Tokenizing the data"):
-        prepared = prepare(resolved, tokenizer, template, datasets)
-    show_preview(console, resolved, tokenizer, datasets, prepared, count)
+        prepared = prepare(resolved, tokenizer, template, datasets, method)
+    show_preview(console, resolved, method, tokenizer, datasets, prepared, count)
 
 
 @app.command()

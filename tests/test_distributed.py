@@ -43,7 +43,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(recipe, tmp_path)
     assert summary["processes"] == 2 and summary["global_batch_size"] == 4
     assert summary["train_tokens"] == json.loads((tmp_path / "one" / "summary.json").read_text())["train_tokens"]
     # One run directory, written by rank 0 alone.
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "recipe.yaml", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "parity_prompts.json", "recipe.yaml", "summary.json"]
 
 
 @pytest.mark.slow

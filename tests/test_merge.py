@@ -172,6 +172,27 @@ def test_dequantized_float32_merge_matches_the_trained_model(trained_run, tmp_pa
     assert (base - expected).abs().max().item() > 1e-2
 
 
+def test_the_merge_is_checked_on_prompts_the_run_kept_without_its_data(trained_run, tmp_path):
+    """The merge needs neither the data files nor their tokenization: the run kept the token ids it checks on."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    kept = json.loads((run / "parity_prompts.json").read_text())
+    recipe = load_recipe(run / "recipe.yaml")
+    moved = [source.path for source in recipe.data.train]
+    assert moved and kept["prompts"] and all(len(ids) <= 128 for ids in kept["prompts"])
+    for path in moved:  # as if the data had been moved away after training
+        path.rename(path.with_name(path.name + ".moved"))
+    try:
+        report = merge_run(run, out=tmp_path / "merged", dtype_name="float32")
+    finally:
+        for path in moved:
+            path.with_name(path.name + ".moved").rename(path)
+    assert report["prompts"] == kept["from"]
+    assert report["mean_kl_nats_per_token"] < 1e-6
+
+
 def test_original_base_drifts_and_the_report_says_so(trained_run, tmp_path):
     exact = merge_run(trained_run, out=tmp_path / "a", dtype_name="float32")
     drift = merge_run(trained_run, out=tmp_path / "b", dtype_name="float32", base="original")

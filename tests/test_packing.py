@@ -10,6 +10,7 @@ from conftest import ALPACA_ROWS, write_jsonl
 from qlora_cli.data.prepare import expected_padding
 from qlora_cli.data.sources import load_datasets
 from qlora_cli.data.tokenize import IGNORE_INDEX, FedTokens, PackBatch, PadToLongest, TokenizeOptions, tokenize_cached
+from qlora_cli.train.methods import load_method
 from qlora_cli.core.recipe import DataSection
 
 
@@ -86,10 +87,10 @@ def test_tokenization_is_cached(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
     examples = load_datasets(DataSection(train=[{"path": path}]), seed=0).train
     options = TokenizeOptions(max_seq_len=64)
-    first, stats, hit = tokenize_cached(tiny_tokenizer, tiny_tokenizer.chat_template, examples, options, tmp_path / "cache")
+    first, stats, hit = tokenize_cached(load_method("sft"), tiny_tokenizer, tiny_tokenizer.chat_template, examples, options, tmp_path / "cache")
     assert not hit and len(list((tmp_path / "cache").iterdir())) == 1
-    again, stats_again, hit = tokenize_cached(tiny_tokenizer, tiny_tokenizer.chat_template, examples, options, tmp_path / "cache")
+    again, stats_again, hit = tokenize_cached(load_method("sft"), tiny_tokenizer, tiny_tokenizer.chat_template, examples, options, tmp_path / "cache")
     assert hit and again == first and stats_again == stats
     # Any change to what is tokenized is a new entry.
-    _, _, hit = tokenize_cached(tiny_tokenizer, tiny_tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=32), tmp_path / "cache")
+    _, _, hit = tokenize_cached(load_method("sft"), tiny_tokenizer, tiny_tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=32), tmp_path / "cache")
     assert not hit

@@ -33,6 +33,7 @@ EXPECTED_TREE = [
     "adapter/tokenizer_config.json",
     "loss.png",
     "metrics.jsonl",
+    "parity_prompts.json",
     "recipe.yaml",
     "summary.json",
 ]

@@ -196,6 +196,44 @@ def install_train_sampler(trainer, make_sampler: Callable) -> None:
     trainer._get_train_sampler = get_train_sampler
 
 
+def length_grouped_indices(lengths: list[int], batch_size: int, generator) -> list[int]:
+    """transformers' length-grouped order: random megabatches of 50 batches, each sorted by length, the longest
+    batch first (so that an out-of-memory shows at once). It lives in `transformers.trainer_pt_utils`, which is
+    not public API (transformers 4.x-5.24)."""
+    from transformers import trainer_pt_utils
+
+    grouped = getattr(trainer_pt_utils, "get_length_grouped_indices", None)
+    require(callable(grouped) and "generator" in inspect.signature(grouped).parameters,
+            "transformers.trainer_pt_utils no longer has get_length_grouped_indices(..., generator=)")
+    return grouped(lengths, batch_size, generator=generator)
+
+
+def time_batch_fetching(trainer, begin_step: Callable[[int], None], phase: Callable[[], object]) -> None:
+    """Around the Trainer fetching an optimizer step's micro-batches: `begin_step(step)` first, then the fetch
+    within the context `phase()` (for `qlora train --profile`). The Trainer calls its `get_batch_samples`
+    once per optimizer step, before that step's micro-batches train (transformers 5.x); it is not a documented
+    hook, so it is wrapped on this one instance."""
+    original = getattr(trainer, "get_batch_samples", None)
+    require(callable(original) and list(inspect.signature(original).parameters)[:3] ==
+            ["epoch_iterator", "num_batches", "device"],
+            "transformers.Trainer no longer has get_batch_samples(epoch_iterator, num_batches, device)")
+
+    def get_batch_samples(epoch_iterator, num_batches, device):
+        begin_step(trainer.state.global_step + 1)
+        with phase():
+            return original(epoch_iterator, num_batches, device)
+
+    trainer.get_batch_samples = get_batch_samples
+
+
+def tensor_version(tensor) -> int:
+    """The counter torch bumps at every in-place change of a tensor (`Tensor._version`, torch 1.x-2.13): a frozen
+    weight whose counter is unchanged holds the same values, so a cast of it can be reused."""
+    version = getattr(tensor, "_version", None)
+    require(isinstance(version, int), "torch tensors no longer have an integer _version")
+    return version
+
+
 def trainer_loss_scale(trainer, num_items_in_batch) -> int:
     """The factor the Trainer applies to a model's own loss that was divided by a token count of all
     processes (`average_tokens_across_devices`), to undo the gradient averaging of data parallelism

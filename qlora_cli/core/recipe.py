@@ -23,6 +23,8 @@ from .errors import Problem, UserError
 BUNDLED_MODEL_ALIAS = "smollm2-135m-instruct"
 # Kept in step with data/named_templates.py by a test; listed here so validation needs no import of it.
 TEMPLATE_NAMES = ("alpaca", "guanaco", "chatml", "llama3", "llama2", "mistral", "zephyr", "phi3", "gemma")
+# Kept in step with train/methods (its MODULES) by a test, for the same reason.
+TRAINING_METHODS = ("sft",)
 
 
 class Section(BaseModel):
@@ -190,6 +192,10 @@ class MmluSection(Section):
 
 
 class TrainingSection(Section):
+    method: Literal[TRAINING_METHODS] = Field(
+        "sft",
+        description="Training method: `sft` (supervised fine-tuning: cross-entropy on the responses).",
+    )
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     batch_size: int = Field(1, ge=1, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(16, ge=1, description="Steps accumulated before each optimizer update.")

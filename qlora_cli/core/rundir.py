@@ -6,7 +6,8 @@ appended a record at a time, and their readers drop a last line a kill cut short
     RUN_DIR/adapter/            PEFT adapter (safetensors) + tokenizer with the chat template trained with
     RUN_DIR/metrics.jsonl       one JSON object per logged step
     RUN_DIR/eval_metrics.jsonl  evaluation loss and multiple-choice accuracy, when the recipe asks
-    RUN_DIR/checkpoints/step-N  resumable checkpoints (see checkpoint.py)
+    RUN_DIR/checkpoints/step-N  resumable checkpoints (see train/checkpoint.py)
+    RUN_DIR/parity_prompts.json token ids of a few rows the model trained on, which a merge is checked on
     RUN_DIR/summary.json        tokens, time, losses, memory, dtype, versions
     RUN_DIR/loss.png            the loss curve
     RUN_DIR/profile/            `qlora train --profile`: a trace and where a step's time goes
@@ -38,6 +39,10 @@ SUMMARY = "summary.json"
 LOSS_PLOT = "loss.png"
 PROFILE = "profile"
 MERGED = "merged"
+PARITY_PROMPTS = "parity_prompts.json"
+# The merge is checked on this many of the rows the model trained on (held-out rows first), cut to this length.
+PARITY_PROMPT_COUNT = 4
+PARITY_PROMPT_TOKENS = 128
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import random
 from dataclasses import dataclass
 
 import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from torch.utils.data import Sampler
 
+from ..core import compat
 from ..core.cache import cache_dir
 from ..core.recipe import Recipe
 from .sources import Datasets
@@ -28,19 +29,20 @@ def options_of(recipe: Recipe) -> TokenizeOptions:
     return TokenizeOptions(max_seq_len=data.max_seq_len, truncation=data.truncation, train_on_prompt=data.train_on_prompt)
 
 
-def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, use_cache: bool = True) -> PreparedData:
-    """Tokenized training and evaluation rows; a cached tokenization is reused."""
+def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, method, use_cache: bool = True) -> PreparedData:
+    """Training and evaluation rows tokenized by the training method; a cached tokenization is reused."""
     folder = cache_dir() / "tokenized" if use_cache else None
     options = options_of(recipe)
-    train, train_stats, hit = tokenize_cached(tokenizer, template, datasets.train, options, folder)
+    train, train_stats, hit = tokenize_cached(method, tokenizer, template, datasets.train, options, folder)
     eval_rows, eval_stats = [], None
     if datasets.eval:
-        eval_rows, eval_stats, _ = tokenize_cached(tokenizer, template, datasets.eval, options, folder)
+        eval_rows, eval_stats, _ = tokenize_cached(method, tokenizer, template, datasets.eval, options, folder)
     return PreparedData(train, eval_rows, train_stats, eval_stats, hit)
 
 
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' length-grouped order, drawn from a generator seeded with seed + epoch.
+class EpochSeededLengthGroupedSampler(Sampler):
+    """transformers' length-grouped order (`compat.length_grouped_indices`), drawn from a generator seeded with
+    seed + epoch.
 
     transformers' own LengthGroupedSampler draws from the global torch RNG, whose state at an epoch's
     start depends on everything before it; a resumed run would then see other batches. Seeding per
@@ -48,16 +50,18 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
         self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return iter(compat.length_grouped_indices(self.lengths, self.batch_size, generator))
 
 
 def expected_padding(recipe: Recipe, lengths: list[int]) -> float:

@@ -15,13 +15,13 @@ from .tokenize import IGNORE_INDEX
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
-def render_example(tokenizer, row: dict[str, list[int]], colour: bool) -> Text:
-    """The example's tokens decoded one by one: trained ones green (or between marks), special ones
+def render_example(tokenizer, input_ids: list[int], labels: list[int], colour: bool) -> Text:
+    """A sequence's tokens decoded one by one: trained ones green (or between marks), special ones
     magenta and written out, so that BOS, EOS and end-of-turn tokens are visible."""
     specials = set(tokenizer.all_special_ids)
     text = Text()
     in_trained = False
-    for token, label in zip(row["input_ids"], row["labels"]):
+    for token, label in zip(input_ids, labels):
         trained = label != IGNORE_INDEX
         if not colour and trained != in_trained:
             text.append(TRAINED_OPEN if trained else TRAINED_CLOSE)
@@ -56,9 +56,9 @@ def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
     return lines
 
 
-def statistics(recipe: Recipe, datasets: Datasets, prepared: PreparedData) -> Table:
+def statistics(recipe: Recipe, method, datasets: Datasets, prepared: PreparedData) -> Table:
     stats = prepared.train_stats
-    lengths = sorted(len(row["input_ids"]) for row in prepared.train)
+    lengths = sorted(method.row_length(row) for row in prepared.train)
     table = Table(title="Training data", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
@@ -71,25 +71,28 @@ def statistics(recipe: Recipe, datasets: Datasets, prepared: PreparedData) -> Ta
     table.add_row("truncated", f"{stats.truncated:,} to {recipe.data.max_seq_len} tokens ({recipe.data.truncation})")
     table.add_row("dropped", f"{stats.dropped_too_long:,} too long, {stats.dropped_no_trained_tokens:,} with no trained token")
     batching = "packed" if recipe.data.packing else ("grouped by length" if recipe.data.group_by_length else "random")
+    lengths_in_order = [method.row_length(row) for row in prepared.train]
     table.add_row(
         "padding",
-        f"{expected_padding(recipe, [len(r['input_ids']) for r in prepared.train]):.1%} of fed positions "
+        f"{expected_padding(recipe, lengths_in_order):.1%} of fed positions "
         f"(batch {recipe.training.batch_size}, {batching})",
     )
     return table
 
 
-def show_preview(console: Console, recipe: Recipe, tokenizer, datasets: Datasets, prepared: PreparedData, count: int) -> None:
+def show_preview(console: Console, recipe: Recipe, method, tokenizer, datasets: Datasets, prepared: PreparedData,
+                 count: int) -> None:
     colour = console.is_terminal and console.color_system is not None
     legend = "trained tokens in green, special tokens in magenta" if colour else (
         f"trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}"
     )
     console.print(f"The first {min(count, len(prepared.train))} training examples as the model sees them ({legend}):")
     for index, row in enumerate(prepared.train[:count]):
-        console.rule(f"example {index + 1}: {len(row['input_ids'])} tokens")
-        console.print(render_example(tokenizer, row, colour))
+        for caption, input_ids, labels in method.preview(row):
+            console.rule(f"example {index + 1}{f' ({caption})' if caption else ''}: {len(input_ids)} tokens")
+            console.print(render_example(tokenizer, input_ids, labels, colour))
     console.rule()
-    console.print(statistics(recipe, datasets, prepared))
+    console.print(statistics(recipe, method, datasets, prepared))
     console.print("Token lengths:")
-    for line in histogram([len(row["input_ids"]) for row in prepared.train]):
+    for line in histogram([method.row_length(row) for row in prepared.train]):
         console.print(line, markup=False)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from ..core.errors import Problem, UserError
 from ..core.recipe import DataSection, DataSource
-from .formats import Example, RowError, to_example
-from .readers import RawRows, read_hub, read_path
+from .formats import RowError, to_example
+from .readers import Location, RawRows, read_hub, read_path
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -22,14 +23,19 @@ def source_name(source: DataSource) -> str:
     return str(source.path)
 
 
-def read_source(source: DataSource) -> tuple[list[Example], list[Problem]]:
-    """Every row of one source converted to an example; one problem per bad row."""
+# How a training method turns a raw row into its example: (row, location, format, columns) -> example,
+# raising RowError for a row it cannot use (train/methods/base.py, `read_row`).
+ReadRow = Callable[[object, Location, str, dict[str, str]], Any]
+
+
+def read_source(source: DataSource, read_row: ReadRow = to_example) -> tuple[list, list[Problem]]:
+    """Every row of one source converted to an example by `read_row`; one problem per bad row."""
     raw: RawRows = read_hub(source.hub, source.subset, source.split) if source.hub else read_path(source.path)
-    examples: list[Example] = []
+    examples: list = []
     problems = list(raw.problems)
     for location, row in raw.rows:
         try:
-            examples.append(to_example(row, location, source.format, source.columns))
+            examples.append(read_row(row, location, source.format, source.columns))
         except RowError as error:
             problems.append(location.problem(str(error)))
     if not examples and not problems:
@@ -39,7 +45,7 @@ def read_source(source: DataSource) -> tuple[list[Example], list[Problem]]:
     return examples, sorted(problems, key=lambda problem: (str(problem.file or ""), problem.line or 0))
 
 
-def resample(examples: list[Example], source: DataSource, rng: random.Random) -> list[Example]:
+def resample(examples: list, source: DataSource, rng: random.Random) -> list:
     """Apply a source's `weight` (repeat or subsample) or `samples` (an exact count)."""
     if source.samples is not None:
         target = source.samples
@@ -53,8 +59,8 @@ def resample(examples: list[Example], source: DataSource, rng: random.Random) ->
 
 @dataclass
 class Datasets:
-    train: list[Example]
-    eval: list[Example]
+    train: list
+    eval: list
     rows_per_source: dict[str, int] = field(default_factory=dict)  # rows used for training, after mixing
     skipped: list[Problem] = field(default_factory=list)  # bad rows skipped under on_bad_row: skip
 
@@ -65,8 +71,9 @@ def _report(problems: list[Problem]) -> UserError:
     return UserError(shown, title=f"{len(problems)} bad data row(s) (data.on_bad_row: skip trains on the others){more}:")
 
 
-def load_datasets(data: DataSection, seed: int) -> Datasets:
-    """Read every source, then hold out the evaluation rows, then mix the training rows by weight.
+def load_datasets(data: DataSection, seed: int, read_row: ReadRow = to_example) -> Datasets:
+    """Read every source with the training method's `read_row` (default: supervised fine-tuning's formats),
+    then hold out the evaluation rows, then mix the training rows by weight.
 
     Evaluation rows are held out before mixing so that a row repeated by a weight is never in both.
 
@@ -74,15 +81,15 @@ def load_datasets(data: DataSection, seed: int) -> Datasets:
         UserError: bad rows (all of them, when `on_bad_row: error`), or nothing left to train on.
     """
     rng = random.Random(seed)
-    per_source: list[tuple[DataSource, list[Example]]] = []
+    per_source: list[tuple[DataSource, list]] = []
     problems: list[Problem] = []
     for source in data.train:
-        examples, bad = read_source(source)
+        examples, bad = read_source(source, read_row)
         per_source.append((source, examples))
         problems += bad
-    eval_examples: list[Example] = []
+    eval_examples: list = []
     for source in data.eval:
-        examples, bad = read_source(source)
+        examples, bad = read_source(source, read_row)
         eval_examples += examples
         problems += bad
     skipped: list[Problem] = []
@@ -100,13 +107,13 @@ def load_datasets(data: DataSection, seed: int) -> Datasets:
             )
         held = set(rng.sample(range(len(pooled)), count))
         eval_examples = [example for position, (_, example) in enumerate(pooled) if position in held]
-        kept: list[list[Example]] = [[] for _ in per_source]
+        kept: list[list] = [[] for _ in per_source]
         for position, (index, example) in enumerate(pooled):
             if position not in held:
                 kept[index].append(example)
         per_source = [(source, examples) for (source, _), examples in zip(per_source, kept)]
 
-    train: list[Example] = []
+    train: list = []
     rows_per_source: dict[str, int] = {}
     for source, examples in per_source:
         mixed = resample(examples, source, rng)

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -173,13 +174,9 @@ def tokenize_examples(
 # ---------------------------------------------------------------------------------------------
 # Cache: a second run of the same data, tokenizer, template and options does not tokenize again.
 
-def _example_payload(example: Example) -> list:
-    if example.messages is not None:
-        return ["m", example.messages]
-    return ["s", [[s.text, s.trained] for s in example.segments], example.add_eos]
-
-
-def cache_key(tokenizer, template: str, examples: list[Example], options: TokenizeOptions) -> str:
+def cache_key(tokenizer, template: str, examples: list, options: TokenizeOptions, payload: Callable[[Any], list]) -> str:
+    """The cache key of tokenizing `examples`: the options, the template, the tokenizer and what `payload` (the
+    training method's) says of each example decides its tokens."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, template, asdict(options)]).encode())
     # The tokenizer's full serialization, so a changed vocabulary or normalizer is a new key.
@@ -187,44 +184,55 @@ def cache_key(tokenizer, template: str, examples: list[Example], options: Tokeni
     digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer_adds_bos(tokenizer)]).encode())
     for example in examples:
-        digest.update(json.dumps(_example_payload(example)).encode())
+        digest.update(json.dumps(payload(example)).encode())
     return digest.hexdigest()[:24]
 
 
 def save_tokenized(path: Path, rows: list[dict[str, list[int]]], stats: TokenizeStats) -> None:
-    """Flat int32 arrays with offsets (no pickle), written to a temporary name and renamed."""
-    lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter((t for r in rows for t in r["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
-    labels = np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32, count=int(offsets[-1]))
+    """Each column (input_ids, labels, or a method's own) as one flat int32 array with offsets (no pickle),
+    written to a temporary name and renamed."""
+    columns = list(rows[0]) if rows else ["input_ids", "labels"]
+    arrays = {}
+    for column in columns:
+        lengths = np.array([len(r[column]) for r in rows], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        arrays[column] = np.fromiter((t for r in rows for t in r[column]), dtype=np.int32, count=int(offsets[-1]))
+        arrays[f"{column}.offsets"] = offsets
     # The ranks of a distributed run tokenize the same data and may save it at the same time.
     with staged(path) as staging:
-        np.savez(staging, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(asdict(stats))))
+        np.savez(staging, columns=np.array(json.dumps(columns)), stats=np.array(json.dumps(asdict(stats))), **arrays)
 
 
 def load_tokenized(path: Path) -> tuple[list[dict[str, list[int]]], TokenizeStats] | None:
     """The cached rows and stats, or None if the cache file is missing or unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            ids, labels, offsets = data["input_ids"], data["labels"], data["offsets"]
+            columns = json.loads(str(data["columns"]))
+            values = {column: (data[column], data[f"{column}.offsets"]) for column in columns}
             stats = TokenizeStats(**json.loads(str(data["stats"])))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    count = len(values[columns[0]][1]) - 1 if columns else 0
     rows = [
-        {"input_ids": ids[a:b].tolist(), "labels": labels[a:b].tolist()} for a, b in zip(offsets[:-1], offsets[1:])
+        {column: ids[offsets[index]: offsets[index + 1]].tolist() for column, (ids, offsets) in values.items()}
+        for index in range(count)
     ]
     return rows, stats
 
 
-def tokenize_cached(tokenizer, template: str, examples: list[Example], options: TokenizeOptions, cache_folder: Path | None):
-    """`tokenize_examples`, reusing a cached result for the same inputs. Returns (rows, stats, cache_hit)."""
+def tokenize_cached(method, tokenizer, template: str, examples: list, options: TokenizeOptions, cache_folder: Path | None):
+    """The training method's tokenization of `examples`, reusing a cached result for the same inputs.
+
+    Returns:
+        (rows, stats, cache_hit)
+    """
     if cache_folder is None:
-        return (*tokenize_examples(tokenizer, template, examples, options), False)
-    path = cache_folder / f"{cache_key(tokenizer, template, examples, options)}.npz"
+        return (*method.tokenize(tokenizer, template, examples, options), False)
+    path = cache_folder / f"{cache_key(tokenizer, template, examples, options, method.cache_payload)}.npz"
     cached = load_tokenized(path)
     if cached is not None:
         return (*cached, True)
-    rows, stats = tokenize_examples(tokenizer, template, examples, options)
+    rows, stats = method.tokenize(tokenizer, template, examples, options)
     save_tokenized(path, rows, stats)
     return rows, stats, False
 

@@ -56,14 +56,13 @@ from .parity import compare_logits
 from ..plan.memory import parse_bytes, read_model_config
 from ..core.recipe import Recipe
 from ..core.rundir import (
-    ADAPTER, MERGED, adapter_base_model, is_run_dir, read_run_recipe, remove_abandoned_staging, staged,
+    ADAPTER, MERGED, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, adapter_base_model, is_run_dir,
+    read_run_recipe, remove_abandoned_staging, staged,
 )
 from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
                         move_buffers, streamed_logits)
 
 KL_LIMIT = 1e-3  # nats per token, for a float32 merge into the dequantized base
-PARITY_PROMPTS = 4
-PARITY_MAX_TOKENS = 128
 # The shard being filled is the merge's largest buffer; 1 GB keeps a merge within a few GB of memory whatever
 # the model's size, at the cost of more files (130 for a 65B model in 16 bits).
 DEFAULT_MAX_SHARD_SIZE = "1GB"
@@ -362,18 +361,31 @@ def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, m
 # Before starting: the prompts, and what the merge needs
 
 def parity_prompts(run_dir: Path, recipe: Recipe, tokenizer) -> tuple[list[list[int]], str]:
-    """Token ids of the first evaluation rows of the run (else its first training rows), as the model
-    saw them in training, and a description of where they came from."""
+    """Token ids of a few rows the model trained on (held-out rows first), as the run kept them
+    (RUN_DIR/parity_prompts.json), and a description of where they came from.
+
+    A run trained before runs kept them has its data read and tokenized again, as it was then.
+
+    Raises:
+        UserError: the run kept no prompts and its data cannot be read any more.
+    """
+    kept = run_dir / PARITY_PROMPTS
+    if kept.is_file():
+        try:
+            stored = json.loads(kept.read_text())
+            return [list(map(int, ids)) for ids in stored["prompts"]], stored["from"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(Problem(f"cannot read the prompts the merge is checked on: {exc}", file=kept)) from None
     try:
         datasets = load_datasets(recipe.data, recipe.training.seed)
     except UserError:
         raise UserError(f"{run_dir}: the run's data cannot be read any more, so there are no prompts to check the merge on") from None
     held_out = bool(datasets.eval)
-    examples = (datasets.eval if held_out else datasets.train)[:PARITY_PROMPTS]
-    options = TokenizeOptions(max_seq_len=PARITY_MAX_TOKENS, truncation="right")
+    examples = (datasets.eval if held_out else datasets.train)[:PARITY_PROMPT_COUNT]
+    options = TokenizeOptions(max_seq_len=PARITY_PROMPT_TOKENS, truncation="right")
     rows, _ = tokenize_examples(tokenizer, tokenizer.chat_template, examples, options)
     where = "evaluation rows" if held_out else "training rows (the run has no evaluation rows)"
-    return [row["input_ids"] for row in rows], f"the first {len(rows)} {where}, at most {PARITY_MAX_TOKENS} tokens each"
+    return [row["input_ids"] for row in rows], f"the first {len(rows)} {where}, at most {PARITY_PROMPT_TOKENS} tokens each"
 
 
 def check_out(out: Path, overwrite: bool) -> None:

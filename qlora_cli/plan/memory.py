@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import Problem, UserError
+from ..train.methods import COSTS
 from ..train.loss_spec import chunk_rows, logits_are_plain
 from ..core.recipe import Recipe
 
@@ -474,7 +475,9 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
     a = 4 if quant.bits in (4, 8) else c
     autocast = c < 4
     dropout = lora.dropout > 0
-    masked = training.batch_size > 1 or data.packing
+    # A preference pair trains two sequences; a reference pass (no gradients) adds only its transients.
+    rows = training.batch_size * COSTS[training.method].sequences
+    masked = rows > 1 or data.packing
     seq = data.max_seq_len
     targets = lora_targets(s, lora.target_modules)
     linears = s.linears()
@@ -524,14 +527,14 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
     workspace = {4: c, 8: a}.get(quant.bits, 0) * largest
     loss_chunk = 0
     if chunked_loss:  # float32 logits of one chunk, with the c-typed matmul output and gradient under autocast
-        rows = min(training.batch_size * seq, chunk_rows(s.vocab))
-        loss_chunk = rows * s.vocab * (4 + (2 * c if autocast else 0))
+        chunk = min(rows * seq, chunk_rows(s.vocab))
+        loss_chunk = chunk * s.vocab * (4 + (2 * c if autocast else 0))
         workspace += head_cast
     else:
         cast += head_cast
 
     return ActivationEstimate(
-        tokens=training.batch_size * seq,
+        tokens=rows * seq,
         layers=s.layers,
         per_token_per_layer=per_layer,
         boundary_per_token_per_layer=a * s.hidden,

@@ -198,8 +198,9 @@ class MetricsWriter(TrainerCallback):
     Trainer has trained on and `clock` the training time, both over the whole run. A resumed run first cuts
     both files back to the step it resumes from."""
 
-    def __init__(self, run_dir: Path, fed, clock: TrainClock, resumed_step: int | None = None):
-        self.run_dir, self.fed, self.clock = run_dir, fed, clock
+    def __init__(self, run_dir: Path, fed, clock: TrainClock, resumed_step: int | None = None,
+                 metric_names: tuple[str, ...] = ()):
+        self.run_dir, self.fed, self.clock, self.metric_names = run_dir, fed, clock, metric_names
         self.records = read_records(run_dir / METRICS, resumed_step) if resumed_step else []
         if resumed_step:
             read_records(run_dir / EVAL_METRICS, resumed_step)
@@ -219,6 +220,7 @@ class MetricsWriter(TrainerCallback):
             "epoch": logs.get("epoch"),
             "tokens": self.fed.tokens,
             "elapsed_seconds": elapsed,
+            **{name: logs[name] for name in self.metric_names if name in logs},  # the training method's own
         }
         self.records.append(record)
         append_record(self.run_dir / METRICS, record)
@@ -227,8 +229,8 @@ class MetricsWriter(TrainerCallback):
 class ProgressReporter(TrainerCallback):
     """Progress of the training steps: a live bar on a terminal, a line per logged step otherwise."""
 
-    def __init__(self, console: Console, fed):
-        self.console, self.fed = console, fed
+    def __init__(self, console: Console, fed, metric_names: tuple[str, ...] = ()):
+        self.console, self.fed, self.metric_names = console, fed, metric_names
         self.live = console.is_terminal
         self.progress = None
         self.task = None
@@ -245,6 +247,8 @@ class ProgressReporter(TrainerCallback):
             "loss": f"{loss:.4f}" if loss is not None else "-",
             "lr": f"{lr:.2e}" if lr is not None else "-",
             "tps": f"{(self.fed.tokens - self.tokens_before) / elapsed:,.0f}",
+            # the training method's own metrics, as logged with the loss
+            "method": "".join(f"  {name} {self.last[name]:.4g}" for name in self.metric_names if name in self.last),
         }
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -255,7 +259,7 @@ class ProgressReporter(TrainerCallback):
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                TextColumn("loss {task.fields[loss]}{task.fields[method]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
@@ -263,7 +267,7 @@ class ProgressReporter(TrainerCallback):
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                               loss="-", lr="-", tps="0")
+                                               loss="-", lr="-", tps="0", method="")
 
     def on_step_end(self, args, state, control, **kwargs):
         # The fields wait for the next log: the token count lives on the device, and reading it here would
@@ -282,7 +286,7 @@ class ProgressReporter(TrainerCallback):
         elapsed = time.perf_counter() - self.started
         remaining = elapsed / max(state.global_step - self.first_step, 1) * (state.max_steps - state.global_step)
         self.console.print(
-            f"step {state.global_step}/{state.max_steps}  loss {fields['loss']}  lr {fields['lr']}  "
+            f"step {state.global_step}/{state.max_steps}  loss {fields['loss']}{fields['method']}  lr {fields['lr']}  "
             f"{fields['tps']} tok/s  eta {format_seconds(remaining)}"
         )
 

@@ -53,8 +53,8 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if weight.dtype == dtype or weight.requires_grad:
         return weight.to(dtype)
     source = _cast_cache.get("source")
-    if source is None or source() is not weight or _cast_cache["key"] != (weight._version, dtype):
-        _cast_cache.update(source=weakref.ref(weight), key=(weight._version, dtype), value=weight.detach().to(dtype))
+    if source is None or source() is not weight or _cast_cache["key"] != (compat.tensor_version(weight), dtype):
+        _cast_cache.update(source=weakref.ref(weight), key=(compat.tensor_version(weight), dtype), value=weight.detach().to(dtype))
     return _cast_cache["value"]
 
 

@@ -4,13 +4,13 @@
     result = fit(run, callbacks=[...])   the transformers Trainer's loop, with any callbacks a tool adds
     summary = finish(run, result)        the adapter, the loss curve, summary.json, and the merge if asked
 
-`run_training` does all three, as `qlora train` does. The run directory's layout is in rundir.py, the
-callbacks that log, checkpoint and stop on signals in callbacks.py, the loss in loss.py.
+`run_training` does all three, as `qlora train` does. What differs between training methods (SFT, preference
+tuning) is the method's (train/methods); the Trainer is in trainer.py, the callbacks that log, checkpoint and
+stop on signals in callbacks.py, the run directory's layout in core/rundir.py.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import io
 import resource
@@ -21,167 +21,33 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import set_seed
 
 from ..core import compat
-from .callbacks import (
-    Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteGuard, NonFiniteLoss, ProgressReporter, StopRequests,
-    TrainClock,
-)
-from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint, staging_dir
 from ..core.console import format_seconds, key_value_table, recipe_table, working
 from ..core.context import RunContext, run_context
 from ..core.cpu import keep_freed_memory
-from ..data.prepare import EpochSeededLengthGroupedSampler, PreparedData, expected_padding, options_of, prepare
-from ..data.sources import Datasets, load_datasets
-from ..data.templates import resolve_template
-from ..data.tokenize import FedTokens, PackBatch, PadToLongest, cache_key
 from ..core.distributed import barrier, sum_over_ranks
 from ..core.errors import RunFailure, RunInterrupted, UserError
-from ..evaluation.mmlu import read_mmlu
-from .loss import forget_cast_weights, head_only_loss, output_head
-from ..export.merge import merge_run
 from ..core.models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
-from .profile import PhaseClock, StepProfiler
-from ..core.recipe import Recipe, TrainingSection, to_yaml
+from ..core.recipe import Recipe, to_yaml
 from ..core.rundir import (
-    ADAPTER, LOSS_PLOT, RECIPE, SUMMARY, check_writable, is_run, read_run_recipe, save_adapter, staged, start_fresh,
-    write_atomic, write_json,
+    ADAPTER, LOSS_PLOT, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, RECIPE, SUMMARY, check_writable,
+    is_run, read_run_recipe, save_adapter, staged, start_fresh, write_atomic, write_json,
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# The Trainer
-
-def scheduler_name(training: TrainingSection) -> str:
-    # transformers' "constant" ignores warmup; the paper's schedule is constant after a warmup.
-    if training.lr_scheduler == "constant" and training.warmup > 0:
-        return "constant_with_warmup"
-    return training.lr_scheduler
-
-
-FSDP_ARGUMENTS = {
-    # FSDP2 over the decoder layers, gathering a full state dict to save the adapter.
-    "fsdp": True,
-    "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
-                    "reshard_after_forward": True, "cpu_ram_efficient_loading": False},
-}
-
-
-def training_arguments(training: TrainingSection, run_dir: Path, context: RunContext, has_eval: bool):
-    return TrainingArguments(
-        # The Trainer writes checkpoints here; checkpoint.finalize seals and moves them.
-        output_dir=str(staging_dir(run_dir)),
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        max_steps=training.max_steps if training.max_steps is not None else -1,
-        num_train_epochs=training.epochs,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=scheduler_name(training),
-        warmup_steps=training.warmup if training.warmup < 1 else int(training.warmup),
-        max_grad_norm=training.max_grad_norm,
-        weight_decay=training.weight_decay,
-        adam_beta2=training.adam_beta2,
-        optim=training.optimizer,
-        bf16=context.compute_dtype == torch.bfloat16,
-        fp16=context.compute_dtype == torch.float16,
-        use_cpu=context.device == "cpu",
-        logging_steps=training.logging_steps,
-        logging_first_step=True,
-        # Its check of every micro-batch's loss makes the host wait for the GPU each time; NonFiniteGuard
-        # stops the run on a non-finite loss instead, checking once per update.
-        logging_nan_inf_filter=False,
-        save_strategy="no",  # saving is driven by the Checkpointer callback (schedule, signals)
-        seed=training.seed,
-        data_seed=training.seed,
-        # Length grouping is our own sampler (data.prepare.EpochSeededLengthGroupedSampler), installed on the
-        # trainer by compat.install_train_sampler in make_trainer.
-        train_sampling_strategy="random",
-        per_device_eval_batch_size=training.batch_size,
-        eval_strategy="steps" if has_eval and training.eval_steps else "no",
-        eval_steps=training.eval_steps,
-        prediction_loss_only=True,
-        report_to="none",
-        disable_tqdm=True,
-        # Data-parallel runs (under torchrun): gloo on CPU; LoRA leaves no parameter unused.
-        ddp_backend="gloo" if context.device == "cpu" and context.distributed else None,
-        ddp_find_unused_parameters=False,
-        **(copy.deepcopy(FSDP_ARGUMENTS) if context.sharded else {}),  # TrainingArguments edits fsdp_config in place
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-
-
-class RecipeTrainer(Trainer):
-    """The transformers Trainer, counting into `fed` the tokens of every batch it trains on, stopping before
-    a non-finite loss is applied, and computing the loss on trained positions only (`loss.head_only_loss`)
-    when the model's logits are a plain output projection `head`. `phases` times the steps that
-    `qlora train --profile` profiles (and nothing otherwise)."""
-
-    def __init__(self, *args, fed: FedTokens, head, phases: PhaseClock, guard: NonFiniteGuard, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fed = fed
-        self.head = head
-        self.phases = phases
-        self.guard = guard
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        # Called once per optimizer step, before its micro-batches train: where a step begins.
-        self.phases.begin_step(self.state.global_step + 1)
-        with self.phases("data"):
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self.phases("forward"):
-            # FSDP gathers a sharded weight only when its module runs, and this loss skips the head's module.
-            if self.head is None or self.is_fsdp_enabled or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, outputs = head_only_loss(model, self.head, inputs, num_items_in_batch)
-            loss = loss * compat.trainer_loss_scale(self, num_items_in_batch)
-            return (loss, outputs) if return_outputs else loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.phases("training_step"):
-            self.fed.count(inputs)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self.guard.observe(loss)
-            return loss
-
-
-def unpaged_on_cpu(args, model, context: RunContext):
-    """The optimizer a paged one is on a CPU: paging moves optimizer states between GPU and CPU memory, and on
-    a CPU they are in RAM already. The same bitsandbytes optimizer, created unpaged, trains identically and
-    spares the user bitsandbytes' warning about it at every run. None where nothing changes."""
-    if context.device != "cpu" or "paged" not in getattr(args.optim, "value", args.optim):
-        return None
-    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    return optimizer_class, {**kwargs, "is_paged": False}
-
-
-def make_trainer(run: "Run", fed: FedTokens, callbacks: list, phases: PhaseClock) -> RecipeTrainer:
-    recipe = run.recipe
-    guard = NonFiniteGuard()
-    collator = PackBatch() if recipe.data.packing else PadToLongest(run.tokenizer.pad_token_id)
-    args = training_arguments(recipe.training, run.run_dir, run.context, has_eval=bool(run.prepared.eval))
-    trainer = RecipeTrainer(
-        model=run.model,
-        args=args,
-        optimizer_cls_and_kwargs=unpaged_on_cpu(args, run.model, run.context),
-        train_dataset=run.prepared.train,
-        eval_dataset=run.prepared.eval or None,
-        data_collator=collator,
-        callbacks=[guard, *callbacks],
-        fed=fed,
-        head=output_head(run.model),
-        phases=phases,
-        guard=guard,
-    )
-    trainer.remove_callback(PrinterCallback)
-    if recipe.data.group_by_length and not recipe.data.packing:
-        window = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
-        compat.install_train_sampler(trainer, lambda dataset: EpochSeededLengthGroupedSampler(
-            [len(row["input_ids"]) for row in dataset], window, trainer.args.seed))
-    return trainer
+from ..data.prepare import PreparedData, expected_padding, options_of, prepare
+from ..data.sources import Datasets, load_datasets
+from ..data.templates import resolve_template
+from ..data.tokenize import FedTokens, cache_key
+from ..evaluation.mmlu import read_mmlu
+from ..export.merge import merge_run
+from .callbacks import Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteLoss, ProgressReporter, StopRequests, TrainClock
+from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint
+from .loss import forget_cast_weights
+from .methods import load_method
+from .methods.base import TrainingMethod
+from .profile import PhaseClock, StepProfiler
+from .trainer import RecipeTrainer, make_trainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +58,7 @@ class Run:
     """A run ready to train: its recipe, context, data, tokenizer and model, and where it writes."""
 
     recipe: Recipe
+    method: TrainingMethod
     context: RunContext
     console: Console
     run_dir: Path
@@ -238,7 +105,8 @@ def describe_context(console: Console, context: RunContext, recipe: Recipe) -> N
         console.print("[yellow]bfloat16 on a CPU without native bfloat16: it is emulated; float32 is usually far faster.")
 
 
-def describe_data(console: Console, datasets: Datasets, prepared: PreparedData, recipe: Recipe) -> float:
+def describe_data(console: Console, datasets: Datasets, prepared: PreparedData, recipe: Recipe,
+                  method: TrainingMethod) -> float:
     """Print what will be trained on; return the padding fraction the batching is expected to feed."""
     for name, count in datasets.rows_per_source.items():
         console.print(f"  {count:>7,} rows  {name}")
@@ -256,12 +124,22 @@ def describe_data(console: Console, datasets: Datasets, prepared: PreparedData, 
     )
     if prepared.eval_stats is not None:
         console.print(f"Evaluation: {prepared.eval_stats.examples:,} examples, {prepared.eval_stats.tokens:,} tokens")
-    padding = expected_padding(recipe, [len(row["input_ids"]) for row in prepared.train])
+    padding = expected_padding(recipe, [method.row_length(row) for row in prepared.train])
     batching = "packed, no padding" if recipe.data.packing else (
         "grouped by length" if recipe.data.group_by_length else "random batches"
     )
     console.print(f"Batching: {batching}; expected padding {padding:.1%} of fed positions")
     return padding
+
+
+def parity_prompts(method: TrainingMethod, prepared: PreparedData) -> dict[str, Any]:
+    """The token ids the merge is checked on, kept in the run so that a merge needs neither the data files nor
+    their tokenization: the first rows of the evaluation data, else of the training data, as trained on."""
+    held_out = bool(prepared.eval)
+    rows = (prepared.eval if held_out else prepared.train)[:PARITY_PROMPT_COUNT]
+    prompts = [ids[:PARITY_PROMPT_TOKENS] for ids in method.parity_prompts(rows)]
+    where = "evaluation rows" if held_out else "training rows (the run has no evaluation rows)"
+    return {"prompts": prompts, "from": f"the first {len(prompts)} {where}, at most {PARITY_PROMPT_TOKENS} tokens each"}
 
 
 def setup(
@@ -287,7 +165,8 @@ def setup(
     resume_from = checkpoint_to_resume(run_dir, recipe, console.print) if resume else None
     if not resume and context.is_main:
         check_writable(run_dir, overwrite)
-    datasets = load_datasets(recipe.data, recipe.training.seed)
+    method = load_method(recipe.training.method)
+    datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
     mmlu_data = None
     if recipe.training.eval_mmlu is not None:
         mmlu_data = read_mmlu(recipe.training.eval_mmlu.data)
@@ -305,11 +184,11 @@ def setup(
     tokenizer = load_tokenizer(model_path, recipe.model)
     template = resolve_template(recipe.data.template, tokenizer)
     with working(console, "Tokenizing the data"):
-        prepared = prepare(recipe, tokenizer, template, datasets)
-    describe_data(console, datasets, prepared, recipe)
+        prepared = prepare(recipe, tokenizer, template, datasets, method)
+    describe_data(console, datasets, prepared, recipe, method)
     fingerprints = {
         "recipe_fingerprint": recipe_fingerprint(recipe),
-        "data_fingerprint": cache_key(tokenizer, template, datasets.train, options_of(recipe)),
+        "data_fingerprint": cache_key(tokenizer, template, datasets.train, options_of(recipe), method.cache_payload),
     }
     if resume_from is not None:
         if resume_from.manifest.get("data_fingerprint") != fingerprints["data_fingerprint"]:
@@ -329,11 +208,12 @@ def setup(
         if resume_from is None:
             # Everything checkable is checked and the model loaded: only now is an old run replaced.
             start_fresh(run_dir, recipe)
+            write_json(run_dir / PARITY_PROMPTS, parity_prompts(method, prepared))
         else:
             clear_staging(run_dir)
             # Atomic: the other ranks read the run's recipe while rank 0 writes the new one.
             write_atomic(run_dir / RECIPE, to_yaml(recipe))
-    return Run(recipe, context, console, run_dir, resume_from, resume_command, datasets, mmlu_data, model_path,
+    return Run(recipe, method, context, console, run_dir, resume_from, resume_command, datasets, mmlu_data, model_path,
                tokenizer, template, prepared, fingerprints, checkpointing, model, trainable)
 
 
@@ -372,8 +252,8 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
     ours: list = [checkpointer]
     metrics = mmlu = reporter = profiler = None
     if context.is_main:  # only rank 0 logs: the metrics files are rewritten on resume
-        metrics = MetricsWriter(run_dir, fed, clock, resumed_step)
-        reporter = ProgressReporter(run.console, fed)
+        metrics = MetricsWriter(run_dir, fed, clock, resumed_step, run.method.metric_names)
+        reporter = ProgressReporter(run.console, fed, run.method.metric_names)
         ours += [metrics, reporter]
         if run.mmlu_data is not None:
             mmlu = MmluEvaluator(recipe.training.eval_mmlu, recipe.training.eval_steps, run_dir, run.tokenizer,
@@ -473,8 +353,11 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
         "train_seconds": round(seconds, 3),  # every session of the run, as tokens are
         "session_train_seconds": round(result.clock.session, 3),
         "tokens_per_second": round(fed.tokens / seconds, 1) if seconds else None,
+        "method": recipe.training.method,
         "first_loss": records[0]["loss"] if records else None,
         "final_loss": records[-1]["loss"] if records else None,
+        # the training method's own metrics, as last logged
+        **{name: records[-1][name] for name in run.method.metric_names if records and name in records[-1]},
         "eval_loss": result.eval_loss,
         "mmlu_accuracy": mmlu_accuracy,
         "peak_memory_bytes": peak,
