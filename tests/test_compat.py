@@ -109,6 +109,48 @@ def test_install_train_sampler_refuses_a_trainer_without_the_hook():
         compat.install_train_sampler(NoHook(), lambda dataset: [])
 
 
+def test_length_grouped_indices_put_the_longest_batch_first_and_follow_the_generator():
+    lengths = [3, 9, 1, 7, 5, 2, 8, 4]
+    first = compat.length_grouped_indices(lengths, 2, torch.Generator().manual_seed(0))
+    assert sorted(first) == list(range(len(lengths)))
+    assert lengths[first[0]] == max(lengths)
+    assert compat.length_grouped_indices(lengths, 2, torch.Generator().manual_seed(0)) == first
+
+
+def test_time_batch_fetching_marks_each_step_before_its_batches(tiny_model_dir, tmp_path):
+    import contextlib
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]} for _ in range(4)]
+    trainer = small_trainer(tiny_model_dir, tmp_path, rows)
+    events = []
+
+    @contextlib.contextmanager
+    def phase():
+        events.append("fetch")
+        yield
+
+    compat.time_batch_fetching(trainer, lambda step: events.append(f"step {step}"), phase)
+    loader = iter(trainer.get_train_dataloader())
+    batches, _ = trainer.get_batch_samples(loader, 2, trainer.args.device)
+    assert len(batches) == 2 and events == ["step 1", "fetch"]
+
+    class Other:
+        def get_batch_samples(self, iterator, count):
+            return []
+
+    with pytest.raises(LibraryChanged, match="get_batch_samples"):
+        compat.time_batch_fetching(Other(), print, contextlib.nullcontext)
+
+
+def test_tensor_version_counts_in_place_changes():
+    weight = torch.zeros(3)
+    before = compat.tensor_version(weight)
+    weight.add_(1)
+    assert compat.tensor_version(weight) > before
+    with pytest.raises(LibraryChanged, match="_version"):
+        compat.tensor_version(object())
+
+
 def test_trainer_loss_scale(tiny_model_dir, tmp_path):
     trainer = small_trainer(tiny_model_dir, tmp_path, [])
     assert compat.trainer_loss_scale(trainer, None) == 1
