@@ -1,8 +1,10 @@
 """Reading a recipe file: `yaml.safe_load` semantics, plus the line of every key path, so that each problem
 found later can be reported at its line.
 
-A file that is not YAML is reported at the line of the error, with the line itself and a likely cause. Nothing
-here knows the recipe's schema.
+A file that is not YAML is reported at the line of the error, with the line itself and a likely cause. A file
+whose aliases would expand beyond any recipe's size (aliases of aliases, the "billion laughs" shape) is refused
+before anything is expanded, at the line of the alias that passes the bound. Nothing here knows the recipe's
+schema.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from .errors import Problem, UserError
 
 KeyPath = tuple[Union[str, int], ...]
 
+# Values (scalars, lists and mappings, each counted once per place it appears) a document may have once its
+# aliases are expanded. A recipe has a few hundred; walking a million costs seconds and much memory, and each
+# level of aliases of aliases multiplies the count.
+MAX_EXPANDED_VALUES = 100_000
+
 
 def dotted(path: KeyPath) -> str:
     """`data.train.0.path` for ("data", "train", 0, "path")."""
@@ -25,6 +32,50 @@ def dotted(path: KeyPath) -> str:
 class _RecursiveAlias(Exception):
     def __init__(self, line: int):
         self.line = line
+
+
+class _TooLarge(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _check_expanded_size(text: str, limit: int = MAX_EXPANDED_VALUES) -> None:
+    """Count the values the document has with its aliases expanded, from its parse events, without expanding
+    anything: each anchored value's count is kept, and an alias adds it.
+
+    Raises:
+        _TooLarge: at the (1-based) line of the alias that takes the count beyond `limit`.
+        yaml.YAMLError: the text is not YAML.
+    """
+    anchored: dict[str, int] = {}  # anchor -> values in the anchored value, its aliases expanded
+    open_collections: list[list] = []  # [anchor, values so far] per sequence or mapping not yet ended
+    total = 0
+
+    def add(count: int) -> None:
+        nonlocal total
+        total += count
+        if open_collections:
+            open_collections[-1][1] += count
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            add(1)
+            open_collections.append([event.anchor, 1])
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, count = open_collections.pop()
+            if anchor is not None:
+                anchored[anchor] = count
+            if open_collections:
+                open_collections[-1][1] += count - 1  # the collection's own 1 was added when it opened
+        elif isinstance(event, yaml.ScalarEvent):
+            add(1)
+            if event.anchor is not None:
+                anchored[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            # An alias of a value still open refers to itself: the composer's check reports it.
+            add(anchored.get(event.anchor, 1))
+            if total > limit:
+                raise _TooLarge(event.start_mark.line + 1)
 
 
 def _compose_lines(
@@ -92,8 +143,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
     """Parse a recipe file with `yaml.safe_load` semantics and map each key path to its line.
 
     Raises:
-        UserError: the file is missing, unreadable, not YAML, not a mapping, repeats a key, or has an alias that
-            refers to a value containing it.
+        UserError: the file is missing, unreadable, not YAML, not a mapping, repeats a key, has an alias that
+            refers to a value containing it, or has aliases that expand it beyond MAX_EXPANDED_VALUES values.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -102,12 +153,18 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(Problem(f"cannot read recipe: {exc}", file=path)) from None
     try:
+        _check_expanded_size(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         lines: dict[KeyPath, int] = {}
         duplicates: list[KeyPath] = []
         if node is not None:
             _compose_lines(node, (), lines, duplicates)
         data = yaml.safe_load(text)
+    except _TooLarge as large:
+        raise UserError(Problem(
+            f"this alias expands the recipe beyond {MAX_EXPANDED_VALUES:,} values (aliases of aliases multiply); "
+            "no recipe needs that many: write the values out, or alias fewer levels deep",
+            file=path, line=large.line)) from None
     except _RecursiveAlias as recursive:
         raise UserError(Problem("an alias refers to a value that contains it", file=path, line=recursive.line)) from None
     except yaml.YAMLError as exc:
