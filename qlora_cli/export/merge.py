@@ -55,9 +55,10 @@ from ..core.models import quantization_config
 from .parity import compare_logits
 from ..plan.memory import parse_bytes, read_model_config
 from ..core.recipe import Recipe
+from ..core.files import remove_abandoned_staging, staged
 from ..core.rundir import (
     ADAPTER, MERGED, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, adapter_base_model, is_run_dir,
-    read_run_recipe, remove_abandoned_staging, staged,
+    read_run_recipe,
 )
 from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
                         move_buffers, streamed_logits)

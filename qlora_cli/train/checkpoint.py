@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.recipe import Recipe, flatten
-from ..core.rundir import publish
+from ..core.files import publish
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"

@@ -32,7 +32,8 @@ from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import TrainerCallback
 
-from ..core.rundir import PROFILE, staged
+from ..core.files import staged
+from ..core.rundir import PROFILE
 
 WARMUP_STEPS = 2
 PHASES = ("data", "forward", "backward", "optimizer", "other")
