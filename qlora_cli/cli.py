@@ -121,7 +121,9 @@ def plan(
     """Plan GPU memory for a recipe from the model's config alone, before anything loads."""
     import json as json_module
 
-    from .plan.memory import parse_bytes, plan_memory, read_model_config
+    from .plan.configs import read_model_config
+    from .plan.memory import plan_memory
+    from .plan.sizes import parse_bytes
     from .plan.report import plan_table
     from .core.recipe import load_recipe
 
@@ -145,7 +147,7 @@ def model_config_source(base: str):
     from .core.recipe import BUNDLED_MODEL_ALIAS
 
     if base == BUNDLED_MODEL_ALIAS:
-        from .plan.memory import shipped_config
+        from .plan.configs import shipped_config
 
         return shipped_config(BUNDLED_MODEL_ALIAS)
     if base.endswith(".gguf"):

@@ -42,7 +42,8 @@ def matmul_peak_gflops() -> float:
 
 def parameter_count(model_dir: str) -> int:
     """Parameters of the model from its config: linear layers, embeddings, head (if untied) and norms."""
-    from qlora_cli.plan.memory import kept_parameter_count, model_shapes, read_model_config
+    from qlora_cli.plan.configs import model_shapes, read_model_config
+    from qlora_cli.plan.memory import kept_parameter_count
 
     shapes = model_shapes(read_model_config(model_dir))
     linear = sum(fan_in * fan_out for fan_in, fan_out in shapes.linears().values()) * shapes.layers

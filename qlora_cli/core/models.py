@@ -24,7 +24,8 @@ from .console import working
 from .context import RunContext, inference_context
 from .cpu import use_cheap_lora_dropout
 from .errors import Problem, UserError
-from ..plan.memory import checkpointing_needed, read_model_config
+from ..plan.configs import read_model_config
+from ..plan.memory import checkpointing_needed
 from .recipe import BUNDLED_MODEL_ALIAS, ModelSection, QuantizationSection, Recipe
 from .files import staged
 from .rundir import ADAPTER, adapter_base_model, read_run_recipe

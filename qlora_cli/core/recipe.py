@@ -444,6 +444,13 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None, output_dir
     return recipe
 
 
+def with_change(recipe: Recipe, section: str, key: str, value: Any) -> Recipe:
+    """A copy of the recipe with one key changed (validated like the original)."""
+    copy = recipe.model_copy(deep=True)
+    setattr(getattr(copy, section), key, value)
+    return copy
+
+
 def flatten(recipe: Recipe) -> list[tuple[str, Any, str]]:
     """(dotted key, value, help text) for every leaf of the recipe, in schema order."""
     rows: list[tuple[str, Any, str]] = []

@@ -53,7 +53,8 @@ from .gguf import check_exportable, export_gguf_files
 from .merge_plan import MergeSettings, check_fits, merge_needs
 from ..core.models import quantization_config
 from .parity import compare_logits
-from ..plan.memory import parse_bytes, read_model_config
+from ..plan.configs import read_model_config
+from ..plan.sizes import parse_bytes
 from ..core.recipe import Recipe
 from ..core.files import remove_abandoned_staging, staged
 from ..core.rundir import (
