@@ -258,9 +258,7 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as the parameters they pack."""
     trainable = total = 0
     for parameter in model.parameters():
-        count = parameter.numel()
-        if parameter.__class__.__name__ == "Params4bit":
-            count *= 2
+        count = compat.weights_in(parameter)
         total += count
         if parameter.requires_grad:
             trainable += count

@@ -29,7 +29,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import psutil
 import torch
 from accelerate import init_empty_weights
@@ -40,7 +39,6 @@ from peft.tuners.lora import LoraLayer
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.dynamic_module_utils import custom_object_save
 
 from ..core import compat
 from ..core.console import Steps
@@ -115,10 +113,6 @@ def base_checkpoint(base_path: str, revision: str | None, trust_remote_code: boo
         raise error
 
 
-def is_quantized(parameter) -> bool:
-    return isinstance(parameter, (bnb.nn.Params4bit, bnb.nn.Int8Params))
-
-
 def empty_model(config, dtype: torch.dtype, trust_remote_code: bool):
     """The causal LM of `config` on the meta device, its parameters in `dtype`. It gets a copy of the config,
     which quantizing the model would otherwise mark as quantized."""
@@ -154,7 +148,7 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, recipe: Recipe,
 
     def make_parameter(slot, files):
         # As from_pretrained loads: every weight cast to the model's dtype, the linear ones then quantized.
-        if is_quantized(slot.placeholder):
+        if compat.is_quantized_weight(slot.placeholder):
             return compat.quantize_like_transformers(files.read(slot.name, dtype, device), slot.placeholder, device)
         return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
 
@@ -216,7 +210,7 @@ def dequantized_weight(trained: TrainedModel, slot, module, attribute: str, file
     quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
         files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
     try:
-        if isinstance(quantized, bnb.nn.Params4bit):
+        if compat.is_4bit_weight(quantized):
             return dequantize_4bit(quantized.data, quantized.quant_state).float()
         return compat.dequantize_8bit(quantized, getattr(module, "state", None)).float()
     finally:
@@ -237,7 +231,7 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
         return value.to(dtype) if value.is_floating_point() else value
     module, attribute = slot.owners[slot.owner_names.index(name)]  # of a tied weight, the module named so
     lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
-    if base == "dequantized" and is_quantized(slot.placeholder):
+    if base == "dequantized" and compat.is_quantized_weight(slot.placeholder):
         weight = dequantized_weight(trained, slot, module, attribute, files, device, held)
     elif lora is not None:
         weight = files.read(slot.name, torch.float32, device)
@@ -349,7 +343,7 @@ def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, m
     config.dtype = dtype
     config.architectures = [type(model).__name__]
     if model.is_remote_code():
-        custom_object_save(model, folder, config=config)
+        compat.save_remote_code(model, folder, config)
     config.save_pretrained(folder)
     try:
         generation = GenerationConfig.from_pretrained(base_folder)
