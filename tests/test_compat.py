@@ -270,6 +270,11 @@ def test_quantized_weights_are_told_by_their_bitsandbytes_class_and_count_what_t
     assert [compat.is_quantized_weight(p) for p in (four, eight, plain)] == [True, True, False]
     assert four.numel() == 64 * 32 // 2  # two 4-bit weights per byte
     assert [compat.weights_in(p) for p in (four, eight, plain)] == [64 * 32] * 3
+    # FSDP stores the packed bytes in the compute dtype (bnb_4bit_quant_storage): four weights per bfloat16 element.
+    stored = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu")
+    assert stored.numel() == 64 * 32 // 4 and compat.weights_in(stored) == 64 * 32
+    unpacked = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")  # not quantized until moved
+    assert compat.weights_in(unpacked) == 64 * 32
 
 
 def test_keep_4bit_training_kernels(tiny_model_dir):

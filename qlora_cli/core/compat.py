@@ -389,9 +389,13 @@ def is_quantized_weight(parameter) -> bool:
 
 
 def weights_in(parameter) -> int:
-    """How many weights `parameter` holds: a Params4bit packs two 4-bit weights into every element of its
-    uint8 storage (bitsandbytes 0.43-0.50)."""
-    return parameter.numel() * 2 if is_4bit_weight(parameter) else parameter.numel()
+    """How many weights `parameter` holds. A quantized Params4bit (`bnb_quantized`) packs two 4-bit weights into
+    every byte of its storage, whose dtype is `quant_storage` (uint8 by default; the compute dtype under FSDP,
+    bitsandbytes 0.43-0.50)."""
+    if not is_4bit_weight(parameter):
+        return parameter.numel()
+    require(hasattr(parameter, "bnb_quantized"), "bitsandbytes' Params4bit no longer says whether it is packed (bnb_quantized)")
+    return parameter.numel() * parameter.element_size() * 2 if parameter.bnb_quantized else parameter.numel()
 
 
 def keep_4bit_training_kernels(model) -> None:
