@@ -16,6 +16,7 @@ import typer
 
 from .core.compat import show_flags_without_a_type
 from .core.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, RunFailure, RunInterrupted, UserError
+from .inference.sampling import DEFAULT_SAMPLING, Sampling
 
 show_flags_without_a_type()
 
@@ -43,7 +44,7 @@ SetOption = Annotated[
 ModelArg = Annotated[str, typer.Argument(
     help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.",
     show_default=False)]
-# Sampling options shared by generate, chat and eval (the defaults are the paper's: top-p 0.9, temperature 0.7).
+# Sampling options shared by generate, chat and eval (the defaults, the paper's, are inference/sampling.py's).
 MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens per answer.")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
@@ -192,10 +193,10 @@ def generate(
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option("--file", help="Prompts, one per line (.txt) or JSONL rows with a `prompt` field.")] = None,
     system: Annotated[Optional[str], typer.Option(help="A system message for every prompt.")] = None,
-    max_new_tokens: MaxNewTokens = 256,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
-    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens,
+    temperature: Temperature = DEFAULT_SAMPLING.temperature,
+    top_p: TopP = DEFAULT_SAMPLING.top_p,
+    seed: Seed = DEFAULT_SAMPLING.seed,
 ) -> None:
     """Answer prompts with a model, using the chat template it was trained with."""
     from .inference.prompts import read_prompts
@@ -235,10 +236,10 @@ def generate(
 def chat(
     model: ModelArg,
     system: Annotated[Optional[str], typer.Option(help="The system message to start with.")] = None,
-    max_new_tokens: MaxNewTokens = 256,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
-    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens,
+    temperature: Temperature = DEFAULT_SAMPLING.temperature,
+    top_p: TopP = DEFAULT_SAMPLING.top_p,
+    seed: Seed = DEFAULT_SAMPLING.seed,
 ) -> None:
     """Talk with a model: multi-turn, streamed, with /reset and /system."""
     from .inference.chat import chat_loop
@@ -303,10 +304,10 @@ def eval_run(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N questions.")] = None,
     answers_format: Annotated[Optional[list[str]], typer.Option("--answers-format", help="Also write every model's answers in this tool's layout for its own judge: fastchat or arena-hard (repeatable), under OUT/<format>/model_answer/.")] = None,
     answers_only: Annotated[bool, typer.Option("--answers-only", help="Stop after the answers (and --answers-format files); load no judge.")] = False,
-    max_new_tokens: MaxNewTokens = 256,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
-    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens,
+    temperature: Temperature = DEFAULT_SAMPLING.temperature,
+    top_p: TopP = DEFAULT_SAMPLING.top_p,
+    seed: Seed = DEFAULT_SAMPLING.seed,
 ) -> None:
     """Answer the questions with each model, judge every pair in both orders, and write the report."""
     modes = {"both": ["relative", "pairwise"], "pairwise": ["pairwise"], "relative": ["relative"]}.get(mode)
@@ -318,7 +319,7 @@ def eval_run(
         if layout not in ANSWER_FORMATS:
             raise UserError(f"--answers-format: {layout!r} is not one of {', '.join(ANSWER_FORMATS)}")
     from .core.console import make_console
-    from .evaluation.answers import Sampling, slug
+    from .evaluation.answers import slug
     from .evaluation.run import run_eval
     from .core.models import quiet_libraries
     from .core.rundir import is_run_dir

@@ -271,7 +271,8 @@ def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_p
 
 def test_answers_cut_short_by_a_kill_are_answered_again_and_the_torn_line_cut_off(tmp_path, monkeypatch):
     import qlora_cli.inference.generate as generation
-    from qlora_cli.evaluation.answers import Sampling, ensure_answers
+    from qlora_cli.evaluation.answers import ensure_answers
+    from qlora_cli.inference.sampling import Sampling
     from qlora_cli.evaluation.questions import read_questions
 
     questions = read_questions(None)[:6]

@@ -26,7 +26,8 @@ from ..core.api_keys import read_api_key
 from ..core.console import Steps
 from ..core.errors import Problem, RunFailure, RunInterrupted, UserError
 from ..core.files import write_atomic
-from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
+from ..inference.sampling import Sampling
+from .answers import answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
 from .http_judge import HttpJudge, served_models
 from .judge_cache import JudgmentCache
 from .judges import JudgeError, judge_pairs
