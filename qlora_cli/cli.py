@@ -267,9 +267,9 @@ def merge(
 ) -> None:
     """Export a merged checkpoint that plain transformers loads, with a parity report; the model is merged and
     checked a layer at a time, and the memory and disk needed are said (and checked) before it starts."""
-    for out_type in gguf or []:
-        if out_type not in ("f16", "q8_0"):
-            raise UserError(f"--gguf: {out_type!r} is not one of f16, q8_0")
+    from .export.gguf_types import check_gguf_types
+
+    check_gguf_types(gguf or [])
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype: {dtype!r} is not one of bfloat16, float16, float32")
     if base not in ("dequantized", "original"):
