@@ -322,12 +322,12 @@ def eval_run(
     from .evaluation.answers import slug
     from .evaluation.run import run_eval
     from .core.models import quiet_libraries
-    from .core.rundir import is_run_dir
+    from .core.rundir import EVAL, is_run_dir
 
     console = make_console()
     quiet_libraries(console.is_terminal)
     target = Path(model)
-    folder = out or (target / "eval" if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
+    folder = out or (target / EVAL if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
     run_eval(model, baselines=baseline or ["base"], questions_path=questions, judge_spec=judge, judge_model=judge_model,
              api_key_env=api_key_env, modes=modes, out=folder, limit=limit,
              sampling=Sampling(temperature, top_p, max_new_tokens, seed), console=console, answer_files=answers or [],

@@ -10,7 +10,8 @@ atomically (core/files.py): a file or folder is either complete or absent.
     RUN_DIR/summary.json        tokens, time, losses, memory, dtype, versions
     RUN_DIR/loss.png            the loss curve
     RUN_DIR/profile/            `qlora train --profile`: a trace and where a step's time goes
-    RUN_DIR/merged/             `output.merge` or `qlora merge`
+    RUN_DIR/merged/             `output.merge` or `qlora merge`, with merge_report.json
+    RUN_DIR/eval/               `qlora eval RUN_DIR`: answers, judgments and the report
 
 Nothing here imports torch: the CLI recognises runs before deciding what to load (core/models.py's load_run loads one).
 """
@@ -33,8 +34,11 @@ METRICS = "metrics.jsonl"
 EVAL_METRICS = "eval_metrics.jsonl"
 SUMMARY = "summary.json"
 LOSS_PLOT = "loss.png"
+CHECKPOINTS = "checkpoints"
 PROFILE = "profile"
 MERGED = "merged"
+MERGE_REPORT = "merge_report.json"  # in a merged folder: RUN_DIR/merged or `qlora merge --out`
+EVAL = "eval"
 PARITY_PROMPTS = "parity_prompts.json"
 # The merge is checked on this many of the rows the model trained on (held-out rows first), cut to this length.
 PARITY_PROMPT_COUNT = 4

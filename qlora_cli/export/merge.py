@@ -56,8 +56,8 @@ from ..plan.sizes import parse_bytes
 from ..core.recipe import Recipe
 from ..core.files import remove_abandoned_staging, staged
 from ..core.rundir import (
-    ADAPTER, MERGED, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, adapter_base_model, is_run_dir,
-    read_run_recipe,
+    ADAPTER, MERGE_REPORT, MERGED, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, RECIPE, adapter_base_model,
+    is_run_dir, read_run_recipe,
 )
 from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
                         move_buffers, streamed_logits)
@@ -397,7 +397,7 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out: {existing} is a file, not a folder; choose another --out")
     if existing != out or not any(out.iterdir()):
         return
-    if not (out / "merge_report.json").is_file():
+    if not (out / MERGE_REPORT).is_file():
         raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
     if not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
@@ -489,7 +489,7 @@ def merge_run(
     say = console.print
     run_dir = Path(run_dir).resolve()
     if not is_run_dir(run_dir):
-        raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
+        raise UserError(f"{run_dir} is not a run directory (it needs {RECIPE} and {ADAPTER}/)")
     out = Path(out).resolve() if out is not None else run_dir / MERGED
     check_out(out, overwrite)
     for leftover in remove_abandoned_staging(out):  # before the disk check: it frees what a killed merge held
@@ -561,6 +561,6 @@ def merge_run(
             say(f"Writing GGUF ({', '.join(gguf_types)}): this loads the merged model whole")
             result["gguf"] = export_gguf_files(staging, gguf_types, prompts, name=out.name, say=say)
         result["seconds"] = round(time.perf_counter() - started, 2)
-        (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (staging / MERGE_REPORT).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     result["out"] = str(out)
     return result

@@ -19,8 +19,7 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.recipe import Recipe, flatten
 from ..core.files import publish
-
-CHECKPOINTS = "checkpoints"
+from ..core.rundir import CHECKPOINTS
 STAGING = ".staging"
 MANIFEST = "manifest.json"
 PREFIX = "step-"
