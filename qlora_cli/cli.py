@@ -187,6 +187,18 @@ def data_preview(
     show_preview(console, resolved, method, tokenizer, datasets, prepared, count)
 
 
+def load_generation_model(console, model: str):
+    """The model for generation (`inference.generate.load_for_generation`), loaded under a "Loading" line, with the
+    libraries' progress bars off a terminal."""
+    from .core.console import working
+    from .core.models import quiet_libraries
+    from .inference.generate import load_for_generation
+
+    quiet_libraries(console.is_terminal)
+    with working(console, f"Loading {model}"):
+        return load_for_generation(model)
+
+
 @app.command()
 def generate(
     model: ModelArg,
@@ -207,13 +219,10 @@ def generate(
     from rich.console import Console
 
     from .core.console import working
-    from .inference.generate import generate as run_generate, load_for_generation
-    from .core.models import quiet_libraries
+    from .inference.generate import generate as run_generate
 
     console = Console(highlight=False)
-    quiet_libraries(console.is_terminal)
-    with working(console, f"Loading {model}"):
-        loaded = load_for_generation(model)
+    loaded = load_generation_model(console, model)
     streamer = None
     if len(prompts) == 1 and console.is_terminal:
         from transformers import TextStreamer
@@ -243,14 +252,9 @@ def chat(
 ) -> None:
     """Talk with a model: multi-turn, streamed, with /reset and /system."""
     from .inference.chat import chat_loop
-    from .core.console import make_console, working
-    from .inference.generate import load_for_generation
-    from .core.models import quiet_libraries
+    from .core.console import make_console
 
-    console = make_console()
-    quiet_libraries(console.is_terminal)
-    with working(console, f"Loading {model}"):
-        loaded = load_for_generation(model)
+    loaded = load_generation_model(make_console(), model)
     chat_loop(loaded, input, sys.stdout, system=system, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, seed=seed)
 
@@ -359,16 +363,12 @@ def eval_mmlu(
     """Multiple-choice accuracy (MMLU-style): argmax over the four letter tokens, per subject and averaged."""
     import json as json_module
 
-    from .core.console import key_value_table, make_console, working
+    from .core.console import key_value_table, make_console
     from .evaluation.mmlu import evaluate, read_mmlu
-    from .inference.generate import load_for_generation
-    from .core.models import quiet_libraries
 
     dev, test = read_mmlu(data)
     console = make_console(stderr=as_json)  # --json keeps stdout for the JSON object
-    quiet_libraries(console.is_terminal)
-    with working(console, f"Loading {model}"):
-        loaded = load_for_generation(model)
+    loaded = load_generation_model(console, model)
     result = evaluate(loaded.model, loaded.tokenizer, dev, test, shots=shots, limit=limit)
     result.update(model=model, shots=shots)
     if as_json:
