@@ -5,7 +5,7 @@ Everything here works from the model's `config.json` alone (a directory holding 
 65B run can be planned offline on a laptop. Nothing imports torch. Every number is bytes per device, for the
 CUDA GPU the run is planned for, not for this machine: `compute_dtype: auto` therefore counts as bfloat16.
 
-What is counted follows what `qlora train` does (models.load_model, train.training_arguments):
+What is counted follows what `qlora train` does (core/models.py's load_model, train/run.py's training_arguments):
 
 - the base model loaded with bitsandbytes (4-bit NF4/FP4, 8-bit LLM.int8) or in 16-bit;
 - `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized parameter to float32;
@@ -210,7 +210,8 @@ class ActivationEstimate:
 
 
 def compute_dtype_bytes(setting: str) -> int:
-    """Bytes per element of the compute dtype on a GPU: `auto` is bfloat16 there (models.choose_compute_dtype)."""
+    """Bytes per element of the compute dtype on a GPU: `auto` is bfloat16 there (core/context.py's
+    choose_compute_dtype)."""
     return 4 if setting == "float32" else 2
 
 
@@ -234,7 +235,7 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
         key/value heads (grouped-query attention runs natively only without a mask); with a mask (batch > 1
         or packing) the mask's c-typed bias is saved too: c*s;
       - the MLP: SiLU saves the gate output, the product saves SiLU's output and the up output: 3a*i.
-    After the last layer, with the chunked loss on trained positions (loss.head_only_loss, used when the
+    After the last layer, with the chunked loss on trained positions (train/loss.py's head_only_loss, used when the
     logits are a plain output projection that LoRA does not adapt, and not under FSDP): the final norm's
     input and rsqrt, a*h + 4, and the hidden-state gradient the loss computes in its forward, a*h,
     counting every token as trained (an upper bound); no logits outlive their chunk. With the model's own loss instead: the final
@@ -376,7 +377,7 @@ def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: 
         quantized_linear_bytes(fan_in, fan_out, quant.bits, quant.double_quant, c)
         for fan_in, fan_out in shapes.linears().values()
     ) * shapes.layers
-    # prepare_model_for_kbit_training (models.load_model) upcasts every parameter that is not quantized to
+    # prepare_model_for_kbit_training (core/models.py's load_model) upcasts every parameter that is not quantized to
     # float32 for stable training, so with a quantized base the kept layers cost 4 bytes, not 2. A 16-bit base
     # skips that step and stays in the compute dtype.
     kept_bytes = 4 if quant.bits in (4, 8) else c
