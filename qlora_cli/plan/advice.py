@@ -4,25 +4,33 @@ each judged by planning the changed recipe again (plan/memory.py), then their co
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..core.recipe import Recipe, with_change
 from .sizes import format_bytes
 
-if TYPE_CHECKING:
-    from .memory import MemoryPlan
-
 MAX_FSDP_GPUS = 64
 
+
+class Plan(Protocol):
+    """What advice reads of a plan (plan/memory.py's MemoryPlan), in bytes per device."""
+
+    fits: bool | None
+    total_bytes: int
+    resident_bytes: int
+    weights_bytes: int
+    activation_bytes: int
+
+
 # Plans a recipe on this many devices, sharded or not, for the model and device memory being advised on.
-Replan = Callable[[Recipe, int, bool], "MemoryPlan"]
+Replan = Callable[[Recipe, int, bool], Plan]
 
 
-def _verdict(plan: MemoryPlan) -> str:
+def _verdict(plan: Plan) -> str:
     return "fits" if plan.fits else "still too big"
 
 
-def advice(recipe: Recipe, plan: MemoryPlan, device_memory: int, gpus: int, sharded: bool, replan: Replan) -> list[str]:
+def advice(recipe: Recipe, plan: Plan, device_memory: int, gpus: int, sharded: bool, replan: Replan) -> list[str]:
     """Concrete changes, cheapest first, each with what it would leave on each GPU; then, if no single change
     is enough, the combination that is; last, how many GPUs with FSDP would fit the recipe as it is.
 
@@ -30,7 +38,7 @@ def advice(recipe: Recipe, plan: MemoryPlan, device_memory: int, gpus: int, shar
         plan: the recipe's plan on `gpus` devices with `device_memory` bytes each, `sharded` or not.
         replan: plans another recipe (or device count) on the same model and devices.
     """
-    def replan_here(changed: Recipe) -> MemoryPlan:
+    def replan_here(changed: Recipe) -> Plan:
         return replan(changed, gpus, sharded)
 
     training, data = recipe.training, recipe.data
