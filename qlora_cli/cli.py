@@ -16,6 +16,7 @@ import typer
 
 from .core.compat import show_flags_without_a_type
 from .core.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, RunFailure, RunInterrupted, UserError
+from .inference.sampling import DEFAULT_SAMPLING, Sampling
 
 show_flags_without_a_type()
 
@@ -43,7 +44,7 @@ SetOption = Annotated[
 ModelArg = Annotated[str, typer.Argument(
     help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct.",
     show_default=False)]
-# Sampling options shared by generate, chat and eval (the defaults are the paper's: top-p 0.9, temperature 0.7).
+# Sampling options shared by generate, chat and eval (the defaults, the paper's, are inference/sampling.py's).
 MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens per answer.")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
@@ -121,7 +122,9 @@ def plan(
     """Plan GPU memory for a recipe from the model's config alone, before anything loads."""
     import json as json_module
 
-    from .plan.memory import parse_bytes, plan_memory, read_model_config
+    from .plan.configs import read_model_config
+    from .plan.memory import plan_memory
+    from .plan.sizes import parse_bytes
     from .plan.report import plan_table
     from .core.recipe import load_recipe
 
@@ -145,7 +148,7 @@ def model_config_source(base: str):
     from .core.recipe import BUNDLED_MODEL_ALIAS
 
     if base == BUNDLED_MODEL_ALIAS:
-        from .plan.memory import shipped_config
+        from .plan.configs import shipped_config
 
         return shipped_config(BUNDLED_MODEL_ALIAS)
     if base.endswith(".gguf"):
@@ -184,16 +187,28 @@ def data_preview(
     show_preview(console, resolved, method, tokenizer, datasets, prepared, count)
 
 
+def load_generation_model(console, model: str):
+    """The model for generation (`inference.generate.load_for_generation`), loaded under a "Loading" line, with the
+    libraries' progress bars off a terminal."""
+    from .core.console import working
+    from .core.models import quiet_libraries
+    from .inference.generate import load_for_generation
+
+    quiet_libraries(console.is_terminal)
+    with working(console, f"Loading {model}"):
+        return load_for_generation(model)
+
+
 @app.command()
 def generate(
     model: ModelArg,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option("--file", help="Prompts, one per line (.txt) or JSONL rows with a `prompt` field.")] = None,
     system: Annotated[Optional[str], typer.Option(help="A system message for every prompt.")] = None,
-    max_new_tokens: MaxNewTokens = 256,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
-    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens,
+    temperature: Temperature = DEFAULT_SAMPLING.temperature,
+    top_p: TopP = DEFAULT_SAMPLING.top_p,
+    seed: Seed = DEFAULT_SAMPLING.seed,
 ) -> None:
     """Answer prompts with a model, using the chat template it was trained with."""
     from .inference.prompts import read_prompts
@@ -204,13 +219,10 @@ def generate(
     from rich.console import Console
 
     from .core.console import working
-    from .inference.generate import generate as run_generate, load_for_generation
-    from .core.models import quiet_libraries
+    from .inference.generate import generate as run_generate
 
     console = Console(highlight=False)
-    quiet_libraries(console.is_terminal)
-    with working(console, f"Loading {model}"):
-        loaded = load_for_generation(model)
+    loaded = load_generation_model(console, model)
     streamer = None
     if len(prompts) == 1 and console.is_terminal:
         from transformers import TextStreamer
@@ -233,21 +245,16 @@ def generate(
 def chat(
     model: ModelArg,
     system: Annotated[Optional[str], typer.Option(help="The system message to start with.")] = None,
-    max_new_tokens: MaxNewTokens = 256,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
-    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens,
+    temperature: Temperature = DEFAULT_SAMPLING.temperature,
+    top_p: TopP = DEFAULT_SAMPLING.top_p,
+    seed: Seed = DEFAULT_SAMPLING.seed,
 ) -> None:
     """Talk with a model: multi-turn, streamed, with /reset and /system."""
     from .inference.chat import chat_loop
-    from .core.console import make_console, working
-    from .inference.generate import load_for_generation
-    from .core.models import quiet_libraries
+    from .core.console import make_console
 
-    console = make_console()
-    quiet_libraries(console.is_terminal)
-    with working(console, f"Loading {model}"):
-        loaded = load_for_generation(model)
+    loaded = load_generation_model(make_console(), model)
     chat_loop(loaded, input, sys.stdout, system=system, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, seed=seed)
 
@@ -264,9 +271,9 @@ def merge(
 ) -> None:
     """Export a merged checkpoint that plain transformers loads, with a parity report; the model is merged and
     checked a layer at a time, and the memory and disk needed are said (and checked) before it starts."""
-    for out_type in gguf or []:
-        if out_type not in ("f16", "q8_0"):
-            raise UserError(f"--gguf: {out_type!r} is not one of f16, q8_0")
+    from .export.gguf_types import check_gguf_types
+
+    check_gguf_types(gguf or [])
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype: {dtype!r} is not one of bfloat16, float16, float32")
     if base not in ("dequantized", "original"):
@@ -301,10 +308,10 @@ def eval_run(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N questions.")] = None,
     answers_format: Annotated[Optional[list[str]], typer.Option("--answers-format", help="Also write every model's answers in this tool's layout for its own judge: fastchat or arena-hard (repeatable), under OUT/<format>/model_answer/.")] = None,
     answers_only: Annotated[bool, typer.Option("--answers-only", help="Stop after the answers (and --answers-format files); load no judge.")] = False,
-    max_new_tokens: MaxNewTokens = 256,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
-    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens,
+    temperature: Temperature = DEFAULT_SAMPLING.temperature,
+    top_p: TopP = DEFAULT_SAMPLING.top_p,
+    seed: Seed = DEFAULT_SAMPLING.seed,
 ) -> None:
     """Answer the questions with each model, judge every pair in both orders, and write the report."""
     modes = {"both": ["relative", "pairwise"], "pairwise": ["pairwise"], "relative": ["relative"]}.get(mode)
@@ -316,15 +323,15 @@ def eval_run(
         if layout not in ANSWER_FORMATS:
             raise UserError(f"--answers-format: {layout!r} is not one of {', '.join(ANSWER_FORMATS)}")
     from .core.console import make_console
-    from .evaluation.answers import Sampling, slug
+    from .evaluation.answers import slug
     from .evaluation.run import run_eval
     from .core.models import quiet_libraries
-    from .core.rundir import is_run_dir
+    from .core.rundir import EVAL, is_run_dir
 
     console = make_console()
     quiet_libraries(console.is_terminal)
     target = Path(model)
-    folder = out or (target / "eval" if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
+    folder = out or (target / EVAL if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
     run_eval(model, baselines=baseline or ["base"], questions_path=questions, judge_spec=judge, judge_model=judge_model,
              api_key_env=api_key_env, modes=modes, out=folder, limit=limit,
              sampling=Sampling(temperature, top_p, max_new_tokens, seed), console=console, answer_files=answers or [],
@@ -356,16 +363,12 @@ def eval_mmlu(
     """Multiple-choice accuracy (MMLU-style): argmax over the four letter tokens, per subject and averaged."""
     import json as json_module
 
-    from .core.console import key_value_table, make_console, working
+    from .core.console import key_value_table, make_console
     from .evaluation.mmlu import evaluate, read_mmlu
-    from .inference.generate import load_for_generation
-    from .core.models import quiet_libraries
 
     dev, test = read_mmlu(data)
     console = make_console(stderr=as_json)  # --json keeps stdout for the JSON object
-    quiet_libraries(console.is_terminal)
-    with working(console, f"Loading {model}"):
-        loaded = load_for_generation(model)
+    loaded = load_generation_model(console, model)
     result = evaluate(loaded.model, loaded.tokenizer, dev, test, shots=shots, limit=limit)
     result.update(model=model, shots=shots)
     if as_json:

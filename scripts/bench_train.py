@@ -42,7 +42,8 @@ def matmul_peak_gflops() -> float:
 
 def parameter_count(model_dir: str) -> int:
     """Parameters of the model from its config: linear layers, embeddings, head (if untied) and norms."""
-    from qlora_cli.plan.memory import kept_parameter_count, model_shapes, read_model_config
+    from qlora_cli.plan.configs import model_shapes, read_model_config
+    from qlora_cli.plan.memory import kept_parameter_count
 
     shapes = model_shapes(read_model_config(model_dir))
     linear = sum(fan_in * fan_out for fan_in, fan_out in shapes.linears().values()) * shapes.layers
@@ -65,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from qlora_cli.core.models import resolve_model_path
+    from qlora_cli.core.rundir import SUMMARY
 
     # The peak is measured before and after the runs, and the higher one kept: the machine's best, not a slow moment.
     peak_before = matmul_peak_gflops()
@@ -83,7 +85,7 @@ def main() -> None:
         f"training:\n  batch_size: {args.batch_size}\n  gradient_accumulation_steps: 1\n  epochs: 1\n  logging_steps: 5\n"
     )
     run([sys.executable, "-m", "qlora_cli", "train", str(recipe), "--output-dir", str(work / "qlora"), "--overwrite"])
-    ours = json.loads((work / "qlora" / "summary.json").read_text())
+    ours = json.loads((work / "qlora" / SUMMARY).read_text())
     run([sys.executable, str(SCRIPTS / "baseline_qlora.py"), "--model", model_dir, "--data", str(work / "data.jsonl"),
          "--out", str(work / "baseline.json"), "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)])
     baseline = json.loads((work / "baseline.json").read_text())

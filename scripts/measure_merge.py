@@ -81,6 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.build_base:
         return build_base(args.work)
+    from qlora_cli.core.rundir import ADAPTER, MERGE_REPORT
+
     work = args.work.resolve()
     base, run = work / "base", work / "run"
     if not (base / "config.json").is_file():
@@ -88,7 +90,7 @@ def main() -> None:
         # In a process of its own: this one must stay small, as a child started by fork or vfork can report
         # the parent's peak as its own ru_maxrss.
         subprocess.run([sys.executable, __file__, "--build-base", str(base)], check=True)
-    if not (run / "adapter").is_dir():
+    if not (run / ADAPTER).is_dir():
         (work / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
         (work / "recipe.yaml").write_text(RECIPE.format(base=base))
         print(f"Training two steps into {run}", flush=True)
@@ -107,7 +109,7 @@ def main() -> None:
         "checkpoint_16bit_bytes": checkpoint,
         "peak_below_checkpoint": peak < checkpoint,
         "output_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")) if out.is_dir() else None,
-        "report": json.loads((out / "merge_report.json").read_text()) if status == 0 else None,
+        "report": json.loads((out / MERGE_REPORT).read_text()) if status == 0 else None,
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -88,7 +88,8 @@ def measure(recipe_path: Path, steps: int, work: Path, overrides: list[str] = ()
     """Train `steps` steps of the recipe on full-length rows; return the plan's figures and the measured ones."""
     from rich.console import Console
 
-    from qlora_cli.plan.memory import plan_memory, read_model_config
+    from qlora_cli.plan.configs import read_model_config
+    from qlora_cli.plan.memory import plan_memory
     from qlora_cli.core.models import resolve_model_path
     from qlora_cli.core.recipe import Recipe, load_recipe
     from qlora_cli.train.run import finish, fit, setup

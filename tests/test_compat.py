@@ -4,6 +4,7 @@ by name, when the internal is gone."""
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -159,18 +160,121 @@ def test_trainer_loss_scale(tiny_model_dir, tmp_path):
         compat.trainer_loss_scale(object(), None)
 
 
-def test_lora_dropouts_are_found_and_checked(tiny_model_dir):
+def test_lora_dropouts_are_replaced_by_modules_that_then_run(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
-    found = list(compat.lora_dropouts(model))
-    assert len(found) == 2 * 7 and all(name == "default" for _, name in found)
+    assert compat.replace_lora_dropouts(model, lambda dropout: None) == 0  # None keeps each one
+    seen = []
+
+    class Watched(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return x
+
+    assert compat.replace_lora_dropouts(model, lambda dropout: Watched()) == 2 * 7
+    model.train()
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert len(seen) == 2 * 7  # every adapter's input went through the module put in its place
+    with pytest.raises(LibraryChanged, match="Watched, not torch.nn.Dropout"):
+        compat.replace_lora_dropouts(model, lambda dropout: None)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     layer.lora_dropout = torch.nn.Dropout(0.1)
     with pytest.raises(LibraryChanged, match="ModuleDict"):
-        list(compat.lora_dropouts(model))
+        compat.replace_lora_dropouts(model, lambda dropout: None)
+
+
+class Stack(torch.nn.Module):
+    """Three layers called in turn as modules, or (`bypass`) used without calling them."""
+
+    def __init__(self, bypass: bool = False):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+        self.bypass = bypass
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x @ layer.weight.T if self.bypass else layer(x)
+        return x
+
+
+def test_forwards_replaced_runs_the_replacements_and_restores_the_layers():
+    stack = Stack()
+    with compat.forwards_replaced(stack.layers, lambda index: lambda x: x + index):
+        assert torch.equal(stack(torch.zeros(2)), torch.full((2,), 3.0))
+    assert not any("forward" in vars(layer) for layer in stack.layers)
+    assert not torch.equal(stack(torch.zeros(2)), torch.full((2,), 3.0))  # each layer's own forward again
+    with pytest.raises(KeyError):
+        with compat.forwards_replaced(stack.layers, lambda index: lambda x: x):
+            raise KeyError("inside")
+    assert not any("forward" in vars(layer) for layer in stack.layers)
+
+
+def test_forwards_replaced_refuses_a_model_that_does_not_call_its_layers():
+    bypass = Stack(bypass=True)
+    with pytest.raises(LibraryChanged, match=r"did not call the forward of its layer\(s\) \[0, 1, 2\]"):
+        with compat.forwards_replaced(bypass.layers, lambda index: lambda x: x):
+            bypass(torch.zeros(2))
+    assert not any("forward" in vars(layer) for layer in bypass.layers)
+
+
+def test_profiler_table_lists_only_the_kept_operations():
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        torch.mm(a, a)
+        torch.add(a, a)
+    table = compat.profiler_table(profiler.key_averages(), lambda event: event.key != "aten::add",
+                                  sort_by="self_cpu_time_total", row_limit=10)
+    assert "aten::mm" in table and "aten::add" not in table
+    with pytest.raises(LibraryChanged, match="EventList"):
+        compat.profiler_table(list(profiler.key_averages()), lambda event: True, sort_by="self_cpu_time_total",
+                              row_limit=10)
+
+
+def test_save_remote_code_copies_the_model_code_and_names_it(tmp_path, monkeypatch):
+    import importlib
+
+    from transformers import dynamic_module_utils
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "modeling_qlora_compat_test.py").write_text(
+        "class TinyModel:\n    _auto_class = 'AutoModelForCausalLM'\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(source))
+    monkeypatch.delitem(sys.modules, "modeling_qlora_compat_test", raising=False)
+    module = importlib.import_module("modeling_qlora_compat_test")
+    out, config = tmp_path / "out", {}
+    out.mkdir()
+    compat.save_remote_code(module.TinyModel(), out, config)
+    assert (out / "modeling_qlora_compat_test.py").is_file()
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_qlora_compat_test.TinyModel"}
+    monkeypatch.setattr(dynamic_module_utils, "custom_object_save", lambda model, path: None)
+    with pytest.raises(LibraryChanged, match="custom_object_save"):
+        compat.save_remote_code(module.TinyModel(), out, config)
+
+
+def test_quantized_weights_are_told_by_their_bitsandbytes_class_and_count_what_they_pack():
+    import bitsandbytes as bnb
+
+    weight = torch.randn(64, 32)
+    four = bnb.nn.Linear4bit(32, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").weight
+    four = compat.quantize_like_transformers(weight, four, "cpu")
+    eight = bnb.nn.Linear8bitLt(32, 64, bias=False, has_fp16_weights=False).weight
+    eight = compat.quantize_like_transformers(weight, eight, "cpu")
+    plain = torch.nn.Parameter(weight)
+    assert [compat.is_4bit_weight(p) for p in (four, eight, plain)] == [True, False, False]
+    assert [compat.is_quantized_weight(p) for p in (four, eight, plain)] == [True, True, False]
+    assert four.numel() == 64 * 32 // 2  # two 4-bit weights per byte
+    assert [compat.weights_in(p) for p in (four, eight, plain)] == [64 * 32] * 3
+    # FSDP stores the packed bytes in the compute dtype (bnb_4bit_quant_storage): four weights per bfloat16 element.
+    stored = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu")
+    assert stored.numel() == 64 * 32 // 4 and compat.weights_in(stored) == 64 * 32
+    unpacked = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")  # not quantized until moved
+    assert compat.weights_in(unpacked) == 64 * 32
 
 
 def test_keep_4bit_training_kernels(tiny_model_dir):
@@ -202,7 +306,9 @@ def test_building_a_peft_model_is_quiet_about_peft_own_deprecated_read(tiny_mode
     model.save_pretrained(tmp_path / "adapter")
     with compat.peft_reading_deprecated_flags():
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
-    assert len(list(compat.lora_dropouts(model))) == 14
+    from peft.tuners.lora import LoraLayer
+
+    assert sum(isinstance(module, LoraLayer) for module in model.modules()) == 14
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
 
 

@@ -15,18 +15,12 @@ import pytest
 
 from qlora_cli.core.errors import UserError
 from qlora_cli.evaluation.judgments import Comparison, ScorePair
-from qlora_cli.evaluation.judges import (
-    HttpJudge,
-    JudgeError,
-    JudgeReply,
-    JudgmentCache,
-    LocalJudge,
-    build_prompt,
-    judge_pairs,
-    parse_pairwise,
-    parse_relative,
-    served_models,
-)
+from qlora_cli.evaluation.http_judge import HttpJudge, served_models
+from qlora_cli.evaluation.judge_cache import JudgmentCache
+from qlora_cli.evaluation.judge_prompts import build_prompt
+from qlora_cli.evaluation.judges import JudgeError, JudgeReply, judge_pairs
+from qlora_cli.evaluation.local_judge import LocalJudge
+from qlora_cli.evaluation.verdicts import parse_pairwise, parse_relative
 from qlora_cli.evaluation.questions import Question, read_questions
 
 KEY_ENV = "QLORA_TEST_JUDGE_KEY"

@@ -271,7 +271,8 @@ def test_ctrl_c_while_answering_keeps_the_finished_batches(tiny_model_dir, tmp_p
 
 def test_answers_cut_short_by_a_kill_are_answered_again_and_the_torn_line_cut_off(tmp_path, monkeypatch):
     import qlora_cli.inference.generate as generation
-    from qlora_cli.evaluation.answers import Sampling, ensure_answers
+    from qlora_cli.evaluation.answers import ensure_answers
+    from qlora_cli.inference.sampling import Sampling
     from qlora_cli.evaluation.questions import read_questions
 
     questions = read_questions(None)[:6]
@@ -313,7 +314,7 @@ def test_a_remote_judge_without_its_key_is_refused_before_anything_runs(tiny_mod
                                                                          capsys, judge_model):
     import urllib.error
 
-    import qlora_cli.evaluation.judges as judges
+    import qlora_cli.evaluation.http_judge as http_judge
     import qlora_cli.inference.generate as generation
     from qlora_cli.evaluation.questions import read_questions
 
@@ -329,7 +330,7 @@ def test_a_remote_judge_without_its_key_is_refused_before_anything_runs(tiny_mod
         asked.append(len(conversations))
         return ["a reply"] * len(conversations)
 
-    monkeypatch.setattr(judges, "_OPENER", Offline())
+    monkeypatch.setattr(http_judge, "_OPENER", Offline())
     monkeypatch.setattr(generation, "load_for_generation", lambda reference: "a loaded model")
     monkeypatch.setattr(generation, "generate", fake_generate)
     out, model = tmp_path / "eval", tiny_model_dir.name

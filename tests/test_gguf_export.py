@@ -361,3 +361,11 @@ def test_the_modelfile_stops_at_every_end_token_generation_stops_at(tmp_path, ti
     # What `qlora generate` stops at, as text.
     model = SimpleNamespace(generation_config=generation_config)
     assert written["stop"] == [tokenizer.decode([i]) for i in stop_token_ids(LoadedModel(model, tokenizer, "m"))]
+
+
+def test_an_unknown_gguf_type_is_refused_before_anything_loads(tmp_path, capsys):
+    from qlora_cli.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", str(tmp_path), "--gguf", "f16", "--gguf", "q4_0"])
+    assert exited.value.code == 2 and "--gguf: 'q4_0' is not one of f16, q8_0" in capsys.readouterr().err

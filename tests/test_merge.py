@@ -312,7 +312,7 @@ def test_an_8bit_run_merges(trained_8bit_run, tmp_path):
 
 def test_a_merge_that_does_not_fit_is_refused_with_what_it_needs(trained_run, tmp_path, monkeypatch, capsys):
     import qlora_cli.export.merge as merge_module
-    from qlora_cli.plan.memory import format_bytes
+    from qlora_cli.plan.sizes import format_bytes
 
     seen = {}
     real_check = merge_module.check_fits

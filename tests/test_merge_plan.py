@@ -8,7 +8,7 @@ import pytest
 
 from qlora_cli.core.errors import UserError
 from qlora_cli.export.merge_plan import LIBRARIES_BYTES, MergeSettings, check_fits, merge_needs
-from qlora_cli.plan.memory import shipped_config
+from qlora_cli.plan.configs import shipped_config
 
 GiB = 2**30
 

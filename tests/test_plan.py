@@ -11,13 +11,9 @@ import pytest
 
 from qlora_cli.core.compat import quiet_bitsandbytes_kernel_fetch
 from qlora_cli.core.errors import UserError
-from qlora_cli.plan.memory import (
-    activation_estimate,
-    model_shapes,
-    parse_bytes,
-    plan_memory,
-    read_model_config,
-)
+from qlora_cli.plan.configs import model_shapes, read_model_config
+from qlora_cli.plan.memory import activation_estimate, plan_memory
+from qlora_cli.plan.sizes import parse_bytes
 from qlora_cli.train.loss_spec import CHUNK_ELEMENTS
 from qlora_cli.core.recipe import Recipe
 
@@ -80,7 +76,9 @@ def test_a_directory_with_only_config_json_plans_without_torch(tmp_path):
     assert read_model_config(tmp_path / "config.json") == read_model_config(LLAMA_65B)
     script = (
         "import sys\n"
-        "from qlora_cli.plan.memory import plan_memory, read_model_config, parse_bytes\n"
+        "from qlora_cli.plan.configs import read_model_config\n"
+        "from qlora_cli.plan.memory import plan_memory\n"
+        "from qlora_cli.plan.sizes import parse_bytes\n"
         "from qlora_cli.core.recipe import Recipe\n"
         "r = Recipe.model_validate({'model': {'base': 'a/b'}, 'data': {'train': [{'hub': 'a/b'}]}})\n"
         f"plan = plan_memory(read_model_config({str(tmp_path)!r}), r, gpu_memory_bytes=parse_bytes('24GiB'))\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from qlora_cli.cli import main
 from qlora_cli.data.preview import histogram
 
@@ -19,10 +21,9 @@ def test_preview_marks_exactly_the_trained_tokens(tiny_recipe, capsys):
 
 def test_preview_reports_bad_rows_like_train(tiny_recipe, capsys):
     (tiny_recipe.parent / "alpaca.jsonl").write_text('{"instruction": "x"}\n')
-    try:
+    with pytest.raises(SystemExit) as exited:
         main(["data", "preview", str(tiny_recipe)])
-    except SystemExit as exited:
-        assert exited.code == 2
+    assert exited.value.code == 2
     assert "alpaca.jsonl:1" in capsys.readouterr().err
 
 

@@ -138,6 +138,58 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path):
     assert "not valid YAML" in problem.message
 
 
+def alias_bomb(levels: int = 9) -> str:
+    """The "billion laughs" shape: each level a list of nine aliases of the level before (9**9 values in all)."""
+    names = "abcdefghijklmnop"[:levels]
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{name}: &{name} [{', '.join([f'*{before}'] * 9)}]" for before, name in zip(names, names[1:])]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_its_alias_before_anything_expands(tmp_path):
+    path = write(tmp_path, MINIMAL + alias_bomb())
+    # In a process of its own with 1 GiB of address space: expanding the aliases would need far more.
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+              "from qlora_cli.cli import main\n"
+              "main(['validate', sys.argv[1]])\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    # Levels a-e expand to about 75,000 values; the first alias of level f (line 6 + 5 of MINIMAL) passes 100,000.
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{path}:11: this alias expands the recipe beyond 100,000 values" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_alias_bomb_refusal_is_immediate(tmp_path):
+    import time
+
+    start = time.monotonic()
+    [problem] = problems_of(write(tmp_path, MINIMAL + alias_bomb(12)))
+    assert time.monotonic() - start < 1.0
+    assert problem.line == 11 and "alias expands" in problem.message
+
+
+def test_a_recipe_using_aliases_validates(tmp_path):
+    text = MINIMAL + ("    - path: train.jsonl\n"
+                      "      columns: &renames {output: answer}\n"
+                      "    - path: train.jsonl\n"
+                      "      columns: *renames\n"
+                      "lora:\n"
+                      "  target_modules: &attention [q_proj, v_proj]\n"
+                      "x_shared: &shared\n"
+                      "  r: 4\n")
+    problems = {p.key: p for p in problems_of(write(tmp_path, text))}
+    assert list(problems) == ["x_shared"] and problems["x_shared"].line == 12  # an unknown key, at its line
+    recipe = load_recipe(write(tmp_path, text.replace("x_shared: &shared\n  r: 4\n", "")))
+    assert [source.columns for source in recipe.data.train] == [{}, {"output": "answer"}, {"output": "answer"}]
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_an_alias_of_a_value_containing_it_is_refused(tmp_path):
+    [problem] = problems_of(write(tmp_path, MINIMAL + "lora:\n  target_modules: &loop [q_proj, *loop]\n"))
+    assert problem.line == 7 and "alias refers to a value that contains it" in problem.message
+
+
 def test_quant_type_only_with_4_bits(tmp_path):
     [problem] = problems_of(write(tmp_path, MINIMAL + "quantization:\n  bits: 8\n  quant_type: fp4\n"))
     assert problem.key == "quantization.quant_type" and problem.line == 8

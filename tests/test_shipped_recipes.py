@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from qlora_cli.cli import main
-from qlora_cli.plan.memory import plan_memory, read_model_config, shipped_config
+from qlora_cli.plan.configs import read_model_config, shipped_config
+from qlora_cli.plan.memory import plan_memory
 from qlora_cli.core.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

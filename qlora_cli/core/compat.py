@@ -66,6 +66,49 @@ def profiler_memory_events(profiler) -> list:
     return [event for event in results.events() if event.name() == "[memory]"]
 
 
+def profiler_table(averages, keep: Callable[[object], bool], sort_by: str, row_limit: int) -> str:
+    """The table `profiler.key_averages().table(...)` prints, of the averaged events `keep` accepts. torch offers
+    no filter for it: the table is drawn by the `EventList` that `key_averages()` returns, a class of the
+    non-public torch.autograd.profiler_util (torch 2.x, checked on 2.13), built here from the kept events."""
+    from torch.autograd.profiler_util import EventList
+
+    require(isinstance(averages, EventList) and callable(getattr(EventList, "table", None)),
+            "torch.profiler's key_averages() is no longer a torch.autograd.profiler_util.EventList with table()")
+    return EventList([event for event in averages if keep(event)]).table(sort_by=sort_by, row_limit=row_limit)
+
+
+@contextmanager
+def forwards_replaced(layers, make: Callable[[int], Callable]) -> Iterator[None]:
+    """Within the block, each of `layers` (modules of a model) computes `make(index)(*args, **kwargs)` when the
+    model calls it, instead of its own forward.
+
+    The replacement is an instance attribute `forward`, removed after the block: it relies on torch's
+    `Module.__call__` looking `forward` up on the instance (torch 2.x, checked on 2.13) and on the model calling
+    each layer as a module (`layer(hidden_states, ...)`, as transformers' decoders do, 5.23-5.24, through
+    `GradientCheckpointingLayer.__call__`). A block that ends normally must have run every replacement at least
+    once: a model that reaches its layers some other way fails here, by name, instead of computing something else.
+    """
+    ran = [False] * len(layers)
+
+    def marking(index: int) -> Callable:
+        replacement = make(index)
+
+        def forward(*args, **kwargs):
+            ran[index] = True
+            return replacement(*args, **kwargs)
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = marking(index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+    skipped = [index for index, done in enumerate(ran) if not done]
+    require(not skipped, f"the model did not call the forward of its layer(s) {skipped[:5]} as a module's forward")
+
+
 # ---------------------------------------------------------------------------------------------
 # typer
 
@@ -122,6 +165,18 @@ def check_kept_hidden_states(hidden, expected_rows: int, hidden_size: int) -> No
     """What `output_projection_skipped` and a boolean `logits_to_keep` must give: one row per kept position."""
     require(tuple(hidden.shape) == (expected_rows, hidden_size),
             f"a boolean logits_to_keep gave hidden states of shape {tuple(hidden.shape)}, not ({expected_rows}, {hidden_size})")
+
+
+def save_remote_code(model, folder, config) -> None:
+    """Copy the Python files of a model that runs its own code (`trust_remote_code`) into `folder`, and point
+    `config.auto_map` at them, as `save_pretrained` does: through `custom_object_save(obj, folder, config=...)` of
+    transformers.dynamic_module_utils, which transformers does not document (5.23-5.24)."""
+    from transformers import dynamic_module_utils
+
+    save = getattr(dynamic_module_utils, "custom_object_save", None)
+    require(callable(save) and {"obj", "folder", "config"} <= set(inspect.signature(save).parameters),
+            "transformers.dynamic_module_utils no longer has custom_object_save(obj, folder, config)")
+    save(model, folder, config=config)
 
 
 def quantize_skeleton(model, quantization_config, dtype) -> None:
@@ -258,18 +313,33 @@ def peft_reading_deprecated_flags() -> Iterator[None]:
         yield
 
 
-def lora_dropouts(model) -> Iterator[tuple[object, str]]:
-    """(ModuleDict, adapter name) of every LoRA layer's input dropout, to be replaced in place: peft keeps
-    them in `LoraLayer.lora_dropout`, a ModuleDict per adapter (peft 0.3-0.21)."""
+def replace_lora_dropouts(model, replacement: Callable) -> int:
+    """Put `replacement(dropout)` in place of every LoRA layer's input dropout for which it gives a module (None:
+    keep it); returns how many were replaced.
+
+    peft (0.3-0.21) keeps the dropouts in `LoraLayer.lora_dropout`, a ModuleDict per adapter, builds them as
+    `nn.Dropout(p)` (or `nn.Identity` for p = 0), and its LoRA forward looks the module up there at every call
+    (`self.lora_dropout[active_adapter](x)`), so the module put there is the one that runs (tests/test_compat.py
+    checks that it does, in a forward).
+    """
     import torch
     from peft.tuners.lora import LoraLayer
 
+    replaced = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer):
-            dropouts = getattr(module, "lora_dropout", None)
-            require(isinstance(dropouts, torch.nn.ModuleDict), "peft's LoraLayer.lora_dropout is no longer a ModuleDict")
-            for name in list(dropouts.keys()):
-                yield dropouts, name
+        if not isinstance(module, LoraLayer):
+            continue
+        dropouts = getattr(module, "lora_dropout", None)
+        require(isinstance(dropouts, torch.nn.ModuleDict), "peft's LoraLayer.lora_dropout is no longer a ModuleDict")
+        for name in list(dropouts.keys()):
+            dropout = dropouts[name]
+            require(isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)),
+                    f"peft's LoRA dropout is a {type(dropout).__name__}, not torch.nn.Dropout or Identity")
+            new = replacement(dropout)
+            if new is not None:
+                dropouts[name] = new
+                replaced += 1
+    return replaced
 
 
 def load_adapter_onto_skeleton(model, adapter_dir, device) -> None:
@@ -303,6 +373,30 @@ def load_adapter_onto_skeleton(model, adapter_dir, device) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes
+
+def is_4bit_weight(parameter) -> bool:
+    """Whether `parameter` is a bitsandbytes 4-bit weight (Params4bit)."""
+    import bitsandbytes as bnb
+
+    return isinstance(parameter, bnb.nn.Params4bit)
+
+
+def is_quantized_weight(parameter) -> bool:
+    """Whether `parameter` is a bitsandbytes 4-bit (Params4bit) or 8-bit (Int8Params) weight."""
+    import bitsandbytes as bnb
+
+    return isinstance(parameter, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+
+
+def weights_in(parameter) -> int:
+    """How many weights `parameter` holds. A quantized Params4bit (`bnb_quantized`) packs two 4-bit weights into
+    every byte of its storage, whose dtype is `quant_storage` (uint8 by default; the compute dtype under FSDP,
+    bitsandbytes 0.43-0.50)."""
+    if not is_4bit_weight(parameter):
+        return parameter.numel()
+    require(hasattr(parameter, "bnb_quantized"), "bitsandbytes' Params4bit no longer says whether it is packed (bnb_quantized)")
+    return parameter.numel() * parameter.element_size() * 2 if parameter.bnb_quantized else parameter.numel()
+
 
 def keep_4bit_training_kernels(model) -> None:
     """Make no-grad forwards compute as training does.

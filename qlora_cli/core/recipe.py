@@ -1,13 +1,12 @@
 """The recipe: one pydantic schema that is the single source of keys, defaults and help text.
 
-`load_recipe` reads a YAML file (safely), applies `--set` overrides, validates everything and reports
-every problem at once with the file, line and dotted key path. Nothing here imports torch, so
-`qlora validate` stays fast.
+`load_recipe` reads a YAML file (safely, with the line of every key: core/yaml_reader.py), applies `--set`
+overrides (core/overrides.py), validates everything and reports every problem at once with the file, line and
+dotted key path. Nothing here imports torch, so `qlora validate` stays fast.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import types
@@ -19,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Problem, UserError
+from .overrides import apply_overrides, field_names, section_model, suggest
+from .yaml_reader import KeyPath, dotted, read_yaml
 
 BUNDLED_MODEL_ALIAS = "smollm2-135m-instruct"
 # Kept in step with data/named_templates.py by a test; listed here so validation needs no import of it.
@@ -172,7 +173,7 @@ class DataSection(Section):
         if value in ("auto", "tokenizer", *TEMPLATE_NAMES) or "{{" in value or "{%" in value:
             return value
         raise ValueError(
-            f"unknown template {value!r}{_suggest(value, ['auto', 'tokenizer', *TEMPLATE_NAMES])}; "
+            f"unknown template {value!r}{suggest(value, ['auto', 'tokenizer', *TEMPLATE_NAMES])}; "
             "use a name or a Jinja chat template string"
         )
 
@@ -283,213 +284,6 @@ class Recipe(Section):
 
 
 # ---------------------------------------------------------------------------------------------
-# YAML with line numbers
-
-KeyPath = tuple[Union[str, int], ...]
-
-
-def _dotted(path: KeyPath) -> str:
-    return ".".join(str(p) for p in path)
-
-
-class _RecursiveAlias(Exception):
-    def __init__(self, line: int):
-        self.line = line
-
-
-def _compose_lines(
-    node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[KeyPath], open_nodes: frozenset = frozenset()
-) -> None:
-    """Record the 1-based line of every key path below `node`; note duplicated mapping keys.
-
-    Raises:
-        _RecursiveAlias: an alias refers to a node that contains it (`&a [*a]`), which has no end.
-    """
-    if id(node) in open_nodes:
-        raise _RecursiveAlias(node.start_mark.line + 1)
-    inside = open_nodes | {id(node)}
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else f"<{key_node.tag.rsplit(':', 1)[-1]}>"
-            child = path + (key,)
-            if key in seen:
-                duplicates.append(child)
-            seen.add(key)
-            lines[child] = key_node.start_mark.line + 1
-            _compose_lines(value_node, child, lines, duplicates, inside)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            child = path + (index,)
-            lines[child] = item.start_mark.line + 1
-            _compose_lines(item, child, lines, duplicates, inside)
-
-
-def _yaml_hint(exc: yaml.YAMLError, line_text: str) -> str:
-    """What usually causes a YAML syntax error of this kind, in words a recipe's author can act on."""
-    problem, context = getattr(exc, "problem", "") or "", getattr(exc, "context", "") or ""
-    if "\t" in line_text or "'\\t'" in problem:
-        return "a tab indents this line; YAML indents with spaces only"
-    if "flow sequence" in context or "flow mapping" in context:
-        return "a [ or { opened here is not closed (or an item lacks its comma)"
-    if "quoted scalar" in context:
-        return "a quote opened here is not closed"
-    if "block end" in problem or "mapping values are not allowed" in problem:
-        return ("check this line's indentation against the lines above (keys of one section line up, two spaces "
-                "deeper than the section), and that each `key: value` has one colon followed by a space")
-    return ""
-
-
-def _yaml_problem(exc: yaml.YAMLError, text: str, path: Path) -> Problem:
-    """The YAML error at the line it is on, with the line itself and a likely cause. An unclosed bracket or
-    quote is found where the parser gave up; it is reported at the line where it opened."""
-    lines = text.splitlines()
-    mark = getattr(exc, "problem_mark", None)
-    context_mark = getattr(exc, "context_mark", None)
-    unclosed = any(kind in (getattr(exc, "context", "") or "") for kind in ("flow sequence", "flow mapping", "quoted scalar"))
-    if context_mark is not None and (mark is None or unclosed):
-        mark = context_mark
-    line = mark.line + 1 if mark is not None else None
-    line_text = lines[line - 1] if line and line <= len(lines) else ""
-    message = f"not valid YAML: {getattr(exc, 'problem', None) or exc}"
-    if line_text.strip():
-        message += f" in `{line_text.strip()}`"
-    hint = _yaml_hint(exc, line_text)
-    return Problem(message + (f"; {hint}" if hint else ""), file=path, line=line)
-
-
-def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
-    """Parse a recipe file with `yaml.safe_load` semantics and map each key path to its line.
-
-    Raises:
-        UserError: the file is missing, unreadable, not YAML, not a mapping, or repeats a key.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(Problem("recipe file not found", file=path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(Problem(f"cannot read recipe: {exc}", file=path)) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        lines: dict[KeyPath, int] = {}
-        duplicates: list[KeyPath] = []
-        if node is not None:
-            _compose_lines(node, (), lines, duplicates)
-        data = yaml.safe_load(text)
-    except _RecursiveAlias as recursive:
-        raise UserError(Problem("an alias refers to a value that contains it", file=path, line=recursive.line)) from None
-    except yaml.YAMLError as exc:
-        raise UserError(_yaml_problem(exc, text, path)) from None
-    if data is None:
-        raise UserError(Problem("the recipe is empty", file=path))
-    if not isinstance(data, dict):
-        raise UserError(Problem("a recipe must be a mapping of sections (model, data, ...)", file=path, line=1))
-    if duplicates:
-        raise UserError(
-            [Problem("key given twice", file=path, line=lines[d], key=_dotted(d)) for d in duplicates]
-        )
-    return data, lines
-
-
-# ---------------------------------------------------------------------------------------------
-# --set overrides
-
-_SET_PATTERN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|\d+))*)=(.*)$", re.S)
-
-
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
-# Names other tools use for keys of ours, for "did you mean" where spelling alone cannot tell.
-KNOWN_ALIASES = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
-    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "micro_batch_size": "batch_size", "max_length": "max_seq_len", "sequence_len": "max_seq_len",
-    "cutoff_len": "max_seq_len", "output_dir": "dir", "model_name_or_path": "base", "base_model": "base",
-    "optim": "optimizer", "warmup_ratio": "warmup", "warmup_steps": "warmup", "bnb_4bit_quant_type": "quant_type",
-    "load_in_4bit": "bits", "datasets": "train", "dataset": "train",
-}
-
-
-def _suggest(name: str, choices: list[str]) -> str:
-    if KNOWN_ALIASES.get(name) in choices:
-        return f" (did you mean `{KNOWN_ALIASES[name]}`?)"
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
-
-
-def _section_model(path: KeyPath) -> type[BaseModel] | None:
-    """The pydantic model that holds the keys under `path`, or None if `path` is not a section."""
-    model: type[BaseModel] = Recipe
-    for part in path:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", None)
-        candidates = [annotation, *(inner or [])]
-        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nested is None:
-            return None
-        model = nested
-    return model
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[Problem], set[KeyPath]]:
-    """Apply `--set a.b=value` overrides to the raw recipe data.
-
-    Values are parsed as YAML (`true`, `[q_proj, v_proj]`, `2e-4`) and typed by the schema later.
-
-    Returns:
-        the updated data, the problems found, and the key paths that were overridden.
-    """
-    problems: list[Problem] = []
-    overridden: set[KeyPath] = set()
-    for item in overrides:
-        match = _SET_PATTERN.match(item.strip())
-        if not match:
-            problems.append(Problem(f"`{item}` is not KEY=VALUE with a dotted key (training.learning_rate=1e-4)", key="--set"))
-            continue
-        dotted, raw_value = match.groups()
-        path: KeyPath = tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
-        parent_model = _section_model(path[:-1])
-        leaf = path[-1]
-        if parent_model is None or (isinstance(leaf, str) and leaf not in parent_model.model_fields):
-            choices = _field_names(parent_model) if parent_model else _field_names(Recipe)
-            problems.append(Problem(f"unknown key `{dotted}`{_suggest(str(leaf), choices)}", key="--set"))
-            continue
-        try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else None
-        except yaml.YAMLError:
-            value = raw_value
-        cursor: Any = data
-        problem = None
-        for depth, part in enumerate(path):
-            is_leaf = depth == len(path) - 1
-            parent = _dotted(path[:depth]) or "the recipe"
-            if isinstance(part, int):
-                if not isinstance(cursor, list) or part >= len(cursor):
-                    problem = f"`{dotted}`: `{parent}` has no item {part}"
-                    break
-            elif not isinstance(cursor, dict):
-                problem = f"`{dotted}`: `{parent}` is not a mapping"
-                break
-            if is_leaf:
-                break
-            cursor = cursor[part] if isinstance(part, int) else cursor.setdefault(part, {})
-        if problem:
-            problems.append(Problem(problem, key="--set"))
-            continue
-        cursor[leaf] = value
-        overridden.add(path)
-    return data, problems, overridden
-
-
-# ---------------------------------------------------------------------------------------------
 # Validation errors -> problems with locations
 
 def _field_path(loc: tuple, data: Any) -> KeyPath:
@@ -501,7 +295,7 @@ def _field_path(loc: tuple, data: Any) -> KeyPath:
     path: list[Union[str, int]] = []
     cursor: Any = data
     for part in loc:
-        model = _section_model(tuple(path))
+        model = section_model(Recipe, tuple(path))
         if isinstance(part, int) and isinstance(cursor, list):
             path.append(part)
             cursor = cursor[part] if part < len(cursor) else None
@@ -515,8 +309,8 @@ def _field_path(loc: tuple, data: Any) -> KeyPath:
 
 
 def _allowed_keys(path: KeyPath) -> list[str]:
-    model = _section_model(path)
-    return _field_names(model) if model else []
+    model = section_model(Recipe, path)
+    return field_names(model) if model else []
 
 
 def _problem_for(error: dict, source: Path, data: Any, lines: dict[KeyPath, int], overridden: set[KeyPath]) -> Problem:
@@ -524,7 +318,7 @@ def _problem_for(error: dict, source: Path, data: Any, lines: dict[KeyPath, int]
     kind = error["type"]
     if kind == "extra_forbidden" and path:
         allowed = _allowed_keys(path[:-1])
-        message = f"unknown key{_suggest(str(path[-1]), allowed)}; allowed here: {', '.join(allowed)}"
+        message = f"unknown key{suggest(str(path[-1]), allowed)}; allowed here: {', '.join(allowed)}"
     elif kind == "missing":
         message = "required key is missing"
     else:
@@ -532,13 +326,13 @@ def _problem_for(error: dict, source: Path, data: Any, lines: dict[KeyPath, int]
         if "input" in error and not isinstance(error["input"], (dict, list)):
             message = f"{message} (got {error['input']!r})"
     if path in overridden:
-        return Problem(message, key=f"--set {_dotted(path)}")
+        return Problem(message, key=f"--set {dotted(path)}")
     line = None
     for depth in range(len(path), -1, -1):
         if path[:depth] in lines:
             line = lines[path[:depth]]
             break
-    return Problem(message, file=source, line=line, key=_dotted(path) or None)
+    return Problem(message, file=source, line=line, key=dotted(path) or None)
 
 
 def _merge_union_problems(problems: list[Problem]) -> list[Problem]:
@@ -573,7 +367,7 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
     problems: list[Problem] = []
 
     def where(path: KeyPath) -> dict:
-        return {"file": source, "line": lines.get(path), "key": _dotted(path)}
+        return {"file": source, "line": lines.get(path), "key": dotted(path)}
 
     for section in ("train", "eval"):
         for index, item in enumerate(getattr(recipe.data, section)):
@@ -634,7 +428,7 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None, output_dir
     """
     source = Path(path)
     data, lines = read_yaml(source)
-    data, problems, overridden = apply_overrides(data, overrides or [])
+    data, problems, overridden = apply_overrides(data, overrides or [], Recipe)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -648,6 +442,13 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None, output_dir
     elif recipe.output.dir is None:
         recipe.output.dir = default_run_dir(source)
     return recipe
+
+
+def with_change(recipe: Recipe, section: str, key: str, value: Any) -> Recipe:
+    """A copy of the recipe with one key changed (validated like the original)."""
+    copy = recipe.model_copy(deep=True)
+    setattr(getattr(copy, section), key, value)
+    return copy
 
 
 def flatten(recipe: Recipe) -> list[tuple[str, Any, str]]:

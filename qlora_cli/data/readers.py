@@ -65,7 +65,8 @@ def _supported() -> str:
     return ", ".join(SUPPORTED_SUFFIXES)
 
 
-def _json_type(value: object) -> str:
+def json_type_name(value: object) -> str:
+    """What JSON calls the type of a value `json.loads` returned: object, array, string, number, boolean, null."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
@@ -135,7 +136,7 @@ def _rows_of_document(document: Any) -> tuple[list | None, str | None]:
             return None, f"{expected}; got an object with several arrays: {', '.join(lists)}"
         keys = ", ".join(document) or "none"
         return None, f"{expected}; got an object with no array (keys: {keys})"
-    return None, f"{expected}; got a {_json_type(document)}"
+    return None, f"{expected}; got a {json_type_name(document)}"
 
 
 def _read_json(path: Path, name: str) -> RawRows:

@@ -18,7 +18,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from ..core.errors import UserError
-from ..core.rundir import staged
+from ..core.files import staged
 from .formats import Example
 from .templates import Segment, render_segments
 

@@ -15,25 +15,16 @@ import json
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..data.readers import RawRows, jsonl_rows, read_path
 from ..core.errors import Problem, UserError
-from ..core.rundir import write_atomic
+from ..core.files import write_atomic
 from ..core.jsonl_log import JsonlLog
+from ..inference.sampling import Sampling
 from .questions import Question, turn_texts
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The paper's sampling for benchmark answers: nucleus 0.9, temperature 0.7, a fixed seed."""
-
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-    seed: int = 0
 
 
 def slug(name: str) -> str:

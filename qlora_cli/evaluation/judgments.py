@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..data.readers import Location, read_path
+from ..data.readers import Location, json_type_name as _type_name, read_path
 from ..core.errors import Problem
 
 Winner = Literal["model_a", "model_b", "tie"]
@@ -220,11 +220,6 @@ class JudgmentError(ValueError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
-
-
-def _type_name(value: object) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _field(row: dict, key: str) -> object:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..data.readers import Location, read_path
+from ..data.readers import Location, json_type_name, read_path
 from ..core.errors import Problem, UserError
 
 DEFAULT_QUESTIONS = "default_questions.jsonl"
@@ -57,15 +57,10 @@ class _Bad(ValueError):
     """A row that is not a question; the message says why."""
 
 
-def _type_name(value: object) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 def _text(row: dict, key: str) -> str:
     value = row[key]
     if not isinstance(value, str):
-        raise _Bad(f"field `{key}` must be a string, got {_type_name(value)}")
+        raise _Bad(f"field `{key}` must be a string, got {json_type_name(value)}")
     if not value.strip():
         raise _Bad(f"field `{key}` is empty")
     return value
@@ -79,7 +74,7 @@ def _question_id(row: dict, location: Location) -> int | str:
         return location.line if location.line is not None else location.row
     value = row[key]
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _Bad(f"field `{key}` must be an integer or a string, got {_type_name(value)}")
+        raise _Bad(f"field `{key}` must be an integer or a string, got {json_type_name(value)}")
     if not str(value).strip():
         raise _Bad(f"field `{key}` is empty")
     return value
@@ -135,7 +130,7 @@ def parse_question(row: object, location: Location) -> Question:
         ValueError: the row is not an object, or a field is missing, empty or of the wrong type.
     """
     if not isinstance(row, dict):
-        raise _Bad(f"expected a JSON object, got {_type_name(row)}")
+        raise _Bad(f"expected a JSON object, got {json_type_name(row)}")
     turns = _turns(row)
     category = _text(row, "category") if row.get("category") not in (None, "") else DEFAULT_CATEGORY
     source_id = _question_id(row, location)

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..core.rundir import staged, write_atomic, write_json
+from ..core.files import staged, write_atomic, write_json
 
 MAX_LISTED = 200  # excluded lines listed in report.md; report.json lists them all
 ELO_PLOT = "elo.png"

@@ -25,9 +25,13 @@ from typing import Iterator
 from ..core.api_keys import read_api_key
 from ..core.console import Steps
 from ..core.errors import Problem, RunFailure, RunInterrupted, UserError
-from ..core.rundir import write_atomic
-from .answers import Sampling, answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
-from .judges import HttpJudge, JudgeError, JudgmentCache, LocalJudge, judge_pairs, served_models
+from ..core.files import write_atomic
+from ..inference.sampling import Sampling
+from .answers import answers_for_judging, ensure_answers, missing_answers, read_answers, slug, write_answer_layout
+from .http_judge import HttpJudge, served_models
+from .judge_cache import JudgmentCache
+from .judges import JudgeError, judge_pairs
+from .local_judge import LocalJudge
 from .judgments import Comparison, Judgments, ScorePair
 from .questions import read_questions
 from .report import write_report

@@ -39,10 +39,10 @@ from ..data.templates import end_of_turn_token
 from ..data.tokenize import tokenizer_adds_bos
 from ..core.errors import UserError
 from .gguf_check import llama_cpp_tokenization_check
+from .gguf_types import check_gguf_types
 from .modelfile import write_modelfile
 from .parity import compare_logits, model_logits
 
-FORMATS = {"f16", "q8_0"}
 
 # The text llama.cpp's converter tokenizes to recognise a pre-tokenizer (convert_hf_to_gguf.py,
 # get_vocab_base_pre); the sha256 of str(tokenizer.encode(text)) names it.
@@ -280,9 +280,7 @@ def check_exportable(config, tokenizer, tokenizer_dir: Path, out_types: tuple[st
         UserError: an unknown out type, another architecture, another tokenizer kind, a pre-tokenizer
             llama.cpp does not know, tokenizer ids beyond the embedding rows, or an unsupported RoPE scaling.
     """
-    for out_type in out_types:
-        if out_type not in FORMATS:
-            raise UserError(f"--gguf: {out_type!r} is not one of {', '.join(sorted(FORMATS))}")
+    check_gguf_types(out_types)
     if config.model_type != "llama":
         raise UserError(f"--gguf: only Llama-architecture models are supported, not {config.model_type}")
     pre = pre_tokenizer_name(tokenizer, read_tokenizer_spec(tokenizer_dir))

@@ -29,7 +29,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import psutil
 import torch
 from accelerate import init_empty_weights
@@ -40,7 +39,6 @@ from peft.tuners.lora import LoraLayer
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.dynamic_module_utils import custom_object_save
 
 from ..core import compat
 from ..core.console import Steps
@@ -53,11 +51,13 @@ from .gguf import check_exportable, export_gguf_files
 from .merge_plan import MergeSettings, check_fits, merge_needs
 from ..core.models import quantization_config
 from .parity import compare_logits
-from ..plan.memory import parse_bytes, read_model_config
+from ..plan.configs import read_model_config
+from ..plan.sizes import parse_bytes
 from ..core.recipe import Recipe
+from ..core.files import remove_abandoned_staging, staged
 from ..core.rundir import (
-    ADAPTER, MERGED, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, adapter_base_model, is_run_dir,
-    read_run_recipe, remove_abandoned_staging, staged,
+    ADAPTER, MERGE_REPORT, MERGED, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, RECIPE, adapter_base_model,
+    is_run_dir, read_run_recipe,
 )
 from .streaming import (INDEX_FILE, SINGLE_FILE, CheckpointFiles, LayerHooks, StreamedWeights, decoder_layers,
                         move_buffers, streamed_logits)
@@ -113,10 +113,6 @@ def base_checkpoint(base_path: str, revision: str | None, trust_remote_code: boo
         raise error
 
 
-def is_quantized(parameter) -> bool:
-    return isinstance(parameter, (bnb.nn.Params4bit, bnb.nn.Int8Params))
-
-
 def empty_model(config, dtype: torch.dtype, trust_remote_code: bool):
     """The causal LM of `config` on the meta device, its parameters in `dtype`. It gets a copy of the config,
     which quantizing the model would otherwise mark as quantized."""
@@ -152,7 +148,7 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, recipe: Recipe,
 
     def make_parameter(slot, files):
         # As from_pretrained loads: every weight cast to the model's dtype, the linear ones then quantized.
-        if is_quantized(slot.placeholder):
+        if compat.is_quantized_weight(slot.placeholder):
             return compat.quantize_like_transformers(files.read(slot.name, dtype, device), slot.placeholder, device)
         return torch.nn.Parameter(files.read(slot.name, slot.placeholder.dtype, device), requires_grad=False)
 
@@ -214,7 +210,7 @@ def dequantized_weight(trained: TrainedModel, slot, module, attribute: str, file
     quantized = getattr(module, attribute) if held else compat.quantize_like_transformers(
         files.read(slot.name, trained.compute_dtype, device), slot.placeholder, device)
     try:
-        if isinstance(quantized, bnb.nn.Params4bit):
+        if compat.is_4bit_weight(quantized):
             return dequantize_4bit(quantized.data, quantized.quant_state).float()
         return compat.dequantize_8bit(quantized, getattr(module, "state", None)).float()
     finally:
@@ -235,7 +231,7 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
         return value.to(dtype) if value.is_floating_point() else value
     module, attribute = slot.owners[slot.owner_names.index(name)]  # of a tied weight, the module named so
     lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
-    if base == "dequantized" and is_quantized(slot.placeholder):
+    if base == "dequantized" and compat.is_quantized_weight(slot.placeholder):
         weight = dequantized_weight(trained, slot, module, attribute, files, device, held)
     elif lora is not None:
         weight = files.read(slot.name, torch.float32, device)
@@ -347,7 +343,7 @@ def write_configs(folder: Path, base_folder: Path, config, dtype: torch.dtype, m
     config.dtype = dtype
     config.architectures = [type(model).__name__]
     if model.is_remote_code():
-        custom_object_save(model, folder, config=config)
+        compat.save_remote_code(model, folder, config)
     config.save_pretrained(folder)
     try:
         generation = GenerationConfig.from_pretrained(base_folder)
@@ -401,7 +397,7 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out: {existing} is a file, not a folder; choose another --out")
     if existing != out or not any(out.iterdir()):
         return
-    if not (out / "merge_report.json").is_file():
+    if not (out / MERGE_REPORT).is_file():
         raise UserError(f"--out: {out} is a non-empty folder that is not a merged model; choose another --out")
     if not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
@@ -493,7 +489,7 @@ def merge_run(
     say = console.print
     run_dir = Path(run_dir).resolve()
     if not is_run_dir(run_dir):
-        raise UserError(f"{run_dir} is not a run directory (it needs recipe.yaml and adapter/)")
+        raise UserError(f"{run_dir} is not a run directory (it needs {RECIPE} and {ADAPTER}/)")
     out = Path(out).resolve() if out is not None else run_dir / MERGED
     check_out(out, overwrite)
     for leftover in remove_abandoned_staging(out):  # before the disk check: it frees what a killed merge held
@@ -565,6 +561,6 @@ def merge_run(
             say(f"Writing GGUF ({', '.join(gguf_types)}): this loads the merged model whole")
             result["gguf"] = export_gguf_files(staging, gguf_types, prompts, name=out.name, say=say)
         result["seconds"] = round(time.perf_counter() - started, 2)
-        (staging / "merge_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (staging / MERGE_REPORT).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     result["out"] = str(out)
     return result

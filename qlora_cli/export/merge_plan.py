@@ -21,17 +21,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..core.errors import UserError
-from ..plan.memory import (CUDA_CONTEXT_BYTES, OUTPUT_HEAD, ModelShapes, _lora_parameter_count, format_bytes,
-                   kept_parameter_count, lora_targets, model_shapes, quantized_linear_bytes)
+from ..plan.configs import OUTPUT_HEAD, ModelShapes, model_shapes
+from ..plan.memory import CUDA_CONTEXT_BYTES, kept_parameter_count, lora_parameter_count, lora_targets, quantized_linear_bytes
+from ..plan.sizes import GiB, format_bytes
+from .gguf_types import GGUF_BYTES_PER_PARAMETER
 from .streaming import READ_BLOCK_BYTES
 
-GiB = 2**30
 # Resident memory of a process that has imported torch 2.13, transformers 5.24, peft 0.21 and bitsandbytes
 # 0.50: 0.44 GiB measured on CPU (VmRSS after the imports), rounded up.
 LIBRARIES_BYTES = GiB // 2
-# GGUF files as export/gguf.py writes them: 16-bit matrices, or 8-bit blocks of 32 weights with a
-# 16-bit scale each; 1-D tensors stay float32 and are negligible.
-GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 34 / 32}
 # export/gguf.py holds the merged model whole in float32 while it writes the files (plus a file's tensors, at
 # most 2 bytes per parameter), then frees it and loads each file back (transformers' GGUF loader holds the
 # dequantized float32 tensors beside the float32 model it fills). Measured with /usr/bin/time -v on a
@@ -94,7 +92,7 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
     outside_layers = embedding * (1 if shapes.tied else 2) + shapes.hidden
     layer_kept = (kept_parameter_count(shapes) - outside_layers) // shapes.layers  # norms, biases
 
-    adapter = 4 * _lora_parameter_count(shapes, targets, s.lora_r)  # float32
+    adapter = 4 * lora_parameter_count(shapes, targets, s.lora_r)  # float32
 
     def outer(weight_bytes: int) -> int:
         """The modules outside the decoder layers, in memory together; weights are read a block at a time."""

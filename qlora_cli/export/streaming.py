@@ -150,9 +150,9 @@ class StreamedWeights:
 def move_buffers(model: torch.nn.Module, device) -> None:
     """Put the buffers a meta-device model computed when it was built (rotary frequencies) on `device`."""
     for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.device.type != "meta":
-                module._buffers[name] = buffer.to(device)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.device.type != "meta":
+                setattr(module, name, buffer.to(device))  # assigning to a buffer's name replaces the buffer
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -188,18 +188,6 @@ class LayerCall:
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
-
-
-@contextmanager
-def _forwards_replaced(layers: torch.nn.ModuleList, make: Callable[[int], Callable]) -> Iterator[None]:
-    """Each layer's forward replaced by `make(index)` within the block (an instance attribute, removed after)."""
-    for index, layer in enumerate(layers):
-        layer.forward = make(index)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 def _recorder(calls: list[list[LayerCall]], first_hidden: list, prompt: int, count: int) -> Callable[[int], Callable]:
@@ -263,7 +251,7 @@ def streamed_logits(model: torch.nn.Module, weights: StreamedWeights, prompts: l
     with torch.no_grad():
         with weights.held(outer):
             for prompt, input_ids in enumerate(inputs):
-                with _forwards_replaced(layers, _recorder(calls, hidden, prompt, count)):
+                with compat.forwards_replaced(layers, _recorder(calls, hidden, prompt, count)):
                     try:
                         model(input_ids=input_ids)
                     except _Recorded:
@@ -282,7 +270,7 @@ def streamed_logits(model: torch.nn.Module, weights: StreamedWeights, prompts: l
         hooks.after_layers()
         with weights.held(outer):
             for prompt, input_ids in enumerate(inputs):
-                with _forwards_replaced(layers, _replayer(hidden[prompt], count, as_tuple)):
+                with compat.forwards_replaced(layers, _replayer(hidden[prompt], count, as_tuple)):
                     logits.append(model(input_ids=input_ids).logits.float().cpu()[0])
                 hidden[prompt] = None
     return logits

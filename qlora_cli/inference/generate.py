@@ -14,6 +14,7 @@ from ..data.tokenize import encode_prompt
 from ..core.errors import UserError
 from ..core.models import LoadedModel, load_run, resolve_model_path
 from ..core.rundir import is_run_dir
+from .sampling import DEFAULT_SAMPLING
 
 
 def load_plain(reference: str) -> LoadedModel:
@@ -70,10 +71,10 @@ def generate(
     loaded: LoadedModel,
     prompts: list[str] | list[list[dict[str, str]]],
     *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    seed: int = 0,
+    max_new_tokens: int = DEFAULT_SAMPLING.max_new_tokens,
+    temperature: float = DEFAULT_SAMPLING.temperature,
+    top_p: float = DEFAULT_SAMPLING.top_p,
+    seed: int = DEFAULT_SAMPLING.seed,
     system: str | None = None,
     streamer=None,
 ) -> list[str]:

@@ -1,10 +1,11 @@
-"""Memory planning: will a recipe fit on a GPU, and if not, what to change — decided before anything loads.
+"""Memory planning: will a recipe fit on a GPU (and if not, what to change: plan/advice.py) — decided before
+anything loads.
 
 Everything here works from the model's `config.json` alone (a directory holding nothing else will do), so a
 65B run can be planned offline on a laptop. Nothing imports torch. Every number is bytes per device, for the
 CUDA GPU the run is planned for, not for this machine: `compute_dtype: auto` therefore counts as bfloat16.
 
-What is counted follows what `qlora train` does (models.load_model, train.training_arguments):
+What is counted follows what `qlora train` does (core/models.py's load_model, train/run.py's training_arguments):
 
 - the base model loaded with bitsandbytes (4-bit NF4/FP4, 8-bit LLM.int8) or in 16-bit;
 - `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized parameter to float32;
@@ -20,20 +21,17 @@ the overhead is an estimate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from ..core.errors import Problem, UserError
+from ..core.recipe import Recipe, with_change
+from ..train.loss_spec import chunk_rows
 from ..train.methods import COSTS
-from ..train.loss_spec import chunk_rows, logits_are_plain
-from ..core.recipe import Recipe
-
-GiB = 2**30
+from .advice import advice
+from .configs import LINEAR_NAMES, OUTPUT_HEAD, ModelShapes, model_shapes
+from .sizes import GiB
 
 # bitsandbytes' 4-bit layout (bitsandbytes.functional.quantize_4bit): one absmax per block of 64 weights;
 # with double quantization the absmax values are themselves quantized to 8 bits in blocks of 256.
@@ -59,227 +57,6 @@ CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 # `max_memory_allocated` in transformer training; it is an estimate, not a measurement.
 FRAGMENTATION = 0.10
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-OUTPUT_HEAD = "lm_head"
-MAX_FSDP_GPUS = 64
-
-_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-# ---------------------------------------------------------------------------------------------
-# Sizes
-
-_SIZE = re.compile(r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?:(?P<unit>[kmgtp])(?P<binary>i?)(?P<b>b?)|b?)\s*", re.I)
-_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_bytes(text: str) -> int:
-    """A memory size as bytes: `80GB` is 80 * 10**9; `24GiB` and `24G` are 24 * 2**30; a bare number is bytes.
-
-    Units K, M, G, T, P, case-insensitive; `B` optional. Raises UserError for anything else or for zero.
-    """
-    match = _SIZE.fullmatch(str(text))
-    if not match:
-        raise UserError(
-            f"cannot read {text!r} as a memory size; write e.g. 24GiB, 80GB or 512MiB "
-            "(GB = 10^9 bytes; GiB and G = 2^30 bytes)"
-        )
-    unit = match["unit"]
-    if unit:
-        # Only `GB` (no `i`) is decimal; a bare `G`, as in "24G", is read as binary like GiB.
-        decimal = bool(match["b"]) and not match["binary"]
-        scale = (1000 if decimal else 1024) ** _POWERS[unit.lower()]
-    else:
-        scale = 1
-    value = round(float(match["number"]) * scale)
-    if value <= 0:
-        raise UserError(f"a memory size must be more than zero bytes, got {text!r}")
-    return value
-
-
-def format_bytes(count: int) -> str:
-    """`count` bytes for people: GiB with one decimal, or MiB below 1 GiB."""
-    if abs(count) >= GiB:
-        return f"{count / GiB:.1f} GiB"
-    return f"{count / 2**20:.0f} MiB"
-
-
-# ---------------------------------------------------------------------------------------------
-# The model's shapes
-
-@dataclass(frozen=True)
-class ModelShapes:
-    """The sizes of a Llama/Mistral/Qwen2-style decoder that memory depends on."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    attention_bias: tuple[str, ...]  # which of q/k/v/o_proj carry a bias
-    mlp_bias: bool
-    qk_norm: bool  # Qwen3's per-head RMSNorm on queries and keys
-    plain_head: bool = True  # logits are lm_head(hidden), so the chunked loss on trained positions applies
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer of one decoder block."""
-        h, i = self.hidden, self.intermediate
-        return {
-            "q_proj": (h, self.q_dim),
-            "k_proj": (h, self.kv_dim),
-            "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-
-def _positive_int(key: str, value: Any, source) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(Problem(f"`{key}` must be a positive whole number, got {value!r}", file=source))
-    return value
-
-
-def model_shapes(config: Mapping, source: Path | str | None = None) -> ModelShapes:
-    """The shapes in a transformers config dict; `source` names the file in errors.
-
-    Raises:
-        UserError: keys missing or not positive integers, or a mixture-of-experts model.
-    """
-    if "hidden_size" not in config and isinstance(config.get("text_config"), Mapping):
-        config = config["text_config"]  # multimodal wrappers keep the language model's config inside
-    missing = [key for key in _REQUIRED_KEYS if key not in config]
-    if missing:
-        raise UserError(
-            Problem(
-                f"the model config lacks {', '.join(missing)}; the memory planner understands "
-                "Llama/Mistral/Qwen2-style decoder configs",
-                file=source,
-            )
-        )
-    if any(isinstance(config.get(key), int) and config[key] > 1 for key in _MOE_KEYS):
-        raise UserError(Problem("mixture-of-experts models are not supported by the memory planner", file=source))
-    hidden, intermediate, layers, heads, vocab = (_positive_int(key, config[key], source) for key in _REQUIRED_KEYS)
-    kv_heads = _positive_int("num_key_value_heads", config.get("num_key_value_heads") or heads, source)
-    head_dim = _positive_int("head_dim", config.get("head_dim") or hidden // heads, source)
-    model_type = str(config.get("model_type", ""))
-    if model_type == "qwen2":
-        attention_bias: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # hard-wired in Qwen2's attention
-    elif config.get("attention_bias"):
-        attention_bias = ("q_proj", "k_proj", "v_proj", "o_proj")
-    else:
-        attention_bias = ()
-    return ModelShapes(
-        hidden=hidden,
-        intermediate=intermediate,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab=vocab,
-        # Absent from a config means the model class's default: untied for Llama, Mistral and Qwen2, tied for Gemma.
-        tied=bool(config.get("tie_word_embeddings", model_type.startswith("gemma"))),
-        attention_bias=attention_bias,
-        mlp_bias=bool(config.get("mlp_bias", False)),
-        qk_norm=model_type.startswith("qwen3"),
-        plain_head=logits_are_plain(config.get),
-    )
-
-
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# config.json of the models the shipped recipes train, and of the bundled model: plans work offline.
-SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
-
-
-def shipped_config(name: str) -> Path | None:
-    """The config.json this package ships for a hub id (org/name) or the bundled model's alias."""
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        return None
-    file = SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
-    return file if file.is_file() else None
-
-
-def _hub_cache_config(name: str) -> Path | None:
-    """config.json of a hub model already in the local Hugging Face cache (never downloads)."""
-    if not HUB_ID.fullmatch(name):
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(name, "config.json")
-    return Path(found) if isinstance(found, str) else None
-
-
-def _downloaded_config(name: str) -> Path | None:
-    """config.json fetched from the hub (a few KB), or None offline, for a gated model without a login, or for
-    an id the hub does not have."""
-    if not HUB_ID.fullmatch(name):
-        return None
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(name, "config.json"))
-    except Exception:  # offline, unknown, gated: huggingface_hub raises a different type for each
-        return None
-
-
-def find_model_config(name: str) -> Path | None:
-    """Where a hub model's config.json is: the local Hugging Face cache, the configs shipped here, the hub."""
-    return _hub_cache_config(name) or shipped_config(name) or _downloaded_config(name)
-
-
-def read_model_config(path_or_config) -> dict:
-    """A model config as a dict, from a dict, a `config.json` file, a model directory holding one, or a hub
-    id (see `find_model_config`).
-
-    Raises:
-        UserError: naming the path when it has no config.json, is not JSON, or lacks the needed shapes, and
-            `--config` when none can be found.
-    """
-    if isinstance(path_or_config, Mapping):
-        config = dict(path_or_config)
-        model_shapes(config)
-        return config
-    path = Path(path_or_config).expanduser()
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        found = None if path.exists() else find_model_config(str(path_or_config))
-        if found is None:
-            message = (
-                "no config.json in this model directory"
-                if path.is_dir()
-                else "model config not found: not a local model, not in the Hugging Face cache, not shipped with "
-                "qlora, and not fetched from the hub (offline, gated or unknown); pass --config PATH (the model's "
-                "config.json or its folder)"
-            )
-            raise UserError(Problem(message, file=file))
-        file = found
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(Problem(f"cannot read the model config: {exc}", file=file)) from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(Problem(f"not valid JSON: {exc.msg}", file=file, line=exc.lineno)) from None
-    if not isinstance(config, dict):
-        raise UserError(Problem("a model config must be a JSON object", file=file))
-    model_shapes(config, source=file)
-    return config
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights
 
 def quantized_linear_bytes(in_features: int, out_features: int, bits: int, double_quant: bool = True,
                            dtype_bytes: int = 2) -> int:
@@ -433,7 +210,8 @@ class ActivationEstimate:
 
 
 def compute_dtype_bytes(setting: str) -> int:
-    """Bytes per element of the compute dtype on a GPU: `auto` is bfloat16 there (models.choose_compute_dtype)."""
+    """Bytes per element of the compute dtype on a GPU: `auto` is bfloat16 there (core/context.py's
+    choose_compute_dtype)."""
     return 4 if setting == "float32" else 2
 
 
@@ -457,7 +235,7 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
         key/value heads (grouped-query attention runs natively only without a mask); with a mask (batch > 1
         or packing) the mask's c-typed bias is saved too: c*s;
       - the MLP: SiLU saves the gate output, the product saves SiLU's output and the up output: 3a*i.
-    After the last layer, with the chunked loss on trained positions (loss.head_only_loss, used when the
+    After the last layer, with the chunked loss on trained positions (train/loss.py's head_only_loss, used when the
     logits are a plain output projection that LoRA does not adapt, and not under FSDP): the final norm's
     input and rsqrt, a*h + 4, and the hidden-state gradient the loss computes in its forward, a*h,
     counting every token as trained (an upper bound); no logits outlive their chunk. With the model's own loss instead: the final
@@ -522,7 +300,7 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
             head += (a * s.hidden if shared else c * s.hidden + (s.hidden if dropout else 0)) + c * lora.r
         transient = 4 * s.vocab + (c * s.vocab if autocast else 0)
 
-    cast = c * _lora_parameter_count(s, targets, lora.r) if autocast else 0
+    cast = c * lora_parameter_count(s, targets, lora.r) if autocast else 0
     largest = max(fan_in * fan_out for fan_in, fan_out in linears.values())
     workspace = {4: c, 8: a}.get(quant.bits, 0) * largest
     loss_chunk = 0
@@ -546,7 +324,7 @@ def activation_estimate(shapes: ModelShapes, recipe: Recipe, *, compute_bytes: i
     )
 
 
-def _lora_parameter_count(shapes: ModelShapes, targets: dict[str, tuple[int, int]], r: int) -> int:
+def lora_parameter_count(shapes: ModelShapes, targets: dict[str, tuple[int, int]], r: int) -> int:
     """r * (in + out) per adapted linear: A is r x in, B is out x r."""
     return sum(elements * count for elements, count in _lora_tensor_sizes(shapes, targets, r))
 
@@ -599,7 +377,7 @@ def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: 
         quantized_linear_bytes(fan_in, fan_out, quant.bits, quant.double_quant, c)
         for fan_in, fan_out in shapes.linears().values()
     ) * shapes.layers
-    # prepare_model_for_kbit_training (models.load_model) upcasts every parameter that is not quantized to
+    # prepare_model_for_kbit_training (core/models.py's load_model) upcasts every parameter that is not quantized to
     # float32 for stable training, so with a quantized base the kept layers cost 4 bytes, not 2. A 16-bit base
     # skips that step and stays in the compute dtype.
     kept_bytes = 4 if quant.bits in (4, 8) else c
@@ -658,135 +436,13 @@ def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: 
     )
 
 
-def _changed(recipe: Recipe, section: str, key: str, value: Any) -> Recipe:
-    """A copy of the recipe with one key changed (validated like the original)."""
-    copy = recipe.model_copy(deep=True)
-    setattr(getattr(copy, section), key, value)
-    return copy
-
-
-def _verdict(plan: MemoryPlan) -> str:
-    return "fits" if plan.fits else "still too big"
-
-
-def _advice(shapes: ModelShapes, recipe: Recipe, plan: MemoryPlan, device_memory: int, gpus: int,
-            sharded: bool) -> list[str]:
-    """Concrete changes, cheapest first, each with what it would leave on each GPU; then, if no single change
-    is enough, the combination that is; last, how many GPUs with FSDP would fit the recipe as it is."""
-    def replan(changed: Recipe) -> MemoryPlan:
-        return _plan(shapes, changed, device_memory, gpus, sharded)
-
-    training, data = recipe.training, recipe.data
-    if plan.fits:  # it fits only because the paged optimizer spills its state to CPU RAM
-        line = (
-            f"fits by paging up to {format_bytes(plan.total_bytes - device_memory)} of optimizer state to CPU RAM, "
-            "which slows each optimizer step"
-        )
-        if training.optimizer != "paged_adamw_8bit":
-            eight = replan(_changed(recipe, "training", "optimizer", "paged_adamw_8bit"))
-            if eight.total_bytes <= device_memory:
-                line += (
-                    f"; training.optimizer: paged_adamw_8bit would keep everything on the GPU "
-                    f"({format_bytes(eight.total_bytes)})"
-                )
-        return [line]
-
-    now = format_bytes(plan.resident_bytes)
-    advice = []
-    if not training.gradient_checkpointing:
-        on = replan(_changed(recipe, "training", "gradient_checkpointing", True))
-        advice.append(
-            f"turn on training.gradient_checkpointing: activations {format_bytes(plan.activation_bytes)} -> "
-            f"{format_bytes(on.activation_bytes)}, per GPU {now} -> {format_bytes(on.resident_bytes)} ({_verdict(on)})"
-        )
-    if training.batch_size > 1:
-        half = training.batch_size // 2
-        smaller = replan(_changed(recipe, "training", "batch_size", half))
-        advice.append(
-            f"halve training.batch_size to {half} and double training.gradient_accumulation_steps to "
-            f"{2 * training.gradient_accumulation_steps} to keep the effective batch: per GPU {now} -> "
-            f"{format_bytes(smaller.resident_bytes)} ({_verdict(smaller)})"
-        )
-    if data.max_seq_len >= 16:
-        shorter_len = data.max_seq_len // 2
-        shorter = replan(_changed(recipe, "data", "max_seq_len", shorter_len))
-        advice.append(
-            f"lower data.max_seq_len to {shorter_len} (longer examples are then cut as data.truncation says): "
-            f"per GPU {now} -> {format_bytes(shorter.resident_bytes)} ({_verdict(shorter)})"
-        )
-    if training.optimizer != "paged_adamw_8bit":
-        paged = replan(_changed(recipe, "training", "optimizer", "paged_adamw_8bit"))
-        # A paged 32-bit optimizer already moves its state off a full GPU; 8-bit state only helps the others.
-        if paged.resident_bytes < plan.resident_bytes:
-            advice.append(
-                f"use training.optimizer: paged_adamw_8bit (8-bit state, paged to CPU RAM when the GPU is full): "
-                f"per GPU {now} -> {format_bytes(paged.resident_bytes)} ({_verdict(paged)})"
-            )
-    if recipe.quantization.bits != 4:
-        four = replan(_changed(recipe, "quantization", "bits", 4))
-        advice.append(
-            f"set quantization.bits: 4 (QLoRA): weights {format_bytes(plan.weights_bytes)} -> "
-            f"{format_bytes(four.weights_bytes)}, per GPU {now} -> {format_bytes(four.resident_bytes)} ({_verdict(four)})"
-        )
-    if not any(line.endswith("(fits)") for line in advice):
-        together = _combined_advice(shapes, recipe, device_memory, gpus, sharded)
-        if together:
-            advice.append(together)
-    advice.append(_fsdp_advice(shapes, recipe, device_memory, gpus, sharded))
-    return advice
-
-
-def _combined_advice(shapes: ModelShapes, recipe: Recipe, device_memory: int, gpus: int, sharded: bool) -> str | None:
-    """When no single change is enough: the changes above applied together, in their order, stopping at the
-    first combination that fits (batch size and sequence length halved as often as needed)."""
-    steps: list[tuple[str, str, Any, str]] = [
-        ("training", "gradient_checkpointing", True, "gradient checkpointing on"),
-        ("training", "optimizer", "paged_adamw_8bit", "paged_adamw_8bit"),
-        ("quantization", "bits", 4, "4-bit"),
-    ]
-    batch, seq = recipe.training.batch_size, recipe.data.max_seq_len
-    while batch > 1:
-        batch //= 2
-        steps.append(("training", "batch_size", batch, f"batch_size {batch}"))
-    while seq >= 128:
-        seq //= 2
-        steps.append(("data", "max_seq_len", seq, f"max_seq_len {seq}"))
-    changed, said = recipe, []
-    for section, key, value, words in steps:
-        if getattr(getattr(changed, section), key) == value:
-            continue
-        changed = _changed(changed, section, key, value)
-        said.append(words)
-        candidate = _plan(shapes, changed, device_memory, gpus, sharded)
-        if candidate.fits:
-            return f"together: {', '.join(said)}: {format_bytes(candidate.resident_bytes)} per GPU (fits)"
-    return None
-
-
-def _fsdp_advice(shapes: ModelShapes, recipe: Recipe, device_memory: int, gpus: int, sharded: bool) -> str:
-    """How many GPUs sharding the model with FSDP would need, or why no number would do."""
-    first = gpus + 1 if sharded else max(gpus, 2)
-    for count in range(first, MAX_FSDP_GPUS + 1):
-        candidate = _plan(shapes, recipe, device_memory, count, True)
-        if candidate.fits:
-            return (
-                f"use {count} GPUs with FSDP sharding (weights, adapters, gradients and optimizer state split "
-                f"across them): {format_bytes(candidate.resident_bytes)} per GPU (fits)"
-            )
-    activations = _plan(shapes, recipe, device_memory, MAX_FSDP_GPUS, True).activation_bytes
-    return (
-        f"even {MAX_FSDP_GPUS} GPUs with FSDP would not fit: sharding does not split activations, which alone "
-        f"need {format_bytes(activations)} per GPU; lower the batch size or sequence length"
-    )
-
-
 def checkpointing_needed(config: Mapping, recipe: Recipe, memory_bytes: int | None, *, gpus: int = 1,
                          sharded: bool = False) -> bool:
     """What `gradient_checkpointing: auto` means for this run: on unless the plan without it fits in
     `memory_bytes` (on when the memory is unknown, the safe choice)."""
     if memory_bytes is None:
         return True
-    without = _plan(model_shapes(config), _changed(recipe, "training", "gradient_checkpointing", False),
+    without = _plan(model_shapes(config), with_change(recipe, "training", "gradient_checkpointing", False),
                     memory_bytes, gpus, sharded)
     return not without.fits
 
@@ -806,8 +462,12 @@ def plan_memory(config: Mapping, recipe: Recipe, *, gpu_memory_bytes: int | None
     shapes = model_shapes(config)
     if recipe.training.gradient_checkpointing == "auto":
         on = checkpointing_needed(config, recipe, gpu_memory_bytes, gpus=gpus, sharded=sharded)
-        recipe = _changed(recipe, "training", "gradient_checkpointing", on)
+        recipe = with_change(recipe, "training", "gradient_checkpointing", on)
     plan = _plan(shapes, recipe, gpu_memory_bytes, gpus, sharded)
     if gpu_memory_bytes is not None and (not plan.fits or plan.total_bytes > gpu_memory_bytes):
-        plan.advice = _advice(shapes, recipe, plan, gpu_memory_bytes, gpus, sharded)
+        def replan(changed: Recipe, devices: int, shard: bool) -> MemoryPlan:
+            return _plan(shapes, changed, gpu_memory_bytes, devices, shard)
+
+        plan.advice = advice(recipe, plan, gpu_memory_bytes, gpus, sharded, replan)
     return plan
+

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .memory import MemoryPlan, format_bytes
+from .memory import MemoryPlan
+from .sizes import format_bytes
 
 
 def plan_table(plan: MemoryPlan, title: str) -> Table:

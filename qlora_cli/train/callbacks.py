@@ -25,7 +25,8 @@ from ..core.errors import Problem, RunFailure, UserError
 from ..evaluation.mmlu import evaluate
 from ..core.jsonl_log import JsonlLog
 from ..core.recipe import MmluSection
-from ..core.rundir import EVAL_METRICS, METRICS, write_atomic
+from ..core.files import write_atomic
+from ..core.rundir import EVAL_METRICS, METRICS
 
 
 class TrainClock:

@@ -18,9 +18,8 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.recipe import Recipe, flatten
-from ..core.rundir import publish
-
-CHECKPOINTS = "checkpoints"
+from ..core.files import publish
+from ..core.rundir import CHECKPOINTS
 STAGING = ".staging"
 MANIFEST = "manifest.json"
 PREFIX = "step-"

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import TrainerCallback
 
-from ..core.rundir import PROFILE, staged
+from ..core import compat
+from ..core.files import staged
+from ..core.rundir import PROFILE
 
 WARMUP_STEPS = 2
 PHASES = ("data", "forward", "backward", "optimizer", "other")
@@ -173,9 +174,9 @@ def operations_table(profiler, device: str) -> str:
     """The operations with the most self time (device time on a GPU). The phase marks are left out: they hold
     operations, not time of their own. `ProfilerStep*` stays: its self time is the host's time outside any
     operation (Python, the Trainer, callbacks)."""
-    averages = EventList([event for event in profiler.key_averages() if not event.key.startswith("qlora/")])
     sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    return averages.table(sort_by=sort_by, row_limit=TOP_OPERATIONS)
+    return compat.profiler_table(profiler.key_averages(), lambda event: not event.key.startswith("qlora/"),
+                                 sort_by=sort_by, row_limit=TOP_OPERATIONS)
 
 
 def profile_report(records: list[dict[str, Any]], device: str) -> dict[str, Any]:

@@ -29,11 +29,12 @@ from ..core.context import RunContext, run_context
 from ..core.cpu import keep_freed_memory
 from ..core.distributed import barrier, sum_over_ranks
 from ..core.errors import RunFailure, RunInterrupted, UserError
+from ..core.files import staged, write_atomic, write_json
 from ..core.models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
 from ..core.recipe import Recipe, to_yaml
 from ..core.rundir import (
     ADAPTER, LOSS_PLOT, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, RECIPE, SUMMARY, check_writable,
-    is_run, read_run_recipe, save_adapter, staged, start_fresh, write_atomic, write_json,
+    is_run, read_run_recipe, save_adapter, start_fresh,
 )
 from ..data.prepare import PreparedData, expected_padding, options_of, prepare
 from ..data.sources import Datasets, load_datasets
