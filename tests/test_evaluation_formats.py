@@ -54,6 +54,75 @@ def test_fastchat_pairwise_file_round_trips(tmp_path):
     assert set(report["elo"]) == {"vicuna-13b", "alpaca-13b"}
 
 
+def fastchat_rates(win: int, loss: int, tie: int) -> dict:
+    """show_result.py's row for these counts, its three rates written out as it defines them."""
+    total = win + loss + tie
+    return {"win": win, "loss": loss, "tie": tie, "win_rate": pytest.approx(win / total),
+            "loss_rate": pytest.approx(loss / total), "win_rate_adjusted": pytest.approx((win + tie / 2) / total)}
+
+
+def test_fastchat_pair_file_gives_show_result_figures(tmp_path):
+    # FastChat's show_result.py (display_result_pairwise) scores each LINE once: a line with an `error`
+    # game is dropped; a line whose game 1 is a tie or whose games disagree is a tie for both models.
+    path = write_lines(tmp_path / "data/mt_bench/model_judgment/gpt-4_pair.jsonl", [
+        fastchat_pair(81, "model_1", "model_1"),            # vicuna wins
+        fastchat_pair(82, "model_2", "model_2"),            # alpaca wins
+        fastchat_pair(83, "tie", "tie"),                    # tie
+        fastchat_pair(84, "model_1", "model_2"),            # the games disagree: tie
+        fastchat_pair(85, "tie", "model_1"),                # game 1 a tie: tie
+        fastchat_pair(86, "model_2", "tie"),                # the games disagree: tie
+        fastchat_pair(87, "error", "model_1"),              # dropped
+        fastchat_pair(88, "model_1", "error"),              # dropped
+        fastchat_pair(89, "error", "error"),                # dropped
+        fastchat_pair(81, "model_1", "model_1", turn=2),    # vicuna wins (turn 2 of question 81)
+        fastchat_pair(90, "model_1", "model_1", model_2="llama-13b"),  # vicuna beats llama
+    ])
+    report = score([path], tmp_path / "all")
+    fastchat = report["fastchat"]
+    assert (fastchat["mode"], fastchat["baseline"], fastchat["lines"], fastchat["dropped"]) == ("pairwise-all", None, 8, 3)
+    assert fastchat["models"] == {"vicuna-13b": fastchat_rates(3, 1, 4), "alpaca-13b": fastchat_rates(1, 2, 4),
+                                  "llama-13b": fastchat_rates(0, 1, 0)}
+    assert list(fastchat["models"]) == ["vicuna-13b", "alpaca-13b", "llama-13b"]  # best win_rate_adjusted first
+    # Our own figure counts each game and keeps the decided game of a line with one error: of vicuna's 18
+    # games it won 10 (both games of 81, 81 turn 2 and 90; one of 84, 85, 87, 88), lost 4 and tied 4.
+    vicuna = report["pairwise"]["vicuna-13b"]
+    assert (vicuna["wins"], vicuna["ties"], vicuna["losses"]) == (10, 4, 4)
+    assert vicuna["win_rate"] == pytest.approx(12 / 18)
+    markdown = (tmp_path / "all" / "report.md").read_text()
+    assert "show_result.py --mode pairwise-all): 8 lines" in markdown
+    assert "| vicuna-13b | 3 | 1 | 4 | 0.375000 | 0.125000 | 0.625000 |" in markdown
+
+    # With a reference among the lines' models, the figures are those of --mode pairwise-baseline.
+    fastchat = score([path], tmp_path / "baseline", "--reference", "alpaca-13b")["fastchat"]
+    assert (fastchat["mode"], fastchat["baseline"], fastchat["lines"]) == ("pairwise-baseline", "alpaca-13b", 7)
+    assert fastchat["models"] == {"vicuna-13b": fastchat_rates(2, 1, 4)}
+    assert "--baseline-model alpaca-13b" in (tmp_path / "baseline" / "report.md").read_text()
+
+
+# The verdicts of a published MT-bench pair file, phi-3 vs phi-3-dpo judged by GPT-4 (github.com/Stefanstud/
+# FastChat at 1f5a7b81, fastchat/llm_judge/data/mt_bench/model_judgment/gpt-4_pair.jsonl, 75 lines), counted
+# per (g1_winner, g2_winner); model_1 is phi-3 on every line.
+PHI3_PAIR_VERDICTS = {("model_2", "model_2"): 20, ("model_1", "model_1"): 18, ("model_1", "model_2"): 16,
+                      ("tie", "tie"): 8, ("model_1", "tie"): 5, ("tie", "model_2"): 3, ("model_2", "model_1"): 2,
+                      ("model_2", "tie"): 1, ("model_1", "error"): 1, ("error", "error"): 1}
+
+
+def test_a_published_pair_file_scores_as_fastchat_prints_it(tmp_path):
+    verdicts = [pair for pair, count in PHI3_PAIR_VERDICTS.items() for _ in range(count)]
+    rows = [fastchat_pair(81 + number // 2, g1, g2, model_1="phi-3", model_2="phi-3-dpo", turn=1 + number % 2)
+            for number, (g1, g2) in enumerate(verdicts)]
+    report = score([write_lines(tmp_path / "gpt-4_pair.jsonl", rows)], tmp_path / "out")
+    fastchat = report["fastchat"]
+    # What `python show_result.py --mode pairwise-all --input-file gpt-4_pair.jsonl` (FastChat 0e6d3e4) prints
+    # for that file: phi-3-dpo 20 18 35 0.273973 0.246575 0.513699; phi-3 18 20 35 0.246575 0.273973 0.486301.
+    assert (fastchat["lines"], fastchat["dropped"]) == (73, 2)
+    assert [(model, e["win"], e["loss"], e["tie"], round(e["win_rate_adjusted"], 6))
+            for model, e in fastchat["models"].items()] == [("phi-3-dpo", 20, 18, 35, 0.513699),
+                                                            ("phi-3", 18, 20, 35, 0.486301)]
+    # Per game, keeping the decided game of the line with one error, phi-3 has 49.32%.
+    assert round(100 * report["pairwise"]["phi-3"]["win_rate"], 2) == 49.32
+
+
 def test_fastchat_single_grades_round_trip(tmp_path):
     judge = ["gpt-4", "single-v1-multi-turn"]
     rows = [

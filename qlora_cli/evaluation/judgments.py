@@ -15,9 +15,10 @@ FastChat `llm_judge` output (fastchat/llm_judge/common.py, `play_a_match_pair` /
     model_2's answer first; FastChat maps both verdicts back to model names before writing them, so
     both `g1_winner` and `g2_winner` are "model_1" | "model_2" | "tie" | "error". Each game becomes one
     `Comparison` whose `model_a` is the model shown first. An "error" game (the judge's reply had no
-    [[A]]/[[B]]/[[C]] verdict) is excluded as unscored and the line's other game is kept;
-    FastChat's own show_result.py instead drops the whole line, and counts two disagreeing games as one
-    tie, which keeping both games as they are does on average as well.
+    [[A]]/[[B]]/[[C]] verdict) is excluded as unscored and the line's other game is kept.
+    Each line is also kept whole as a `FastChatLine`, because FastChat's own show_result.py scores
+    lines, not games: it drops a line when either game is an error and counts a line whose two games
+    disagree as one tie (scoring.fastchat_pairwise reproduces it).
   * Pairwise lines written by FastChat's single-grading fallback carry `m1_score`/`m2_score` and the
     same verdict in both games: it was one judgment with no presentation order, so it gives ONE
     `Comparison` (model_1 as `model_a`).
@@ -137,6 +138,25 @@ class ScorePair:
 
 
 @dataclass(frozen=True)
+class FastChatLine:
+    """One FastChat pairwise line as its show_result.py reads it: the two verdicts as written.
+
+    Attributes:
+        g1_winner: game 1's verdict (model_1 shown first): "model_1" | "model_2" | "tie" | "error".
+        g2_winner: game 2's verdict (model_2 shown first), in the same model_1/model_2 terms.
+        single_grading: written by FastChat's single-grading fallback (one verdict written twice).
+    """
+
+    question_id: str
+    model_1: str
+    model_2: str
+    g1_winner: str
+    g2_winner: str
+    judge: str | None = None
+    single_grading: bool = False
+
+
+@dataclass(frozen=True)
 class Grade:
     """A single-answer grade (FastChat's [[rating]]): one model's answer scored on its own."""
 
@@ -177,6 +197,7 @@ class Judgments:
         comparisons: pairwise verdicts.
         scores: relative score pairs.
         grades: single-answer grades.
+        fastchat_lines: FastChat pairwise lines, whole (their games are also in `comparisons`).
         excluded: one record per line (or game) left out, malformed or unscored, in file and line order.
         file_problems: files that could not be read at all (missing, unreadable, not rows); never tolerated.
     """
@@ -184,6 +205,7 @@ class Judgments:
     comparisons: list[Comparison] = field(default_factory=list)
     scores: list[ScorePair] = field(default_factory=list)
     grades: list[Grade] = field(default_factory=list)
+    fastchat_lines: list[FastChatLine] = field(default_factory=list)
     excluded: list[Excluded] = field(default_factory=list)
     file_problems: list[Problem] = field(default_factory=list)
 
@@ -319,12 +341,8 @@ def parse_score_pair(row: dict) -> ScorePair:
                      category=_optional_text(row, "category"), judge=_optional_text(row, "judge"))
 
 
-def parse_fastchat_pair(row: dict) -> tuple[list[Comparison], int]:
-    """The games of a FastChat pairwise line, and how many of them were "error" (see the module docstring).
-
-    Returns:
-        (comparisons, failures): one `Comparison` per game the judge decided, `model_a` the model shown
-        first; `failures` counts the games whose verdict is "error".
+def parse_fastchat_pair(row: dict) -> FastChatLine:
+    """A FastChat pairwise line, checked (see the module docstring).
 
     Raises:
         JudgmentError: a field is missing or has the wrong type, or a verdict is not model_1, model_2,
@@ -338,10 +356,22 @@ def parse_fastchat_pair(row: dict) -> tuple[list[Comparison], int]:
         if verdict != FASTCHAT_ERROR and verdict not in _G1:
             raise JudgmentError(f"field `{key}` must be one of model_1, model_2, tie, error, got {verdict!r}",
                                 UNKNOWN_VERDICT)
-    games = [(model_1, model_2, _G1, verdicts[0]), (model_2, model_1, _G2, verdicts[1])]
-    if "m1_score" in row or "m2_score" in row:
-        games = games[:1]  # single-grading fallback: one judgment written twice, not two games
-    comparisons = [Comparison(question_id, first, second, mapping[verdict], judge=judge)
+    return FastChatLine(question_id, model_1, model_2, *verdicts, judge=judge,
+                        single_grading="m1_score" in row or "m2_score" in row)
+
+
+def fastchat_games(line: FastChatLine) -> tuple[list[Comparison], int]:
+    """The games of a FastChat pairwise line, and how many of them were "error".
+
+    Returns:
+        (comparisons, failures): one `Comparison` per game the judge decided, `model_a` the model shown
+        first; a single-grading line gives one (model_1 as `model_a`: it was one judgment with no
+        presentation order); `failures` counts the games whose verdict is "error".
+    """
+    games = [(line.model_1, line.model_2, _G1, line.g1_winner), (line.model_2, line.model_1, _G2, line.g2_winner)]
+    if line.single_grading:
+        games = games[:1]
+    comparisons = [Comparison(line.question_id, first, second, mapping[verdict], judge=line.judge)
                    for first, second, mapping, verdict in games if verdict != FASTCHAT_ERROR]
     return comparisons, len(games) - len(comparisons)
 
@@ -466,7 +496,9 @@ def _read_row(location: Location, row: object, result: Judgments) -> None:
             result.comparisons += [comparison] if comparison else []
             unscored(comparison is None, "no preference (null)")
         elif _is_fastchat_pair(row):
-            comparisons, failures = parse_fastchat_pair(row)
+            line = parse_fastchat_pair(row)
+            comparisons, failures = fastchat_games(line)
+            result.fastchat_lines.append(line)
             result.comparisons += comparisons
             unscored(failures, "a game the judge gave no verdict (FastChat `error`)")
         elif "model" in row:

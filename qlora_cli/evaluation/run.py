@@ -298,7 +298,7 @@ def score_files(files: list[Path], reference: str | None, out: Path, console, *,
     if judgments.scores and reference is None:
         console.print("[yellow]Score pairs found but no --reference: relative scores are left out.")
     result = score_report(judgments.comparisons, judgments.scores, reference, grades=judgments.grades,
-                          parse_failures=judgments.parse_failures)
+                          parse_failures=judgments.parse_failures, fastchat_lines=judgments.fastchat_lines)
     scored = len(judgments.comparisons) + len(judgments.scores) + len(judgments.grades)
     result.update(
         sources=[str(f) for f in files], comparisons=len(judgments.comparisons),

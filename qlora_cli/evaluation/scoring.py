@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .judgments import Comparison, Grade, ScorePair
+from .judgments import FASTCHAT_ERROR, Comparison, FastChatLine, Grade, ScorePair
 
 PERCENTILES = (2.5, 97.5)
 # model_a's result for each verdict: a tie is half a win for each side (Elo and Bradley-Terry alike).
@@ -292,6 +292,46 @@ def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: in
     return _table(models, 1000 + _ELO_PER_LOG * point, 1000 + _ELO_PER_LOG * samples)
 
 
+def fastchat_pairwise(lines: list[FastChatLine], baseline: str | None = None) -> dict:
+    """FastChat's own pairwise figures, as `show_result.py` (display_result_pairwise) computes them.
+
+    It scores LINES, not games: a line where either game is "error" is dropped whole; a line whose
+    game 1 is a tie, or whose two games disagree, is one tie for both models; otherwise the model both
+    games chose wins once. With `baseline` (its `--mode pairwise-baseline --baseline-model`), only the
+    lines with the baseline count and the baseline's own row is left out; without (`--mode pairwise-all`),
+    every line counts.
+
+    Returns:
+        {"mode": "pairwise-all" | "pairwise-baseline", "baseline", "lines": lines counted, "dropped": lines
+        dropped for an error game, "models": {model: {"win", "loss", "tie", "win_rate", "loss_rate",
+        "win_rate_adjusted"}}}, models by win_rate_adjusted, best first (then by name); rates are
+        fractions, as FastChat prints them; win_rate_adjusted = (win + tie / 2) / (win + loss + tie).
+    """
+    decided = [line for line in lines if FASTCHAT_ERROR not in (line.g1_winner, line.g2_winner)]
+    counted = [line for line in decided if baseline is None or baseline in (line.model_1, line.model_2)]
+    tally = defaultdict(lambda: {"win": 0, "loss": 0, "tie": 0})
+    for line in counted:
+        if line.g1_winner == "tie" or line.g1_winner != line.g2_winner:
+            tally[line.model_1]["tie"] += 1
+            tally[line.model_2]["tie"] += 1
+        else:
+            winner, loser = ((line.model_1, line.model_2) if line.g1_winner == "model_1"
+                             else (line.model_2, line.model_1))
+            tally[winner]["win"] += 1
+            tally[loser]["loss"] += 1
+    models = {}
+    for model, counts in tally.items():
+        if model == baseline:
+            continue
+        total = counts["win"] + counts["loss"] + counts["tie"]
+        models[model] = {**counts, "win_rate": counts["win"] / total, "loss_rate": counts["loss"] / total,
+                         "win_rate_adjusted": (counts["win"] + 0.5 * counts["tie"]) / total}
+    order = sorted(models, key=lambda model: (-models[model]["win_rate_adjusted"], model))
+    return {"mode": "pairwise-all" if baseline is None else "pairwise-baseline", "baseline": baseline,
+            "lines": len(counted), "dropped": len(lines) - len(decided),
+            "models": {model: models[model] for model in order}}
+
+
 def single_grades(grades: list[Grade], *, seed: int = 0, resamples: int = 1000) -> dict[str, dict]:
     """Each model's mean single-answer grade (FastChat's single mode), with a bootstrap 95% CI over questions.
 
@@ -323,15 +363,21 @@ def single_grades(grades: list[Grade], *, seed: int = 0, resamples: int = 1000) 
 
 def report(comparisons: list[Comparison], scores: list[ScorePair], reference: str | None, *, seed: int = 0,
            parse_failures: int = 0, permutations: int = 10000, resamples: int = 1000,
-           bt_resamples: int = 200, grades: list[Grade] = ()) -> dict:
+           bt_resamples: int = 200, grades: list[Grade] = (), fastchat_lines: list[FastChatLine] = ()) -> dict:
     """Every score in one JSON-ready dict.
 
     Returns:
         {"relative": {"reference", "models": relative_scores(...)} or None when there are no scores or
         no reference, "elo", "bradley_terry", "pairwise", "categories": category_win_rates(...),
-        "category_judgments", "single": single_grades(...) or {}, "parse_failures"}; the comparison
-        tables are {} when there are no comparisons.
+        "category_judgments", "single": single_grades(...) or {}, "fastchat": fastchat_pairwise(...) or
+        None when there are no FastChat pairwise lines, "parse_failures"}; the comparison tables are {}
+        when there are no comparisons. FastChat's figures are those of its pairwise-baseline mode when
+        `reference` is one of the models its lines compare, else those of its pairwise-all mode.
     """
+    fastchat = None
+    if fastchat_lines:
+        in_lines = {model for line in fastchat_lines for model in (line.model_1, line.model_2)}
+        fastchat = fastchat_pairwise(list(fastchat_lines), reference if reference in in_lines else None)
     relative = None
     if scores and reference:
         relative = {"reference": reference,
@@ -344,5 +390,6 @@ def report(comparisons: list[Comparison], scores: list[ScorePair], reference: st
         "categories": category_win_rates(comparisons),
         "category_judgments": category_judgments(comparisons),
         "single": single_grades(list(grades), seed=seed, resamples=resamples) if grades else {},
+        "fastchat": fastchat,
         "parse_failures": parse_failures,
     }
