@@ -269,6 +269,55 @@ def test_alpaca_eval_1_draws_and_jsonl(tmp_path):
     assert report["pairwise"]["my-model"]["win_rate"] == pytest.approx(0.75)
 
 
+def test_the_reference_compared_with_itself_scores_50_as_alpaca_eval_lists_it(tmp_path):
+    # AlpacaEval publishes its reference's own row this way (results/gpt4_1106_preview/...): generator_1 =
+    # generator_2, the same output twice, preference 1.5, which its annotator sets for identical outputs
+    # before asking any judge; a null preference beside identical outputs is therefore a draw too.
+    same = {"generator_2": "gpt4_1106_preview", "output_2": "The reference answer."}
+    annotations = [alpaca_annotation(f"Question {n}?", 1.5 if n else None, **same) for n in range(5)]
+    path = tmp_path / "results/gpt4_1106_preview/weighted_alpaca_eval_gpt4_turbo/annotations.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(annotations, indent=2), encoding="utf-8")
+    report = score([path], tmp_path / "self")
+    assert report["pairwise"] == {"gpt4_1106_preview": {"wins": 0, "ties": 5, "losses": 0, "games": 5,
+                                                        "judgments": 5, "win_rate": 0.5}}
+    assert report["judgments"]["scored"] == 5 and report["excluded"]["total"] == 0
+    # A model compared with itself says nothing about ratings.
+    assert report["elo"] == report["bradley_terry"] == {}
+    markdown = (tmp_path / "self" / "report.md").read_text()
+    assert "gpt4_1106_preview is compared with itself in 5 judgment(s)" in markdown
+    assert "| gpt4_1106_preview | - | - | - | - | 0 / 5 / 0 | 50.0% | 5 |" in markdown
+
+    # Beside another model's annotations: that model's figures are as without the self-comparison file.
+    other = write_lines(tmp_path / "my-model.jsonl", [alpaca_annotation("a", 2.0), alpaca_annotation("b", 1.75)])
+    alone, mixed = score([other], tmp_path / "alone"), score([path, other], tmp_path / "mixed")
+    assert mixed["pairwise"]["my-model"] == alone["pairwise"]["my-model"]
+    assert mixed["pairwise"]["my-model"]["win_rate"] == pytest.approx((1.0 + 0.75) / 2)
+    assert mixed["elo"] == alone["elo"] and set(mixed["elo"]) == {"gpt4_1106_preview", "my-model"}
+    # The reference's record holds its 5 draws with itself once each, and its 2 games with my-model.
+    assert mixed["pairwise"]["gpt4_1106_preview"]["judgments"] == 7
+    assert mixed["pairwise"]["gpt4_1106_preview"]["win_rate"] == pytest.approx((5 * 0.5 + 0 + 0.25) / 7)
+
+
+def test_identical_outputs_are_a_draw_whatever_the_preference(tmp_path):
+    path = write_lines(tmp_path / "annotations.jsonl", [
+        alpaca_annotation("a", 1.0, output_2="The reference answer."),  # the same text as output_1
+        alpaca_annotation("b", 2.0)])
+    model = score([path], tmp_path / "out")["pairwise"]["my-model"]
+    assert (model["wins"], model["ties"], model["losses"]) == (1, 1, 0)
+    assert model["win_rate"] == pytest.approx(0.75)
+
+
+def test_a_self_comparison_preference_counts_from_generator_2s_side(tmp_path):
+    # Two samples of one model, judged: AlpacaEval's row for generator_2 is the mean of preference - 1.
+    path = write_lines(tmp_path / "annotations.jsonl", [
+        alpaca_annotation(question, preference, generator_1="my-model")
+        for question, preference in (("a", 2.0), ("b", 1.75), ("c", 1.0))])
+    model = score([path], tmp_path / "out")["pairwise"]["my-model"]
+    assert (model["wins"], model["ties"], model["losses"], model["judgments"]) == (2, 0, 1, 3)
+    assert model["win_rate"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
+
+
 def test_layouts_mix_in_one_run(tmp_path):
     fastchat = write_lines(tmp_path / "fastchat.jsonl", [fastchat_pair(1, "model_1", "model_2")])
     plain = write_lines(tmp_path / "plain.jsonl", [

@@ -48,7 +48,11 @@ AlpacaEval annotations (annotations.json, a JSON array, or the same objects one 
   (`model_a`) with generator_2 whose `result` is that graded preference; AlpacaEval shows the two outputs
   in random order and the file does not record it, so here `model_a` is not the answer shown first. A
   null preference (the annotator gave none) is excluded as unscored. The instruction text is the
-  question id and `dataset` the category.
+  question id and `dataset` the category. When output_1 and output_2 are the same text the preference
+  is 1.5 whatever the file says, as AlpacaEval's annotator sets it before asking any judge
+  (PairwiseAnnotatorLocal._preprocess). AlpacaEval publishes its reference compared with itself this
+  way (generator_1 = generator_2, every preference 1.5) and lists it at 50.0: such a self-comparison is
+  kept, a `Comparison` whose `model_a` and `model_b` are the same model (the only layout that allows it).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ ARENA_HARD_BASELINES = {
 }
 ARENA_HARD_V01_BASELINE = "gpt-4-0314"
 ALPACA_PREFERENCE_RANGE = (1.0, 2.0)
+ALPACA_DRAW = 1.5
 ALPACA_OLD_DRAW = 0  # AlpacaEval 1 wrote draws as 0; its metrics still read 0 as 1.5
 
 # Reasons a line is left out; lines with the same reason are counted together.
@@ -106,7 +111,8 @@ NO_VERDICT = "judge gave no verdict"  # unscored, not malformed: the judging too
 @dataclass(frozen=True)
 class Comparison:
     """A pairwise verdict on one question; `model_a` is the answer the judge saw first (see the module
-    docstring for AlpacaEval, whose files do not record it).
+    docstring for AlpacaEval, whose files do not record it, and whose reference may be compared with
+    itself: `model_a` == `model_b`, which no other layout allows).
 
     Attributes:
         weight: how many games this verdict counts as (Arena-Hard's strong verdicts count as several).
@@ -444,19 +450,22 @@ def parse_arena_hard(row: dict) -> tuple[list[Comparison], int]:
 
 def parse_alpaca_eval(row: dict) -> Comparison | None:
     """An AlpacaEval annotation as a `Comparison` of generator_1 with generator_2, or None when its
-    preference is null (the annotator gave none).
+    preference is null (the annotator gave none). Identical outputs are a draw; generator_1 and
+    generator_2 may be the same model (see the module docstring).
 
     Raises:
         JudgmentError: a field is missing or has the wrong type, or the preference is outside 1..2 (and not 0).
     """
     question_id = _question_id(row, "instruction")
-    model_a, model_b = _two_models(row, "generator_1", "generator_2")
+    model_a, model_b = _name(row, "generator_1"), _name(row, "generator_2")  # the same for a self-comparison
     category, judge = _optional_text(row, "dataset"), _optional_text(row, "annotator")
     preference = row.get("preference")
+    if isinstance(row.get("output_1"), str) and row.get("output_1") == row.get("output_2"):
+        preference = ALPACA_DRAW  # identical outputs are a draw, as AlpacaEval's annotator decides them
     if preference is None or (isinstance(preference, float) and math.isnan(preference)):
         return None
     if isinstance(preference, (int, float)) and not isinstance(preference, bool) and preference == ALPACA_OLD_DRAW:
-        preference = 1.5
+        preference = ALPACA_DRAW
     preference = _number({"preference": preference}, "preference", *ALPACA_PREFERENCE_RANGE)
     result_a = 2.0 - preference  # preference - 1 is generator_2's chance of being the better one
     winner = "model_a" if result_a > 0.5 else "model_b" if result_a < 0.5 else "tie"

@@ -32,14 +32,15 @@ def tables(report: dict) -> list[Table]:
                           _num(entry.get("percent_model_first")), str(entry.get("questions", "")),
                           str(entry.get("judgments", "")))
         result.append(table)
-    if report.get("elo"):
+    if report.get("pairwise"):
         table = Table(title="Ratings (Elo: 10,000 orderings, K=32; Bradley-Terry: maximum likelihood)", title_justify="left")
         for column in ("model", "Elo", "95% CI", "Bradley-Terry", "95% CI", "wins", "ties", "losses",
                        "win rate per game", "judgments"):
             table.add_column(column, justify="right")
-        for model, entry in report["elo"].items():
-            bt, record = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
-            table.add_row(model, _num(entry["rating"]), _ci(entry), _num(bt.get("rating")), _ci(bt) if bt else "-",
+        for model in _rated_first(report):
+            entry, bt = report["elo"].get(model, {}), report["bradley_terry"].get(model, {})
+            record = report["pairwise"].get(model, {})
+            table.add_row(model, _num(entry.get("rating")), _ci(entry), _num(bt.get("rating")), _ci(bt),
                           _count(record.get("wins")), _count(record.get("ties")), _count(record.get("losses")),
                           f"{record.get('win_rate', 0):.1%}", str(record.get("judgments", "")))
         result.append(table)
@@ -80,6 +81,12 @@ def _fastchat_row(model: str, entry: dict) -> list[str]:
             *(f"{entry[key]:.6f}" for key in ("win_rate", "loss_rate", "win_rate_adjusted"))]
 
 
+def _rated_first(report: dict) -> list[str]:
+    """The models of the ratings table: by Elo, best first, then those with a record but no rating (a
+    model compared only with itself, AlpacaEval's reference row)."""
+    return list(report["elo"]) + [model for model in report["pairwise"] if model not in report["elo"]]
+
+
 def _count(value) -> str:
     """A win/tie/loss count; graded AlpacaEval preferences never make these fractional, weights are integers."""
     return "" if value is None else str(value)
@@ -111,13 +118,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {model} | {_num(e.get('percent'))} | {_ci(e)} | {_num(e.get('percent_reference_first'))} "
                          f"| {_num(e.get('percent_model_first'))} | {e.get('questions', '')} | {e.get('judgments', '')} |")
         lines.append("")
-    if report.get("elo"):
+    if report.get("pairwise"):
         lines += ["## Ratings", "",
                   "| model | Elo | 95% CI | Bradley-Terry | 95% CI | W / T / L | win rate per game | judgments |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for model, e in report["elo"].items():
-            bt, r = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
-            lines.append(f"| {model} | {_num(e['rating'])} | {_ci(e)} | {_num(bt.get('rating'))} | {_ci(bt) if bt else '-'} "
+        for model in _rated_first(report):
+            e, bt, r = report["elo"].get(model, {}), report["bradley_terry"].get(model, {}), report["pairwise"][model]
+            lines.append(f"| {model} | {_num(e.get('rating'))} | {_ci(e)} | {_num(bt.get('rating'))} | {_ci(bt)} "
                          f"| {r.get('wins', 0)} / {r.get('ties', 0)} / {r.get('losses', 0)} | {r.get('win_rate', 0):.1%} "
                          f"| {r.get('judgments', '')} |")
         lines.append("")

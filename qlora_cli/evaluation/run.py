@@ -272,6 +272,19 @@ def _shown(problems: list[Problem]) -> list[Problem | str]:
     return problems[:MAX_SHOWN_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
 
 
+def self_comparison_notes(comparisons: list[Comparison]) -> list[str]:
+    """A note per model compared with itself (AlpacaEval's reference row), saying how it is scored."""
+    counts: dict[str, int] = {}
+    for comparison in comparisons:
+        if comparison.model_a == comparison.model_b:
+            counts[comparison.model_a] = counts.get(comparison.model_a, 0) + 1
+    return [f"{model} is compared with itself in {count} judgment(s) (AlpacaEval's row for its reference): "
+            "identical outputs are draws (preference 1.5, as AlpacaEval's annotator sets them), so such a file "
+            "scores 50%, as AlpacaEval lists it; each counts once in the model's record, and not in Elo or "
+            "Bradley-Terry, which a model compared with itself tells nothing."
+            for model, count in sorted(counts.items())]
+
+
 def score_files(files: list[Path], reference: str | None, out: Path, console, *, strict: bool = False) -> dict:
     """`qlora eval score`: re-score judgment files made elsewhere (plain JSONL, FastChat, Arena-Hard-Auto,
     AlpacaEval).
@@ -301,6 +314,7 @@ def score_files(files: list[Path], reference: str | None, out: Path, console, *,
                           parse_failures=judgments.parse_failures, fastchat_lines=judgments.fastchat_lines)
     scored = len(judgments.comparisons) + len(judgments.scores) + len(judgments.grades)
     result.update(
+        notes=self_comparison_notes(judgments.comparisons),
         sources=[str(f) for f in files], comparisons=len(judgments.comparisons),
         score_pairs=len(judgments.scores), grades=len(judgments.grades),
         judgments={"read": judgments.read_count(), "scored": scored, "excluded": len(judgments.excluded),

@@ -105,7 +105,9 @@ def result_a(comparison: Comparison) -> float:
 def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
     """Wins, ties and losses of every model over all its comparisons, in name order.
 
-    A comparison of weight w counts as w games (Arena-Hard's strong verdicts).
+    A comparison of weight w counts as w games (Arena-Hard's strong verdicts). A model compared with
+    itself (AlpacaEval's reference row) counts it once, from model_b's side (generator_2, the model
+    AlpacaEval's row is about): a draw is then one tie and half a point, AlpacaEval's 50%.
 
     Returns:
         {model: {"wins", "ties", "losses", "games", "judgments", "win_rate"}}: `games` = wins + ties +
@@ -116,6 +118,9 @@ def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
     for comparison in comparisons:
         first, second = records[comparison.model_a], records[comparison.model_b]
         weight, share = comparison.weight, result_a(comparison)
+        if comparison.model_a == comparison.model_b:
+            _count_self_comparison(second, weight, 1 - share, comparison.winner)
+            continue
         first["judgments"] += 1
         second["judgments"] += 1
         first["points"] += weight * share
@@ -133,6 +138,18 @@ def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
         result[model] = {"wins": record["wins"], "ties": record["ties"], "losses": record["losses"],
                          "games": games, "judgments": record["judgments"], "win_rate": record["points"] / games}
     return result
+
+
+def _count_self_comparison(record: dict, weight: int, share: float, winner: str) -> None:
+    """Adds a comparison of a model with itself to its record once, as the model shown second (model_b)."""
+    record["judgments"] += 1
+    record["points"] += weight * share
+    record[{"tie": "ties", "model_b": "wins", "model_a": "losses"}[winner]] += weight
+
+
+def rated(comparisons: list[Comparison]) -> list[Comparison]:
+    """The comparisons of two different models: a model compared with itself tells nothing about ratings."""
+    return [c for c in comparisons if c.model_a != c.model_b]
 
 
 def category_win_rates(comparisons: list[Comparison]) -> dict[str, dict[str, float]]:
@@ -203,7 +220,8 @@ def elo(comparisons: list[Comparison], *, k: float = 32, initial: float = 1000, 
     ratings by k * (result - 1 / (1 + 10 ** ((Rb - Ra) / 400))), a tie scoring 0.5 for each side.
 
     Elo depends on the order of the games, so the comparisons are played in `permutations` random
-    orders and the final ratings summarised. A comparison of weight w is played as w games.
+    orders and the final ratings summarised. A comparison of weight w is played as w games; a model
+    compared with itself is left out.
 
     Returns:
         {model: {"rating": mean final rating, "ci95": [lo, hi] over the orders}}, best first; {} when
@@ -213,6 +231,7 @@ def elo(comparisons: list[Comparison], *, k: float = 32, initial: float = 1000, 
         ValueError: `permutations` is less than 1.
     """
     _check_positive(permutations=permutations)
+    comparisons = rated(comparisons)
     if not comparisons:
         return {}
     comparisons = _as_games(comparisons)
@@ -264,7 +283,7 @@ def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: in
     """Maximum-likelihood Bradley-Terry strengths (P(i beats j) = s_i / (s_i + s_j)), ties half a win each.
 
     Unlike Elo, the fit does not depend on the order of the games. A tiny L2 prior on log-strengths
-    (BT_PRIOR) keeps a model that always wins finite.
+    (BT_PRIOR) keeps a model that always wins finite. A model compared with itself is left out.
 
     Returns:
         {model: {"rating": 1000 + 400 * log10(s / geometric mean of s), "ci95": [lo, hi]}}, best first;
@@ -275,6 +294,7 @@ def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: in
         ValueError: `resamples` is less than 1.
     """
     _check_positive(resamples=resamples)
+    comparisons = rated(comparisons)
     if not comparisons:
         return {}
     models, first, second, result = _encode(comparisons)
