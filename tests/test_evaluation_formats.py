@@ -391,6 +391,26 @@ def test_nothing_usable_or_an_unreadable_file_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_whose_judgments_all_lack_a_verdict_exits_1_and_shows_the_judges_text(tmp_path, capsys):
+    # Valid lines, as FastChat writes them when the judge's replies held no [[A]]/[[B]]/[[C]]: the input
+    # is fine, but nothing can be scored.
+    path = write_lines(tmp_path / "gpt-4_pair.jsonl", [
+        fastchat_pair(81, "error", "error", g1_judgment="Both answers have merits.", g2_judgment="Hard to say."),
+        fastchat_pair(82, "error", "error")])
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "score", str(path), "--out", str(tmp_path / "out")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 1, err
+    assert f"Nothing was scored: the 4 judgment(s) in {path} were all recorded without a verdict" in err
+    assert (f'{path}:1: game 1: the judge gave no verdict (FastChat `error`); the judge wrote: '
+            f'"Both answers have merits."') in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["judgments"] == {"read": 4, "scored": 0, "excluded": 4, "malformed": 0, "unscored": 4}
+    assert report["fastchat"]["lines"] == 0 and report["fastchat"]["dropped"] == 2
+    assert 'game 2: the judge gave no verdict (FastChat `error`); the judge wrote: "Hard to say."' in (
+        tmp_path / "out" / "report.md").read_text()
+
+
 # --- answers for other tools' judges ----------------------------------------------------------------
 
 

@@ -242,6 +242,25 @@ class Judgments:
         return len(self.comparisons) + len(self.scores) + len(self.grades) + len(self.excluded)
 
 
+EXCERPT_CHARS = 240
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A judge's reply shortened to about `limit` characters for a message: whitespace runs made one space,
+    and a long reply cut in the middle, so that both how it starts and how it ends (where a verdict
+    belongs) show."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    head = limit * 2 // 3
+    return f"{flat[:head].rstrip()} [...] {flat[len(flat) - (limit - head):].lstrip()}"
+
+
+def _wrote(text: object) -> str:
+    """"; the judge wrote: ..." with the judge's text shortened, or "" when the line does not keep it."""
+    return f'; the judge wrote: "{excerpt(text)}"' if isinstance(text, str) and text.strip() else ""
+
+
 class JudgmentError(ValueError):
     """A line that is not a usable judgment; the message says why, `reason` which kind of problem it is."""
 
@@ -499,21 +518,28 @@ def _read_row(location: Location, row: object, result: Judgments) -> None:
         if _is_arena_hard(row):
             comparisons, failures = parse_arena_hard(row)
             result.comparisons += comparisons
-            unscored(failures, "a game with no verdict (null score)")
+            for number, game in enumerate(row["games"], start=1):
+                if game is None or game.get("score") is None:
+                    unscored(1, f"game {number} has no verdict (null score)"
+                                + _wrote(game.get("judgment") if game else None))
         elif _is_alpaca_eval(row):
             comparison = parse_alpaca_eval(row)
             result.comparisons += [comparison] if comparison else []
-            unscored(comparison is None, "no preference (null)")
+            unscored(comparison is None, "no preference (null)" + _wrote(row.get("raw_completion")))
         elif _is_fastchat_pair(row):
             line = parse_fastchat_pair(row)
-            comparisons, failures = fastchat_games(line)
+            comparisons, _ = fastchat_games(line)
             result.fastchat_lines.append(line)
             result.comparisons += comparisons
-            unscored(failures, "a game the judge gave no verdict (FastChat `error`)")
+            games = [(1, line.g1_winner)] + ([] if line.single_grading else [(2, line.g2_winner)])
+            for number, verdict in games:
+                if verdict == FASTCHAT_ERROR:
+                    unscored(1, f"game {number}: the judge gave no verdict (FastChat `error`)"
+                                + _wrote(row.get(f"g{number}_judgment")))
         elif "model" in row:
             grade = parse_fastchat_single(row)
             result.grades += [grade] if grade else []
-            unscored(grade is None, "no rating (FastChat score -1)")
+            unscored(grade is None, "no rating (FastChat score -1)" + _wrote(row.get("judgment")))
         elif "winner" in row or "score_a" in row or "score_b" in row:
             # Parse both before adding either, so a bad line adds nothing.
             comparison = parse_comparison(row) if "winner" in row else None
