@@ -341,7 +341,7 @@ def eval_run(
 @eval_app.command("score")
 def eval_score(
     files: Annotated[list[Path], typer.Argument(help="Judgment files (layout detected per line): plain JSONL, FastChat llm_judge (pairwise or single), Arena-Hard-Auto, AlpacaEval annotations.", show_default=False)],
-    reference: Annotated[Optional[str], typer.Option(help="The reference model for relative scores.")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="The reference model for relative scores, and the baseline of FastChat's pairwise figures (show_result.py --mode pairwise-baseline).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("eval-report"),
     strict: Annotated[bool, typer.Option("--strict", help="Refuse the files if any line is malformed or out of range, instead of leaving such lines out (and listing them).")] = False,
 ) -> None:

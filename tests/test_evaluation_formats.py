@@ -54,6 +54,75 @@ def test_fastchat_pairwise_file_round_trips(tmp_path):
     assert set(report["elo"]) == {"vicuna-13b", "alpaca-13b"}
 
 
+def fastchat_rates(win: int, loss: int, tie: int) -> dict:
+    """show_result.py's row for these counts, its three rates written out as it defines them."""
+    total = win + loss + tie
+    return {"win": win, "loss": loss, "tie": tie, "win_rate": pytest.approx(win / total),
+            "loss_rate": pytest.approx(loss / total), "win_rate_adjusted": pytest.approx((win + tie / 2) / total)}
+
+
+def test_fastchat_pair_file_gives_show_result_figures(tmp_path):
+    # FastChat's show_result.py (display_result_pairwise) scores each LINE once: a line with an `error`
+    # game is dropped; a line whose game 1 is a tie or whose games disagree is a tie for both models.
+    path = write_lines(tmp_path / "data/mt_bench/model_judgment/gpt-4_pair.jsonl", [
+        fastchat_pair(81, "model_1", "model_1"),            # vicuna wins
+        fastchat_pair(82, "model_2", "model_2"),            # alpaca wins
+        fastchat_pair(83, "tie", "tie"),                    # tie
+        fastchat_pair(84, "model_1", "model_2"),            # the games disagree: tie
+        fastchat_pair(85, "tie", "model_1"),                # game 1 a tie: tie
+        fastchat_pair(86, "model_2", "tie"),                # the games disagree: tie
+        fastchat_pair(87, "error", "model_1"),              # dropped
+        fastchat_pair(88, "model_1", "error"),              # dropped
+        fastchat_pair(89, "error", "error"),                # dropped
+        fastchat_pair(81, "model_1", "model_1", turn=2),    # vicuna wins (turn 2 of question 81)
+        fastchat_pair(90, "model_1", "model_1", model_2="llama-13b"),  # vicuna beats llama
+    ])
+    report = score([path], tmp_path / "all")
+    fastchat = report["fastchat"]
+    assert (fastchat["mode"], fastchat["baseline"], fastchat["lines"], fastchat["dropped"]) == ("pairwise-all", None, 8, 3)
+    assert fastchat["models"] == {"vicuna-13b": fastchat_rates(3, 1, 4), "alpaca-13b": fastchat_rates(1, 2, 4),
+                                  "llama-13b": fastchat_rates(0, 1, 0)}
+    assert list(fastchat["models"]) == ["vicuna-13b", "alpaca-13b", "llama-13b"]  # best win_rate_adjusted first
+    # Our own figure counts each game and keeps the decided game of a line with one error: of vicuna's 18
+    # games it won 10 (both games of 81, 81 turn 2 and 90; one of 84, 85, 87, 88), lost 4 and tied 4.
+    vicuna = report["pairwise"]["vicuna-13b"]
+    assert (vicuna["wins"], vicuna["ties"], vicuna["losses"]) == (10, 4, 4)
+    assert vicuna["win_rate"] == pytest.approx(12 / 18)
+    markdown = (tmp_path / "all" / "report.md").read_text()
+    assert "show_result.py --mode pairwise-all): 8 lines" in markdown
+    assert "| vicuna-13b | 3 | 1 | 4 | 0.375000 | 0.125000 | 0.625000 |" in markdown
+
+    # With a reference among the lines' models, the figures are those of --mode pairwise-baseline.
+    fastchat = score([path], tmp_path / "baseline", "--reference", "alpaca-13b")["fastchat"]
+    assert (fastchat["mode"], fastchat["baseline"], fastchat["lines"]) == ("pairwise-baseline", "alpaca-13b", 7)
+    assert fastchat["models"] == {"vicuna-13b": fastchat_rates(2, 1, 4)}
+    assert "--baseline-model alpaca-13b" in (tmp_path / "baseline" / "report.md").read_text()
+
+
+# The verdicts of a published MT-bench pair file, phi-3 vs phi-3-dpo judged by GPT-4 (github.com/Stefanstud/
+# FastChat at 1f5a7b81, fastchat/llm_judge/data/mt_bench/model_judgment/gpt-4_pair.jsonl, 75 lines), counted
+# per (g1_winner, g2_winner); model_1 is phi-3 on every line.
+PHI3_PAIR_VERDICTS = {("model_2", "model_2"): 20, ("model_1", "model_1"): 18, ("model_1", "model_2"): 16,
+                      ("tie", "tie"): 8, ("model_1", "tie"): 5, ("tie", "model_2"): 3, ("model_2", "model_1"): 2,
+                      ("model_2", "tie"): 1, ("model_1", "error"): 1, ("error", "error"): 1}
+
+
+def test_a_published_pair_file_scores_as_fastchat_prints_it(tmp_path):
+    verdicts = [pair for pair, count in PHI3_PAIR_VERDICTS.items() for _ in range(count)]
+    rows = [fastchat_pair(81 + number // 2, g1, g2, model_1="phi-3", model_2="phi-3-dpo", turn=1 + number % 2)
+            for number, (g1, g2) in enumerate(verdicts)]
+    report = score([write_lines(tmp_path / "gpt-4_pair.jsonl", rows)], tmp_path / "out")
+    fastchat = report["fastchat"]
+    # What `python show_result.py --mode pairwise-all --input-file gpt-4_pair.jsonl` (FastChat 0e6d3e4) prints
+    # for that file: phi-3-dpo 20 18 35 0.273973 0.246575 0.513699; phi-3 18 20 35 0.246575 0.273973 0.486301.
+    assert (fastchat["lines"], fastchat["dropped"]) == (73, 2)
+    assert [(model, e["win"], e["loss"], e["tie"], round(e["win_rate_adjusted"], 6))
+            for model, e in fastchat["models"].items()] == [("phi-3-dpo", 20, 18, 35, 0.513699),
+                                                            ("phi-3", 18, 20, 35, 0.486301)]
+    # Per game, keeping the decided game of the line with one error, phi-3 has 49.32%.
+    assert round(100 * report["pairwise"]["phi-3"]["win_rate"], 2) == 49.32
+
+
 def test_fastchat_single_grades_round_trip(tmp_path):
     judge = ["gpt-4", "single-v1-multi-turn"]
     rows = [
@@ -200,6 +269,55 @@ def test_alpaca_eval_1_draws_and_jsonl(tmp_path):
     assert report["pairwise"]["my-model"]["win_rate"] == pytest.approx(0.75)
 
 
+def test_the_reference_compared_with_itself_scores_50_as_alpaca_eval_lists_it(tmp_path):
+    # AlpacaEval publishes its reference's own row this way (results/gpt4_1106_preview/...): generator_1 =
+    # generator_2, the same output twice, preference 1.5, which its annotator sets for identical outputs
+    # before asking any judge; a null preference beside identical outputs is therefore a draw too.
+    same = {"generator_2": "gpt4_1106_preview", "output_2": "The reference answer."}
+    annotations = [alpaca_annotation(f"Question {n}?", 1.5 if n else None, **same) for n in range(5)]
+    path = tmp_path / "results/gpt4_1106_preview/weighted_alpaca_eval_gpt4_turbo/annotations.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(annotations, indent=2), encoding="utf-8")
+    report = score([path], tmp_path / "self")
+    assert report["pairwise"] == {"gpt4_1106_preview": {"wins": 0, "ties": 5, "losses": 0, "games": 5,
+                                                        "judgments": 5, "win_rate": 0.5}}
+    assert report["judgments"]["scored"] == 5 and report["excluded"]["total"] == 0
+    # A model compared with itself says nothing about ratings.
+    assert report["elo"] == report["bradley_terry"] == {}
+    markdown = (tmp_path / "self" / "report.md").read_text()
+    assert "gpt4_1106_preview is compared with itself in 5 judgment(s)" in markdown
+    assert "| gpt4_1106_preview | - | - | - | - | 0 / 5 / 0 | 50.0% | 5 |" in markdown
+
+    # Beside another model's annotations: that model's figures are as without the self-comparison file.
+    other = write_lines(tmp_path / "my-model.jsonl", [alpaca_annotation("a", 2.0), alpaca_annotation("b", 1.75)])
+    alone, mixed = score([other], tmp_path / "alone"), score([path, other], tmp_path / "mixed")
+    assert mixed["pairwise"]["my-model"] == alone["pairwise"]["my-model"]
+    assert mixed["pairwise"]["my-model"]["win_rate"] == pytest.approx((1.0 + 0.75) / 2)
+    assert mixed["elo"] == alone["elo"] and set(mixed["elo"]) == {"gpt4_1106_preview", "my-model"}
+    # The reference's record holds its 5 draws with itself once each, and its 2 games with my-model.
+    assert mixed["pairwise"]["gpt4_1106_preview"]["judgments"] == 7
+    assert mixed["pairwise"]["gpt4_1106_preview"]["win_rate"] == pytest.approx((5 * 0.5 + 0 + 0.25) / 7)
+
+
+def test_identical_outputs_are_a_draw_whatever_the_preference(tmp_path):
+    path = write_lines(tmp_path / "annotations.jsonl", [
+        alpaca_annotation("a", 1.0, output_2="The reference answer."),  # the same text as output_1
+        alpaca_annotation("b", 2.0)])
+    model = score([path], tmp_path / "out")["pairwise"]["my-model"]
+    assert (model["wins"], model["ties"], model["losses"]) == (1, 1, 0)
+    assert model["win_rate"] == pytest.approx(0.75)
+
+
+def test_a_self_comparison_preference_counts_from_generator_2s_side(tmp_path):
+    # Two samples of one model, judged: AlpacaEval's row for generator_2 is the mean of preference - 1.
+    path = write_lines(tmp_path / "annotations.jsonl", [
+        alpaca_annotation(question, preference, generator_1="my-model")
+        for question, preference in (("a", 2.0), ("b", 1.75), ("c", 1.0))])
+    model = score([path], tmp_path / "out")["pairwise"]["my-model"]
+    assert (model["wins"], model["ties"], model["losses"], model["judgments"]) == (2, 0, 1, 3)
+    assert model["win_rate"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
+
+
 def test_layouts_mix_in_one_run(tmp_path):
     fastchat = write_lines(tmp_path / "fastchat.jsonl", [fastchat_pair(1, "model_1", "model_2")])
     plain = write_lines(tmp_path / "plain.jsonl", [
@@ -271,6 +389,26 @@ def test_nothing_usable_or_an_unreadable_file_is_an_error(tmp_path, capsys):
         main(["eval", "score", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")])
     assert exited.value.code == 2 and "no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_whose_judgments_all_lack_a_verdict_exits_1_and_shows_the_judges_text(tmp_path, capsys):
+    # Valid lines, as FastChat writes them when the judge's replies held no [[A]]/[[B]]/[[C]]: the input
+    # is fine, but nothing can be scored.
+    path = write_lines(tmp_path / "gpt-4_pair.jsonl", [
+        fastchat_pair(81, "error", "error", g1_judgment="Both answers have merits.", g2_judgment="Hard to say."),
+        fastchat_pair(82, "error", "error")])
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "score", str(path), "--out", str(tmp_path / "out")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 1, err
+    assert f"Nothing was scored: the 4 judgment(s) in {path} were all recorded without a verdict" in err
+    assert (f'{path}:1: game 1: the judge gave no verdict (FastChat `error`); the judge wrote: '
+            f'"Both answers have merits."') in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["judgments"] == {"read": 4, "scored": 0, "excluded": 4, "malformed": 0, "unscored": 4}
+    assert report["fastchat"]["lines"] == 0 and report["fastchat"]["dropped"] == 2
+    assert 'game 2: the judge gave no verdict (FastChat `error`); the judge wrote: "Hard to say."' in (
+        tmp_path / "out" / "report.md").read_text()
 
 
 # --- answers for other tools' judges ----------------------------------------------------------------

@@ -141,18 +141,22 @@ def no_proxies(monkeypatch) -> None:
 
 class SlowEngine:
     """`qlora serve`'s engine with a pause before each reply and a count of the replies it generated,
-    so that a run can be interrupted while the judge is busy."""
+    so that a run can be interrupted while the judge is busy. The tiny model never writes a verdict, so
+    `verdict` is appended to each reply, which a pairwise prompt's parser then reads."""
 
-    def __init__(self, engine, pause: float = 0.0):
-        self.engine, self.pause, self.replies = engine, pause, 0
+    def __init__(self, engine, pause: float = 0.0, verdict: str = "\n[[A]]"):
+        self.engine, self.pause, self.replies, self.verdict = engine, pause, 0, verdict
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
     def complete(self, *args, **kwargs):
+        import dataclasses
+
         time.sleep(self.pause)
         self.replies += 1
-        return self.engine.complete(*args, **kwargs)
+        generated = self.engine.complete(*args, **kwargs)
+        return dataclasses.replace(generated, text=generated.text + self.verdict)
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +186,10 @@ def test_eval_with_a_served_judge(run_dir, judge_engine, tmp_path, monkeypatch, 
     calls = report["judge_calls"]
     assert calls["total"] == 8 and calls["made"] == engine.replies > 0 and calls["made"] + calls["cached"] == 8
     assert calls["prompt_tokens"] > 0  # the server's usage counts came back
-    # The tiny judge rarely writes a verdict: every game is scored or counted as unparsable, none lost.
-    assert report["judgments"]["scored"] + report["parse_failures"] == 8
+    # Every game is scored or counted as unparsable, none lost: the pairwise replies end with the verdict
+    # the engine appends; the relative ones hold no scores, and the report says so.
+    assert report["judgments"]["scored"] == 4 and report["parse_failures"] == 4
+    assert [note.split(":")[0] for note in report["notes"]] == ["No relative judgment was scored"]
     assert "No API key sent" in capsys.readouterr().out
 
 
@@ -393,3 +399,83 @@ def test_ctrl_c_anywhere_in_a_command_exits_130_with_a_word(monkeypatch, capsys)
     with pytest.raises(SystemExit) as exited:
         main(["eval", "score", "judgments.jsonl"])
     assert exited.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+class ScriptedJudge:
+    """An HTTP judge's opener that answers every chat completion without a network: `reply(prompt)` gives
+    the text of each reply; records the prompts."""
+
+    def __init__(self, reply):
+        self.reply, self.prompts = reply, []
+
+    def open(self, request, timeout=None):
+        import io
+
+        prompt = json.loads(request.data)["messages"][0]["content"]
+        self.prompts.append(prompt)
+        body = {"choices": [{"message": {"role": "assistant", "content": self.reply(prompt)}}],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 12}}
+        return io.BytesIO(json.dumps(body).encode())
+
+
+RAMBLING = ("Both assistants answer the question. Assistant A is more detailed, while Assistant B is shorter "
+            "and easier to read; each has strengths, and which one is better depends on what the user wants.")
+
+
+def judged_by(monkeypatch, tiny_model_dir, out, reply, *extra: str) -> ScriptedJudge:
+    """`qlora eval run` of the tiny model against answers written beforehand (no model is loaded), with a
+    judge on this machine that answers `reply(prompt)`; 3 questions, so 6 games per mode."""
+    import qlora_cli.evaluation.http_judge as http_judge
+    from qlora_cli.evaluation.questions import read_questions
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    judge = ScriptedJudge(reply)
+    monkeypatch.setattr(http_judge, "_OPENER", judge)
+    questions = read_questions(None)[:3]
+    write_answers(out / "answers" / f"{tiny_model_dir.name}.jsonl", tiny_model_dir.name, questions)
+    write_answers(out / "answers" / "other-bot.jsonl", "other-bot", questions)
+    main(["eval", str(tiny_model_dir), "--baseline", "other-bot", "--limit", "3", "--judge", "http://127.0.0.1:9/v1",
+          "--judge-model", "judge", "--out", str(out), *extra])
+    return judge
+
+
+def test_an_evaluation_that_scores_nothing_says_why_and_exits_1(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exited:
+        judged_by(monkeypatch, tiny_model_dir, out, lambda prompt: RAMBLING)
+    captured = capsys.readouterr()
+    assert exited.value.code == 1, captured.err
+    err = " ".join(captured.err.split())  # the console wraps long lines
+    assert "Nothing was scored: none of the judge's 12 replies held a first line `Score A: <1-10> Score B: " \
+           "<1-10>` (relative) or a verdict [[A]], [[B]] or [[C]] (pairwise)" in err
+    assert f'shown first: "{RAMBLING}"' in err  # one of the judge's replies, so the user sees why
+    assert "judge_cache.jsonl" in err and "Traceback" not in err
+    # The report is written whole and says the same.
+    report = json.loads((out / "report.json").read_text())
+    assert report["judgments"]["scored"] == 0 and report["judgments"]["unscored"] == 12
+    assert report["unread_replies"]["pairwise"]["unread"] == 6
+    assert report["unread_replies"]["relative"]["example"]["reply"] == RAMBLING
+    markdown = (out / "report.md").read_text()
+    assert "No pairwise judgment was scored: none of the judge's 6 pairwise replies held" in markdown
+    assert "No relative judgment was scored" in markdown
+
+
+def test_a_long_reply_is_shown_shortened_in_the_middle(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    long_reply = "I will compare them.\n\n" + "Assistant A explains the idea at length. " * 200 + "I cannot decide."
+    with pytest.raises(SystemExit) as exited:
+        judged_by(monkeypatch, tiny_model_dir, tmp_path / "eval", lambda prompt: long_reply, "--mode", "pairwise")
+    err = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 1
+    assert "none of the judge's 6 replies held a verdict [[A]], [[B]] or [[C]] (pairwise)" in err
+    assert '"I will compare them. Assistant A explains' in err and '[...]' in err and 'I cannot decide."' in err
+    assert len(err) < 1500  # not the 8,000-character reply
+
+
+def test_a_mode_that_scores_nothing_is_noted_and_the_run_still_succeeds(tiny_model_dir, tmp_path, monkeypatch):
+    # Verdicts for the pairwise prompt, none for the relative one: the pairwise figures stand.
+    judge = judged_by(monkeypatch, tiny_model_dir, tmp_path / "eval",
+                      lambda prompt: "[[A]]" if "[[A]]" in prompt else RAMBLING)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert len(judge.prompts) == 12 and report["judgments"]["scored"] == 6
+    assert report["pairwise"][tiny_model_dir.name]["games"] == 6
+    assert [note.split(":")[0] for note in report["notes"]] == ["No relative judgment was scored"]

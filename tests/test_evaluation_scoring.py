@@ -308,6 +308,11 @@ def test_fastchat_pairwise_lines_give_one_comparison_per_game(tmp_path):
     ]
     assert result.parse_failures == 3
     assert pairwise_records(result.comparisons[:2])["m1"]["win_rate"] == 1.0
+    # Each line is also kept whole, verdicts as written, for FastChat's own line-by-line figures.
+    assert [(line.question_id, line.g1_winner, line.g2_winner, line.single_grading)
+            for line in result.fastchat_lines] == [("81", "model_1", "model_1", False), ("82", "tie", "model_2", False),
+                                                   ("83", "error", "model_2", False), ("84", "error", "error", False),
+                                                   ("85", "model_2", "model_2", True)]
 
 
 def test_fastchat_single_grading_lines(tmp_path):

@@ -95,8 +95,9 @@ def judge_pairs(judge: Judge, questions: list[Question], answers: dict[str, dict
     Returns:
         (judgments, parse_failures, calls): one judgment per reply the parser read, in game order; how
         many replies it could not read (never scored); and one dict per game, {question_id, model_a,
-        model_b, judge, seconds, prompt_tokens, completion_tokens, cached}, `cached` True when this run
-        made no call for it (its seconds and tokens are then those of the call that did).
+        model_b, judge, seconds, prompt_tokens, completion_tokens, cached, parsed}, `cached` True when this
+        run made no call for it (its seconds and tokens are then those of the call that did), `parsed`
+        False when the reply held no judgment, and then `reply`, the reply's text.
 
     Raises:
         UserError: answers are missing. JudgeError: some calls failed; the others are cached first, so
@@ -139,5 +140,8 @@ def judge_pairs(judge: Judge, questions: list[Question], answers: dict[str, dict
                       "completion_tokens": record.get("completion_tokens"), "cached": key not in made})
         made.discard(key)  # a second game with the same key made no call of its own
         judgment = judgment_of(mode, record["text"], question, a, b, judge.name)
+        calls[-1]["parsed"] = judgment is not None
+        if judgment is None:
+            calls[-1]["reply"] = record["text"]  # so that a run that scores nothing can show why
         judgments += [judgment] if judgment is not None else []
     return judgments, len(games) - len(judgments), calls

@@ -15,9 +15,10 @@ FastChat `llm_judge` output (fastchat/llm_judge/common.py, `play_a_match_pair` /
     model_2's answer first; FastChat maps both verdicts back to model names before writing them, so
     both `g1_winner` and `g2_winner` are "model_1" | "model_2" | "tie" | "error". Each game becomes one
     `Comparison` whose `model_a` is the model shown first. An "error" game (the judge's reply had no
-    [[A]]/[[B]]/[[C]] verdict) is excluded as unscored and the line's other game is kept;
-    FastChat's own show_result.py instead drops the whole line, and counts two disagreeing games as one
-    tie, which keeping both games as they are does on average as well.
+    [[A]]/[[B]]/[[C]] verdict) is excluded as unscored and the line's other game is kept.
+    Each line is also kept whole as a `FastChatLine`, because FastChat's own show_result.py scores
+    lines, not games: it drops a line when either game is an error and counts a line whose two games
+    disagree as one tie (scoring.fastchat_pairwise reproduces it).
   * Pairwise lines written by FastChat's single-grading fallback carry `m1_score`/`m2_score` and the
     same verdict in both games: it was one judgment with no presentation order, so it gives ONE
     `Comparison` (model_1 as `model_a`).
@@ -47,7 +48,11 @@ AlpacaEval annotations (annotations.json, a JSON array, or the same objects one 
   (`model_a`) with generator_2 whose `result` is that graded preference; AlpacaEval shows the two outputs
   in random order and the file does not record it, so here `model_a` is not the answer shown first. A
   null preference (the annotator gave none) is excluded as unscored. The instruction text is the
-  question id and `dataset` the category.
+  question id and `dataset` the category. When output_1 and output_2 are the same text the preference
+  is 1.5 whatever the file says, as AlpacaEval's annotator sets it before asking any judge
+  (PairwiseAnnotatorLocal._preprocess). AlpacaEval publishes its reference compared with itself this
+  way (generator_1 = generator_2, every preference 1.5) and lists it at 50.0: such a self-comparison is
+  kept, a `Comparison` whose `model_a` and `model_b` are the same model (the only layout that allows it).
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ ARENA_HARD_BASELINES = {
 }
 ARENA_HARD_V01_BASELINE = "gpt-4-0314"
 ALPACA_PREFERENCE_RANGE = (1.0, 2.0)
+ALPACA_DRAW = 1.5
 ALPACA_OLD_DRAW = 0  # AlpacaEval 1 wrote draws as 0; its metrics still read 0 as 1.5
 
 # Reasons a line is left out; lines with the same reason are counted together.
@@ -105,7 +111,8 @@ NO_VERDICT = "judge gave no verdict"  # unscored, not malformed: the judging too
 @dataclass(frozen=True)
 class Comparison:
     """A pairwise verdict on one question; `model_a` is the answer the judge saw first (see the module
-    docstring for AlpacaEval, whose files do not record it).
+    docstring for AlpacaEval, whose files do not record it, and whose reference may be compared with
+    itself: `model_a` == `model_b`, which no other layout allows).
 
     Attributes:
         weight: how many games this verdict counts as (Arena-Hard's strong verdicts count as several).
@@ -134,6 +141,25 @@ class ScorePair:
     score_b: float
     category: str | None = None
     judge: str | None = None
+
+
+@dataclass(frozen=True)
+class FastChatLine:
+    """One FastChat pairwise line as its show_result.py reads it: the two verdicts as written.
+
+    Attributes:
+        g1_winner: game 1's verdict (model_1 shown first): "model_1" | "model_2" | "tie" | "error".
+        g2_winner: game 2's verdict (model_2 shown first), in the same model_1/model_2 terms.
+        single_grading: written by FastChat's single-grading fallback (one verdict written twice).
+    """
+
+    question_id: str
+    model_1: str
+    model_2: str
+    g1_winner: str
+    g2_winner: str
+    judge: str | None = None
+    single_grading: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,6 +203,7 @@ class Judgments:
         comparisons: pairwise verdicts.
         scores: relative score pairs.
         grades: single-answer grades.
+        fastchat_lines: FastChat pairwise lines, whole (their games are also in `comparisons`).
         excluded: one record per line (or game) left out, malformed or unscored, in file and line order.
         file_problems: files that could not be read at all (missing, unreadable, not rows); never tolerated.
     """
@@ -184,6 +211,7 @@ class Judgments:
     comparisons: list[Comparison] = field(default_factory=list)
     scores: list[ScorePair] = field(default_factory=list)
     grades: list[Grade] = field(default_factory=list)
+    fastchat_lines: list[FastChatLine] = field(default_factory=list)
     excluded: list[Excluded] = field(default_factory=list)
     file_problems: list[Problem] = field(default_factory=list)
 
@@ -212,6 +240,25 @@ class Judgments:
     def read_count(self) -> int:
         """How many judgments were read, scored or not (a FastChat line counts once per game)."""
         return len(self.comparisons) + len(self.scores) + len(self.grades) + len(self.excluded)
+
+
+EXCERPT_CHARS = 240
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A judge's reply shortened to about `limit` characters for a message: whitespace runs made one space,
+    and a long reply cut in the middle, so that both how it starts and how it ends (where a verdict
+    belongs) show."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    head = limit * 2 // 3
+    return f"{flat[:head].rstrip()} [...] {flat[len(flat) - (limit - head):].lstrip()}"
+
+
+def _wrote(text: object) -> str:
+    """"; the judge wrote: ..." with the judge's text shortened, or "" when the line does not keep it."""
+    return f'; the judge wrote: "{excerpt(text)}"' if isinstance(text, str) and text.strip() else ""
 
 
 class JudgmentError(ValueError):
@@ -319,12 +366,8 @@ def parse_score_pair(row: dict) -> ScorePair:
                      category=_optional_text(row, "category"), judge=_optional_text(row, "judge"))
 
 
-def parse_fastchat_pair(row: dict) -> tuple[list[Comparison], int]:
-    """The games of a FastChat pairwise line, and how many of them were "error" (see the module docstring).
-
-    Returns:
-        (comparisons, failures): one `Comparison` per game the judge decided, `model_a` the model shown
-        first; `failures` counts the games whose verdict is "error".
+def parse_fastchat_pair(row: dict) -> FastChatLine:
+    """A FastChat pairwise line, checked (see the module docstring).
 
     Raises:
         JudgmentError: a field is missing or has the wrong type, or a verdict is not model_1, model_2,
@@ -338,10 +381,22 @@ def parse_fastchat_pair(row: dict) -> tuple[list[Comparison], int]:
         if verdict != FASTCHAT_ERROR and verdict not in _G1:
             raise JudgmentError(f"field `{key}` must be one of model_1, model_2, tie, error, got {verdict!r}",
                                 UNKNOWN_VERDICT)
-    games = [(model_1, model_2, _G1, verdicts[0]), (model_2, model_1, _G2, verdicts[1])]
-    if "m1_score" in row or "m2_score" in row:
-        games = games[:1]  # single-grading fallback: one judgment written twice, not two games
-    comparisons = [Comparison(question_id, first, second, mapping[verdict], judge=judge)
+    return FastChatLine(question_id, model_1, model_2, *verdicts, judge=judge,
+                        single_grading="m1_score" in row or "m2_score" in row)
+
+
+def fastchat_games(line: FastChatLine) -> tuple[list[Comparison], int]:
+    """The games of a FastChat pairwise line, and how many of them were "error".
+
+    Returns:
+        (comparisons, failures): one `Comparison` per game the judge decided, `model_a` the model shown
+        first; a single-grading line gives one (model_1 as `model_a`: it was one judgment with no
+        presentation order); `failures` counts the games whose verdict is "error".
+    """
+    games = [(line.model_1, line.model_2, _G1, line.g1_winner), (line.model_2, line.model_1, _G2, line.g2_winner)]
+    if line.single_grading:
+        games = games[:1]
+    comparisons = [Comparison(line.question_id, first, second, mapping[verdict], judge=line.judge)
                    for first, second, mapping, verdict in games if verdict != FASTCHAT_ERROR]
     return comparisons, len(games) - len(comparisons)
 
@@ -414,19 +469,22 @@ def parse_arena_hard(row: dict) -> tuple[list[Comparison], int]:
 
 def parse_alpaca_eval(row: dict) -> Comparison | None:
     """An AlpacaEval annotation as a `Comparison` of generator_1 with generator_2, or None when its
-    preference is null (the annotator gave none).
+    preference is null (the annotator gave none). Identical outputs are a draw; generator_1 and
+    generator_2 may be the same model (see the module docstring).
 
     Raises:
         JudgmentError: a field is missing or has the wrong type, or the preference is outside 1..2 (and not 0).
     """
     question_id = _question_id(row, "instruction")
-    model_a, model_b = _two_models(row, "generator_1", "generator_2")
+    model_a, model_b = _name(row, "generator_1"), _name(row, "generator_2")  # the same for a self-comparison
     category, judge = _optional_text(row, "dataset"), _optional_text(row, "annotator")
     preference = row.get("preference")
+    if isinstance(row.get("output_1"), str) and row.get("output_1") == row.get("output_2"):
+        preference = ALPACA_DRAW  # identical outputs are a draw, as AlpacaEval's annotator decides them
     if preference is None or (isinstance(preference, float) and math.isnan(preference)):
         return None
     if isinstance(preference, (int, float)) and not isinstance(preference, bool) and preference == ALPACA_OLD_DRAW:
-        preference = 1.5
+        preference = ALPACA_DRAW
     preference = _number({"preference": preference}, "preference", *ALPACA_PREFERENCE_RANGE)
     result_a = 2.0 - preference  # preference - 1 is generator_2's chance of being the better one
     winner = "model_a" if result_a > 0.5 else "model_b" if result_a < 0.5 else "tie"
@@ -460,19 +518,28 @@ def _read_row(location: Location, row: object, result: Judgments) -> None:
         if _is_arena_hard(row):
             comparisons, failures = parse_arena_hard(row)
             result.comparisons += comparisons
-            unscored(failures, "a game with no verdict (null score)")
+            for number, game in enumerate(row["games"], start=1):
+                if game is None or game.get("score") is None:
+                    unscored(1, f"game {number} has no verdict (null score)"
+                                + _wrote(game.get("judgment") if game else None))
         elif _is_alpaca_eval(row):
             comparison = parse_alpaca_eval(row)
             result.comparisons += [comparison] if comparison else []
-            unscored(comparison is None, "no preference (null)")
+            unscored(comparison is None, "no preference (null)" + _wrote(row.get("raw_completion")))
         elif _is_fastchat_pair(row):
-            comparisons, failures = parse_fastchat_pair(row)
+            line = parse_fastchat_pair(row)
+            comparisons, _ = fastchat_games(line)
+            result.fastchat_lines.append(line)
             result.comparisons += comparisons
-            unscored(failures, "a game the judge gave no verdict (FastChat `error`)")
+            games = [(1, line.g1_winner)] + ([] if line.single_grading else [(2, line.g2_winner)])
+            for number, verdict in games:
+                if verdict == FASTCHAT_ERROR:
+                    unscored(1, f"game {number}: the judge gave no verdict (FastChat `error`)"
+                                + _wrote(row.get(f"g{number}_judgment")))
         elif "model" in row:
             grade = parse_fastchat_single(row)
             result.grades += [grade] if grade else []
-            unscored(grade is None, "no rating (FastChat score -1)")
+            unscored(grade is None, "no rating (FastChat score -1)" + _wrote(row.get("judgment")))
         elif "winner" in row or "score_a" in row or "score_b" in row:
             # Parse both before adding either, so a bad line adds nothing.
             comparison = parse_comparison(row) if "winner" in row else None

@@ -32,16 +32,25 @@ def tables(report: dict) -> list[Table]:
                           _num(entry.get("percent_model_first")), str(entry.get("questions", "")),
                           str(entry.get("judgments", "")))
         result.append(table)
-    if report.get("elo"):
+    if report.get("pairwise"):
         table = Table(title="Ratings (Elo: 10,000 orderings, K=32; Bradley-Terry: maximum likelihood)", title_justify="left")
-        for column in ("model", "Elo", "95% CI", "Bradley-Terry", "95% CI", "wins", "ties", "losses", "win rate",
-                       "judgments"):
+        for column in ("model", "Elo", "95% CI", "Bradley-Terry", "95% CI", "wins", "ties", "losses",
+                       "win rate per game", "judgments"):
             table.add_column(column, justify="right")
-        for model, entry in report["elo"].items():
-            bt, record = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
-            table.add_row(model, _num(entry["rating"]), _ci(entry), _num(bt.get("rating")), _ci(bt) if bt else "-",
+        for model in _rated_first(report):
+            entry, bt = report["elo"].get(model, {}), report["bradley_terry"].get(model, {})
+            record = report["pairwise"].get(model, {})
+            table.add_row(model, _num(entry.get("rating")), _ci(entry), _num(bt.get("rating")), _ci(bt),
                           _count(record.get("wins")), _count(record.get("ties")), _count(record.get("losses")),
                           f"{record.get('win_rate', 0):.1%}", str(record.get("judgments", "")))
+        result.append(table)
+    fastchat = report.get("fastchat")
+    if fastchat and fastchat["models"]:
+        table = Table(title=_fastchat_title(fastchat), title_justify="left")
+        for column in FASTCHAT_COLUMNS:
+            table.add_column(column, justify="right")
+        for model, entry in fastchat["models"].items():
+            table.add_row(*_fastchat_row(model, entry))
         result.append(table)
     if report.get("single"):
         table = Table(title="Single-answer grades (mean of the judge's 0-10 ratings)", title_justify="left")
@@ -52,6 +61,30 @@ def tables(report: dict) -> list[Table]:
                           str(entry["judgments"]))
         result.append(table)
     return result
+
+
+FASTCHAT_COLUMNS = ("model", "win", "loss", "tie", "win_rate", "loss_rate", "win_rate_adjusted")
+
+
+def _fastchat_title(fastchat: dict) -> str:
+    """What the FastChat table is: the command of FastChat's that prints the same figures, and what it counted."""
+    command = "show_result.py --mode " + fastchat["mode"]
+    if fastchat["baseline"]:
+        command += f" --baseline-model {fastchat['baseline']}"
+    return (f"FastChat's own figures ({command}): {fastchat['lines']} lines, each one win, loss or tie; "
+            f"{fastchat['dropped']} line(s) with an `error` game dropped")
+
+
+def _fastchat_row(model: str, entry: dict) -> list[str]:
+    # Six decimals, as FastChat's pandas table prints them, so the two can be compared digit by digit.
+    return [model, str(entry["win"]), str(entry["loss"]), str(entry["tie"]),
+            *(f"{entry[key]:.6f}" for key in ("win_rate", "loss_rate", "win_rate_adjusted"))]
+
+
+def _rated_first(report: dict) -> list[str]:
+    """The models of the ratings table: by Elo, best first, then those with a record but no rating (a
+    model compared only with itself, AlpacaEval's reference row)."""
+    return list(report["elo"]) + [model for model in report["pairwise"] if model not in report["elo"]]
 
 
 def _count(value) -> str:
@@ -85,15 +118,22 @@ def markdown(report: dict) -> str:
             lines.append(f"| {model} | {_num(e.get('percent'))} | {_ci(e)} | {_num(e.get('percent_reference_first'))} "
                          f"| {_num(e.get('percent_model_first'))} | {e.get('questions', '')} | {e.get('judgments', '')} |")
         lines.append("")
-    if report.get("elo"):
+    if report.get("pairwise"):
         lines += ["## Ratings", "",
-                  "| model | Elo | 95% CI | Bradley-Terry | 95% CI | W / T / L | win rate | judgments |",
+                  "| model | Elo | 95% CI | Bradley-Terry | 95% CI | W / T / L | win rate per game | judgments |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for model, e in report["elo"].items():
-            bt, r = report["bradley_terry"].get(model, {}), report["pairwise"].get(model, {})
-            lines.append(f"| {model} | {_num(e['rating'])} | {_ci(e)} | {_num(bt.get('rating'))} | {_ci(bt) if bt else '-'} "
+        for model in _rated_first(report):
+            e, bt, r = report["elo"].get(model, {}), report["bradley_terry"].get(model, {}), report["pairwise"][model]
+            lines.append(f"| {model} | {_num(e.get('rating'))} | {_ci(e)} | {_num(bt.get('rating'))} | {_ci(bt)} "
                          f"| {r.get('wins', 0)} / {r.get('ties', 0)} / {r.get('losses', 0)} | {r.get('win_rate', 0):.1%} "
                          f"| {r.get('judgments', '')} |")
+        lines.append("")
+    fastchat = report.get("fastchat")
+    if fastchat and fastchat["models"]:
+        lines += [f"## {_fastchat_title(fastchat)}", "",
+                  "Win rate per game (above) counts each game of a line; FastChat counts each line once, as below.", "",
+                  "| " + " | ".join(FASTCHAT_COLUMNS) + " |", "|" + " --- |" * len(FASTCHAT_COLUMNS)]
+        lines += ["| " + " | ".join(_fastchat_row(model, entry)) + " |" for model, entry in fastchat["models"].items()]
         lines.append("")
     if report.get("categories"):
         models = sorted({m for rates in report["categories"].values() for m in rates})

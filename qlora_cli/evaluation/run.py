@@ -32,7 +32,7 @@ from .http_judge import HttpJudge, served_models
 from .judge_cache import JudgmentCache
 from .judges import JudgeError, judge_pairs
 from .local_judge import LocalJudge
-from .judgments import Comparison, Judgments, ScorePair
+from .judgments import Comparison, Judgments, ScorePair, excerpt
 from .questions import read_questions
 from .report import write_report
 from .scoring import report as score_report
@@ -184,7 +184,9 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
 
     Raises:
         RunInterrupted: Ctrl-C; what was answered and judged is kept, and the message says how to go on.
-        RunFailure: judge calls failed for good (after retries); the replies received are kept.
+        RunFailure: judge calls failed for good (after retries); the replies received are kept. Or no
+            reply held a judgment, so nothing was scored: the report is written first, and the message
+            shows one of the replies.
     """
     with _kept_on_stop(out):
         timings: dict[str, float] = {}
@@ -225,7 +227,7 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
         pairs = [(names[0], other) for other in names[1:]]
         comparisons: list[Comparison] = []
         scores: list[ScorePair] = []
-        failures, calls = 0, []
+        failures, calls, unread = 0, [], {}
         for mode in modes:
             started = time.perf_counter()
             console.print(f"Judging {len(questions)} questions x {len(pairs)} pair(s) x 2 orders ({mode}) with {judge.name}")
@@ -234,6 +236,7 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
             (comparisons if mode == "pairwise" else scores).extend(found)
             failures += failed
             calls += made
+            unread[mode] = unread_replies(made)
             timings[f"judging ({mode})"] = round(time.perf_counter() - started, 1)
 
         started = time.perf_counter()
@@ -242,9 +245,11 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
         result = score_report(comparisons, scores, names[1], parse_failures=failures)
         timings["scoring"] = round(time.perf_counter() - started, 1)
         fresh = [c for c in calls if not c["cached"]]
+        notes = ([note] if note else []) + [unread_note(mode, summary) for mode, summary in unread.items()
+                                            if summary["replies"] and summary["replies"] == summary["unread"]]
         result.update(
             models=names, reference=names[1], questions=len(questions), judge=judge.name, modes=modes,
-            sampling=asdict(sampling), notes=[note] if note else [], timings=timings,
+            sampling=asdict(sampling), notes=notes, timings=timings, unread_replies=unread,
             judgments={"read": len(calls), "scored": len(comparisons) + len(scores), "excluded": failures,
                        "malformed": 0, "unscored": failures},
             judge_calls={"total": len(calls), "made": len(fresh), "cached": len(calls) - len(fresh),
@@ -253,7 +258,49 @@ def run_eval(target: str, *, baselines: list[str], questions_path: Path | None, 
                          "seconds": round(sum(c["seconds"] or 0 for c in fresh), 1)},
         )
         write_report(result, out, console)
+        if calls and not comparisons and not scores:
+            raise RunFailure(nothing_scored(unread, out))
         return result
+
+
+# What each mode's parser reads in a reply (verdicts.py), for messages about replies it could not read.
+EXPECTED_REPLY = {"pairwise": "a verdict [[A]], [[B]] or [[C]]",
+                  "relative": "a first line `Score A: <1-10> Score B: <1-10>`"}
+
+
+def unread_replies(calls: list[dict]) -> dict:
+    """{"replies", "unread", "example"}: how many games one mode judged, how many replies held no judgment,
+    and the first of those as {question_id, model_a (shown first), model_b, reply (shortened)}, or None."""
+    unread = [call for call in calls if not call["parsed"]]
+    example = None
+    if unread:
+        first = unread[0]
+        example = {"question_id": first["question_id"], "model_a": first["model_a"], "model_b": first["model_b"],
+                   "reply": excerpt(first["reply"])}
+    return {"replies": len(calls), "unread": len(unread), "example": example}
+
+
+def _quoted(example: dict) -> str:
+    return (f"question {example['question_id']}, {example['model_a']} shown first: "
+            f"\"{example['reply']}\"")
+
+
+def unread_note(mode: str, summary: dict) -> str:
+    """The report's note for a mode in which no reply could be scored, with one of the replies."""
+    return (f"No {mode} judgment was scored: none of the judge's {summary['unread']} {mode} replies held "
+            f"{EXPECTED_REPLY[mode]}. One of them ({_quoted(summary['example'])}).")
+
+
+def nothing_scored(unread: dict, out: Path) -> str:
+    """Why `qlora eval run` scored nothing, with one reply, and what the user can do."""
+    total = sum(summary["unread"] for summary in unread.values())
+    mode, summary = next((mode, summary) for mode, summary in unread.items() if summary["example"])
+    expected = " or ".join(f"{EXPECTED_REPLY[m]} ({m})" for m in unread)
+    return (f"Nothing was scored: none of the judge's {total} replies held {expected}.\n"
+            f"One of them ({mode}, {_quoted(summary['example'])}).\n"
+            f"The report in {out} says the same. The replies are cached in {out / 'judge_cache.jsonl'}, so the "
+            "same command would read them again: use a judge that follows the prompt (--judge, --judge-model), "
+            "or delete the cache to ask this one again.")
 
 
 def excluded_section(judgments: Judgments) -> dict:
@@ -272,6 +319,19 @@ def _shown(problems: list[Problem]) -> list[Problem | str]:
     return problems[:MAX_SHOWN_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
 
 
+def self_comparison_notes(comparisons: list[Comparison]) -> list[str]:
+    """A note per model compared with itself (AlpacaEval's reference row), saying how it is scored."""
+    counts: dict[str, int] = {}
+    for comparison in comparisons:
+        if comparison.model_a == comparison.model_b:
+            counts[comparison.model_a] = counts.get(comparison.model_a, 0) + 1
+    return [f"{model} is compared with itself in {count} judgment(s) (AlpacaEval's row for its reference): "
+            "identical outputs are draws (preference 1.5, as AlpacaEval's annotator sets them), so such a file "
+            "scores 50%, as AlpacaEval lists it; each counts once in the model's record, and not in Elo or "
+            "Bradley-Terry, which a model compared with itself tells nothing."
+            for model, count in sorted(counts.items())]
+
+
 def score_files(files: list[Path], reference: str | None, out: Path, console, *, strict: bool = False) -> dict:
     """`qlora eval score`: re-score judgment files made elsewhere (plain JSONL, FastChat, Arena-Hard-Auto,
     AlpacaEval).
@@ -281,7 +341,10 @@ def score_files(files: list[Path], reference: str | None, out: Path, console, *,
     `strict` they are an error instead, and nothing is written.
 
     Raises:
-        UserError: a file cannot be read; with `strict`, any malformed line; no usable judgment at all.
+        UserError: a file cannot be read; with `strict`, any malformed line; nothing scored and some line
+            malformed (or no line at all).
+        RunFailure: nothing scored although every line is a valid judgment: the tool that wrote them
+            recorded no verdict for any (the report is written first, listing each).
     """
     from .judgments import read_judgments
 
@@ -291,16 +354,18 @@ def score_files(files: list[Path], reference: str | None, out: Path, console, *,
     malformed = [entry.problem for entry in judgments.malformed]
     if strict and malformed:
         raise UserError(_shown(malformed), title=f"{len(malformed)} bad judgment line(s) (--strict):")
-    if not judgments.comparisons and not judgments.scores and not judgments.grades:
+    nothing = not judgments.comparisons and not judgments.scores and not judgments.grades
+    if nothing and (malformed or not judgments.excluded):
         raise UserError(_shown([entry.problem for entry in judgments.excluded]),
                         title="no usable judgments in " + ", ".join(map(str, files))
                               + (f"; {len(judgments.excluded)} line(s) left out:" if judgments.excluded else ""))
     if judgments.scores and reference is None:
         console.print("[yellow]Score pairs found but no --reference: relative scores are left out.")
     result = score_report(judgments.comparisons, judgments.scores, reference, grades=judgments.grades,
-                          parse_failures=judgments.parse_failures)
+                          parse_failures=judgments.parse_failures, fastchat_lines=judgments.fastchat_lines)
     scored = len(judgments.comparisons) + len(judgments.scores) + len(judgments.grades)
     result.update(
+        notes=self_comparison_notes(judgments.comparisons),
         sources=[str(f) for f in files], comparisons=len(judgments.comparisons),
         score_pairs=len(judgments.scores), grades=len(judgments.grades),
         judgments={"read": judgments.read_count(), "scored": scored, "excluded": len(judgments.excluded),
@@ -308,4 +373,9 @@ def score_files(files: list[Path], reference: str | None, out: Path, console, *,
         excluded=excluded_section(judgments),
     )
     write_report(result, out, console)
+    if nothing:
+        first = judgments.excluded[0].problem
+        raise RunFailure(f"Nothing was scored: the {len(judgments.excluded)} judgment(s) in "
+                         f"{', '.join(map(str, files))} were all recorded without a verdict; the first:\n"
+                         f"{first.render()}\nThe report in {out} lists each with its file and line.")
     return result

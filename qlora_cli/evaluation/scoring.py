@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .judgments import Comparison, Grade, ScorePair
+from .judgments import FASTCHAT_ERROR, Comparison, FastChatLine, Grade, ScorePair
 
 PERCENTILES = (2.5, 97.5)
 # model_a's result for each verdict: a tie is half a win for each side (Elo and Bradley-Terry alike).
@@ -105,7 +105,9 @@ def result_a(comparison: Comparison) -> float:
 def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
     """Wins, ties and losses of every model over all its comparisons, in name order.
 
-    A comparison of weight w counts as w games (Arena-Hard's strong verdicts).
+    A comparison of weight w counts as w games (Arena-Hard's strong verdicts). A model compared with
+    itself (AlpacaEval's reference row) counts it once, from model_b's side (generator_2, the model
+    AlpacaEval's row is about): a draw is then one tie and half a point, AlpacaEval's 50%.
 
     Returns:
         {model: {"wins", "ties", "losses", "games", "judgments", "win_rate"}}: `games` = wins + ties +
@@ -116,6 +118,9 @@ def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
     for comparison in comparisons:
         first, second = records[comparison.model_a], records[comparison.model_b]
         weight, share = comparison.weight, result_a(comparison)
+        if comparison.model_a == comparison.model_b:
+            _count_self_comparison(second, weight, 1 - share, comparison.winner)
+            continue
         first["judgments"] += 1
         second["judgments"] += 1
         first["points"] += weight * share
@@ -133,6 +138,18 @@ def pairwise_records(comparisons: list[Comparison]) -> dict[str, dict]:
         result[model] = {"wins": record["wins"], "ties": record["ties"], "losses": record["losses"],
                          "games": games, "judgments": record["judgments"], "win_rate": record["points"] / games}
     return result
+
+
+def _count_self_comparison(record: dict, weight: int, share: float, winner: str) -> None:
+    """Adds a comparison of a model with itself to its record once, as the model shown second (model_b)."""
+    record["judgments"] += 1
+    record["points"] += weight * share
+    record[{"tie": "ties", "model_b": "wins", "model_a": "losses"}[winner]] += weight
+
+
+def rated(comparisons: list[Comparison]) -> list[Comparison]:
+    """The comparisons of two different models: a model compared with itself tells nothing about ratings."""
+    return [c for c in comparisons if c.model_a != c.model_b]
 
 
 def category_win_rates(comparisons: list[Comparison]) -> dict[str, dict[str, float]]:
@@ -203,7 +220,8 @@ def elo(comparisons: list[Comparison], *, k: float = 32, initial: float = 1000, 
     ratings by k * (result - 1 / (1 + 10 ** ((Rb - Ra) / 400))), a tie scoring 0.5 for each side.
 
     Elo depends on the order of the games, so the comparisons are played in `permutations` random
-    orders and the final ratings summarised. A comparison of weight w is played as w games.
+    orders and the final ratings summarised. A comparison of weight w is played as w games; a model
+    compared with itself is left out.
 
     Returns:
         {model: {"rating": mean final rating, "ci95": [lo, hi] over the orders}}, best first; {} when
@@ -213,6 +231,7 @@ def elo(comparisons: list[Comparison], *, k: float = 32, initial: float = 1000, 
         ValueError: `permutations` is less than 1.
     """
     _check_positive(permutations=permutations)
+    comparisons = rated(comparisons)
     if not comparisons:
         return {}
     comparisons = _as_games(comparisons)
@@ -264,7 +283,7 @@ def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: in
     """Maximum-likelihood Bradley-Terry strengths (P(i beats j) = s_i / (s_i + s_j)), ties half a win each.
 
     Unlike Elo, the fit does not depend on the order of the games. A tiny L2 prior on log-strengths
-    (BT_PRIOR) keeps a model that always wins finite.
+    (BT_PRIOR) keeps a model that always wins finite. A model compared with itself is left out.
 
     Returns:
         {model: {"rating": 1000 + 400 * log10(s / geometric mean of s), "ci95": [lo, hi]}}, best first;
@@ -275,6 +294,7 @@ def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: in
         ValueError: `resamples` is less than 1.
     """
     _check_positive(resamples=resamples)
+    comparisons = rated(comparisons)
     if not comparisons:
         return {}
     models, first, second, result = _encode(comparisons)
@@ -290,6 +310,46 @@ def bradley_terry(comparisons: list[Comparison], *, seed: int = 0, resamples: in
         samples.append(_bt_fit(first, second, result, drawn[question] * weights, len(models)))
     samples = np.array(samples)
     return _table(models, 1000 + _ELO_PER_LOG * point, 1000 + _ELO_PER_LOG * samples)
+
+
+def fastchat_pairwise(lines: list[FastChatLine], baseline: str | None = None) -> dict:
+    """FastChat's own pairwise figures, as `show_result.py` (display_result_pairwise) computes them.
+
+    It scores LINES, not games: a line where either game is "error" is dropped whole; a line whose
+    game 1 is a tie, or whose two games disagree, is one tie for both models; otherwise the model both
+    games chose wins once. With `baseline` (its `--mode pairwise-baseline --baseline-model`), only the
+    lines with the baseline count and the baseline's own row is left out; without (`--mode pairwise-all`),
+    every line counts.
+
+    Returns:
+        {"mode": "pairwise-all" | "pairwise-baseline", "baseline", "lines": lines counted, "dropped": lines
+        dropped for an error game, "models": {model: {"win", "loss", "tie", "win_rate", "loss_rate",
+        "win_rate_adjusted"}}}, models by win_rate_adjusted, best first (then by name); rates are
+        fractions, as FastChat prints them; win_rate_adjusted = (win + tie / 2) / (win + loss + tie).
+    """
+    decided = [line for line in lines if FASTCHAT_ERROR not in (line.g1_winner, line.g2_winner)]
+    counted = [line for line in decided if baseline is None or baseline in (line.model_1, line.model_2)]
+    tally = defaultdict(lambda: {"win": 0, "loss": 0, "tie": 0})
+    for line in counted:
+        if line.g1_winner == "tie" or line.g1_winner != line.g2_winner:
+            tally[line.model_1]["tie"] += 1
+            tally[line.model_2]["tie"] += 1
+        else:
+            winner, loser = ((line.model_1, line.model_2) if line.g1_winner == "model_1"
+                             else (line.model_2, line.model_1))
+            tally[winner]["win"] += 1
+            tally[loser]["loss"] += 1
+    models = {}
+    for model, counts in tally.items():
+        if model == baseline:
+            continue
+        total = counts["win"] + counts["loss"] + counts["tie"]
+        models[model] = {**counts, "win_rate": counts["win"] / total, "loss_rate": counts["loss"] / total,
+                         "win_rate_adjusted": (counts["win"] + 0.5 * counts["tie"]) / total}
+    order = sorted(models, key=lambda model: (-models[model]["win_rate_adjusted"], model))
+    return {"mode": "pairwise-all" if baseline is None else "pairwise-baseline", "baseline": baseline,
+            "lines": len(counted), "dropped": len(lines) - len(decided),
+            "models": {model: models[model] for model in order}}
 
 
 def single_grades(grades: list[Grade], *, seed: int = 0, resamples: int = 1000) -> dict[str, dict]:
@@ -323,15 +383,21 @@ def single_grades(grades: list[Grade], *, seed: int = 0, resamples: int = 1000) 
 
 def report(comparisons: list[Comparison], scores: list[ScorePair], reference: str | None, *, seed: int = 0,
            parse_failures: int = 0, permutations: int = 10000, resamples: int = 1000,
-           bt_resamples: int = 200, grades: list[Grade] = ()) -> dict:
+           bt_resamples: int = 200, grades: list[Grade] = (), fastchat_lines: list[FastChatLine] = ()) -> dict:
     """Every score in one JSON-ready dict.
 
     Returns:
         {"relative": {"reference", "models": relative_scores(...)} or None when there are no scores or
         no reference, "elo", "bradley_terry", "pairwise", "categories": category_win_rates(...),
-        "category_judgments", "single": single_grades(...) or {}, "parse_failures"}; the comparison
-        tables are {} when there are no comparisons.
+        "category_judgments", "single": single_grades(...) or {}, "fastchat": fastchat_pairwise(...) or
+        None when there are no FastChat pairwise lines, "parse_failures"}; the comparison tables are {}
+        when there are no comparisons. FastChat's figures are those of its pairwise-baseline mode when
+        `reference` is one of the models its lines compare, else those of its pairwise-all mode.
     """
+    fastchat = None
+    if fastchat_lines:
+        in_lines = {model for line in fastchat_lines for model in (line.model_1, line.model_2)}
+        fastchat = fastchat_pairwise(list(fastchat_lines), reference if reference in in_lines else None)
     relative = None
     if scores and reference:
         relative = {"reference": reference,
@@ -344,5 +410,6 @@ def report(comparisons: list[Comparison], scores: list[ScorePair], reference: st
         "categories": category_win_rates(comparisons),
         "category_judgments": category_judgments(comparisons),
         "single": single_grades(list(grades), seed=seed, resamples=resamples) if grades else {},
+        "fastchat": fastchat,
         "parse_failures": parse_failures,
     }
