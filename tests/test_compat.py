@@ -366,3 +366,29 @@ def test_the_cache_goes_from_one_forward_to_the_next(tiny_model_dir, recwarn):
         step = model(input_ids=ids[:, -1:], use_cache=True, **compat.cache_of(model, first)).logits[0, -1]
     assert torch.allclose(whole, step, atol=1e-5)
     assert not [w for w in recwarn if "deprecated" in str(w.message)]
+
+
+def test_a_4bit_weight_quantized_from_bfloat16_dequantizes_as_a_float32_layer_computes_with_it():
+    """A weight quantized from bfloat16 (a run trained in it) has a bfloat16 quant state; a Linear4bit computing
+    in float32 multiplies by its float32 dequantization, not by the bfloat16 one."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    torch.manual_seed(0)
+    placeholder = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").weight
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    compat.keep_4bit_training_kernels(torch.nn.Sequential(layer))
+    layer.weight = compat.quantize_like_transformers(torch.randn(64, 128, dtype=torch.bfloat16), placeholder, "cpu")
+    weight = compat.dequantize_4bit_in_float32(layer.weight)
+    rounded = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert weight.dtype == torch.float32 and rounded.dtype == torch.bfloat16 and not torch.equal(weight, rounded.float())
+    inputs = torch.randn(5, 128)
+    with torch.no_grad():
+        output = layer(inputs)
+    assert (output - inputs @ weight.t()).abs().max() < 1e-5
+    assert (output - inputs @ rounded.float().t()).abs().max() > 1e-3
+    assert layer.weight.quant_state.dtype == torch.bfloat16  # the layer's own state is left as it was
+    layer.weight.quant_state = None
+    with pytest.raises(LibraryChanged, match="quant_state"):
+        compat.dequantize_4bit_in_float32(layer.weight)
+

@@ -416,6 +416,27 @@ def keep_4bit_training_kernels(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def dequantize_4bit_in_float32(weight):
+    """The float32 weight a Linear4bit computes with when its compute dtype is float32: each 4-bit code's value
+    times its block's scale, in float32.
+
+    `bitsandbytes.functional.dequantize_4bit` returns the weight in its quant state's dtype, which is the dtype
+    it was quantized from (bfloat16 for a run trained in bfloat16), rounding it; the layer's matmul (the
+    `gemm_4bit` op, bitsandbytes 0.50, on CPU and CUDA) dequantizes into its input's dtype instead. So the
+    quant state is copied with its dtype set to float32 (`QuantState.dtype`, bitsandbytes 0.43-0.50).
+    """
+    import copy
+
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    state = getattr(weight, "quant_state", None)
+    require(state is not None and hasattr(state, "dtype"), "bitsandbytes' Params4bit no longer has quant_state.dtype")
+    state = copy.copy(state)
+    state.dtype = torch.float32
+    return dequantize_4bit(weight.data, state)
+
+
 def dequantize_8bit(weight, state=None):
     """The float32 weight an Int8Params holds: int8 x row scale / 127 (bitsandbytes' `int8_vectorwise_dequant`).
 
