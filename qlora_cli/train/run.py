@@ -27,7 +27,7 @@ from ..core import compat
 from ..core.console import format_seconds, key_value_table, recipe_table, working
 from ..core.context import RunContext, run_context
 from ..core.cpu import keep_freed_memory
-from ..core.distributed import barrier, sum_over_ranks
+from ..core.distributed import barrier, rank, sum_over_ranks
 from ..core.errors import RunFailure, RunInterrupted, UserError
 from ..core.files import staged, write_atomic, write_json
 from ..core.models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
@@ -43,7 +43,8 @@ from ..data.tokenize import FedTokens, cache_key
 from ..evaluation.mmlu import read_mmlu
 from ..export.merge import merge_run
 from .callbacks import Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteLoss, ProgressReporter, StopRequests, TrainClock
-from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint
+from .checkpoint import (Checkpoint, clear_staging, finished_run, latest_checkpoint, recipe_differences,
+                         recipe_fingerprint)
 from .loss import forget_cast_weights
 from .methods import load_method
 from .methods.base import TrainingMethod
@@ -346,6 +347,7 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
     seconds = result.clock.total
     return {
         "steps": result.trainer.state.global_step,
+        "epochs": round(result.trainer.state.epoch or 0.0, 6),  # what a --resume must exceed to train further
         "resumed_from_step": run.resume_from.step if run.resume_from else None,
         "examples": stats.examples,
         "train_tokens": fed.tokens,
@@ -456,6 +458,14 @@ def run_training(
         RunFailure: a non-finite loss, out of memory, or no disk for a checkpoint, during training.
         RunInterrupted: SIGINT/SIGTERM; a checkpoint was written and the message says how to resume.
     """
+    if resume and (finished := finished_run(recipe.output.dir, recipe)) is not None:
+        # A job scheduler may pass --resume every time: a finished run is left exactly as it is.
+        if rank() == 0:
+            (console or Console()).print(
+                f"{recipe.output.dir} has finished ({finished['steps']} steps, {finished.get('epochs', '?')} epochs); "
+                "nothing was changed. To train further, raise training.max_steps (or training.epochs without "
+                "max_steps), e.g. --set training.max_steps=N")
+        return TrainingRun(summary=finished, model=None, tokenizer=None)
     run = setup(recipe, overwrite=overwrite, resume=resume, console=console, resume_command=resume_command)
     result = fit(run, profile_steps=profile_steps)
     summary = finish(run, result)
