@@ -27,6 +27,7 @@ from ..core import compat
 from ..core.console import format_seconds, key_value_table, recipe_table, working
 from ..core.context import RunContext, run_context
 from ..core.cpu import keep_freed_memory
+from ..core.memory_usage import AnonymousPeak
 from ..core.distributed import barrier, rank, sum_over_ranks
 from ..core.errors import RunFailure, RunInterrupted, UserError
 from ..core.files import staged, write_atomic, write_json
@@ -41,6 +42,8 @@ from ..data.sources import Datasets, load_datasets
 from ..data.templates import resolve_template
 from ..data.tokenize import FedTokens, cache_key
 from ..evaluation.mmlu import read_mmlu
+from ..plan.configs import read_model_config
+from ..plan.memory import plan_memory
 from ..export.merge import merge_run
 from .callbacks import Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteLoss, ProgressReporter, StopRequests, TrainClock
 from .checkpoint import (Checkpoint, clear_staging, finished_run, latest_checkpoint, recipe_differences,
@@ -76,6 +79,7 @@ class Run:
     checkpointing: bool
     model: Any
     trainable_parameters: int
+    memory: AnonymousPeak | None = None  # on CPU: the run's anonymous memory peak, sampled from its start
 
 
 def checkpoint_to_resume(run_dir: Path, recipe: Recipe, say) -> Checkpoint:
@@ -163,6 +167,7 @@ def setup(
         console = Console(file=io.StringIO())  # rank 0 speaks for the run
     run_dir = recipe.output.dir
     assert run_dir is not None, "load_recipe sets output.dir"
+    memory = AnonymousPeak().start() if context.device == "cpu" else None
     # Every rank checks the recipe and the data; rank 0 alone owns the run directory.
     resume_from = checkpoint_to_resume(run_dir, recipe, console.print) if resume else None
     if not resume and context.is_main:
@@ -216,7 +221,7 @@ def setup(
             # Atomic: the other ranks read the run's recipe while rank 0 writes the new one.
             write_atomic(run_dir / RECIPE, to_yaml(recipe))
     return Run(recipe, method, context, console, run_dir, resume_from, resume_command, datasets, mmlu_data, model_path,
-               tokenizer, template, prepared, fingerprints, checkpointing, model, trainable)
+               tokenizer, template, prepared, fingerprints, checkpointing, model, trainable, memory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,19 +335,40 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def peak_memory_bytes(device: str) -> tuple[int, str]:
+def peak_rss_bytes() -> int:
+    """The process's peak resident set, mapped files' pages included."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # KiB on Linux, bytes on macOS
+
+
+def peak_memory_bytes(device: str, memory: AnonymousPeak | None = None) -> tuple[int, str]:
+    """The run's peak memory and what it counts: on CUDA the tensors (torch's peak allocated); on CPU the
+    anonymous memory (not the model files mapped while loading, which the kernel can drop) where the system
+    says it, else the process's peak RSS."""
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"
+    if memory is not None and memory.available:
+        return memory.stop(), "anonymous memory, sampled: not the model files mapped while loading"
+    return peak_rss_bytes(), "process peak RSS, model files mapped while loading included"
+
+
+def planned_memory_bytes(run: Run) -> int | None:
+    """What `qlora plan` says this run's tensors take (its allocated bytes), for the run's compute dtype and
+    gradient checkpointing; None for a model it cannot plan."""
+    planned = run.recipe.model_copy(deep=True)
+    planned.quantization.compute_dtype = run.context.dtype_name
+    planned.training.gradient_checkpointing = run.checkpointing
+    try:
+        return plan_memory(read_model_config(run.model_path), planned).allocated_bytes
+    except UserError:
+        return None
 
 
 def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dict[str, Any]:
     """What summary.json holds."""
     recipe, context, fed = run.recipe, run.context, result.fed
     records = result.metrics.records if result.metrics else []
-    peak, peak_kind = peak_memory_bytes(context.device)
+    peak, peak_kind = peak_memory_bytes(context.device, run.memory)
     stats = run.prepared.train_stats
     seconds = result.clock.total
     return {
@@ -365,6 +391,8 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
         "mmlu_accuracy": mmlu_accuracy,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "planned_memory_bytes": planned_memory_bytes(run),
         "compute_dtype": context.dtype_name,
         "gradient_checkpointing": run.checkpointing,
         "device": context.device,
@@ -393,6 +421,8 @@ def summary_table(run: Run, summary: dict[str, Any]):
             ("time", format_seconds(summary["train_seconds"])),
             ("tokens/s", summary["tokens_per_second"] or "-"),
             ("peak memory", f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({summary['peak_memory_kind']})"),
+            *([("planned (qlora plan)", f"{summary['planned_memory_bytes'] / 2**20:,.0f} MiB of tensors; the process "
+                "also holds the libraries and the data")] if summary.get("planned_memory_bytes") else []),
             ("adapter", str(run.run_dir / ADAPTER)),
         ],
     )
