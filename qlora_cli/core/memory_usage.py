@@ -43,6 +43,7 @@ class AnonymousPeak:
     def __init__(self, interval: float = SAMPLE_SECONDS):
         self.interval = interval
         self.peak = 0
+        self.samples = 0
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,6 +53,7 @@ class AnonymousPeak:
 
     def sample(self) -> None:
         now = anonymous_bytes()
+        self.samples += 1
         if now is not None and now > self.peak:
             self.peak = now
 
