@@ -101,7 +101,8 @@ def main() -> None:
             "train_seconds": round(result["train_seconds"], 1),
             "tokens_per_second": round(result["tokens_per_second"], 1),
             "padding_fraction": round(result["padding_fraction"], 4),
-            "peak_memory_mib": round(result["peak_memory_bytes"] / 2**20),
+            # Peak RSS on both sides, as the baseline measures it (qlora's own figure is its anonymous memory).
+            "peak_memory_mib": round(result.get("peak_rss_bytes", result["peak_memory_bytes"]) / 2**20),
             "useful_gflops": round(gflops, 1),
             "fraction_of_peak": round(gflops / peak, 3),
             "first_loss": round(result["first_loss"], 4),

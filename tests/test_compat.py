@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import pytest
 import torch
@@ -366,3 +367,95 @@ def test_the_cache_goes_from_one_forward_to_the_next(tiny_model_dir, recwarn):
         step = model(input_ids=ids[:, -1:], use_cache=True, **compat.cache_of(model, first)).logits[0, -1]
     assert torch.allclose(whole, step, atol=1e-5)
     assert not [w for w in recwarn if "deprecated" in str(w.message)]
+
+
+def test_a_4bit_weight_quantized_from_bfloat16_dequantizes_as_a_float32_layer_computes_with_it():
+    """A weight quantized from bfloat16 (a run trained in it) has a bfloat16 quant state; a Linear4bit computing
+    in float32 multiplies by its float32 dequantization, not by the bfloat16 one."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    torch.manual_seed(0)
+    placeholder = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").weight
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    compat.keep_4bit_training_kernels(torch.nn.Sequential(layer))
+    layer.weight = compat.quantize_like_transformers(torch.randn(64, 128, dtype=torch.bfloat16), placeholder, "cpu")
+    weight = compat.dequantize_4bit_in_float32(layer.weight)
+    rounded = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert weight.dtype == torch.float32 and rounded.dtype == torch.bfloat16 and not torch.equal(weight, rounded.float())
+    inputs = torch.randn(5, 128)
+    with torch.no_grad():
+        output = layer(inputs)
+    assert (output - inputs @ weight.t()).abs().max() < 1e-5
+    assert (output - inputs @ rounded.float().t()).abs().max() > 1e-3
+    assert layer.weight.quant_state.dtype == torch.bfloat16  # the layer's own state is left as it was
+    layer.weight.quant_state = None
+    with pytest.raises(LibraryChanged, match="quant_state"):
+        compat.dequantize_4bit_in_float32(layer.weight)
+
+
+LOAD_A_4BIT_MODEL = """
+import sys
+import warnings
+{quiet}
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=quant, device_map={{"": "cpu"}})
+with torch.no_grad():
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_4bit_load_prints_no_library_line_once_quieted(tiny_model_dir):
+    """bitsandbytes logs its failed kernel fetch while it is imported (on CPUs with AVX512-BF16), transformers
+    draws its "Loading weights" bar: both gone in a process that imported qlora_cli first, as every qlora
+    command (and every rank under torchrun) does."""
+    import os
+    import subprocess
+    import sys
+
+    from bitsandbytes.functional import has_avx512bf16
+
+    def stderr_of(quiet: str) -> str:
+        env = {key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"}
+        result = subprocess.run([sys.executable, "-c", LOAD_A_4BIT_MODEL.format(quiet=quiet), str(tiny_model_dir)],
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    loud = stderr_of("")
+    # As qlora runs: importing qlora_cli quiets bitsandbytes; every command calls quiet_libraries before loading.
+    quiet = stderr_of("import qlora_cli.core.models as models; models.quiet_libraries(interactive=True)")
+    # The kernel line is bitsandbytes' own on CPUs with AVX512-BF16 (this is what is silenced), never elsewhere.
+    assert (compat.BITSANDBYTES_CPU_KERNEL_MESSAGE in loud) == has_avx512bf16()
+    assert "Loading weights" in loud
+    assert compat.BITSANDBYTES_CPU_KERNEL_MESSAGE not in quiet and "Loading weights" not in quiet
+
+
+def test_transformers_bars_go_and_the_hubs_download_bars_stay():
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    try:
+        hf_logging.enable_progress_bar()
+        compat.transformers_bars_off()
+        assert not hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_accelerates_thread_notice_is_filtered_by_its_own_words():
+    import inspect
+
+    import accelerate.state
+
+    assert compat.ACCELERATE_THREADS_MESSAGE in inspect.getsource(accelerate.state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compat.quiet_library_noise()
+        warnings.warn("OMP_NUM_THREADS/MKL_NUM_THREADS unset, we set it at 2 to improve oob performance.")
+        warnings.warn("a warning of another kind")
+    assert [str(warning.message) for warning in caught] == ["a warning of another kind"]

@@ -44,6 +44,11 @@ def test_two_processes_equal_one_process_with_the_global_batch(recipe, tmp_path)
     assert summary["train_tokens"] == json.loads((tmp_path / "one" / "summary.json").read_text())["train_tokens"]
     # One run directory, written by rank 0 alone.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "parity_prompts.json", "recipe.yaml", "summary.json"]
+    # No rank prints a library line the user cannot act on (bitsandbytes' kernel fetch: on CPUs with AVX512-BF16).
+    from qlora_cli.core.compat import ACCELERATE_THREADS_MESSAGE, BITSANDBYTES_CPU_KERNEL_MESSAGE
+
+    for line in (BITSANDBYTES_CPU_KERNEL_MESSAGE, ACCELERATE_THREADS_MESSAGE):
+        assert line not in two.stdout + two.stderr
 
 
 @pytest.mark.slow

@@ -39,6 +39,19 @@ def trained_run(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def bfloat16_run(tmp_path_factory, tiny_model_dir):
+    """A tiny run trained in bfloat16, as `compute_dtype: auto` trains on GPUs and on CPUs with AVX512-BF16."""
+    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+
+    folder = tmp_path_factory.mktemp("merge-bf16")
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    text = tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=8, learning_rate=5e-3)
+    (folder / "tiny.yaml").write_text(text.replace("compute_dtype: float32", "compute_dtype: bfloat16") + "output:\n  dir: run\n")
+    run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
 def trained_8bit_run(tmp_path_factory, tiny_model_dir):
     from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
 
@@ -170,6 +183,45 @@ def test_dequantized_float32_merge_matches_the_trained_model(trained_run, tmp_pa
     with loaded.model.disable_adapter(), torch.no_grad():
         base = loaded.model(input_ids=torch.tensor([PROMPT_IDS], device=loaded.model.device)).logits.cpu()
     assert (base - expected).abs().max().item() > 1e-2
+
+
+def test_a_float32_merge_of_a_bfloat16_run_is_checked_against_the_trained_model_in_float32(bfloat16_run, tmp_path):
+    """The merge reproduces the trained model computed in float32; the trained model computed in bfloat16, as it
+    trained, is that plus bfloat16 rounding, which the report gives beside the merge's own difference."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.export.merge import KL_LIMIT, parity_prompts
+    from qlora_cli.export.parity import compare_logits, model_logits
+    from qlora_cli.core.rundir import read_run_recipe
+
+    out = tmp_path / "merged"
+    report = merge_run(bfloat16_run, out=out, dtype_name="float32")
+    assert report["trained_dtype"] == "bfloat16" and "float32" in report["reference"]
+    assert report["mean_kl_nats_per_token"] < 1e-6 and report["kl_limit"] == KL_LIMIT
+    noise = report["trained_dtype_noise_mean_kl_nats_per_token"]
+    assert noise > 100 * max(report["mean_kl_nats_per_token"], 1e-10)
+    # Measured from the merged checkpoint (which computes what the trained model does in float32), the run as
+    # it loads (in bfloat16) is that noise away.
+    loaded = load_run(bfloat16_run)
+    prompts, _ = parity_prompts(bfloat16_run, read_run_recipe(bfloat16_run), loaded.tokenizer)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    as_loaded = compare_logits(model_logits(merged, prompts), model_logits(loaded.model, prompts))
+    assert as_loaded.mean_kl == pytest.approx(noise, rel=0.05)
+
+
+def test_every_dtype_has_a_limit_from_its_rounding_noise(bfloat16_run, trained_run, tmp_path):
+    from qlora_cli.export.merge import KL_LIMIT, ROUNDING_ALLOWANCE
+
+    same = merge_run(bfloat16_run, out=tmp_path / "bf16-of-bf16", dtype_name="bfloat16")
+    noise = same["trained_dtype_noise_mean_kl_nats_per_token"]
+    assert noise > 0 and same["kl_limit"] == KL_LIMIT + ROUNDING_ALLOWANCE * noise
+    assert same["mean_kl_nats_per_token"] < same["kl_limit"]
+    # A run trained in float32 has no rounding of its own; a bfloat16 checkpoint of it is allowed bfloat16's.
+    other = merge_run(trained_run, out=tmp_path / "bf16-of-f32", dtype_name="bfloat16")
+    assert other["trained_dtype"] == "float32" and other["trained_dtype_noise_mean_kl_nats_per_token"] == 0
+    rounding = other["bfloat16_noise_mean_kl_nats_per_token"]
+    assert rounding > 0 and other["kl_limit"] == KL_LIMIT + ROUNDING_ALLOWANCE * rounding
+    assert other["mean_kl_nats_per_token"] < other["kl_limit"]
 
 
 def test_the_merge_is_checked_on_prompts_the_run_kept_without_its_data(trained_run, tmp_path):

@@ -133,9 +133,51 @@ def test_resume_refuses_a_recipe_that_changed_what_is_trained(recipe_path, tmp_p
 def test_resume_without_a_checkpoint_is_exit_2(recipe_path, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_training(load_recipe(recipe_path, ["training.max_steps=2"], output_dir=run_dir), console=quiet())
-    with pytest.raises(SystemExit) as exited:
-        main(["train", str(recipe_path), "--output-dir", str(run_dir), "--resume"])
+    with pytest.raises(SystemExit) as exited:  # a longer run, from a run that saved no checkpoint (save_steps: 3)
+        main(["train", str(recipe_path), "--output-dir", str(run_dir), "--resume", "--set", "training.max_steps=4"])
     assert exited.value.code == 2 and "no complete checkpoint" in capsys.readouterr().err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_changes_nothing_until_the_run_is_made_longer(recipe_path, tmp_path, capsys):
+    """A job scheduler may pass --resume every time: a finished run says so and stays as it is, byte for byte;
+    raising max_steps (or epochs) continues it from its checkpoint."""
+    run_dir = tmp_path / "run"
+    command = ["train", str(recipe_path), "--output-dir", str(run_dir), "--set", "training.max_steps=3"]
+    main(command)
+    capsys.readouterr()
+    before = snapshot(run_dir)
+    assert "checkpoints/step-3/manifest.json" in before and "adapter/adapter_model.safetensors" in before
+
+    main(command + ["--resume"])
+    out = capsys.readouterr().out
+    assert "has finished (3 steps" in out and "nothing was changed" in out and "step 4" not in out
+    assert snapshot(run_dir) == before
+    # A larger max_steps trains further; without max_steps the epochs decide, and more epochs than were done
+    # train further. All seen from the summary alone (nothing else is read or loaded).
+    from qlora_cli.train.checkpoint import finished_run
+
+    assert finished_run(run_dir, load_recipe(recipe_path, ["training.max_steps=2"], output_dir=run_dir)) is not None
+    assert finished_run(run_dir, load_recipe(recipe_path, ["training.max_steps=4"], output_dir=run_dir)) is None
+    epochs = json.loads(before["summary.json"])["epochs"]
+    assert epochs > 0
+    text = recipe_path.read_text().replace("  max_steps: 60\n", "")
+    epochs_recipe = tmp_path / "epochs.yaml"
+    epochs_recipe.write_text(text.replace("training:\n", f"training:\n  epochs: {epochs}\n"))
+    assert finished_run(run_dir, load_recipe(epochs_recipe, output_dir=run_dir)) is not None
+    epochs_recipe.write_text(text.replace("training:\n", f"training:\n  epochs: {epochs + 0.5}\n"))
+    assert finished_run(run_dir, load_recipe(epochs_recipe, output_dir=run_dir)) is None
+
+    main(command[:-1] + ["training.max_steps=4", "--resume"])
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "step-3" in out and "has finished" not in out
+    assert [step for step, _ in losses(run_dir)] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() != before["adapter/adapter_model.safetensors"]
 
 
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(recipe_path, tmp_path, capsys, monkeypatch):

@@ -86,6 +86,10 @@ def test_golden_run_losses_and_tree(golden_run):
     assert summary["final_loss"] == losses[-1] and summary["first_loss"] == losses[0]
     assert summary["compute_dtype"] == "float32" and summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert summary["train_seconds"] > 0 and summary["peak_memory_bytes"] > 0
+    if summary["device"] == "cpu" and Path("/proc/self/status").is_file():  # Linux says what is anonymous
+        assert summary["peak_memory_kind"].startswith("anonymous memory")
+        assert summary["peak_memory_bytes"] <= summary["peak_rss_bytes"]
+    assert summary["planned_memory_bytes"] > 0
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(summary["versions"])
 
 

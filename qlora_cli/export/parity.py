@@ -27,8 +27,10 @@ def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor])
     max_diff, kl_sum, tokens = 0.0, 0.0, 0
     for expected, got in zip(reference, candidate, strict=True):
         max_diff = max(max_diff, (expected - got).abs().max().item())
-        log_p = torch.log_softmax(expected, dim=-1)
-        log_q = torch.log_softmax(got, dim=-1)
+        # In float64: float32's own rounding of the log-probabilities gives a KL of ~1e-8 for identical
+        # distributions up to the last bit, which would hide how exact a float32 merge is.
+        log_p = torch.log_softmax(expected.double(), dim=-1)
+        log_q = torch.log_softmax(got.double(), dim=-1)
         # KL is never negative; float rounding can make a per-token value a hair below zero.
         kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
         tokens += expected.shape[0]

@@ -19,7 +19,7 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.recipe import Recipe, flatten
 from ..core.files import publish
-from ..core.rundir import CHECKPOINTS
+from ..core.rundir import CHECKPOINTS, SUMMARY, read_run_recipe
 STAGING = ".staging"
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -170,3 +170,33 @@ def checkpoint_bytes_estimate(run_dir: Path, trainable_parameters: int) -> int:
     if existing:
         return sum(entry["bytes"] for entry in existing[0].manifest.get("files", {}).values())
     return int(trainable_parameters * 4 * 3 * 1.2) + (1 << 20)
+
+
+# The Trainer's epoch count at the end of a run is a float sum of fractions of an epoch.
+EPOCH_TOLERANCE = 1e-6
+
+
+def finished_run(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
+    """The summary of a run that has finished and that `recipe` would train no further, else None.
+
+    A run has finished when it wrote summary.json (after its adapter). `recipe` trains it further only when it
+    asks for more: `training.max_steps` above the steps done, or, without `max_steps` (when `epochs` decides, as
+    in the Trainer), `training.epochs` above the epochs done. A recipe that differs in what is trained is left
+    to the resume's own check, which refuses it.
+    """
+    path = run_dir / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        steps = int(summary["steps"])
+    except (OSError, ValueError, KeyError, TypeError):  # a summary being rewritten, or an unknown one: resume
+        return None
+    blocking, _ = recipe_differences(read_run_recipe(run_dir), recipe)
+    if blocking:
+        return None
+    training = recipe.training
+    if training.max_steps is not None:
+        return summary if training.max_steps <= steps else None
+    epochs_done = summary.get("epochs")
+    return summary if epochs_done is not None and training.epochs <= epochs_done + EPOCH_TOLERANCE else None

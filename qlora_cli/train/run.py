@@ -27,7 +27,8 @@ from ..core import compat
 from ..core.console import format_seconds, key_value_table, recipe_table, working
 from ..core.context import RunContext, run_context
 from ..core.cpu import keep_freed_memory
-from ..core.distributed import barrier, sum_over_ranks
+from ..core.memory_usage import AnonymousPeak
+from ..core.distributed import barrier, rank, sum_over_ranks
 from ..core.errors import RunFailure, RunInterrupted, UserError
 from ..core.files import staged, write_atomic, write_json
 from ..core.models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
@@ -41,9 +42,12 @@ from ..data.sources import Datasets, load_datasets
 from ..data.templates import resolve_template
 from ..data.tokenize import FedTokens, cache_key
 from ..evaluation.mmlu import read_mmlu
+from ..plan.configs import read_model_config
+from ..plan.memory import plan_memory
 from ..export.merge import merge_run
 from .callbacks import Checkpointer, MetricsWriter, MmluEvaluator, NonFiniteLoss, ProgressReporter, StopRequests, TrainClock
-from .checkpoint import Checkpoint, clear_staging, latest_checkpoint, recipe_differences, recipe_fingerprint
+from .checkpoint import (Checkpoint, clear_staging, finished_run, latest_checkpoint, recipe_differences,
+                         recipe_fingerprint)
 from .loss import forget_cast_weights
 from .methods import load_method
 from .methods.base import TrainingMethod
@@ -75,6 +79,7 @@ class Run:
     checkpointing: bool
     model: Any
     trainable_parameters: int
+    memory: AnonymousPeak | None = None  # on CPU: the run's anonymous memory peak, sampled from its start
 
 
 def checkpoint_to_resume(run_dir: Path, recipe: Recipe, say) -> Checkpoint:
@@ -162,6 +167,7 @@ def setup(
         console = Console(file=io.StringIO())  # rank 0 speaks for the run
     run_dir = recipe.output.dir
     assert run_dir is not None, "load_recipe sets output.dir"
+    memory = AnonymousPeak().start() if context.device == "cpu" else None
     # Every rank checks the recipe and the data; rank 0 alone owns the run directory.
     resume_from = checkpoint_to_resume(run_dir, recipe, console.print) if resume else None
     if not resume and context.is_main:
@@ -215,7 +221,7 @@ def setup(
             # Atomic: the other ranks read the run's recipe while rank 0 writes the new one.
             write_atomic(run_dir / RECIPE, to_yaml(recipe))
     return Run(recipe, method, context, console, run_dir, resume_from, resume_command, datasets, mmlu_data, model_path,
-               tokenizer, template, prepared, fingerprints, checkpointing, model, trainable)
+               tokenizer, template, prepared, fingerprints, checkpointing, model, trainable, memory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,23 +335,45 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def peak_memory_bytes(device: str) -> tuple[int, str]:
+def peak_rss_bytes() -> int:
+    """The process's peak resident set, mapped files' pages included."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # KiB on Linux, bytes on macOS
+
+
+def peak_memory_bytes(device: str, memory: AnonymousPeak | None = None) -> tuple[int, str]:
+    """The run's peak memory and what it counts: on CUDA the tensors (torch's peak allocated); on CPU the
+    anonymous memory (not the model files mapped while loading, which the kernel can drop) where the system
+    says it, else the process's peak RSS."""
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"
+    if memory is not None and memory.available:
+        return memory.stop(), "anonymous memory, sampled: not the model files mapped while loading"
+    return peak_rss_bytes(), "process peak RSS, model files mapped while loading included"
+
+
+def planned_memory_bytes(run: Run) -> int | None:
+    """What `qlora plan` says this run's tensors take (its allocated bytes), for the run's compute dtype and
+    gradient checkpointing; None for a model it cannot plan."""
+    planned = run.recipe.model_copy(deep=True)
+    planned.quantization.compute_dtype = run.context.dtype_name
+    planned.training.gradient_checkpointing = run.checkpointing
+    try:
+        return plan_memory(read_model_config(run.model_path), planned).allocated_bytes
+    except UserError:
+        return None
 
 
 def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dict[str, Any]:
     """What summary.json holds."""
     recipe, context, fed = run.recipe, run.context, result.fed
     records = result.metrics.records if result.metrics else []
-    peak, peak_kind = peak_memory_bytes(context.device)
+    peak, peak_kind = peak_memory_bytes(context.device, run.memory)
     stats = run.prepared.train_stats
     seconds = result.clock.total
     return {
         "steps": result.trainer.state.global_step,
+        "epochs": round(result.trainer.state.epoch or 0.0, 6),  # what a --resume must exceed to train further
         "resumed_from_step": run.resume_from.step if run.resume_from else None,
         "examples": stats.examples,
         "train_tokens": fed.tokens,
@@ -363,6 +391,8 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
         "mmlu_accuracy": mmlu_accuracy,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "planned_memory_bytes": planned_memory_bytes(run),
         "compute_dtype": context.dtype_name,
         "gradient_checkpointing": run.checkpointing,
         "device": context.device,
@@ -391,6 +421,8 @@ def summary_table(run: Run, summary: dict[str, Any]):
             ("time", format_seconds(summary["train_seconds"])),
             ("tokens/s", summary["tokens_per_second"] or "-"),
             ("peak memory", f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({summary['peak_memory_kind']})"),
+            *([("planned (qlora plan)", f"{summary['planned_memory_bytes'] / 2**20:,.0f} MiB of tensors; the process "
+                "also holds the libraries and the data")] if summary.get("planned_memory_bytes") else []),
             ("adapter", str(run.run_dir / ADAPTER)),
         ],
     )
@@ -456,6 +488,14 @@ def run_training(
         RunFailure: a non-finite loss, out of memory, or no disk for a checkpoint, during training.
         RunInterrupted: SIGINT/SIGTERM; a checkpoint was written and the message says how to resume.
     """
+    if resume and (finished := finished_run(recipe.output.dir, recipe)) is not None:
+        # A job scheduler may pass --resume every time: a finished run is left exactly as it is.
+        if rank() == 0:
+            (console or Console()).print(
+                f"{recipe.output.dir} has finished ({finished['steps']} steps, {finished.get('epochs', '?')} epochs); "
+                "nothing was changed. To train further, raise training.max_steps (or training.epochs without "
+                "max_steps), e.g. --set training.max_steps=N")
+        return TrainingRun(summary=finished, model=None, tokenizer=None)
     run = setup(recipe, overwrite=overwrite, resume=resume, console=console, resume_command=resume_command)
     result = fit(run, profile_steps=profile_steps)
     summary = finish(run, result)
