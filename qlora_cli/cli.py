@@ -266,7 +266,7 @@ def merge(
     dtype: Annotated[str, typer.Option(help="Dtype of the merged weights: bfloat16, float16 or float32.")] = "bfloat16",
     base: Annotated[str, typer.Option(help="Merge into the `dequantized` 4-bit (or 8-bit) weights the adapter was trained against, or the `original` weights.")] = "dequantized",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
-    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF file for llama.cpp/Ollama: f16 or q8_0 (repeatable; Llama-architecture models).")] = None,
+    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF file for llama.cpp/Ollama: f16 or q8_0 (repeatable; Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3 text, Phi-3).")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Largest safetensors file written, e.g. 2GB or 500MiB: the most of the output held in memory at once (default 1GB).", show_default=False)] = None,
 ) -> None:
     """Export a merged checkpoint that plain transformers loads, with a parity report; the model is merged and
