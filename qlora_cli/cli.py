@@ -294,6 +294,32 @@ def merge(
     console.print(key_value_table("Merge", rows))
 
 
+@app.command("gguf-adapter")
+def gguf_adapter(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `qlora train`.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: RUN_DIR/gguf-adapter).")] = None,
+    out_type: Annotated[str, typer.Option("--type", help="GGUF type of the base files: f16 or q8_0.")] = "f16",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter export.")] = False,
+) -> None:
+    """Write the adapter alone as a GGUF LoRA file for llama.cpp's --lora (and Ollama's ADAPTER), with the base GGUF
+    files it applies to (dequantized from the 4-bit weights it was trained with, and the original), and the KL of
+    each base + adapter against the trained model."""
+    from .export.gguf_types import check_gguf_types
+
+    check_gguf_types([out_type])
+    from .core.console import key_value_table, make_console
+    from .core.models import quiet_libraries
+    from .export.gguf_adapter import export_adapter_gguf
+
+    console = make_console()
+    quiet_libraries(console.is_terminal)
+    report = export_adapter_gguf(run_dir, out=out, out_type=out_type, overwrite=overwrite, console=console)
+    rows = [(key, value) for key, value in report.items() if key != "bases"]
+    rows += [(f"base {base}", f"{entry['file']}: with the adapter, mean KL {entry['mean_kl_nats_per_token']:.3g}, "
+              f"max |Δlogit| {entry['max_abs_logit_diff']:.3g}") for base, entry in report["bases"].items()]
+    console.print(key_value_table("GGUF adapter", rows))
+
+
 @eval_app.command("run")
 def eval_run(
     model: Annotated[str, typer.Argument(help="The model under test: a run directory, a merged/local model, a hub id.", show_default=False)],

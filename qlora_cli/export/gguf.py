@@ -396,8 +396,8 @@ def write_gguf(merged: MergedModel, target: Path, out_type: str = "f16", name: s
 
 def add_tensor(writer, name: str, data: np.ndarray, out_type: str) -> None:
     """One tensor as llama.cpp's converter stores it: 1-D tensors (norms, biases) in float32, matrices in f16 or
-    in q8_0 blocks of 32 where the rows divide into them (else f16)."""
-    if data.ndim == 1:
+    in q8_0 blocks of 32 where the rows divide into them (else f16), or all in float32 (`f32`, for LoRA files)."""
+    if data.ndim == 1 or out_type == "f32":
         writer.add_tensor(name, data.astype(np.float32))
     elif out_type == "q8_0" and data.shape[-1] % 32 == 0:
         quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
