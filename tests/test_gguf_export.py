@@ -560,3 +560,30 @@ def test_the_shortened_context_is_what_the_file_declares(tmp_path):
     export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
     _, fields = read_gguf(tmp_path / "m.gguf")
     assert fields["llama.context_length"] == 32
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_the_merge_counts_the_parameters_and_gguf_bytes_of_every_architecture(arch_export, out_type, tmp_path):
+    from qlora_cli.export.merge_plan import MergeSettings, merge_needs
+
+    kind, model, _, _ = arch_export
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    export_gguf_from = folder.parent / "file.gguf"
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model.name_or_path).save_pretrained(folder)
+    export_gguf(folder, export_gguf_from, out_type)
+    config = json.loads((folder / "config.json").read_text())
+    settings = MergeSettings(bits=4, double_quant=True, lora_r=8, target_modules="all-linear", compute_bytes=4,
+                             out_bytes=4, max_shard_bytes=2**30, prompt_tokens=100, on_gpu=False,
+                             gguf_types=(out_type,))
+    needs = merge_needs(config, settings)
+    unique = {id(p): p.numel() for p in model.parameters()}  # a tied head once
+    assert needs.parameters == sum(unique.values())
+    reader, _ = read_gguf(export_gguf_from)
+    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    merged_bytes = 4 * needs.parameters
+    # The disk figure: the merged float32 checkpoint and the GGUF tensors (norms and biases are float32 in GGUF,
+    # counted at the file type's bytes: a few KB here).
+    assert abs(needs.disk_bytes - merged_bytes - tensor_bytes) < 0.03 * tensor_bytes

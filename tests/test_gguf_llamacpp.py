@@ -42,11 +42,9 @@ def test_llama_cpp_tokenizes_every_check_line_as_the_tokenizer(model_dir, out_ty
 
 
 def llama_cpp_logits(gguf_file, ids: list[int]) -> np.ndarray:
-    from llama_cpp import Llama
+    from qlora_cli.export.gguf_check import llama_cpp_logits as logits_of
 
-    llama = Llama(model_path=str(gguf_file), n_ctx=len(ids) + 8, logits_all=True, verbose=False)
-    llama.eval(ids)
-    return np.array(llama.scores[: len(ids)])
+    return logits_of(gguf_file, [ids])[0].numpy()
 
 
 def transformers_logits(model_dir, ids: list[int]) -> np.ndarray:
@@ -128,3 +126,79 @@ def test_bundled_model_export_as_llama_cpp_sees_it(tmp_path, out_type):
         assert greedy["equal"] >= 0.75 * greedy["prompts"]
         assert result["chat"]["llama_cpp"].strip() == result["chat"]["transformers"].strip()
         assert "Paris" in result["chat"]["llama_cpp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every architecture the export writes, judged by llama.cpp
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+TINY_VOCAB = 448
+
+# The largest |Δlogit| accepted between llama.cpp's logits of a file and transformers' float32 logits of the model it
+# was written from, on the same ids. Measured (see README, "GGUF for llama.cpp and Ollama") on these tiny models,
+# 200 ids: f16 at most MEASURED_F16, q8_0 at most MEASURED_Q8; the limits leave room for another CPU's arithmetic.
+MAX_LOGIT_DIFF = {"f16": None, "q8_0": None}
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch_model_dir(request, tmp_path_factory):
+    from conftest import build_tiny_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp(request.param)
+    build_tokenizer(folder)
+    build_tiny_model(folder, request.param, TINY_VOCAB)
+    return folder
+
+
+def float32_logits(model_dir, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_llama_cpp_computes_what_transformers_computes_for_every_architecture(arch_model_dir, out_type, tmp_path):
+    from transformers import AutoTokenizer
+
+    export_gguf(arch_model_dir, tmp_path / "m.gguf", out_type)
+    tokenizer = AutoTokenizer.from_pretrained(arch_model_dir)
+    # 200 positions: well past Gemma 2/3's window of 24, so a wrong window or pattern shows.
+    ids = tokenizer(LONG_TEXT)["input_ids"][:200]
+    expected = float32_logits(arch_model_dir, ids)
+    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    assert np.abs(got - expected).max() < MAX_LOGIT_DIFF[out_type]
+    report = compare_tokenization(load_llama(tmp_path / "m.gguf", vocab_only=True), tokenizer, CHECK_LINES)
+    assert report.identical == report.lines, report.mismatches
+
+
+def test_the_sliding_window_matters_where_it_is_checked(tmp_path):
+    from conftest import build_tiny_model, build_tokenizer
+
+    # The same Gemma 2 with a window as long as the context: the logits past position 24 differ far more than the
+    # export's rounding, so the check above would catch a window llama.cpp did not apply.
+    tokenizer = build_tokenizer(tmp_path)
+    build_tiny_model(tmp_path, "gemma2", TINY_VOCAB)
+    ids = tokenizer(LONG_TEXT)["input_ids"][:200]
+    windowed = float32_logits(tmp_path, ids)
+    build_tiny_model(tmp_path, "gemma2", TINY_VOCAB, sliding_window=512)
+    assert np.abs(float32_logits(tmp_path, ids) - windowed).max() > 10 * MAX_LOGIT_DIFF["f16"]
+
+
+def test_template_and_stops_of_every_architecture_as_llama_cpp_reads_them(arch_model_dir, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from qlora_cli.export.gguf_check import modelfile_agreement
+
+    export_gguf(arch_model_dir, tmp_path / "model-f16.gguf", "f16")
+    tokenizer = AutoTokenizer.from_pretrained(arch_model_dir)
+    write_modelfile(tmp_path / "model-f16.gguf", tokenizer, GenerationConfig.from_pretrained(arch_model_dir),
+                    say=lambda *_: None)
+    llama = load_llama(tmp_path / "model-f16.gguf", vocab_only=True)
+    agreement = modelfile_agreement(llama, tokenizer, tmp_path / "model-f16.Modelfile")
+    assert agreement["conversations_rendered_alike"] == agreement["conversations"]
+    # The end of a turn is the EOS token of this template: llama.cpp stops there.
+    assert int(llama.metadata["tokenizer.ggml.eot_token_id"]) == tokenizer.eos_token_id == llama.token_eos()
+    assert 'PARAMETER stop "</s>"' in (tmp_path / "model-f16.Modelfile").read_text()

@@ -80,25 +80,68 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def read_tokenizer_spec(model_dir: Path) -> dict:
-    """The tokenizer.json of a byte-level BPE tokenizer (Llama 3, Qwen2, SmolLM).
+    """The tokenizer.json in `model_dir`, of a byte-level BPE tokenizer (see `check_byte_level_bpe`).
 
     Raises:
-        UserError: no readable tokenizer.json, or another kind of tokenizer (SentencePiece-style BPE
-            with byte fallback, as Llama 2 and Mistral use, is another kind).
+        UserError: no readable tokenizer.json, or another kind of tokenizer.
     """
     path = model_dir / "tokenizer.json"
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UserError(f"--gguf: cannot read {path}: {error}") from None
+    return check_byte_level_bpe(spec, str(path))
+
+
+def tokenizer_spec(tokenizer) -> dict:
+    """The tokenizer as it tokenizes once loaded, a byte-level BPE tokenizer (see `check_byte_level_bpe`): not
+    always its tokenizer.json, since transformers gives some model types their own normalizer and pre-tokenizer
+    (a Qwen2 model's tokenizer splits text with Qwen2's regex and NFC-normalizes it, whatever the file says).
+
+    Raises:
+        UserError: another kind of tokenizer.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("--gguf: the tokenizer is not a fast (tokenizers) tokenizer; only byte-level BPE "
+                        "tokenizers are exported")
+    return check_byte_level_bpe(json.loads(backend.to_str()), "the tokenizer")
+
+
+def check_byte_level_bpe(spec: dict, where: str) -> dict:
+    """`spec` (a tokenizer.json), if it is a byte-level BPE tokenizer (Llama 3, Qwen2, SmolLM).
+
+    Raises:
+        UserError: another kind of tokenizer (SentencePiece-style BPE with byte fallback, as Llama 2, Mistral 7B,
+            Gemma and Phi-3 use, is another kind).
+    """
     model = spec.get("model") or {}
     decoder = spec.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise UserError(
-            f"--gguf: {path} is not a byte-level BPE tokenizer (Llama 3, SmolLM); only those are exported. "
+            f"--gguf: {where} is not a byte-level BPE tokenizer (Llama 3, Qwen, SmolLM, Mistral Nemo); only those "
+            "are exported (the SentencePiece-style tokenizers of Llama 2, Mistral 7B, Gemma and Phi-3 are not). "
             "Convert the merged folder with llama.cpp's convert_hf_to_gguf.py instead"
         )
     return spec
+
+
+# Qwen2's pre-tokenizer as tokenizers writes it (Qwen2, 2.5 and 3 alike): llama.cpp's "qwen2" regex, then the
+# byte-level mapping without GPT-2's regex. Qwen's NFC normalizer is left out by llama.cpp, as by its converter.
+QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+               "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+def _is_qwen2_pre_tokenizer(spec: dict) -> bool:
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2 or (spec.get("normalizer") or {}).get("type", "NFC") != "NFC":
+        return False
+    split, byte_level = steps
+    return (split.get("type") == "Split" and split.get("pattern") == {"Regex": QWEN2_SPLIT}
+            and split.get("behavior") == "Isolated" and not split.get("invert")
+            and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False
+            and byte_level.get("add_prefix_space") is False)
 
 
 def pre_tokenizer_name(tokenizer, spec: dict) -> str:
@@ -116,6 +159,8 @@ def pre_tokenizer_name(tokenizer, spec: dict) -> str:
         return KNOWN_PRE_TOKENIZERS[digest]
     if spec.get("normalizer") is None and spec.get("pre_tokenizer") == GPT2_PRE_TOKENIZER:
         return "gpt-2"
+    if _is_qwen2_pre_tokenizer(spec):
+        return "qwen2"
     raise UserError(
         f"--gguf: llama.cpp does not recognise this tokenizer's pre-tokenizer (hash {digest} of the "
         "tokenization of llama.cpp's check text, pre-tokenizer "
@@ -277,13 +322,10 @@ def write_attention(writer, config, architecture: Architecture) -> None:
         writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
 
 
-def check_exportable(config, tokenizer, tokenizer_dir: Path, out_types: tuple[str, ...]) -> tuple[str, list[str]]:
+def check_exportable(config, tokenizer, out_types: tuple[str, ...]) -> tuple[str, list[str]]:
     """Refuse a model the GGUF export cannot write, from its config and tokenizer alone: cheap enough to
     run before a merge starts. Returns llama.cpp's name of the tokenizer's pre-tokenizer, and notes on what
     the files will declare differently from the config (gguf_arch.check_architecture).
-
-    Args:
-        tokenizer_dir: the folder of the tokenizer's tokenizer.json.
 
     Raises:
         UserError: an unknown out type, an architecture or a setting of it llama.cpp would compute differently
@@ -292,7 +334,7 @@ def check_exportable(config, tokenizer, tokenizer_dir: Path, out_types: tuple[st
     """
     check_gguf_types(out_types)
     notes = check_architecture(config)
-    pre = pre_tokenizer_name(tokenizer, read_tokenizer_spec(tokenizer_dir))
+    pre = pre_tokenizer_name(tokenizer, tokenizer_spec(tokenizer))
     check_vocabulary_fits(tokenizer, config.vocab_size)
     return pre, notes
 
@@ -361,7 +403,7 @@ def write_gguf(merged: MergedModel, target: Path, out_type: str = "f16", name: s
         UserError: what `check_exportable` refuses.
     """
     config, tokenizer, merged_dir = merged.config, merged.tokenizer, merged.folder
-    pre, _ = check_exportable(config, tokenizer, merged_dir, (out_type,))
+    pre, _ = check_exportable(config, tokenizer, (out_type,))
     architecture = architecture_of(config)
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     special = special_vocab(merged_dir, tokenizer, config.vocab_size)
