@@ -388,7 +388,7 @@ def arch_export(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     build_tokenizer(folder)
     build_tiny_model(folder, request.param, TINY_VOCAB)
-    export_gguf(folder, folder / "m.gguf", "f16")
+    export_gguf(folder, folder / "m.gguf", "f16", name="tiny")  # not the folder's: see check_name
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return (request.param, model, *read_gguf(folder / "m.gguf"))
 
@@ -587,3 +587,12 @@ def test_the_merge_counts_the_parameters_and_gguf_bytes_of_every_architecture(ar
     # The disk figure: the merged float32 checkpoint and the GGUF tensors (norms and biases are float32 in GGUF,
     # counted at the file type's bytes: a few KB here).
     assert abs(needs.disk_bytes - merged_bytes - tensor_bytes) < 0.03 * tensor_bytes
+
+
+def test_a_name_llama_cpp_takes_for_phi3_is_refused_unless_the_tokenizer_is_phi3_like(tiny_tokenizer):
+    from qlora_cli.export.gguf import check_name
+
+    check_name("pirate", tiny_tokenizer)
+    # llama.cpp then strips the whitespace after special tokens and needs <|endoftext|>: the tiny tokenizer has neither.
+    with pytest.raises(UserError, match=r"model named 'my-Phi-3-pirate' .*it lacks <\|endoftext\|>\); choose an output"):
+        check_name("my-Phi-3-pirate", tiny_tokenizer)

@@ -322,7 +322,34 @@ def write_attention(writer, config, architecture: Architecture) -> None:
         writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
 
 
-def check_exportable(config, tokenizer, out_types: tuple[str, ...]) -> tuple[str, list[str]]:
+# llama.cpp (llama-vocab.cpp) gives a model whose general.name contains one of these Phi-3's tokenizer quirks: it
+# strips the whitespace after every special token and </s>, and needs <unk>, <s>, <|endoftext|> and </s> in the vocab.
+PHI3_NAMES = ("phi3", "phi-3")
+PHI3_UNSTRIPPED = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def check_name(name: str, tokenizer) -> None:
+    """Refuse a `general.name` that would make llama.cpp tokenize differently from the tokenizer.
+
+    Raises:
+        UserError: a name llama.cpp takes for Phi-3's while the tokenizer lacks Phi-3's tokens or does not strip
+            the whitespace after its special tokens as llama.cpp then would.
+    """
+    if not any(part in name.lower() for part in PHI3_NAMES):
+        return
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in (*PHI3_UNSTRIPPED, "</s>") if token not in vocab]
+    unstripped = [added.content for added in tokenizer.added_tokens_decoder.values()
+                  if (added.special or added.content == "</s>") and not added.rstrip
+                  and added.content not in PHI3_UNSTRIPPED]
+    if missing or unstripped:
+        lacks = f"lacks {', '.join(missing)}" if missing else f"keeps the whitespace after {', '.join(unstripped[:3])}"
+        raise UserError(f"--gguf: llama.cpp tokenizes a model named {name!r} (a name with 'phi3' or 'phi-3') as "
+                        f"Phi-3's tokenizer, which this one is not (it {lacks}); choose an output folder of another "
+                        "name (--out)")
+
+
+def check_exportable(config, tokenizer, out_types: tuple[str, ...], name: str | None = None) -> tuple[str, list[str]]:
     """Refuse a model the GGUF export cannot write, from its config and tokenizer alone: cheap enough to
     run before a merge starts. Returns llama.cpp's name of the tokenizer's pre-tokenizer, and notes on what
     the files will declare differently from the config (gguf_arch.check_architecture).
@@ -330,10 +357,13 @@ def check_exportable(config, tokenizer, out_types: tuple[str, ...]) -> tuple[str
     Raises:
         UserError: an unknown out type, an architecture or a setting of it llama.cpp would compute differently
             (gguf_arch.check_architecture), another tokenizer kind, a pre-tokenizer llama.cpp does not know, or
-            tokenizer ids beyond the embedding rows.
+            tokenizer ids beyond the embedding rows, or a `name` (the file's general.name) llama.cpp would take for
+            Phi-3's.
     """
     check_gguf_types(out_types)
     notes = check_architecture(config)
+    if name is not None:
+        check_name(name, tokenizer)
     pre = pre_tokenizer_name(tokenizer, tokenizer_spec(tokenizer))
     check_vocabulary_fits(tokenizer, config.vocab_size)
     return pre, notes
@@ -403,13 +433,14 @@ def write_gguf(merged: MergedModel, target: Path, out_type: str = "f16", name: s
         UserError: what `check_exportable` refuses.
     """
     config, tokenizer, merged_dir = merged.config, merged.tokenizer, merged.folder
-    pre, _ = check_exportable(config, tokenizer, (out_type,))
+    name = name or merged_dir.name
+    pre, _ = check_exportable(config, tokenizer, (out_type,), name)
     architecture = architecture_of(config)
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     special = special_vocab(merged_dir, tokenizer, config.vocab_size)
 
     writer = gguf.GGUFWriter(str(target), architecture.name)
-    writer.add_name(name or merged_dir.name)
+    writer.add_name(name)
     writer.add_context_length(context_length(config, architecture)[0])
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

@@ -197,7 +197,7 @@ def export_adapter_gguf(run_dir: Path, *, out: Path | None = None, out_type: str
     files = base_checkpoint(adapter_base_model(run_dir), recipe.model.revision, recipe.model.trust_remote_code)
     config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    _, notes = check_exportable(config, tokenizer, (out_type,))
+    _, notes = check_exportable(config, tokenizer, (out_type,), f"{out.name}-base")
     adapter_settings(adapter_dir)
     lora_tensors(adapter_dir, config, architecture_of(config))  # refused here, before the model loads
     for note in notes:
