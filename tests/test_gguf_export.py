@@ -596,3 +596,14 @@ def test_a_name_llama_cpp_takes_for_phi3_is_refused_unless_the_tokenizer_is_phi3
     # llama.cpp then strips the whitespace after special tokens and needs <|endoftext|>: the tiny tokenizer has neither.
     with pytest.raises(UserError, match=r"model named 'my-Phi-3-pirate' .*it lacks <\|endoftext\|>\); choose an output"):
         check_name("my-Phi-3-pirate", tiny_tokenizer)
+
+
+def test_gemma2_without_sliding_layers_says_so_layer_by_layer(tmp_path):
+    from conftest import build_tiny_model, build_tokenizer
+
+    # Without the flags llama.cpp would slide every other layer over 4096 tokens, its Gemma 2 default.
+    build_tokenizer(tmp_path)
+    build_tiny_model(tmp_path, "gemma2", TINY_VOCAB, layer_types=["full_attention", "full_attention"])
+    export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    _, fields = read_gguf(tmp_path / "m.gguf")
+    assert list(fields["gemma2.attention.sliding_window_pattern"]) == [False, False]

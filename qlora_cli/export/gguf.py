@@ -315,10 +315,12 @@ def write_attention(writer, config, architecture: Architecture) -> None:
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
     elif architecture.final_soft_capping and getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
-    layer_types = getattr(config, "layer_types", None) or []
-    if architecture.layer_windows and "sliding_attention" in layer_types:
-        # Which layers slide, one flag a layer (llama.cpp reads an array here before any default pattern).
-        writer.add_sliding_window(int(config.sliding_window))
+    layer_types = getattr(config, "layer_types", None)
+    if architecture.layer_windows and layer_types:
+        # Which layers slide, one flag a layer, always: llama.cpp reads this array before any default pattern (Gemma
+        # 2's is every other layer, with a window of 4096, even where the config has no sliding layer).
+        if getattr(config, "sliding_window", None) is not None:
+            writer.add_sliding_window(int(config.sliding_window))
         writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
 
 

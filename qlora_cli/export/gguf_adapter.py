@@ -189,6 +189,8 @@ def export_adapter_gguf(run_dir: Path, *, out: Path | None = None, out_type: str
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (it needs {RECIPE} and {ADAPTER}/)")
     out = Path(out).resolve() if out is not None else run_dir / "gguf-adapter"
+    if out.is_file():
+        raise UserError(f"--out: {out} is a file, not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not (overwrite and (out / REPORT).is_file()):
         raise UserError(f"{out} already exists" + ("; pass --overwrite to replace it" if (out / REPORT).is_file()
                                                    else " and is not an adapter export; choose another --out"))
@@ -208,7 +210,9 @@ def export_adapter_gguf(run_dir: Path, *, out: Path | None = None, out_type: str
     say("Running the trained model (4-bit base + adapter) on the parity prompts, a layer at a time")
     trained = trained_model(config, files, run_dir, recipe, context, device)
     reference = streamed_logits(trained.model, trained.weights, prompts, device)
-    judge = "llama.cpp" if llama_cpp_available() else "transformers (the file's float16 weights + the adapter)"
+    judge = "llama.cpp" if llama_cpp_available() else (
+        "transformers (the base's weights rounded to float16" + ("" if out_type == "f16" else f", not to {out_type}")
+        + ", + the adapter)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as staging:
         staging.mkdir()
