@@ -18,7 +18,7 @@ from conftest import (
     CHATML_DEFAULT_SYSTEM_TEMPLATE, ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama,
 )
 from qlora_cli.core.errors import UserError
-from qlora_cli.export.gguf import export_gguf, llama3_rope_factors, pre_tokenizer_name, read_tokenizer_spec
+from qlora_cli.export.gguf import export_gguf, llama3_rope_factors, pre_tokenizer_name, tokenizer_spec
 from qlora_cli.export.modelfile import (
     LATER_SYSTEM_CONVERSATION,
     OPEN_REPLY_CONVERSATION,
@@ -112,7 +112,7 @@ def test_pre_tokenizer_is_recognised_by_llama_cpp_hash_first(tiny_model_dir, tin
 
     from qlora_cli.export import gguf as gguf_export
 
-    spec = read_tokenizer_spec(tiny_model_dir)
+    spec = tokenizer_spec(tiny_tokenizer)
     digest = sha256(str(tiny_tokenizer.encode(gguf_export.PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
     monkeypatch.setitem(gguf_export.KNOWN_PRE_TOKENIZERS, digest, "smollm")
     assert pre_tokenizer_name(tiny_tokenizer, spec) == "smollm"
@@ -431,6 +431,9 @@ def test_each_architecture_has_its_hyperparameters(arch_export):
     assert fields[f"{arch}.context_length"] == 512 and fields[f"{arch}.feed_forward_length"] == 128
     assert fields[f"{arch}.rope.dimension_count"] == 16
     assert len(fields["tokenizer.ggml.tokens"]) == TINY_VOCAB
+    # transformers loads a Qwen2 model's tokenizer with Qwen2's pre-tokenizer whatever tokenizer.json says: the file
+    # says what splits text once loaded (Qwen3's keeps the file's).
+    assert fields["tokenizer.ggml.pre"] == ("qwen2" if kind == "qwen2" else "gpt-2")
     if kind == "gemma2":
         assert fields["gemma2.attn_logit_softcapping"] == 50.0 and fields["gemma2.final_logit_softcapping"] == 30.0
     if kind in ("gemma2", "gemma3_text"):

@@ -73,24 +73,11 @@ KNOWN_PRE_TOKENIZERS = {
 # GPT-2's own pre-tokenizer as tokenizers writes it: the regex llama.cpp calls "gpt-2", byte-level.
 GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
+
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """HF's q/k row order -> llama.cpp's (the inverse of transformers' `_reverse_permute_weights`)."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
             .swapaxes(1, 2).reshape(weights.shape))
-
-
-def read_tokenizer_spec(model_dir: Path) -> dict:
-    """The tokenizer.json in `model_dir`, of a byte-level BPE tokenizer (see `check_byte_level_bpe`).
-
-    Raises:
-        UserError: no readable tokenizer.json, or another kind of tokenizer.
-    """
-    path = model_dir / "tokenizer.json"
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"--gguf: cannot read {path}: {error}") from None
-    return check_byte_level_bpe(spec, str(path))
 
 
 def tokenizer_spec(tokenizer) -> dict:
