@@ -266,7 +266,7 @@ def merge(
     dtype: Annotated[str, typer.Option(help="Dtype of the merged weights: bfloat16, float16 or float32.")] = "bfloat16",
     base: Annotated[str, typer.Option(help="Merge into the `dequantized` 4-bit (or 8-bit) weights the adapter was trained against, or the `original` weights.")] = "dequantized",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
-    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF file for llama.cpp/Ollama: f16 or q8_0 (repeatable; Llama-architecture models).")] = None,
+    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF file for llama.cpp/Ollama: f16 or q8_0 (repeatable; Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3 text, Phi-3).")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Largest safetensors file written, e.g. 2GB or 500MiB: the most of the output held in memory at once (default 1GB).", show_default=False)] = None,
 ) -> None:
     """Export a merged checkpoint that plain transformers loads, with a parity report; the model is merged and
@@ -292,6 +292,32 @@ def merge(
 
         rows += [(f"gguf {out_type}", gguf_summary(entry)) for out_type, entry in report["gguf"].items()]
     console.print(key_value_table("Merge", rows))
+
+
+@app.command("gguf-adapter")
+def gguf_adapter(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `qlora train`.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: RUN_DIR/gguf-adapter).")] = None,
+    out_type: Annotated[str, typer.Option("--type", help="GGUF type of the base files: f16 or q8_0.")] = "f16",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter export.")] = False,
+) -> None:
+    """Write the adapter alone as a GGUF LoRA file for llama.cpp's --lora (and Ollama's ADAPTER), with the base GGUF
+    files it applies to (dequantized from the 4-bit weights it was trained with, and the original), and the KL of
+    each base + adapter against the trained model."""
+    from .export.gguf_types import check_gguf_types
+
+    check_gguf_types([out_type])
+    from .core.console import key_value_table, make_console
+    from .core.models import quiet_libraries
+    from .export.gguf_adapter import export_adapter_gguf
+
+    console = make_console()
+    quiet_libraries(console.is_terminal)
+    report = export_adapter_gguf(run_dir, out=out, out_type=out_type, overwrite=overwrite, console=console)
+    rows = [(key, value) for key, value in report.items() if key != "bases"]
+    rows += [(f"base {base}", f"{entry['file']}: with the adapter, mean KL {entry['mean_kl_nats_per_token']:.3g}, "
+              f"max |Δlogit| {entry['max_abs_logit_diff']:.3g}") for base, entry in report["bases"].items()]
+    console.print(key_value_table("GGUF adapter", rows))
 
 
 @eval_app.command("run")

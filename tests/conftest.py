@@ -311,3 +311,43 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join()
+
+
+# Tiny random models of each architecture the GGUF export writes, with each one's particulars switched on where a
+# tiny model can have them (biases, q/k norms, soft-capping, sliding windows that matter within 100 tokens, Phi-3's
+# fused projections, Gemma's tied head); hidden 64, 2 layers, head_dim 16.
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", {"head_dim": 16, "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 24,
+                                "tie_word_embeddings": True}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 24,
+                                         "layer_types": ["sliding_attention", "full_attention"],
+                                         "final_logit_softcapping": 30.0, "tie_word_embeddings": True}),
+    "phi3": ("Phi3Config", {"pad_token_id": None}),
+}
+
+
+def build_tiny_model(directory: Path, model_type: str, vocab_size: int, **overrides) -> None:
+    """A 2-layer model of `model_type` (a key of TINY_ARCHITECTURES) with random weights, saved as safetensors.
+    Norm weights are random too (transformers initialises them to 1, or to 0 for Gemma), so that an export that
+    dropped or mis-shifted one would show."""
+    import torch
+    import transformers
+
+    class_name, particulars = TINY_ARCHITECTURES[model_type]
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                    eos_token_id=2, tie_word_embeddings=False)
+    config = getattr(transformers, class_name)(**{**settings, **particulars, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                parameter.copy_(torch.randn_like(parameter) * 0.1 + (0.0 if model_type.startswith("gemma") else 1.0)
+                                * (not name.endswith(".bias")))
+    model.save_pretrained(directory)

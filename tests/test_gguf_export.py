@@ -18,7 +18,7 @@ from conftest import (
     CHATML_DEFAULT_SYSTEM_TEMPLATE, ROPE_SCALINGS, build_chatml_tokenizer, build_tiny_llama,
 )
 from qlora_cli.core.errors import UserError
-from qlora_cli.export.gguf import export_gguf, llama3_rope_factors, pre_tokenizer_name, read_tokenizer_spec
+from qlora_cli.export.gguf import export_gguf, llama3_rope_factors, pre_tokenizer_name, tokenizer_spec
 from qlora_cli.export.modelfile import (
     LATER_SYSTEM_CONVERSATION,
     OPEN_REPLY_CONVERSATION,
@@ -112,7 +112,7 @@ def test_pre_tokenizer_is_recognised_by_llama_cpp_hash_first(tiny_model_dir, tin
 
     from qlora_cli.export import gguf as gguf_export
 
-    spec = read_tokenizer_spec(tiny_model_dir)
+    spec = tokenizer_spec(tiny_tokenizer)
     digest = sha256(str(tiny_tokenizer.encode(gguf_export.PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
     monkeypatch.setitem(gguf_export.KNOWN_PRE_TOKENIZERS, digest, "smollm")
     assert pre_tokenizer_name(tiny_tokenizer, spec) == "smollm"
@@ -369,3 +369,244 @@ def test_an_unknown_gguf_type_is_refused_before_anything_loads(tmp_path, capsys)
     with pytest.raises(SystemExit) as exited:
         main(["merge", str(tmp_path), "--gguf", "f16", "--gguf", "q4_0"])
     assert exited.value.code == 2 and "--gguf: 'q4_0' is not one of f16, q8_0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Every architecture: gguf-py's names and keys, each one's particulars as llama.cpp's converter writes them
+
+TINY_VOCAB = 448  # more rows than the tokenizer's 400 tokens (and Qwen2's tokenizer class adds one): padded rows too
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"])
+def arch_export(request, tmp_path_factory):
+    """(model_type, the model in float32, the f16 file's reader, its fields) of a tiny model of each architecture."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp(request.param)
+    build_tokenizer(folder)
+    build_tiny_model(folder, request.param, TINY_VOCAB)
+    export_gguf(folder, folder / "m.gguf", "f16", name="tiny")  # not the folder's: see check_name
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return (request.param, model, *read_gguf(folder / "m.gguf"))
+
+
+# What llama.cpp's graph of each architecture reads (src/models/*.cpp) beyond the Llama-shaped tensors.
+EXPECTED_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                 "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+PARTICULAR_TENSORS = {
+    "llama": {"output.weight"},
+    "mistral": {"output.weight"},
+    "qwen2": {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias", "output.weight"},
+    "qwen3": {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight", "output.weight"},
+    "gemma": set(),
+    "gemma2": {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"},
+    "gemma3_text": {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight",
+                    "blk.0.attn_k_norm.weight"},
+    "phi3": {"blk.0.attn_qkv.weight", "output.weight"},
+}
+LLAMA_SHAPED = {"token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight",
+                "blk.0.attn_output.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"}
+
+
+def test_each_architecture_has_the_tensors_llama_cpp_reads(arch_export):
+    kind, model, reader, fields = arch_export
+    assert fields["general.architecture"] == EXPECTED_ARCH[kind]
+    names = {tensor.name for tensor in reader.tensors}
+    layer0 = {name for name in names if not name.startswith("blk.") or name.startswith("blk.0.")}
+    separate_qkv = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.ffn_gate.weight"}
+    expected = LLAMA_SHAPED | PARTICULAR_TENSORS[kind] | (set() if kind == "phi3" else separate_qkv)
+    assert layer0 == expected
+    assert len(names) == len(layer0) + (len(layer0) - sum(not n.startswith("blk.") for n in layer0))  # both layers
+
+
+def test_each_architecture_has_its_hyperparameters(arch_export):
+    kind, model, reader, fields = arch_export
+    arch = EXPECTED_ARCH[kind]
+    assert fields[f"{arch}.block_count"] == 2 and fields[f"{arch}.embedding_length"] == 64
+    assert fields[f"{arch}.attention.head_count"] == 4 and fields[f"{arch}.attention.head_count_kv"] == 2
+    assert fields[f"{arch}.attention.key_length"] == fields[f"{arch}.attention.value_length"] == 16
+    assert fields[f"{arch}.context_length"] == 512 and fields[f"{arch}.feed_forward_length"] == 128
+    assert fields[f"{arch}.rope.dimension_count"] == 16
+    assert len(fields["tokenizer.ggml.tokens"]) == TINY_VOCAB
+    # transformers loads a Qwen2 model's tokenizer with Qwen2's pre-tokenizer whatever tokenizer.json says: the file
+    # says what splits text once loaded (Qwen3's keeps the file's).
+    assert fields["tokenizer.ggml.pre"] == ("qwen2" if kind == "qwen2" else "gpt-2")
+    if kind == "gemma2":
+        assert fields["gemma2.attn_logit_softcapping"] == 50.0 and fields["gemma2.final_logit_softcapping"] == 30.0
+    if kind in ("gemma2", "gemma3_text"):
+        assert fields[f"{arch}.attention.sliding_window"] == 24
+        assert list(fields[f"{arch}.attention.sliding_window_pattern"]) == [True, False]  # layer 0 slides
+    else:
+        assert f"{arch}.attention.sliding_window_pattern" not in fields
+    if kind == "gemma3_text":
+        assert fields["gemma3.rope.freq_base"] == 1_000_000.0 and fields["gemma3.rope.freq_base_swa"] == 10_000.0
+        assert fields["gemma3.final_logit_softcapping"] == 30.0
+    if kind == "phi3":
+        assert fields["phi3.rope.scaling.original_context_length"] == 4096
+
+
+def tensor_data(reader, name):
+    return np.asarray({t.name: t for t in reader.tensors}[name].data)
+
+
+def test_gemma_norms_are_written_plus_one_and_others_as_they_are(arch_export):
+    kind, model, reader, _ = arch_export
+    state = model.state_dict()
+    offset = 1.0 if kind.startswith("gemma") else 0.0
+    np.testing.assert_allclose(tensor_data(reader, "blk.1.attn_norm.weight"),
+                               state["model.layers.1.input_layernorm.weight"].numpy() + offset, rtol=1e-6)
+    np.testing.assert_allclose(tensor_data(reader, "output_norm.weight"), state["model.norm.weight"].numpy() + offset,
+                               rtol=1e-6)
+    if kind in ("qwen3", "gemma3_text"):  # the per-head q/k norms too (Gemma 3's scale by 1 + w as well)
+        np.testing.assert_allclose(tensor_data(reader, "blk.0.attn_q_norm.weight"),
+                                   state["model.layers.0.self_attn.q_norm.weight"].numpy() + offset, rtol=1e-6)
+
+
+def test_query_rows_are_permuted_for_llama_cpp_llama_graph_only(arch_export):
+    from qlora_cli.export.gguf import _permute
+
+    kind, model, reader, _ = arch_export
+    if kind == "phi3":
+        # The fused projections as they are: llama.cpp splits attn_qkv into q, k, v and ffn_up into gate, up.
+        state = model.state_dict()
+        np.testing.assert_allclose(tensor_data(reader, "blk.0.attn_qkv.weight"),
+                                   state["model.layers.0.self_attn.qkv_proj.weight"].numpy().astype(np.float16))
+        assert tensor_data(reader, "blk.0.ffn_up.weight").shape == (256, 64)  # gate and up, stacked
+        return
+    weight = model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy()
+    expected = _permute(weight, 4) if kind in ("llama", "mistral") else weight
+    np.testing.assert_allclose(tensor_data(reader, "blk.0.attn_q.weight"), expected.astype(np.float16))
+
+
+def test_a_tied_head_is_left_to_the_embeddings(arch_export):
+    kind, model, reader, _ = arch_export
+    names = {tensor.name for tensor in reader.tensors}
+    assert ("output.weight" in names) == (not model.config.tie_word_embeddings)
+
+
+def _config(class_name: str, **values):
+    import transformers
+
+    settings = dict(vocab_size=448, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512)
+    return getattr(transformers, class_name)(**{**settings, **values})
+
+
+REFUSALS = [
+    ("Phi3Config", {"pad_token_id": None, "max_position_embeddings": 8192, "original_max_position_embeddings": 4096,
+                    "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8,
+                                        "short_factor": [1.0] * 8}},
+     "RoPE scaling 'longrope' .*by the context size it is started with"),
+    ("Qwen2Config", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+     "RoPE scaling 'dynamic' .*no dynamic NTK"),
+    ("Qwen2Config", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64}},
+     "RoPE scaling 'llama3' is not supported in the GGUF export of qwen2"),
+    ("GemmaConfig", {"head_dim": 16, "tie_word_embeddings": False}, "output head of its own .* ignores"),
+    ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
+     r"query_pre_attn_scalar 32: llama.cpp scales the queries of a 2-layer gemma2 by 1/sqrt\(16\)"),
+    ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": None},
+     "without attn_logit_softcapping: llama.cpp's gemma2 always soft-caps"),
+    ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0},
+     "does not cap attention logits"),
+    ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "use_bidirectional_attention": True},
+     "bidirectional attention"),
+    ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}},
+     "of the sliding-window layers is not supported"),
+    ("LlamaConfig", {"hidden_act": "gelu"}, "llama with the 'gelu' activation: llama.cpp computes 'silu'"),
+    ("Gemma3Config", None, "vision tower"),  # None: the class's defaults
+    ("MixtralConfig", None, "mixture of experts"),
+    ("FalconConfig", None, "writes llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3 models"),
+]
+
+
+@pytest.mark.parametrize("class_name, values, message", REFUSALS,
+                         ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(REFUSALS)])
+def test_what_llama_cpp_would_compute_differently_is_refused_from_the_config(class_name, values, message):
+    from qlora_cli.export.gguf_arch import check_architecture
+
+    import transformers
+
+    config = getattr(transformers, class_name)() if values is None else _config(class_name, **values)
+    with pytest.raises(UserError, match=message):
+        check_architecture(config)
+
+
+@pytest.mark.parametrize("class_name, values", [
+    ("MistralConfig", {"sliding_window": 32}),
+    ("Phi3Config", {"pad_token_id": None, "sliding_window": 32}),
+    ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1}),
+])
+def test_a_window_llama_cpp_does_not_apply_shortens_the_declared_context(class_name, values):
+    from qlora_cli.export.gguf_arch import architecture_of, check_architecture, context_length
+
+    config = _config(class_name, **values)
+    notes = check_architecture(config)
+    assert context_length(config, architecture_of(config)) == (32, notes[0])
+    assert "declares a context of 32 tokens (not 512)" in notes[0]
+    # A window as long as the context changes nothing (Mistral's default 4096 here).
+    config = _config(class_name, **{**values, "sliding_window": 512})
+    assert check_architecture(config) == [] and context_length(config, architecture_of(config))[0] == 512
+
+
+def test_the_shortened_context_is_what_the_file_declares(tmp_path):
+    from conftest import build_tiny_model, build_tokenizer
+
+    build_tokenizer(tmp_path)
+    build_tiny_model(tmp_path, "mistral", TINY_VOCAB, sliding_window=32)
+    export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    _, fields = read_gguf(tmp_path / "m.gguf")
+    assert fields["llama.context_length"] == 32
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_the_merge_counts_the_parameters_and_gguf_bytes_of_every_architecture(arch_export, out_type, tmp_path):
+    from qlora_cli.export.merge_plan import MergeSettings, merge_needs
+
+    kind, model, _, _ = arch_export
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    export_gguf_from = folder.parent / "file.gguf"
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model.name_or_path).save_pretrained(folder)
+    export_gguf(folder, export_gguf_from, out_type)
+    config = json.loads((folder / "config.json").read_text())
+    settings = MergeSettings(bits=4, double_quant=True, lora_r=8, target_modules="all-linear", compute_bytes=4,
+                             out_bytes=4, max_shard_bytes=2**30, prompt_tokens=100, on_gpu=False,
+                             gguf_types=(out_type,))
+    needs = merge_needs(config, settings)
+    unique = {id(p): p.numel() for p in model.parameters()}  # a tied head once
+    assert needs.parameters == sum(unique.values())
+    reader, _ = read_gguf(export_gguf_from)
+    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    merged_bytes = 4 * needs.parameters
+    # The disk figure: the merged float32 checkpoint and the GGUF tensors (norms and biases are float32 in GGUF,
+    # counted at the file type's bytes: a few KB here).
+    assert abs(needs.disk_bytes - merged_bytes - tensor_bytes) < 0.03 * tensor_bytes
+
+
+def test_a_name_llama_cpp_takes_for_phi3_is_refused_unless_the_tokenizer_is_phi3_like(tiny_tokenizer):
+    from qlora_cli.export.gguf import check_name
+
+    check_name("pirate", tiny_tokenizer)
+    # llama.cpp then strips the whitespace after special tokens and needs <|endoftext|>: the tiny tokenizer has neither.
+    with pytest.raises(UserError, match=r"model named 'my-Phi-3-pirate' .*it lacks <\|endoftext\|>\); choose an output"):
+        check_name("my-Phi-3-pirate", tiny_tokenizer)
+
+
+def test_gemma2_without_sliding_layers_says_so_layer_by_layer(tmp_path):
+    from conftest import build_tiny_model, build_tokenizer
+
+    # Without the flags llama.cpp would slide every other layer over 4096 tokens, its Gemma 2 default.
+    build_tokenizer(tmp_path)
+    build_tiny_model(tmp_path, "gemma2", TINY_VOCAB, layer_types=["full_attention", "full_attention"])
+    export_gguf(tmp_path, tmp_path / "m.gguf", "f16")
+    _, fields = read_gguf(tmp_path / "m.gguf")
+    assert list(fields["gemma2.attention.sliding_window_pattern"]) == [False, False]

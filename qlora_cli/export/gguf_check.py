@@ -18,6 +18,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,6 +125,27 @@ def load_llama(gguf_file: Path, vocab_only: bool = False, n_ctx: int = 1024):
     # has no training context, which llama.cpp remarks on); a failed load still raises.
     with contextlib.redirect_stderr(io.StringIO()):
         return Llama(model_path=str(gguf_file), vocab_only=vocab_only, n_ctx=n_ctx, verbose=False)
+
+
+def llama_cpp_logits(gguf_file: Path, prompts: list[list[int]], lora_file: Path | None = None) -> list[torch.Tensor]:
+    """llama.cpp's float32 logits of `gguf_file` (with the LoRA adapter `lora_file` applied, scale 1) on each prompt,
+    one [tokens, vocab] tensor per prompt, every position computed in one batch as transformers does."""
+    from llama_cpp import Llama
+
+    longest = max(map(len, prompts))
+    extra = {"lora_path": str(lora_file)} if lora_file is not None else {}
+    with contextlib.redirect_stderr(io.StringIO()):
+        llama = Llama(model_path=str(gguf_file), n_ctx=longest + 8, n_batch=longest + 8, n_ubatch=longest + 8,
+                      logits_all=True, verbose=False, **extra)
+    try:
+        logits = []
+        for ids in prompts:
+            llama.reset()
+            llama.eval(ids)
+            logits.append(torch.from_numpy(np.array(llama.scores[: len(ids)], dtype=np.float32)))
+        return logits
+    finally:
+        llama.close()
 
 
 def compare_tokenization(llama, tokenizer, lines: list[str], keep: int = 5) -> TokenizationReport:

@@ -577,7 +577,9 @@ def merge_run(
     config = AutoConfig.from_pretrained(files.folder, trust_remote_code=recipe.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
     if gguf_types:  # the merged checkpoint has the base's config and the run's tokenizer
-        check_exportable(config, tokenizer, run_dir / ADAPTER, gguf_types)
+        _, notes = check_exportable(config, tokenizer, gguf_types, out.name)
+        for note in notes:
+            say(f"GGUF: {note}")
     prompts, prompts_from = parity_prompts(run_dir, recipe, tokenizer)
     check_needs(files.folder, recipe, context, dtype=dtype, max_shard_bytes=max_shard_bytes,
                 prompt_tokens=sum(map(len, prompts)), gguf_types=gguf_types, out=out, say=say)

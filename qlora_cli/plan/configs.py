@@ -36,8 +36,9 @@ class ModelShapes:
     tied: bool
     attention_bias: tuple[str, ...]  # which of q/k/v/o_proj carry a bias
     mlp_bias: bool
-    qk_norm: bool  # Qwen3's per-head RMSNorm on queries and keys
+    qk_norm: bool  # per-head RMSNorm on queries and keys (Qwen3, Gemma 3)
     plain_head: bool = True  # logits are lm_head(hidden), so the chunked loss on trained positions applies
+    block_norms: int = 2  # RMSNorms per decoder block: 4 in Gemma 2 and 3 (post-attention and post-MLP norms too)
 
     @property
     def q_dim(self) -> int:
@@ -108,8 +109,9 @@ def model_shapes(config: Mapping, source: Path | str | None = None) -> ModelShap
         tied=bool(config.get("tie_word_embeddings", model_type.startswith("gemma"))),
         attention_bias=attention_bias,
         mlp_bias=bool(config.get("mlp_bias", False)),
-        qk_norm=model_type.startswith("qwen3"),
+        qk_norm=model_type.startswith("qwen3") or model_type.startswith("gemma3"),
         plain_head=logits_are_plain(config.get),
+        block_norms=4 if model_type.startswith(("gemma2", "gemma3")) else 2,
     )
 
 

@@ -92,7 +92,7 @@ def kept_parameter_count(shapes: ModelShapes) -> int:
     """
     s = shapes
     count = s.vocab * s.hidden * (1 if s.tied else 2)
-    count += (2 * s.layers + 1) * s.hidden  # input and post-attention norms per block, plus the final norm
+    count += (s.block_norms * s.layers + 1) * s.hidden  # the norms of each block (input, post-attention, ...), the final norm
     linears = s.linears()
     per_block = sum(linears[name][1] for name in s.attention_bias)
     if s.mlp_bias:
