@@ -24,9 +24,26 @@ app = typer.Typer(
     name="qlora",
     help="Fine-tune large language models with QLoRA, driven by YAML recipes.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: Typer's shell completion (bash, zsh, fish, PowerShell)
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"qlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=show_version, is_eager=True, help="Print qlora's version and exit.")] = None,
+) -> None:
+    """Fine-tune large language models with QLoRA, driven by YAML recipes."""
 
 data_app = typer.Typer(help="Look at the training data as the model will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -370,7 +387,9 @@ def eval_mmlu(
     console = make_console(stderr=as_json)  # --json keeps stdout for the JSON object
     loaded = load_generation_model(console, model)
     result = evaluate(loaded.model, loaded.tokenizer, dev, test, shots=shots, limit=limit)
-    result.update(model=model, shots=shots)
+    from . import __version__
+
+    result.update(model=model, shots=shots, qlora_version=__version__)
     if as_json:
         print(json_module.dumps(result, indent=2))
         return

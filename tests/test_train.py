@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import math
@@ -87,6 +88,7 @@ def test_golden_run_losses_and_tree(golden_run):
     assert summary["compute_dtype"] == "float32" and summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert summary["train_seconds"] > 0 and summary["peak_memory_bytes"] > 0
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(summary["versions"])
+    assert summary["qlora_version"] == importlib.metadata.version("qlora-cli")
 
 
 def test_run_is_4bit_nf4_double_quant_with_lora_on_every_linear(golden_run):

@@ -40,6 +40,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from .. import __version__
 from ..core import compat
 from ..core.console import Steps
 from ..core.cpu import return_freed_memory
@@ -541,6 +542,7 @@ def merge_run(
                                                             recipe.model.trust_remote_code))
         enforced = base == "dequantized" and dtype == torch.float32
         result = {
+            "qlora_version": __version__,
             "base": base,
             "dtype": dtype_name,
             "base_model": base_path,

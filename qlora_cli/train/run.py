@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from transformers import set_seed
 
+from .. import __version__
 from ..core import compat
 from ..core.console import format_seconds, key_value_table, recipe_table, working
 from ..core.context import RunContext, run_context
@@ -345,6 +346,7 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
     stats = run.prepared.train_stats
     seconds = result.clock.total
     return {
+        "qlora_version": __version__,
         "steps": result.trainer.state.global_step,
         "resumed_from_step": run.resume_from.step if run.resume_from else None,
         "examples": stats.examples,
