@@ -202,7 +202,7 @@ def setup(
     set_seed(recipe.training.seed)
     bits = {4: f"in 4-bit {recipe.quantization.quant_type.upper()}", 8: "in 8-bit", 16: "unquantized"}[recipe.quantization.bits]
     with working(console, f"Loading {recipe.model.base} {bits} with LoRA"):
-        model = load_model(model_path, recipe, context, checkpointing)
+        model = load_model(model_path, recipe, context, checkpointing, fresh=resume_from is None, say=console.print)
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
 
