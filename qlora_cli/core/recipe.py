@@ -324,6 +324,14 @@ class TrainingSection(Section):
         ),
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description=(
+            "Experiment trackers, through the Trainer's integrations (rank 0 logs): `tensorboard` (RUN_DIR/tensorboard), "
+            "`mlflow` (RUN_DIR/mlflow.db, or MLFLOW_TRACKING_URI), `wandb` (offline into RUN_DIR/wandb unless logged "
+            "in). Each is an extra: pip install 'qlora-cli[NAME]'."
+        ),
+    )
 
     @field_validator("warmup")
     @classmethod
