@@ -24,16 +24,33 @@ app = typer.Typer(
     name="qlora",
     help="Fine-tune large language models with QLoRA, driven by YAML recipes.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: Typer's shell completion (bash, zsh, fish, PowerShell)
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"qlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=show_version, is_eager=True, help="Print qlora's version and exit.")] = None,
+) -> None:
+    """Fine-tune large language models with QLoRA, driven by YAML recipes."""
 
 data_app = typer.Typer(help="Look at the training data as the model will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-eval_app = typer.Typer(help="Chatbot benchmarks: answers, a judge, relative scores, Elo and Bradley-Terry.", no_args_is_help=True)
+eval_app = typer.Typer(help="Chatbot benchmarks (answers, a judge, relative scores, Elo and Bradley-Terry), MMLU-style accuracy, lm-evaluation-harness.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-EVAL_COMMANDS = ("run", "score", "mmlu", "--help", "-h")
+EVAL_COMMANDS = ("run", "score", "mmlu", "harness", "--help", "-h")
 PROFILE_STEPS = 5  # `qlora train --profile` with no number
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
@@ -396,13 +413,51 @@ def eval_mmlu(
     console = make_console(stderr=as_json)  # --json keeps stdout for the JSON object
     loaded = load_generation_model(console, model)
     result = evaluate(loaded.model, loaded.tokenizer, dev, test, shots=shots, limit=limit)
-    result.update(model=model, shots=shots)
+    from . import __version__
+
+    result.update(model=model, shots=shots, qlora_version=__version__)
     if as_json:
         print(json_module.dumps(result, indent=2))
         return
     rows = [(subject, f"{entry['accuracy']:.1%} of {entry['questions']}") for subject, entry in result["subjects"].items()]
     rows += [("mean over subjects", f"{result['accuracy']:.1%}"), ("over all questions", f"{result['accuracy_over_questions']:.1%}")]
     console.print(key_value_table(f"Multiple-choice accuracy of {model} ({shots}-shot)", rows))
+
+
+@eval_app.command("harness")
+def eval_harness(
+    model: ModelArg,
+    tasks: Annotated[str, typer.Option(help="lm-evaluation-harness tasks, comma-separated: arc_easy,hellaswag, or your own (--include-path).", show_default=False)],
+    num_fewshot: Annotated[Optional[int], typer.Option(min=0, help="Few-shot examples per question (default: each task's own).")] = None,
+    limit: Annotated[Optional[float], typer.Option(min=0.0, help="At most this many documents per task (below 1: this fraction).")] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", help="A folder (or file) of task YAMLs of your own (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: RUN_DIR/eval, else eval/<model>).")] = None,
+) -> None:
+    """Score a model with lm-evaluation-harness (its Python API) on the model as qlora loads it: a run as trained
+    (quantized base + adapter), a merged or local model, or a hub id. Writes the harness's results JSON."""
+    from .evaluation.harness import check_harness_installed, parse_tasks
+
+    check_harness_installed()
+    task_names = parse_tasks(tasks)
+    from .core.console import key_value_table, make_console
+    from .core.rundir import EVAL, is_run_dir
+    from .evaluation.answers import slug
+    from .evaluation.harness import check_tasks, evaluate, task_manager, task_scores, write_results
+
+    console = make_console()
+    manager = task_manager(list(include_path or []))
+    check_tasks(manager, task_names)  # before the model loads
+    loaded = load_generation_model(console, model)
+    results = evaluate(loaded.model, loaded.tokenizer, manager, task_names, num_fewshot=num_fewshot,
+                       limit=int(limit) if limit is not None and limit >= 1 else limit, batch_size=batch_size)
+    target = Path(model)
+    folder = out or (target / EVAL if target.is_dir() and is_run_dir(target) else Path("eval") / slug(model))
+    written = write_results(results, folder, {"model": model, "loaded_as": loaded.description, "tasks": task_names,
+                                              "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size})
+    rows = [(f"{task} {name}", f"{value:.4f}") for task, metrics in task_scores(results).items()
+            for name, value in metrics.items()]
+    console.print(key_value_table(f"lm-evaluation-harness: {model}", rows + [("results", str(written))]))
 
 
 def with_profile_default(argv: list[str]) -> list[str]:

@@ -459,3 +459,31 @@ def test_accelerates_thread_notice_is_filtered_by_its_own_words():
         warnings.warn("OMP_NUM_THREADS/MKL_NUM_THREADS unset, we set it at 2 to improve oob performance.")
         warnings.warn("a warning of another kind")
     assert [str(warning.message) for warning in caught] == ["a warning of another kind"]
+
+
+def test_dora_and_saved_modules_on_a_meta_skeleton_get_storage_and_the_adapters_values(tmp_path, tiny_model_dir):
+    """compat.dora_magnitudes_left_to_load and load_adapter_onto_skeleton, checked with peft 0.21.2: a DoRA adapter
+    with modules_to_save, saved from a real model, loads onto a 4-bit skeleton on the meta device value for value."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, modules_to_save=["lm_head"])
+    real = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    with torch.no_grad():
+        for name, parameter in real.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter))
+    real.save_pretrained(tmp_path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    with compat.dora_magnitudes_left_to_load():
+        loaded = PeftModel(skeleton, PeftConfig.from_pretrained(tmp_path), low_cpu_mem_usage=True)
+    layer = loaded.base_model.model.model.layers[0].self_attn.q_proj
+    assert "lora_magnitude_vector" in layer.adapter_layer_names
+    assert layer.lora_magnitude_vector["default"].weight.device.type == "meta"
+    compat.load_adapter_onto_skeleton(loaded, tmp_path, torch.device("cpu"))
+    expected = dict(real.named_parameters())
+    for name, parameter in loaded.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            assert torch.equal(parameter, expected[name]), name

@@ -4,6 +4,7 @@ shards that plain transformers loads, 8-bit runs, the memory check, atomicity.""
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import io
 import json
 import subprocess
@@ -171,7 +172,8 @@ def test_dequantized_float32_merge_matches_the_trained_model(trained_run, tmp_pa
     report = merge_run(trained_run, out=out, dtype_name="float32")
     assert report["mean_kl_nats_per_token"] < 1e-6
     assert report["max_abs_logit_diff"] < 1e-4
-    assert json.loads((out / "merge_report.json").read_text())["base"] == "dequantized"
+    written = json.loads((out / "merge_report.json").read_text())
+    assert written["base"] == "dequantized" and written["qlora_version"] == importlib.metadata.version("qlora-cli")
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -292,3 +293,21 @@ def test_names_from_other_tools_get_our_key_suggested(tmp_path):
     problems = {p.key: p.message for p in problems_of(write(tmp_path, text))}
     assert "did you mean `r`" in problems["lora.rank"]
     assert "did you mean `epochs`" in problems["training.num_train_epochs"]
+
+
+def test_version_is_the_installed_distributions_and_imports_no_torch():
+    probe = (
+        "import sys\nfrom qlora_cli.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as exit_:\n    assert exit_.code in (0, None), exit_.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"qlora {importlib.metadata.version('qlora-cli')}"
+
+
+def test_shell_completion_completes_commands():
+    env = {**os.environ, "_QLORA_COMPLETE": "complete_bash", "COMP_WORDS": "qlora me", "COMP_CWORD": "1"}
+    script = Path(sys.executable).parent / "qlora"  # the installed console script, whose name completion keys on
+    result = subprocess.run([str(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.split() == ["merge"], (result.stdout, result.stderr)

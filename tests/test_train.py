@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import math
@@ -91,6 +92,7 @@ def test_golden_run_losses_and_tree(golden_run):
         assert summary["peak_memory_bytes"] <= summary["peak_rss_bytes"]
     assert summary["planned_memory_bytes"] > 0
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(summary["versions"])
+    assert summary["qlora_version"] == importlib.metadata.version("qlora-cli")
 
 
 def test_run_is_4bit_nf4_double_quant_with_lora_on_every_linear(golden_run):

@@ -314,6 +314,34 @@ def peft_reading_deprecated_flags() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def dora_magnitudes_left_to_load() -> Iterator[None]:
+    """Around building a PeftModel of a DoRA adapter on a base on the meta device (the merge's skeleton): each
+    DoRA layer gets an empty magnitude vector (meta, one value per output row), for the adapter file to fill.
+
+    peft (0.21) starts a DoRA magnitude at the base weight's row norms (`DoraLinearLayer.update_layer`, called
+    by the LoRA layer's DoRA variant when it is added), which needs the base's values; of a 4-bit base it first
+    deep-copies the layer, which bitsandbytes refuses for a meta weight. The start is overwritten by the
+    adapter's saved magnitude anyway. peft 0.21 appends "lora_magnitude_vector" to the layer's
+    `adapter_layer_names`, so load_adapter_onto_skeleton gives it storage (tests/test_compat.py checks both).
+    """
+    import torch
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    original = DoraLinearLayer.update_layer
+    require("base_layer" in inspect.signature(original).parameters and "lora_B" in inspect.signature(original).parameters,
+            "peft's DoraLinearLayer.update_layer no longer takes base_layer and lora_B")
+
+    def empty_magnitude(self, *, base_layer, lora_A, lora_B, scaling, place_on_cpu=False) -> None:
+        self.weight = torch.nn.Parameter(torch.empty(lora_B.shape[0], device="meta"), requires_grad=False)
+
+    DoraLinearLayer.update_layer = empty_magnitude
+    try:
+        yield
+    finally:
+        DoraLinearLayer.update_layer = original
+
+
 def replace_lora_dropouts(model, replacement: Callable) -> int:
     """Put `replacement(dropout)` in place of every LoRA layer's input dropout for which it gives a module (None:
     keep it); returns how many were replaced.
@@ -350,10 +378,13 @@ def load_adapter_onto_skeleton(model, adapter_dir, device) -> None:
     peft's own loading moves every adapter weight to the device of the layer it adapts, which here is the meta
     device, where values are lost. So the adapter layers peft names in `adapter_layer_names` (peft 0.7-0.21) are
     given storage first, and the adapter is then copied in by `set_peft_model_state_dict`, which without
-    `low_cpu_mem_usage` copies into existing tensors and moves nothing.
+    `low_cpu_mem_usage` copies into existing tensors and moves nothing. So are the full copies of
+    `modules_to_save` (peft's ModulesToSaveWrapper keeps them in its `modules_to_save` ModuleDict, 0.3-0.21),
+    deep-copied from the meta base.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    import torch
+    from peft.utils import ModulesToSaveWrapper, load_peft_weights, set_peft_model_state_dict
 
     adapter_layers = []
     for module in model.modules():
@@ -361,6 +392,10 @@ def load_adapter_onto_skeleton(model, adapter_dir, device) -> None:
             names = getattr(module, "adapter_layer_names", None)
             require(isinstance(names, tuple), "peft's tuner layers no longer name their weights in adapter_layer_names")
             adapter_layers += [getattr(module, name) for name in names]
+        elif isinstance(module, ModulesToSaveWrapper):
+            require(isinstance(getattr(module, "modules_to_save", None), torch.nn.ModuleDict),
+                    "peft's ModulesToSaveWrapper no longer keeps its copies in a modules_to_save ModuleDict")
+            adapter_layers.append(module.modules_to_save)
     for layer in adapter_layers:
         layer.to_empty(device=device)
     result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device=str(device)))

@@ -26,7 +26,7 @@ from .cpu import use_cheap_lora_dropout
 from .errors import Problem, UserError
 from ..plan.configs import read_model_config
 from ..plan.memory import checkpointing_needed
-from .recipe import BUNDLED_MODEL_ALIAS, ModelSection, QuantizationSection, Recipe
+from .recipe import BUNDLED_MODEL_ALIAS, LoraSection, ModelSection, QuantizationSection, Recipe
 from .files import staged
 from .rundir import ADAPTER, adapter_base_model, read_run_recipe
 
@@ -204,8 +204,40 @@ def load_quantized_base(model_path: str, model: ModelSection, quant: Quantizatio
     return loaded
 
 
-def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointing: bool):
-    """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached."""
+def lora_config(lora: LoraSection) -> LoraConfig:
+    """peft's LoraConfig for the recipe's `lora` section. LoftQ's start is set after the adapter is attached
+    (core/loftq.py), so peft itself initialises such an adapter as usual."""
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=True if lora.init_lora_weights == "loftq" else lora.init_lora_weights,
+        modules_to_save=lora.modules_to_save,
+    )
+
+
+def unmatched_modules_to_save(model, names: list[str]) -> list[str]:
+    """The `lora.modules_to_save` names that matched no module of the model (peft ignores them silently)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    return [name for name in names if not any(path == name or path.endswith("." + name) for path in wrapped)]
+
+
+def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointing: bool, fresh: bool = True,
+               say=None):
+    """The base model, quantized as the recipe says, prepared for k-bit training, with LoRA attached.
+
+    Args:
+        fresh: the adapter starts here (not resumed from a checkpoint, which brings its own weights): LoftQ's
+            start is computed.
+        say: where the LoftQ start reports how much of the quantization error it takes back.
+    """
     model = load_quantized_base(model_path, recipe.model, recipe.quantization, context)
     model.config.use_cache = False  # useless in training; it also hides packed-sequence boundaries
     if recipe.quantization.bits != 16:
@@ -215,19 +247,22 @@ def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointi
         # The non-reentrant variant: the reentrant one drops gradients when the checkpointed inputs need none.
         model.activation_checkpointing_enable({"use_reentrant": False})
     lora = recipe.lora
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
     try:
         with compat.peft_reading_deprecated_flags():
-            model = get_peft_model(model, config)
+            model = get_peft_model(model, lora_config(lora))
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
+    unmatched = unmatched_modules_to_save(model, lora.modules_to_save or [])
+    if unmatched:
+        raise UserError(f"lora.modules_to_save: no module of the model is named {', '.join(unmatched)}")
+    if lora.init_lora_weights == "loftq" and fresh:
+        from ..export.merge import base_checkpoint
+        from .loftq import loftq_start
+
+        result = loftq_start(model, base_checkpoint(model_path, recipe.model.revision, recipe.model.trust_remote_code))
+        if say is not None:
+            say(f"LoftQ start on {result.layers} layers: quantization error ||W - Wq||_F {result.error_before:.4g} "
+                f"-> {result.error_after:.4g} with the adapter")
     if context.device == "cpu":
         use_cheap_lora_dropout(model)
     return model

@@ -80,12 +80,88 @@ class LoraSection(Section):
         description="Modules that get adapters: `all-linear` (every linear layer except the output head) or a list of names.",
     )
 
+    use_dora: bool = Field(
+        False,
+        description=(
+            "DoRA: split each adapted weight into a magnitude vector (trained) and a direction (the LoRA update "
+            "applies to it). Slower per step; the merge folds the magnitude in."
+        ),
+    )
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning."
+    )
+    init_lora_weights: Union[bool, str] = Field(
+        True,
+        description=(
+            "How the adapter starts: `true` (B zero, A Kaiming: the update starts at zero), `gaussian` (A Gaussian "
+            "scaled by the rank), `orthogonal` (A and B from one orthogonal matrix; even r, unquantized base only), or `loftq` (4-bit "
+            "only: the update starts as the rank-r SVD of the quantization error W - dequant(quant(W)), so the "
+            "adapted model starts nearer the original weights). PiSSA, OLoRA, EVA, CorDA and MiCA are refused: "
+            "they change the base weights or need data before training."
+        ),
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description=(
+            "Modules trained in full beside the adapter, e.g. `[lm_head, embed_tokens]` after adding tokens; "
+            "their copies are saved with the adapter and replace the originals when merging."
+        ),
+    )
+
     @field_validator("target_modules")
     @classmethod
     def _non_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("must name at least one module, or be `all-linear`")
         return value
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _supported_init(cls, value):
+        refusal = lora_init_refusal(value)
+        if refusal:
+            raise ValueError(refusal)
+        return value
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _named_modules(cls, value):
+        if value is not None and (not value or any(not name.strip() for name in value)):
+            raise ValueError("must name at least one module (or be left out)")
+        return value
+
+    @model_validator(mode="after")
+    def _even_rank_for_orthogonal(self) -> "LoraSection":
+        if self.init_lora_weights == "orthogonal" and self.r % 2:
+            raise ValueError(f"init_lora_weights: orthogonal needs an even r (got r: {self.r})")
+        return self
+
+
+# init_lora_weights values peft has that qlora refuses, and why (peft 0.21).
+REFUSED_LORA_INITS = {
+    "pissa": "PiSSA moves the principal components out of the base weights, which on a quantized base must then be "
+             "re-quantized and stored with the run; qlora keeps the base as published (use `loftq` on a 4-bit base)",
+    "olora": "OLoRA subtracts its start from the base weights, which on a quantized base are re-quantized in place; "
+             "qlora keeps the base as published (use `loftq` on a 4-bit base)",
+    "eva": "EVA needs activations of the training data before training (peft's initialize_lora_eva_weights)",
+    "corda": "CorDA needs activations of the training data before training (peft's preprocess_corda)",
+    "lora_ga": "LoRA-GA needs gradients of the training data before training",
+    "mica": "MiCA freezes B, a variant of LoRA that qlora's merge and plan do not model",
+}
+LORA_INITS = (True, "gaussian", "orthogonal", "loftq")
+
+
+def lora_init_refusal(value: Union[bool, str]) -> str | None:
+    """Why qlora refuses an `init_lora_weights` value, or None where it trains it."""
+    if value in LORA_INITS:
+        return None
+    if value is False:
+        return "false is peft's debugging setting (a random update from the start); use true"
+    key = "pissa" if isinstance(value, str) and value.startswith("pissa") else value
+    reason = REFUSED_LORA_INITS.get(key) if isinstance(key, str) else None
+    if reason:
+        return f"{value!r} is refused: {reason}"
+    return f"unknown initialisation {value!r}; use one of true, gaussian, orthogonal, loftq"
 
 
 DataFormat = Literal["auto", "alpaca", "chat", "oasst", "input-output", "prompt-completion", "text"]
@@ -248,6 +324,14 @@ class TrainingSection(Section):
         ),
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description=(
+            "Experiment trackers, through the Trainer's integrations (rank 0 logs): `tensorboard` (RUN_DIR/tensorboard), "
+            "`mlflow` (RUN_DIR/mlflow.db, or MLFLOW_TRACKING_URI), `wandb` (offline into RUN_DIR/wandb unless logged "
+            "in). Each is an extra: pip install 'qlora-cli[NAME]'."
+        ),
+    )
 
     @field_validator("warmup")
     @classmethod
@@ -399,6 +483,16 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
     if recipe.output.dir is not None:
         recipe.output.dir = _resolve(recipe.output.dir, base_dir)
     quant = recipe.quantization
+    if recipe.lora.init_lora_weights == "loftq" and quant.bits != 4:
+        problems.append(Problem(
+            "loftq starts the adapter from the error of 4-bit quantization, and quantization.bits is "
+            f"{quant.bits}; use true or set quantization.bits: 4", **where(("lora", "init_lora_weights"))))
+    if recipe.lora.init_lora_weights == "orthogonal" and quant.bits != 16:
+        # peft 0.21's orthogonal_init casts its start to the base weight's dtype: uint8/int8 for a quantized base.
+        problems.append(Problem(
+            "orthogonal needs an unquantized base (peft casts its start to the base weight's dtype, which is an "
+            f"integer type at quantization.bits: {quant.bits}); use gaussian, loftq or true",
+            **where(("lora", "init_lora_weights"))))
     if quant.bits != 4 and quant.quant_type != "nf4":
         problems.append(
             Problem("only applies to bits: 4; remove it or set quantization.bits: 4", **where(("quantization", "quant_type")))

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .. import __version__
 from ..core.files import staged, write_atomic, write_json
 
 MAX_LISTED = 200  # excluded lines listed in report.md; report.json lists them all
@@ -242,7 +243,7 @@ def _categories_figure(report: dict):
 
 def write_report(report: dict, folder: Path, console: Console) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "report.json", report)
+    write_json(folder / "report.json", {"qlora_version": __version__, **report})
     write_atomic(folder / "report.md", markdown(report))
     plots(report, folder)
     for note in report.get("notes", []):

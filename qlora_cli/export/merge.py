@@ -36,10 +36,12 @@ from accelerate import init_empty_weights
 from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
 from peft import PeftConfig, PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from .. import __version__
 from ..core import compat
 from ..core.console import Steps
 from ..core.cpu import return_freed_memory
@@ -139,6 +141,8 @@ class TrainedModel:
     weights: StreamedWeights  # of the base model, read from its checkpoint and quantized as when training
     lora_of: dict[int, torch.nn.Module]  # id(adapted layer of the base) -> its peft LoRA layer
     compute_dtype: torch.dtype  # the run's: what the base's weights were cast to before they were quantized
+    # id(module of the base) -> its copy trained in full (lora.modules_to_save), which the merge writes instead
+    saved_of: dict[int, torch.nn.Module]
 
 
 def trained_model(config, files: CheckpointFiles, run_dir: Path, recipe: Recipe, context: RunContext,
@@ -174,7 +178,7 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, recipe: Recipe,
     try:
         peft_config = PeftConfig.from_pretrained(adapter)
         peft_config.inference_mode = True
-        with compat.peft_reading_deprecated_flags():
+        with compat.peft_reading_deprecated_flags(), compat.dora_magnitudes_left_to_load():
             peft_model = PeftModel(model, peft_config, low_cpu_mem_usage=True)
         compat.load_adapter_onto_skeleton(peft_model, adapter, device)
     except compat.LibraryChanged:
@@ -183,7 +187,9 @@ def trained_model(config, files: CheckpointFiles, run_dir: Path, recipe: Recipe,
         raise UserError(Problem(f"cannot load the adapter: {exc}", file=adapter)) from None
     peft_model.eval()
     lora_of = {id(module.get_base_layer()): module for module in peft_model.modules() if isinstance(module, LoraLayer)}
-    return TrainedModel(peft_model, weights, lora_of, dtype)
+    saved_of = {id(wrapper.original_module): wrapper.modules_to_save[wrapper.active_adapters[0]]
+                for wrapper in peft_model.modules() if isinstance(wrapper, ModulesToSaveWrapper)}
+    return TrainedModel(peft_model, weights, lora_of, dtype, saved_of)
 
 
 def merged_model(config, files: CheckpointFiles, dtype: torch.dtype, device, trust_remote_code: bool):
@@ -213,10 +219,17 @@ def output_tensors(model) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def lora_delta(lora) -> torch.Tensor:
-    """The float32 update the layer's active adapters add to its weight."""
-    deltas = [lora.get_delta_weight(adapter).float() for adapter in lora.active_adapters]
-    return sum(deltas[1:], deltas[0])
+def adapted_weight(weight: torch.Tensor, lora) -> torch.Tensor:
+    """The float32 weight the layer's active adapters compute with, from its base weight (float32): W + ΔW for
+    LoRA; for DoRA, W + ΔW rescaled row by row to the trained magnitude m, m (W + ΔW) / ||W + ΔW|| (the norm of
+    each output row), as DoRA's forward computes it and peft merges it."""
+    for adapter in lora.active_adapters:
+        combined = weight + lora.get_delta_weight(adapter).float()
+        if adapter in lora.lora_magnitude_vector:
+            magnitude = lora.lora_magnitude_vector[adapter].weight.float()
+            combined = (magnitude / combined.norm(p=2, dim=1))[:, None] * combined
+        weight = combined
+    return weight
 
 
 def dequantized_weight(trained: TrainedModel, slot, module, attribute: str, files: CheckpointFiles, device,
@@ -246,6 +259,9 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
         value = files.read(name) if name in files else buffers[name]
         return value.to(dtype) if value.is_floating_point() else value
     module, attribute = slot.owners[slot.owner_names.index(name)]  # of a tied weight, the module named so
+    saved = trained.saved_of.get(id(module))
+    if saved is not None:  # trained in full: its copy is the merged tensor
+        return getattr(saved, attribute).detach().to(dtype).cpu()
     lora = trained.lora_of.get(id(module)) if attribute == "weight" else None
     if base == "dequantized" and compat.is_quantized_weight(slot.placeholder):
         weight = dequantized_weight(trained, slot, module, attribute, files, device, held)
@@ -254,14 +270,15 @@ def merged_tensor(name: str, trained: TrainedModel, files: CheckpointFiles, buff
     else:
         return files.read(slot.name, dtype)
     if lora is not None:
-        weight += lora_delta(lora)
+        weight = adapted_weight(weight, lora)
     return weight.to(dtype).cpu()
 
 
 def adapted_tied_weights(trained: TrainedModel) -> list[list[str]]:
     """The names of each weight that several modules share (tied) and an adapter changes in one of them."""
     return [slot.owner_names for slot in trained.weights.slots
-            if len(slot.owners) > 1 and any(id(module) in trained.lora_of for module, _ in slot.owners)]
+            if len(slot.owners) > 1
+            and any(id(module) in trained.lora_of or id(module) in trained.saved_of for module, _ in slot.owners)]
 
 
 def merged_config(config, trained: TrainedModel):
@@ -616,6 +633,7 @@ def merge_run(
         limit = parity_limit(dtype, noise)
         enforced = base == "dequantized"
         result = {
+            "qlora_version": __version__,
             "base": base,
             "dtype": dtype_name,
             "base_model": base_path,

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..core.errors import Problem, UserError
-from ..core.recipe import Recipe, with_change
+from ..core.recipe import LoraSection, Recipe, with_change
 from ..train.loss_spec import chunk_rows
 from ..train.methods import COSTS
 from .advice import advice
@@ -138,6 +138,34 @@ def _lora_tensor_sizes(shapes: ModelShapes, targets: dict[str, tuple[int, int]],
     for name, (fan_in, fan_out) in targets.items():
         copies = 1 if name == OUTPUT_HEAD else shapes.layers
         sizes += [(r * fan_in, copies), (fan_out * r, copies)]
+    return sizes
+
+
+# Modules `lora.modules_to_save` can name that the planner counts, with their parameters (last dotted part).
+def saved_module_parameters(shapes: ModelShapes, name: str) -> int | None:
+    """Parameters of the module `name` that `lora.modules_to_save` copies and trains in full, or None where the
+    planner does not know it: the output head, the input embedding, the final norm."""
+    return {OUTPUT_HEAD: shapes.vocab * shapes.hidden, "embed_tokens": shapes.vocab * shapes.hidden,
+            "norm": shapes.hidden}.get(str(name).rsplit(".", 1)[-1])
+
+
+def variant_tensor_sizes(shapes: ModelShapes, targets: dict[str, tuple[int, int]], lora: LoraSection) -> list[tuple[int, int]]:
+    """(elements, how many) of what trains beside the LoRA matrices: DoRA's magnitude vector (one value per output
+    row of each adapted linear) and the full copies of `lora.modules_to_save` (each trained in float32, with a
+    gradient and optimizer states like the adapter's).
+
+    Raises:
+        UserError: a module to save that the planner cannot size.
+    """
+    sizes = []
+    if lora.use_dora:
+        sizes += [(fan_out, 1 if name == OUTPUT_HEAD else shapes.layers) for name, (_, fan_out) in targets.items()]
+    for name in lora.modules_to_save or []:
+        count = saved_module_parameters(shapes, name)
+        if count is None:
+            raise UserError(Problem(f"the memory plan cannot size the module {name!r}; it counts modules_to_save of "
+                                    f"{OUTPUT_HEAD}, embed_tokens and norm", key="lora.modules_to_save"))
+        sizes.append((count, 1))
     return sizes
 
 
@@ -384,7 +412,8 @@ def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: 
     kept = kept_parameter_count(shapes) * kept_bytes
 
     targets = lora_targets(shapes, recipe.lora.target_modules)
-    sizes = _lora_tensor_sizes(shapes, targets, recipe.lora.r)
+    # DoRA's magnitudes and the modules trained in full train like the adapter: float32, a gradient, optimizer states
+    sizes = _lora_tensor_sizes(shapes, targets, recipe.lora.r) + variant_tensor_sizes(shapes, targets, recipe.lora)
     lora_params = sum(elements * count for elements, count in sizes)
     lora = 4 * lora_params  # peft keeps adapters in float32 (autocast_adapter_dtype)
     gradients = 4 * lora_params

@@ -34,6 +34,7 @@ HARMLESS_KEYS = (
     "training.eval_steps",
     "training.eval_mmlu",
     "training.keep_checkpoints",
+    "training.report_to",
     "output.",
 )
 

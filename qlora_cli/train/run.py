@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from transformers import set_seed
 
+from .. import __version__
 from ..core import compat
 from ..core.console import format_seconds, key_value_table, recipe_table, working
 from ..core.context import RunContext, run_context
@@ -52,6 +53,7 @@ from .loss import forget_cast_weights
 from .methods import load_method
 from .methods.base import TrainingMethod
 from .profile import PhaseClock, StepProfiler
+from .trackers import TrackerLog, check_trackers_installed, tracker_environment
 from .trainer import RecipeTrainer, make_trainer
 
 
@@ -173,6 +175,7 @@ def setup(
     if not resume and context.is_main:
         check_writable(run_dir, overwrite)
     method = load_method(recipe.training.method)
+    check_trackers_installed(recipe.training.report_to)
     datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
     mmlu_data = None
     if recipe.training.eval_mmlu is not None:
@@ -207,7 +210,7 @@ def setup(
     set_seed(recipe.training.seed)
     bits = {4: f"in 4-bit {recipe.quantization.quant_type.upper()}", 8: "in 8-bit", 16: "unquantized"}[recipe.quantization.bits]
     with working(console, f"Loading {recipe.model.base} {bits} with LoRA"):
-        model = load_model(model_path, recipe, context, checkpointing)
+        model = load_model(model_path, recipe, context, checkpointing, fresh=resume_from is None, say=console.print)
     trainable, total = count_parameters(model)
     console.print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
 
@@ -235,6 +238,7 @@ class FitResult:
     metrics: MetricsWriter | None  # rank 0 only
     mmlu: MmluEvaluator | None
     eval_loss: float | None
+    trackers: TrackerLog | None = None  # rank 0, with training.report_to
 
 
 def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None) -> FitResult:
@@ -257,7 +261,7 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
     checkpointer = Checkpointer(run_dir, recipe.training.save_steps, recipe.training.keep_checkpoints, fed, stops,
                                 run.fingerprints, run.trainable_parameters, context, clock)
     ours: list = [checkpointer]
-    metrics = mmlu = reporter = profiler = None
+    metrics = mmlu = reporter = profiler = trackers = None
     if context.is_main:  # only rank 0 logs: the metrics files are rewritten on resume
         metrics = MetricsWriter(run_dir, fed, clock, resumed_step, run.method.metric_names)
         reporter = ProgressReporter(run.console, fed, run.method.metric_names)
@@ -266,16 +270,21 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
             mmlu = MmluEvaluator(recipe.training.eval_mmlu, recipe.training.eval_steps, run_dir, run.tokenizer,
                                  run.mmlu_data, run.console)
             ours.append(mmlu)
+        if recipe.training.report_to:
+            trackers = TrackerLog(recipe, recipe.training.report_to)
+            ours.append(trackers)
         if profile_steps:
             profiler = StepProfiler(run_dir, profile_steps, context.device, fed, say=run.console.print)
             ours.append(profiler)
     phases = profiler.clock if profiler is not None else PhaseClock(context.device)
-    trainer = make_trainer(run, fed, [*ours, *callbacks], phases)
+    # The trackers' integrations read their settings when the Trainer is made (TensorBoard) and when it starts.
+    with tracker_environment(run_dir, recipe.training.report_to):
+        trainer = make_trainer(run, fed, [*ours, *callbacks], phases)
     if context.sharded and not trainer.is_fsdp_enabled:
         raise RunFailure("training.distributed: fsdp was asked for, but accelerate did not enable FSDP on these devices")
     clock.start()
     try:
-        with stops:
+        with stops, tracker_environment(run_dir, recipe.training.report_to):
             trainer.train(resume_from_checkpoint=str(run.resume_from.path) if run.resume_from else None)
     except NonFiniteLoss as error:
         raise RunFailure(
@@ -312,7 +321,7 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
         with working(run.console, f"Evaluating on {len(run.prepared.eval):,} rows"):
             eval_loss = trainer.evaluate()["eval_loss"]
     fed.tokens, fed.positions = sum_over_ranks([fed.tokens, fed.positions])
-    return FitResult(trainer, fed, clock, metrics, mmlu, eval_loss)
+    return FitResult(trainer, fed, clock, metrics, mmlu, eval_loss, trackers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +381,7 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
     stats = run.prepared.train_stats
     seconds = result.clock.total
     return {
+        "qlora_version": __version__,
         "steps": result.trainer.state.global_step,
         "epochs": round(result.trainer.state.epoch or 0.0, 6),  # what a --resume must exceed to train further
         "resumed_from_step": run.resume_from.step if run.resume_from else None,
@@ -460,6 +470,8 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
         report = merge_run(run.run_dir, console=run.console, overwrite=True)
         summary["merged"] = {key: report[key] for key in ("out", "dtype", "max_abs_logit_diff", "mean_kl_nats_per_token")}
     write_json(run.run_dir / SUMMARY, summary)
+    if result.trackers is not None:
+        result.trackers.log_summary(summary)
     run.console.print(summary_table(run, summary))
     barrier()
     return summary

@@ -19,6 +19,7 @@ from ..data.tokenize import FedTokens
 from .callbacks import NonFiniteGuard
 from .checkpoint import staging_dir
 from .profile import PhaseClock
+from .trackers import TrackerLog
 
 if TYPE_CHECKING:
     from .run import Run
@@ -72,7 +73,8 @@ def training_arguments(training: TrainingSection, run_dir: Path, context: RunCon
         eval_strategy="steps" if has_eval and training.eval_steps else "no",
         eval_steps=training.eval_steps,
         prediction_loss_only=True,
-        report_to="none",
+        report_to=list(training.report_to) or "none",  # train/trackers.py configures them
+        run_name=run_dir.name,
         disable_tqdm=True,
         # Data-parallel runs (under torchrun): gloo on CPU; LoRA leaves no parameter unused.
         ddp_backend="gloo" if context.device == "cpu" and context.distributed else None,
@@ -177,6 +179,9 @@ def make_trainer(run: "Run", fed: FedTokens, callbacks: list, phases: PhaseClock
         guard=guard,
     )
     trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TrackerLog):  # it writes the recipe through the integrations' own runs
+            callback.integrations = trainer.callback_handler.callbacks
     if recipe.data.group_by_length and not recipe.data.packing:
         window = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
         compat.install_train_sampler(trainer, lambda dataset: EpochSeededLengthGroupedSampler(
