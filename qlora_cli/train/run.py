@@ -166,7 +166,7 @@ def setup(
     resume_from = checkpoint_to_resume(run_dir, recipe, console.print) if resume else None
     if not resume and context.is_main:
         check_writable(run_dir, overwrite)
-    method = load_method(recipe.training.method)
+    method = load_method(recipe.training.method, recipe)
     datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
     mmlu_data = None
     if recipe.training.eval_mmlu is not None:
