@@ -130,3 +130,145 @@ def test_truncation_cuts_the_prompt_first_and_the_same_for_both_answers():
                                TokenizeOptions(max_seq_len=5), has_bos=True)
     assert only == ([bos, 40, 41, 42, 43], [IGNORE_INDEX, 40, 41, 42, 43])
     assert fit_to_length([chosen], TokenizeOptions(max_seq_len=7, truncation="drop"), has_bos=True) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's `preference` keys
+
+def recipe_file(tmp_path, tiny_model_dir, method, extra=""):
+    write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    path = tmp_path / "r.yaml"
+    path.write_text(tiny_recipe_text(tiny_model_dir, ["pairs.jsonl"], method=method) + extra, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("method, extra, message", [
+    ("sft", "preference:\n  beta: 0.2\n", "training.method sft reads no `preference` keys"),
+    ("orpo", "preference:\n  loss: ipo\n", "does not apply to training.method orpo (only to dpo)"),
+    ("dpo", "preference:\n  desirable_weight: 2\n", "does not apply to training.method dpo (only to kto)"),
+    ("dpo", "preference:\n  loss: hinge\n  label_smoothing: 0.1\n", "applies to loss sigmoid or robust, not hinge"),
+    ("dpo", "preference:\n  beta: 0\n", "greater than 0"),
+    ("dpo", "model:\n  adapter: no-such-run\n", "adapter not found"),
+])
+def test_preference_keys_that_do_not_apply_are_refused_with_their_line(tmp_path, tiny_model_dir, method, extra, message):
+    path = recipe_file(tmp_path, tiny_model_dir, method, extra)
+    if extra.startswith("model:"):  # a second `model:` would be a duplicate key: put the adapter in the first
+        text = path.read_text().replace(extra, "")
+        path.write_text(text.replace("model:\n", "model:\n  adapter: no-such-run\n", 1))
+    with pytest.raises(UserError) as caught:
+        load_recipe(path)
+    text = caught.value.render()
+    assert message in text and "r.yaml:" in text, text
+
+
+def test_each_preference_method_accepts_its_own_keys(tmp_path, tiny_model_dir):
+    for method, extra in [("dpo", "preference:\n  beta: 0.2\n  loss: robust\n  label_smoothing: 0.1\n"),
+                          ("orpo", "preference:\n  beta: 0.5\n"),
+                          ("kto", "preference:\n  desirable_weight: 1.5\n  undesirable_weight: 0.5\n")]:
+        assert load_recipe(recipe_file(tmp_path, tiny_model_dir, method, extra)).training.method == method
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and log-probabilities on the tiny model
+
+def test_conservative_dpo_mixes_the_loss_of_both_labellings():
+    from qlora_cli.train.methods.dpo import dpo_losses
+
+    chosen, rejected = torch.tensor([0.3, -1.0]), torch.tensor([-0.2, 0.5])
+    plain = dpo_losses(chosen, rejected, 0.5, "sigmoid")
+    flipped = dpo_losses(rejected, chosen, 0.5, "sigmoid")
+    smoothed = dpo_losses(chosen, rejected, 0.5, "sigmoid", label_smoothing=0.1)
+    assert torch.allclose(smoothed, 0.9 * plain + 0.1 * flipped)
+    assert torch.allclose(plain, -torch.nn.functional.logsigmoid(0.5 * (chosen - rejected)))
+
+
+def test_odds_ratio_matches_its_definition():
+    from qlora_cli.train.methods.orpo import odds_ratio_terms
+
+    chosen, rejected = torch.tensor([-0.3, -2.0, -1e-4]), torch.tensor([-1.5, -0.1, -9.0])
+    ratio, log_odds = odds_ratio_terms(chosen, rejected)
+    odds = lambda logp: logp.exp() / (1 - logp.exp())  # noqa: E731
+    assert torch.allclose(log_odds, (odds(chosen) / odds(rejected)).log(), rtol=1e-4)
+    assert torch.allclose(ratio, torch.sigmoid(log_odds).log(), atol=1e-6)
+
+
+def test_kto_pairs_each_prompt_with_the_previous_answer():
+    from qlora_cli.train.methods.kto import mismatched_sequences
+
+    rows = [{"input_ids": [1, 5, 6, 7], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 7]},
+            {"input_ids": [1, 8, 9], "labels": [IGNORE_INDEX, IGNORE_INDEX, 9]}]
+    assert mismatched_sequences(rows, 10) == [([1, 5, 9], [IGNORE_INDEX, IGNORE_INDEX, 9]),
+                                              ([1, 8, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7])]
+    assert mismatched_sequences(rows, 3)[1] == ([1, 8, 6], [IGNORE_INDEX, IGNORE_INDEX, 6])
+
+
+class Recorder:
+    loss_is_scaled_for_ga = None
+
+    def __init__(self):
+        self.metrics = {}
+        self.accelerator = type("One", (), {"num_processes": 1})()
+
+    def record_metrics(self, metrics):
+        self.metrics.update({name: float(value) for name, value in metrics.items()})
+
+
+@pytest.fixture
+def lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                           task_type="CAUSAL_LM")).train()
+
+
+def batch_of(method_name, tokenizer, tmp_path):
+    method = load_method(method_name)
+    examples = read(tmp_path, PAIRS, method=method_name)
+    rows, _ = method.tokenize(tokenizer, tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=512))
+    return method, method.collator(tokenizer, DataSection(train=[{"path": tmp_path}]))(rows)
+
+
+def test_chunked_sequence_logps_equal_the_models_own_logits(lora_model, tiny_tokenizer, tmp_path):
+    from qlora_cli.train.loss import output_head
+    from qlora_cli.train.methods.preference import sequence_logps
+
+    _, batch = batch_of("dpo", tiny_tokenizer, tmp_path)
+    chunked, counts = sequence_logps(lora_model, output_head(lora_model), batch)
+    plain, same_counts = sequence_logps(lora_model, None, batch)
+    assert torch.equal(counts, same_counts) and counts.min() > 0
+    assert torch.allclose(chunked, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, start", [("dpo", math.log(2)), ("kto", 0.5)])
+def test_a_new_adapter_starts_at_the_reference(lora_model, tiny_tokenizer, tmp_path, name, start):
+    """LoRA B starts at zero: the trained model is the reference, so DPO starts at ln 2 and KTO at 1 - σ(0)."""
+    method, batch = batch_of(name, tiny_tokenizer, tmp_path)
+    method.prepare(lora_model)
+    recorder = Recorder()
+    loss, _ = method.compute_loss(recorder, lora_model, batch, None)
+    assert loss.item() == pytest.approx(start, abs=1e-6)
+    assert recorder.metrics["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    loss.backward()
+    grads = [p.grad for n, p in lora_model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_orpo_is_the_chosen_nll_minus_the_weighted_odds_term(lora_model, tiny_tokenizer, tmp_path):
+    from qlora_cli.train.methods.orpo import odds_ratio_terms
+    from qlora_cli.train.methods.preference import sequence_logps
+
+    method, batch = batch_of("orpo", tiny_tokenizer, tmp_path)
+    method.prepare(lora_model)
+    recorder = Recorder()
+    loss, _ = method.compute_loss(recorder, lora_model, batch, None)
+    with torch.no_grad():
+        sums, counts = sequence_logps(lora_model, None, batch)
+    chosen_sums, rejected_sums = sums.chunk(2)
+    chosen_counts, rejected_counts = counts.chunk(2)
+    nll = -chosen_sums.sum() / chosen_counts.sum()
+    ratio, _ = odds_ratio_terms(chosen_sums / chosen_counts, rejected_sums / rejected_counts)
+    assert loss.item() == pytest.approx((nll - 0.1 * ratio.mean()).item(), abs=1e-4)
+    assert recorder.metrics["nll_loss"] == pytest.approx(nll.item(), abs=1e-4)
