@@ -272,3 +272,13 @@ def test_orpo_is_the_chosen_nll_minus_the_weighted_odds_term(lora_model, tiny_to
     ratio, _ = odds_ratio_terms(chosen_sums / chosen_counts, rejected_sums / rejected_counts)
     assert loss.item() == pytest.approx((nll - 0.1 * ratio.mean()).item(), abs=1e-4)
     assert recorder.metrics["nll_loss"] == pytest.approx(nll.item(), abs=1e-4)
+
+
+def test_data_preview_shows_both_answers_with_the_trained_tokens_marked(tmp_path, tiny_model_dir, capsys):
+    from qlora_cli.cli import main
+
+    path = recipe_file(tmp_path, tiny_model_dir, "dpo")
+    main(["data", "preview", str(path), "--count", "1"])
+    out = capsys.readouterr().out
+    assert "example 1 (chosen)" in out and "example 1 (rejected)" in out
+    assert "⟦The capital of France is Paris.</s>⟧" in out and "⟦Arr! Tokyo, matey.</s>⟧" in out
