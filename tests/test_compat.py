@@ -487,3 +487,36 @@ def test_dora_and_saved_modules_on_a_meta_skeleton_get_storage_and_the_adapters_
     for name, parameter in loaded.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
             assert torch.equal(parameter, expected[name]), name
+
+
+def test_a_mean_loss_per_micro_batch_is_divided_by_the_accumulation_steps(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    assert trainer.model_accepts_loss_kwargs  # so the Trainer would take the loss as already scaled
+    compat.loss_is_a_mean_per_micro_batch(trainer)
+    assert trainer.loss_is_scaled_for_ga is False
+    with pytest.raises(LibraryChanged):
+        compat.loss_is_a_mean_per_micro_batch(object())
+
+
+def test_switching_to_a_frozen_adapter_and_back_keeps_only_the_trained_one_trainable(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    model.save_pretrained(tmp_path / "adapter")
+    model.load_adapter(tmp_path / "adapter", adapter_name="reference", is_trainable=False)
+
+    def trainable(name):
+        return {p.requires_grad for n, p in model.named_parameters() if f".{name}." in n}
+
+    ids = torch.tensor([[1, 5, 6, 7]])
+    before = model(ids).logits
+    with compat.peft_adapter_switched(model, "reference", "default"):
+        assert model.active_adapter == "reference" and trainable("reference") == {False} == trainable("default")
+        same = model(ids).logits  # the reference is a copy of the adapter: same outputs
+    assert torch.allclose(before, same)
+    assert model.active_adapter == "default" and trainable("default") == {True} and trainable("reference") == {False}

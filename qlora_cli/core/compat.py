@@ -546,3 +546,30 @@ def transformers_bars_off() -> None:
     hf_logging.disable_progress_bar()
     if not hub_was_off:
         hub_utils.enable_progress_bars()
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference tuning (train/methods/preference.py)
+
+def loss_is_a_mean_per_micro_batch(trainer) -> None:
+    """Tell the Trainer (transformers >= 5.19, checked on 5.24) that the loss `compute_loss` returns is a mean over
+    its own micro-batch, not a sum divided by the whole accumulation step's token count: the Trainer then divides it
+    by the gradient-accumulation steps itself. Without this, a model that accepts loss kwargs (every causal LM) makes
+    the Trainer assume the loss is already scaled, and a preference loss would be summed over the micro-batches."""
+    require(hasattr(type(trainer), "loss_is_scaled_for_ga"), "transformers.Trainer no longer has loss_is_scaled_for_ga")
+    trainer.loss_is_scaled_for_ga = False
+
+
+@contextmanager
+def peft_adapter_switched(model, name: str, back: str) -> Iterator[None]:
+    """Within the block, the PeftModel computes with its adapter `name` instead of `back`; then `back` is active and
+    trainable again. peft's `set_adapter` (0.21, checked) makes the adapter it activates trainable unless
+    `inference_mode=True`, and freezes the others: the reference is activated frozen, and switching back restores
+    exactly the trained adapter's gradients."""
+    require("inference_mode" in inspect.signature(model.set_adapter).parameters,
+            "peft's PeftModel.set_adapter no longer takes inference_mode")
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(back)

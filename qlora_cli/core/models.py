@@ -246,6 +246,8 @@ def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointi
     if checkpointing:
         # The non-reentrant variant: the reentrant one drops gradients when the checkpointed inputs need none.
         model.activation_checkpointing_enable({"use_reentrant": False})
+    if recipe.model.adapter is not None:
+        return continue_adapter(model, starting_adapter(recipe), recipe, context)
     lora = recipe.lora
     try:
         with compat.peft_reading_deprecated_flags():
@@ -263,6 +265,49 @@ def load_model(model_path: str, recipe: Recipe, context: RunContext, checkpointi
         if say is not None:
             say(f"LoftQ start on {result.layers} layers: quantization error ||W - Wq||_F {result.error_before:.4g} "
                 f"-> {result.error_after:.4g} with the adapter")
+    if context.device == "cpu":
+        use_cheap_lora_dropout(model)
+    return model
+
+
+# The name of the frozen copy of a continued run's adapter, the reference of dpo and kto.
+REFERENCE_ADAPTER = "reference"
+METHODS_WITH_A_REFERENCE = ("dpo", "kto")
+
+
+def starting_adapter(recipe: Recipe) -> Path:
+    """The adapter folder `model.adapter` names (a run directory, or the adapter folder itself), after checking that
+    it was trained on this recipe's base model.
+
+    Raises:
+        UserError: no adapter there, or one of a run on another base model.
+    """
+    given = Path(recipe.model.adapter)
+    folder = given / ADAPTER if (given / ADAPTER).is_dir() else given
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"model.adapter: {given} is neither a run directory nor an adapter folder (no adapter_config.json)")
+    run_dir = folder.parent
+    if (run_dir / "recipe.yaml").is_file():
+        earlier = read_run_recipe(run_dir)
+        if earlier.model.base != recipe.model.base or earlier.quantization != recipe.quantization:
+            raise UserError(
+                f"model.adapter: {run_dir} was trained on {earlier.model.base} ({earlier.quantization.bits}-bit); this "
+                f"recipe trains {recipe.model.base} ({recipe.quantization.bits}-bit). Use the same model.base and "
+                "quantization as the run it continues"
+            )
+    return folder
+
+
+def continue_adapter(model, folder: Path, recipe: Recipe, context: RunContext):
+    """The base with an earlier run's adapter, trainable (named `default`, as a new one would be) and, for the methods
+    that have a reference model, the same adapter again, frozen, as `reference`: no second copy of the base."""
+    try:
+        with compat.peft_reading_deprecated_flags():
+            model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+            if recipe.training.method in METHODS_WITH_A_REFERENCE:
+                model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    except Exception as exc:  # peft raises several types for a damaged adapter
+        raise UserError(Problem(f"cannot load the adapter: {exc}", file=folder)) from None
     if context.device == "cpu":
         use_cheap_lora_dropout(model)
     return model

@@ -25,7 +25,13 @@ BUNDLED_MODEL_ALIAS = "smollm2-135m-instruct"
 # Kept in step with data/named_templates.py by a test; listed here so validation needs no import of it.
 TEMPLATE_NAMES = ("alpaca", "guanaco", "chatml", "llama3", "llama2", "mistral", "zephyr", "phi3", "gemma")
 # Kept in step with train/methods (its MODULES) by a test, for the same reason.
-TRAINING_METHODS = ("sft",)
+TRAINING_METHODS = ("sft", "dpo", "orpo", "kto")
+# The methods that train on preference rows, and the `preference` keys each one reads.
+PREFERENCE_KEYS = {
+    "dpo": ("beta", "loss", "label_smoothing"),
+    "orpo": ("beta",),
+    "kto": ("beta", "desirable_weight", "undesirable_weight"),
+}
 
 
 class Section(BaseModel):
@@ -50,6 +56,14 @@ class ModelSection(Section):
         description=(
             "Also load weights stored as pickle (.bin/.pt), which can run code when loaded. "
             "Off: only safetensors weights load."
+        ),
+    )
+    adapter: Path | None = Field(
+        None,
+        description=(
+            "Continue from an earlier run: its run directory (or its adapter folder), whose LoRA adapter this run "
+            "trains further instead of a new one (its rank and targets win over `lora`). For dpo and kto it is "
+            "also the reference: loaded a second time, frozen (SFT, then DPO on the SFT model)."
         ),
     )
 
@@ -164,7 +178,8 @@ def lora_init_refusal(value: Union[bool, str]) -> str | None:
     return f"unknown initialisation {value!r}; use one of true, gaussian, orthogonal, loftq"
 
 
-DataFormat = Literal["auto", "alpaca", "chat", "oasst", "input-output", "prompt-completion", "text"]
+DataFormat = Literal["auto", "alpaca", "chat", "oasst", "input-output", "prompt-completion", "text", "preference",
+                     "hh-rlhf", "kto"]
 
 
 class DataSource(Section):
@@ -183,8 +198,10 @@ class DataSource(Section):
         description=(
             "`alpaca` (instruction, input, output), `chat` (`messages` role/content or ShareGPT `conversations` "
             "from/value), `oasst` (`text` as `### Human: ... ### Assistant: ...`), `input-output` (template-free "
-            "`segments` of {text, label}), `prompt-completion`, `text` (raw text, loss on all of it), or `auto` "
-            "to tell each row's format from its columns."
+            "`segments` of {text, label}), `prompt-completion`, `text` (raw text, loss on all of it); for preference "
+            "methods `preference` (prompt, chosen, rejected: strings or messages, or two whole conversations), "
+            "`hh-rlhf` (chosen and rejected `\\n\\nHuman:`/`\\n\\nAssistant:` texts), `kto` (prompt, completion, "
+            "true/false label); or `auto` to tell each row's format from its columns."
         ),
     )
     columns: dict[str, str] = Field(
@@ -271,7 +288,12 @@ class MmluSection(Section):
 class TrainingSection(Section):
     method: Literal[TRAINING_METHODS] = Field(
         "sft",
-        description="Training method: `sft` (supervised fine-tuning: cross-entropy on the responses).",
+        description=(
+            "Training method: `sft` (supervised fine-tuning: cross-entropy on the responses), `dpo` (Direct "
+            "Preference Optimization on chosen/rejected pairs, against the base with the adapter off), `orpo` "
+            "(odds-ratio preference optimization: no reference model), `kto` (Kahneman-Tversky optimization on "
+            "answers labelled desirable or not). The preference methods read the `preference` section."
+        ),
     )
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     batch_size: int = Field(1, ge=1, description="Examples per device per step.")
@@ -341,6 +363,32 @@ class TrainingSection(Section):
         return value
 
 
+class PreferenceSection(Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description=(
+            "dpo, kto: how far the trained model may move from the reference (the temperature of the implicit "
+            "reward; lower allows more); orpo: the weight λ of the odds-ratio term beside the chosen answer's NLL."
+        ),
+    )
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description=(
+            "dpo only: `sigmoid` (the paper's), `ipo` (squared, length-averaged), `hinge` (SLiC), `robust` "
+            "(unbiased under label noise `label_smoothing`)."
+        ),
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo only, with loss sigmoid (conservative DPO) or robust: the probability that a pair's labels are flipped.",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="kto only: weight of the losses of desirable answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto only: weight of the losses of undesirable answers.")
+
+
 class OutputSection(Section):
     dir: Path | None = Field(
         None,
@@ -364,6 +412,9 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
+    preference: PreferenceSection = Field(
+        default_factory=PreferenceSection, description="Settings of the preference methods (dpo, orpo, kto)."
+    )
     output: OutputSection = Field(default_factory=OutputSection)
 
 
@@ -482,6 +533,11 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
             problems.append(Problem(f"multiple-choice data not found: {mmlu.data}", **where(("training", "eval_mmlu", "data"))))
     if recipe.output.dir is not None:
         recipe.output.dir = _resolve(recipe.output.dir, base_dir)
+    problems += preference_problems(recipe, where)
+    if recipe.model.adapter is not None:
+        recipe.model.adapter = _resolve(recipe.model.adapter, base_dir)
+        if not recipe.model.adapter.exists():
+            problems.append(Problem(f"adapter not found: {recipe.model.adapter}", **where(("model", "adapter"))))
     quant = recipe.quantization
     if recipe.lora.init_lora_weights == "loftq" and quant.bits != 4:
         problems.append(Problem(
@@ -497,6 +553,26 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
         problems.append(
             Problem("only applies to bits: 4; remove it or set quantization.bits: 4", **where(("quantization", "quant_type")))
         )
+    return problems
+
+
+def preference_problems(recipe: Recipe, where) -> list[Problem]:
+    """`preference` keys the recipe sets that its training method does not read."""
+    method = recipe.training.method
+    settings = recipe.preference
+    if method not in PREFERENCE_KEYS:
+        if "preference" in recipe.model_fields_set:
+            return [Problem(f"training.method {method} reads no `preference` keys; remove the section or use one of "
+                            + ", ".join(PREFERENCE_KEYS), **where(("preference",)))]
+        return []
+    problems = []
+    for key in sorted(settings.model_fields_set - set(PREFERENCE_KEYS[method])):
+        users = ", ".join(name for name, keys in PREFERENCE_KEYS.items() if key in keys)
+        problems.append(Problem(f"does not apply to training.method {method} (only to {users}); remove it",
+                                **where(("preference", key))))
+    if method == "dpo" and settings.label_smoothing and settings.loss not in ("sigmoid", "robust"):
+        problems.append(Problem(f"applies to loss sigmoid or robust, not {settings.loss}",
+                                **where(("preference", "label_smoothing"))))
     return problems
 
 

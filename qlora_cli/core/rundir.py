@@ -108,7 +108,8 @@ def save_adapter(model, tokenizer, template: str, run_dir: Path) -> Path:
     RUN_DIR/adapter, which is then either complete or absent (a resumed run swaps the old one out)."""
     target = run_dir / ADAPTER
     with staged(target) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        # Only the trained adapter: a continued run also holds its frozen starting adapter (`reference`).
+        model.save_pretrained(staging, safe_serialization=True, selected_adapters=[model.active_adapter])
         tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
     return target

@@ -215,6 +215,8 @@ def to_example(row: object, location: Location, data_format: str, columns: dict[
             "`instruction`+`output`, `prompt`+`completion`, `segments` or `text`; set the source's `format` "
             "or map columns with `columns`"
         )
+    if row_format not in CONVERTERS:
+        raise RowError(f"format `{row_format}` is a preference layout; train it with training.method dpo, orpo or kto")
     try:
         return CONVERTERS[row_format](row, location)
     except RowError as error:

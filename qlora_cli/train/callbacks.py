@@ -210,7 +210,8 @@ class MetricsWriter(TrainerCallback):
         elapsed = round(self.clock.total, 3)
         if logs and "eval_loss" in logs:
             append_record(self.run_dir / EVAL_METRICS,
-                          {"step": state.global_step, "eval_loss": logs["eval_loss"], "elapsed_seconds": elapsed})
+                          {"step": state.global_step, "eval_loss": logs["eval_loss"], "elapsed_seconds": elapsed,
+                           **{f"eval_{name}": logs[f"eval_{name}"] for name in self.metric_names if f"eval_{name}" in logs}})
         if not logs or "loss" not in logs:
             return
         record = {

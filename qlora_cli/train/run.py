@@ -174,7 +174,7 @@ def setup(
     resume_from = checkpoint_to_resume(run_dir, recipe, console.print) if resume else None
     if not resume and context.is_main:
         check_writable(run_dir, overwrite)
-    method = load_method(recipe.training.method)
+    method = load_method(recipe.training.method, recipe)
     check_trackers_installed(recipe.training.report_to)
     datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
     mmlu_data = None
@@ -238,6 +238,7 @@ class FitResult:
     metrics: MetricsWriter | None  # rank 0 only
     mmlu: MmluEvaluator | None
     eval_loss: float | None
+    eval_metrics: dict[str, float]  # the training method's metrics over the evaluation rows, named eval_...
     trackers: TrackerLog | None = None  # rank 0, with training.report_to
 
 
@@ -316,12 +317,15 @@ def fit(run: Run, callbacks: list | tuple = (), profile_steps: int | None = None
             f"{stops.requested}: stopped after step {trainer.state.global_step}; checkpoint {checkpointer.last}.\n"
             f"Resume with: {run.resume_command}"
         )
-    eval_loss = None
+    eval_loss, eval_metrics = None, {}
     if run.prepared.eval:
         with working(run.console, f"Evaluating on {len(run.prepared.eval):,} rows"):
-            eval_loss = trainer.evaluate()["eval_loss"]
+            evaluation = trainer.evaluate()
+        eval_loss = evaluation["eval_loss"]
+        eval_metrics = {f"eval_{name}": evaluation[f"eval_{name}"] for name in run.method.metric_names
+                        if f"eval_{name}" in evaluation}
     fed.tokens, fed.positions = sum_over_ranks([fed.tokens, fed.positions])
-    return FitResult(trainer, fed, clock, metrics, mmlu, eval_loss, trackers)
+    return FitResult(trainer, fed, clock, metrics, mmlu, eval_loss, eval_metrics, trackers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +402,7 @@ def run_summary(run: Run, result: FitResult, mmlu_accuracy: float | None) -> dic
         # the training method's own metrics, as last logged
         **{name: records[-1][name] for name in run.method.metric_names if records and name in records[-1]},
         "eval_loss": result.eval_loss,
+        **result.eval_metrics,
         "mmlu_accuracy": mmlu_accuracy,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,

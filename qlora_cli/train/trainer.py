@@ -124,13 +124,14 @@ class RecipeTrainer(Trainer):
         self.phases = phases
         self.guard = guard
         self.method_metrics = MethodMetrics()
+        self.eval_method_metrics = MethodMetrics()  # the same metrics over an evaluation, logged with eval_ names
         # Where a step begins: the Trainer fetches an optimizer step's micro-batches before they train.
         compat.time_batch_fetching(self, phases.begin_step, lambda: phases("data"))
 
     def record_metrics(self, metrics: dict) -> None:
-        """The method's metrics of one micro-batch (training only), logged as their average with the next loss."""
-        if self.model.training:
-            self.method_metrics.add(metrics)
+        """The method's metrics of one micro-batch, logged as their average with the next loss (or, during an
+        evaluation, with the evaluation loss, named eval_...)."""
+        (self.method_metrics if self.model.training else self.eval_method_metrics).add(metrics)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.phases("forward"):
@@ -147,6 +148,8 @@ class RecipeTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: the method's metrics join the loss
             logs.update(self.method_metrics.averages(self.accelerator))
+        if "eval_loss" in logs:
+            logs.update({f"eval_{name}": value for name, value in self.eval_method_metrics.averages(self.accelerator).items()})
         super().log(logs, start_time)
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .base import TrainingMethod
 
 # The module of each method, by the name `training.method` gives it.
-MODULES = {"sft": "sft"}
+MODULES = {"sft": "sft", "dpo": "dpo", "orpo": "orpo", "kto": "kto"}
 METHOD_NAMES = tuple(MODULES)
 
 
@@ -40,10 +40,18 @@ class MethodCost:
     reference_sequences: int = 0
 
 
-COSTS = {"sft": MethodCost(sequences=1)}
+COSTS = {
+    "sft": MethodCost(sequences=1),
+    # A pair trains its chosen and its rejected answer, and scores both through the reference.
+    "dpo": MethodCost(sequences=2, reference_sequences=2),
+    "orpo": MethodCost(sequences=2),
+    # An answer, and the mismatched answer its KL estimate scores through the trained model and the reference.
+    "kto": MethodCost(sequences=1, reference_sequences=3),
+}
 
 
-def load_method(name: str) -> "TrainingMethod":
-    """A fresh instance of the method `name` (one of METHOD_NAMES), for one run."""
+def load_method(name: str, recipe=None) -> "TrainingMethod":
+    """A fresh instance of the method `name` (one of METHOD_NAMES), for one run of `recipe` (whose settings a
+    method reads; None: its defaults, enough to read and tokenize data)."""
     module = importlib.import_module(f".{MODULES[name]}", __name__)
-    return module.Method()
+    return module.Method(recipe)

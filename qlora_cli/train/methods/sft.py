@@ -21,7 +21,7 @@ class Method:
     name = "sft"
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, recipe=None) -> None:
         self.head = None
 
     def read_row(self, row, location, data_format, columns) -> Example:
