@@ -165,7 +165,7 @@ def data_preview(
     set_: SetOption = None,
 ) -> None:
     """Show tokenized examples with the trained tokens marked, and statistics of the data."""
-    from .core.console import make_console, working
+    from .core.console import make_console
     from .core.recipe import load_recipe
     from .data.sources import load_datasets
     from .train.methods import load_method
@@ -182,8 +182,7 @@ def data_preview(
     quiet_libraries(console.is_terminal)
     tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, console), resolved.model)
     template = resolve_template(resolved.data.template, tokenizer)
-    with working(console, "Tokenizing the data"):
-        prepared = prepare(resolved, tokenizer, template, datasets, method)
+    prepared = prepare(resolved, tokenizer, template, datasets, method, console=console)
     show_preview(console, resolved, method, tokenizer, datasets, prepared, count)
 
 

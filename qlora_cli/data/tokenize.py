@@ -13,17 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from transformers import DataCollatorWithFlattening
 
 from ..core.errors import UserError
-from ..core.files import staged
 from .formats import Example
 from .templates import Segment, render_segments
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows stored as Arrow, lengths beside them (data/store.py)
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -188,53 +186,24 @@ def cache_key(tokenizer, template: str, examples: list, options: TokenizeOptions
     return digest.hexdigest()[:24]
 
 
-def save_tokenized(path: Path, rows: list[dict[str, list[int]]], stats: TokenizeStats) -> None:
-    """Each column (input_ids, labels, or a method's own) as one flat int32 array with offsets (no pickle),
-    written to a temporary name and renamed."""
-    columns = list(rows[0]) if rows else ["input_ids", "labels"]
-    arrays = {}
-    for column in columns:
-        lengths = np.array([len(r[column]) for r in rows], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        arrays[column] = np.fromiter((t for r in rows for t in r[column]), dtype=np.int32, count=int(offsets[-1]))
-        arrays[f"{column}.offsets"] = offsets
-    # The ranks of a distributed run tokenize the same data and may save it at the same time.
-    with staged(path) as staging:
-        np.savez(staging, columns=np.array(json.dumps(columns)), stats=np.array(json.dumps(asdict(stats))), **arrays)
+def tokenize_cached(method, tokenizer, template: str, examples, options: TokenizeOptions, cache_folder: Path | None,
+                    *, key: str | None = None, progress_factory=None):
+    """The training method's tokenization of `examples`, stored memory-mapped (data/store.py) and reused for the
+    same inputs.
 
-
-def load_tokenized(path: Path) -> tuple[list[dict[str, list[int]]], TokenizeStats] | None:
-    """The cached rows and stats, or None if the cache file is missing or unreadable."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            columns = json.loads(str(data["columns"]))
-            values = {column: (data[column], data[f"{column}.offsets"]) for column in columns}
-            stats = TokenizeStats(**json.loads(str(data["stats"])))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    count = len(values[columns[0]][1]) - 1 if columns else 0
-    rows = [
-        {column: ids[offsets[index]: offsets[index + 1]].tolist() for column, (ids, offsets) in values.items()}
-        for index in range(count)
-    ]
-    return rows, stats
-
-
-def tokenize_cached(method, tokenizer, template: str, examples: list, options: TokenizeOptions, cache_folder: Path | None):
-    """The training method's tokenization of `examples`, reusing a cached result for the same inputs.
+    Args:
+        cache_folder: where entries are kept, by cache key; None tokenizes into a temporary folder.
+        key: the cache key, when the caller has it already.
+        progress_factory: see `store.tokenize_stored`.
 
     Returns:
-        (rows, stats, cache_hit)
+        (rows, stats, cache_hit): rows is a `store.TokenizedRows`, a sequence of dicts read from disk.
     """
-    if cache_folder is None:
-        return (*method.tokenize(tokenizer, template, examples, options), False)
-    path = cache_folder / f"{cache_key(tokenizer, template, examples, options, method.cache_payload)}.npz"
-    cached = load_tokenized(path)
-    if cached is not None:
-        return (*cached, True)
-    rows, stats = method.tokenize(tokenizer, template, examples, options)
-    save_tokenized(path, rows, stats)
-    return rows, stats, False
+    from .store import tokenize_stored
+
+    if cache_folder is not None and key is None:
+        key = cache_key(tokenizer, template, examples, options, method.cache_payload)
+    return tokenize_stored(method, tokenizer, template, examples, options, cache_folder, key, progress_factory)
 
 
 # ---------------------------------------------------------------------------------------------
