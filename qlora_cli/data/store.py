@@ -236,10 +236,14 @@ def _work_on(start: int, stop: int) -> Chunk:
     return tokenize_chunk(method, tokenizer, template, examples[start:stop], options)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_count(rows: int) -> int:
     """Processes to tokenize `rows` examples with: every core this process may use, for enough rows."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 1 if rows < PARALLEL_MIN_ROWS else max(1, min(cores, -(-rows // CHUNK_ROWS)))
+    return 1 if rows < PARALLEL_MIN_ROWS else max(1, min(usable_cores(), -(-rows // CHUNK_ROWS)))
 
 
 def _chunks(method, tokenizer, template: str, examples: Sequence, options) -> Iterator[tuple[int, Chunk]]:
@@ -365,7 +369,7 @@ def tokenize_stored(method, tokenizer, template: str, examples: Sequence, option
         found = load(target)
         if found is not None:
             return (*found, True)
-        with staged(target, replace=False) as staging:
+        with staged(target) as staging:  # under the lock: what is there is unreadable, so replaced
             staging.mkdir(parents=True)
             _build_with_progress(staging, method, tokenizer, template, examples, options, progress_factory)
     found = load(target)
