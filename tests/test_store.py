@@ -124,3 +124,31 @@ def test_stats_of_chunks_add_up():
     assert total == TokenizeStats(examples=3, tokens=15, longest=7, truncated=1, dropped_rows=["a:1", "a:9"])
     assert json.loads(json.dumps(total.__dict__))["dropped_rows"] == ["a:1", "a:9"]
     assert np.array_equal(store.lengths_of(load_method("sft"), [{"input_ids": [1, 2]}]), [2])
+
+
+def test_a_streamed_hub_split_is_read_row_by_row(monkeypatch):
+    import datasets
+
+    asked = {}
+
+    def load_dataset(name, subset, split, streaming=False):
+        asked.update(name=name, subset=subset, split=split, streaming=streaming)
+        return iter([{"text": "first"}, {"colour": "none"}, {"text": "third"}])  # an IterableDataset iterates so
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = DataSection(train=[{"hub": "org/name", "streaming": True}], on_bad_row="skip")
+    loaded = load_datasets(data, seed=0)
+    assert asked == {"name": "org/name", "subset": None, "split": "train", "streaming": True}
+    assert [e.segments[0].text for e in loaded.train] == ["first", "third"]
+    assert [p.render() for p in loaded.skipped][0].startswith("hub:org/name:train: row 2: ")
+
+
+def test_streaming_a_local_file_is_refused(tmp_path, capsys):
+    from qlora_cli.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  base: org/model\ndata:\n  train:\n    - path: a.jsonl\n      streaming: true\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["data", "preview", str(recipe)])
+    assert exited.value.code == 2
+    assert "`streaming` reads hub datasets" in capsys.readouterr().err

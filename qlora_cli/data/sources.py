@@ -35,7 +35,7 @@ ReadRow = Callable[[object, Location, str, dict[str, str]], Any]
 def iter_source(source: DataSource) -> Iterator[tuple[Location, object] | Problem]:
     """A source's raw rows and the problems of reading them, one at a time, in file order."""
     if source.hub:
-        return iter_hub(source.hub, source.subset, source.split)
+        return iter_hub(source.hub, source.subset, source.split, streaming=source.streaming)
     return iter_path(source.path)
 
 
