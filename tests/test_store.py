@@ -152,3 +152,28 @@ def test_streaming_a_local_file_is_refused(tmp_path, capsys):
         main(["data", "preview", str(recipe)])
     assert exited.value.code == 2
     assert "`streaming` reads hub datasets" in capsys.readouterr().err
+
+
+def test_labels_found_at_once_follow_the_token_by_token_rule():
+    import random
+
+    from qlora_cli.data.tokenize import IGNORE_INDEX, _labels_of_batch, _overlaps
+
+    rng = random.Random(0)
+    for _ in range(200):
+        texts, encoded, spans_of_texts = [], [], []
+        for _ in range(rng.randint(1, 4)):
+            length = rng.randint(0, 40)
+            cuts = sorted(rng.sample(range(length + 1), min(length + 1, rng.randint(0, 8))))
+            spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+            offsets = []
+            for _ in range(rng.randint(0, 20)):
+                begin = rng.randint(0, length)
+                offsets.append((begin, min(length, begin + rng.choice([0, 1, 2, 5]))))  # empty tokens too
+            ids = [rng.randint(0, 99) for _ in offsets]
+            texts.append(length), encoded.append((ids, offsets)), spans_of_texts.append(spans)
+        expected = [
+            [t if any(_overlaps(b, f, s, e) for s, e in spans) else IGNORE_INDEX for t, (b, f) in zip(ids, offsets)]
+            for (ids, offsets), spans in zip(encoded, spans_of_texts)
+        ]
+        assert _labels_of_batch(encoded, spans_of_texts, texts) == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import chain
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -57,15 +58,17 @@ def encode_batch(tokenizer, batch: list[list[Segment]], *, bos_id: int | None) -
     """
     texts = ["".join(s.text for s in segments) for segments in batch]
     encoded = _ids_and_offsets(tokenizer, texts)
-    results = []
-    for (ids, offsets), segments in zip(encoded, batch):
+    spans_of_texts = []
+    for segments in batch:
         spans, position = [], 0
         for segment in segments:
             if segment.trained:
                 spans.append((position, position + len(segment.text)))
             position += len(segment.text)
+        spans_of_texts.append(spans)
+    results = []
+    for (ids, _), labels in zip(encoded, _labels_of_batch(encoded, spans_of_texts, [len(text) for text in texts])):
         input_ids = list(ids)
-        labels = _labels(input_ids, offsets, spans)
         if bos_id is not None and (not input_ids or input_ids[0] != bos_id):
             input_ids.insert(0, bos_id)
             labels.insert(0, IGNORE_INDEX)
@@ -89,6 +92,35 @@ def _ids_and_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list[
     return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
 
+def _labels_of_batch(encoded, spans_of_texts: list[list[tuple[int, int]]], text_lengths: list[int]) -> list[list[int]]:
+    """`_labels` of every text of a batch, found at once: the texts are laid end to end, one character apart, so
+    that their spans stay sorted and no token of one text can reach a span of another."""
+    if any(start == end for spans in spans_of_texts for start, end in spans):
+        return [_labels(list(ids), offsets, spans) for (ids, offsets), spans in zip(encoded, spans_of_texts)]
+    counts = [len(ids) for ids, _ in encoded]
+    total = sum(counts)
+    bases = np.cumsum([0] + [length + 1 for length in text_lengths[:-1]], dtype=np.int64)
+    starts = [base + start for base, spans in zip(bases.tolist(), spans_of_texts) for start, _ in spans]
+    ends = [base + end for base, spans in zip(bases.tolist(), spans_of_texts) for _, end in spans]
+    if not starts or not total:
+        return [[IGNORE_INDEX] * count for count in counts]
+    ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int64, count=total)
+    flat = chain.from_iterable(chain.from_iterable(offsets for _, offsets in encoded))
+    bounds = np.fromiter(flat, dtype=np.int64, count=2 * total).reshape(-1, 2) + np.repeat(bases, counts)[:, None]
+    labels = _trained_ids(ids, bounds[:, 0], bounds[:, 1], np.array(starts), np.array(ends)).tolist()
+    cuts = np.cumsum([0] + counts).tolist()
+    return [labels[begin:end] for begin, end in zip(cuts, cuts[1:])]
+
+
+def _trained_ids(ids: np.ndarray, begins: np.ndarray, finishes: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """Each token's id where it overlaps a span (`_overlaps`), else IGNORE_INDEX; spans sorted, none empty."""
+    candidate = np.searchsorted(ends, begins, side="right")  # the first span with end > begin: the only candidate
+    found = candidate < len(ends)
+    start = np.where(found, starts[np.minimum(candidate, len(ends) - 1)], 0)
+    trained = found & np.where(begins == finishes, start <= begins, start < finishes)
+    return np.where(trained, ids, IGNORE_INDEX)
+
+
 def _labels(input_ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
     """Each token's id where any of its characters lies in a trained span (see `_overlaps`), else IGNORE_INDEX.
 
@@ -103,15 +135,9 @@ def _labels(input_ids: list[int], offsets, spans: list[tuple[int, int]]) -> list
             for token, (begin, finish) in zip(input_ids, offsets)
         ]
     bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    begins, finishes = bounds[:, 0], bounds[:, 1]
-    starts = np.fromiter((start for start, _ in spans), dtype=np.int64, count=len(spans))
-    ends = np.fromiter((end for _, end in spans), dtype=np.int64, count=len(spans))
-    candidate = np.searchsorted(ends, begins, side="right")  # the first span with end > begin
-    found = candidate < len(spans)
-    start = np.where(found, starts[np.minimum(candidate, len(spans) - 1)], 0)
-    empty = begins == finishes
-    trained = found & np.where(empty, start <= begins, start < finishes)
-    return np.where(trained, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    starts = np.array([start for start, _ in spans], dtype=np.int64)
+    ends = np.array([end for _, end in spans], dtype=np.int64)
+    return _trained_ids(np.asarray(input_ids, dtype=np.int64), bounds[:, 0], bounds[:, 1], starts, ends).tolist()
 
 
 def _overlaps(begin: int, finish: int, start: int, end: int) -> bool:
