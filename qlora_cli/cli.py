@@ -165,20 +165,21 @@ def data_preview(
     set_: SetOption = None,
 ) -> None:
     """Show tokenized examples with the trained tokens marked, and statistics of the data."""
-    from .core.console import make_console
+    from .core.console import make_console, working
     from .core.recipe import load_recipe
     from .data.sources import load_datasets
     from .train.methods import load_method
 
     resolved = load_recipe(recipe, set_ or [])
     method = load_method(resolved.training.method)
-    datasets = load_datasets(resolved.data, resolved.training.seed, method.read_row)
+    console = make_console()
+    with working(console, "Reading and checking the data"):
+        datasets = load_datasets(resolved.data, resolved.training.seed, method.read_row)
     from .core.models import load_tokenizer, quiet_libraries, resolve_model_path
     from .data.prepare import prepare
     from .data.preview import show_preview
     from .data.templates import resolve_template
 
-    console = make_console()
     quiet_libraries(console.is_terminal)
     tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, console), resolved.model)
     template = resolve_template(resolved.data.template, tokenizer)

@@ -168,7 +168,8 @@ def setup(
     if not resume and context.is_main:
         check_writable(run_dir, overwrite)
     method = load_method(recipe.training.method)
-    datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
+    with working(console, "Reading and checking the data"):
+        datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
     mmlu_data = None
     if recipe.training.eval_mmlu is not None:
         mmlu_data = read_mmlu(recipe.training.eval_mmlu.data)
