@@ -189,18 +189,18 @@ def data_preview(
 
     resolved = load_recipe(recipe, set_ or [])
     method = load_method(resolved.training.method)
-    datasets = load_datasets(resolved.data, resolved.training.seed, method.read_row)
+    console = make_console()
+    with working(console, "Reading and checking the data"):
+        datasets = load_datasets(resolved.data, resolved.training.seed, method.read_row)
     from .core.models import load_tokenizer, quiet_libraries, resolve_model_path
     from .data.prepare import prepare
     from .data.preview import show_preview
     from .data.templates import resolve_template
 
-    console = make_console()
     quiet_libraries(console.is_terminal)
     tokenizer = load_tokenizer(resolve_model_path(resolved.model.base, console), resolved.model)
     template = resolve_template(resolved.data.template, tokenizer)
-    with working(console, "Tokenizing the data"):
-        prepared = prepare(resolved, tokenizer, template, datasets, method)
+    prepared = prepare(resolved, tokenizer, template, datasets, method, console=console)
     show_preview(console, resolved, method, tokenizer, datasets, prepared, count)
 
 

@@ -13,9 +13,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from .recipe import Recipe, flatten
 
@@ -108,12 +109,27 @@ def eta(done: int, total: int, elapsed: float) -> float | None:
     return elapsed / done * max(0, total - done)
 
 
-def plain_line(description: str, done: int, total: int, elapsed: float) -> str:
-    """`Answers of run: 16/80 (20%), 0:45 elapsed, about 3:00 left`."""
+def plain_line(description: str, done: int, total: int, elapsed: float, unit: str | None = None) -> str:
+    """`Answers of run: 16/80 (20%), 0:45 elapsed, about 3:00 left`; with a unit, the rate too
+    (`..., 0:45 elapsed, 3,200 rows/s, about 3:00 left`)."""
     left = eta(done, total, elapsed)
     percent = f" ({done / total:.0%})" if total else ""
+    rate = f", {done / elapsed:,.0f} {unit}/s" if unit and elapsed > 0 else ""
     rest = f", about {format_seconds(left)} left" if left is not None and done < total else ""
-    return f"{description}: {done}/{total}{percent}, {format_seconds(elapsed)} elapsed{rest}"
+    counts = f"{done:,}/{total:,}" if unit else f"{done}/{total}"
+    return f"{description}: {counts}{percent}, {format_seconds(elapsed)} elapsed{rate}{rest}"
+
+
+class RateColumn(ProgressColumn):
+    """Units done per second (rich's speed: over the last half minute of updates)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s")
 
 
 class Steps:
@@ -126,8 +142,9 @@ class Steps:
     """
 
     def __init__(self, console: Console, title: str, total: int, *, plain_every: float = PLAIN_EVERY,
-                 transient: bool = False):
-        self.console, self.title, self.total = console, title, total
+                 transient: bool = False, unit: str | None = None):
+        """`unit` (rows, ...) adds the rate, in units per second, to the bar and the plain lines."""
+        self.console, self.title, self.total, self.unit = console, title, total, unit
         self.plain_every, self.transient = plain_every, transient
         self.done = 0
         self._lock = threading.Lock()
@@ -139,9 +156,10 @@ class Steps:
     def __enter__(self) -> "Steps":
         self._started = self._last_printed = time.monotonic()
         if self.console.is_terminal:
+            rate = [RateColumn(self.unit)] if self.unit else []
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
-                                 transient=self.transient)
+                                 TimeElapsedColumn(), *rate, TextColumn("eta"), TimeRemainingColumn(),
+                                 console=self.console, transient=self.transient)
             self._bar.start()
             self._task = self._bar.add_task(self.title, total=self.total)
         return self
@@ -156,7 +174,7 @@ class Steps:
                 return
             now = time.monotonic()
             if line is None and (now - self._last_printed >= self.plain_every or self.done >= self.total):
-                line = plain_line(self.title, self.done, self.total, now - self._started)
+                line = plain_line(self.title, self.done, self.total, now - self._started, self.unit)
             if line is not None and line != self._last_line:
                 self.console.print(line, markup=False, highlight=False)
                 self._last_line, self._last_printed = line, now

@@ -193,6 +193,14 @@ class DataSource(Section):
     hub: str | None = Field(None, description="A Hugging Face hub dataset id instead of `path` (needs network access).")
     subset: str | None = Field(None, description="The hub dataset's subset (configuration) name.")
     split: str = Field("train", description="The hub dataset's split.")
+    streaming: bool = Field(
+        False,
+        description=(
+            "Read the hub split row by row over the network (`datasets` streaming) instead of downloading it whole "
+            "into the Hugging Face cache first: for splits larger than the disk should hold. Rows are still checked, "
+            "and tokenized into qlora's cache, before training."
+        ),
+    )
     format: DataFormat = Field(
         "auto",
         description=(
@@ -221,6 +229,8 @@ class DataSource(Section):
             raise ValueError("give exactly one of `path` and `hub`")
         if self.weight is not None and self.samples is not None:
             raise ValueError("give at most one of `weight` and `samples`")
+        if self.streaming and self.hub is None:
+            raise ValueError("`streaming` reads hub datasets; a local file is read a line or a batch at a time already")
         return self
 
 

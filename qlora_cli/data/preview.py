@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -9,6 +10,7 @@ from rich.text import Text
 from ..core.recipe import Recipe
 from .prepare import PreparedData, expected_padding
 from .sources import Datasets
+from .store import lengths_of
 from .tokenize import IGNORE_INDEX
 
 # Without colour (not a terminal), trained tokens are written between these marks.
@@ -36,15 +38,14 @@ def render_example(tokenizer, input_ids: list[int], labels: list[int], colour: b
     return text
 
 
-def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
-    """A text histogram of token lengths."""
-    if not lengths:
+def histogram(lengths, bins: int = 8, width: int = 40) -> list[str]:
+    """A text histogram of token lengths (a list or an array)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
         return []
-    low, high = min(lengths), max(lengths)
+    low, high = int(lengths.min()), int(lengths.max())
     step = max(1, -(-(high - low + 1) // bins))
-    counts = [0] * bins
-    for length in lengths:
-        counts[min((length - low) // step, bins - 1)] += 1
+    counts = np.bincount(np.minimum((lengths - low) // step, bins - 1), minlength=bins).tolist()
     peak = max(counts)
     lines = []
     for index, count in enumerate(counts):
@@ -58,7 +59,8 @@ def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
 
 def statistics(recipe: Recipe, method, datasets: Datasets, prepared: PreparedData) -> Table:
     stats = prepared.train_stats
-    lengths = sorted(method.row_length(row) for row in prepared.train)
+    lengths = lengths_of(method, prepared.train)
+    median = int(np.sort(lengths)[len(lengths) // 2])
     table = Table(title="Training data", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
@@ -66,15 +68,14 @@ def statistics(recipe: Recipe, method, datasets: Datasets, prepared: PreparedDat
         table.add_row("rows", f"{count:,}  {name}")
     table.add_row("bad rows skipped", str(len(datasets.skipped)))
     table.add_row("examples", f"{stats.examples:,} (+ {len(prepared.eval):,} for evaluation)")
-    table.add_row("tokens", f"{stats.tokens:,}; median {lengths[len(lengths) // 2]}, longest {stats.longest}")
+    table.add_row("tokens", f"{stats.tokens:,}; median {median}, longest {stats.longest}")
     table.add_row("trained tokens", f"{stats.trained_tokens:,} ({stats.trained_tokens / stats.tokens:.1%})")
     table.add_row("truncated", f"{stats.truncated:,} to {recipe.data.max_seq_len} tokens ({recipe.data.truncation})")
     table.add_row("dropped", f"{stats.dropped_too_long:,} too long, {stats.dropped_no_trained_tokens:,} with no trained token")
     batching = "packed" if recipe.data.packing else ("grouped by length" if recipe.data.group_by_length else "random")
-    lengths_in_order = [method.row_length(row) for row in prepared.train]
     table.add_row(
         "padding",
-        f"{expected_padding(recipe, lengths_in_order):.1%} of fed positions "
+        f"{expected_padding(recipe, lengths):.1%} of fed positions "
         f"(batch {recipe.training.batch_size}, {batching})",
     )
     return table
@@ -94,5 +95,5 @@ def show_preview(console: Console, recipe: Recipe, method, tokenizer, datasets: 
     console.rule()
     console.print(statistics(recipe, method, datasets, prepared))
     console.print("Token lengths:")
-    for line in histogram([method.row_length(row) for row in prepared.train]):
+    for line in histogram(lengths_of(method, prepared.train)):
         console.print(line, markup=False)

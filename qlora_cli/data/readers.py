@@ -13,11 +13,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from ..core.errors import Problem
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+PARQUET_BATCH_ROWS = 4096
 
 # Bytes that are not UTF-8 survive decoding with `surrogateescape` as these lone surrogates, which is
 # how a bad CSV row is found and reported without giving up on the rest of the file.
@@ -97,9 +98,37 @@ def _read_bytes(path: Path, name: str, result: RawRows) -> bytes | None:
 
 def _read_jsonl(path: Path, name: str) -> RawRows:
     """One row per non-blank line; one problem per line that is not UTF-8 or not JSON."""
-    result = RawRows()
-    data = _read_bytes(path, name, result)
-    return result if data is None else jsonl_rows(data, name)
+    return _collect(_iter_jsonl(path, name))
+
+
+def _jsonl_line(raw_line: bytes, number: int, name: str) -> tuple[Location, object] | Problem | None:
+    """The row of one line of a JSON Lines file, the problem with it, or None for a blank line."""
+    try:
+        # A byte-order mark is invisible in editors, so one at the start must not fail line 1.
+        line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError:
+        return Problem("not valid UTF-8", file=name, line=number)
+    if not line.strip():
+        return None
+    value, reason, _ = _parse_json(line)
+    if reason is not None:
+        return Problem(reason, file=name, line=number)
+    return Location(name, line=number), value
+
+
+def _iter_jsonl(path: Path, name: str) -> Iterator[tuple[Location, object] | Problem]:
+    """The rows and problems of a JSON Lines file in file order, a line at a time (memory does not grow with
+    the file)."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        yield Problem(f"cannot read: {exc.strerror or exc}", file=name)
+        return
+    with handle:
+        for number, raw_line in enumerate(handle, start=1):
+            item = _jsonl_line(raw_line.rstrip(b"\n"), number, name)
+            if item is not None:
+                yield item
 
 
 def jsonl_rows(data: bytes, name: str) -> RawRows:
@@ -107,19 +136,11 @@ def jsonl_rows(data: bytes, name: str) -> RawRows:
     line that is not UTF-8 or not JSON."""
     result = RawRows()
     for number, raw_line in enumerate(data.split(b"\n"), start=1):
-        try:
-            # A byte-order mark is invisible in editors, so one at the start must not fail line 1.
-            line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError:
-            result.problems.append(Problem("not valid UTF-8", file=name, line=number))
-            continue
-        if not line.strip():
-            continue
-        value, reason, _ = _parse_json(line)
-        if reason is not None:
-            result.problems.append(Problem(reason, file=name, line=number))
-            continue
-        result.rows.append((Location(name, line=number), value))
+        item = _jsonl_line(raw_line, number, name)
+        if isinstance(item, Problem):
+            result.problems.append(item)
+        elif item is not None:
+            result.rows.append(item)
     return result
 
 
@@ -220,16 +241,49 @@ def _read_delimited(path: Path, name: str, delimiter: str) -> RawRows:
 
 def _read_parquet(path: Path, name: str) -> RawRows:
     """Every row of a Parquet file as a dict, numbered from 1; one problem if the file cannot be read."""
+    return _collect(_iter_parquet(path, name))
+
+
+def _iter_parquet(path: Path, name: str) -> Iterator[tuple[Location, object] | Problem]:
+    """The rows of a Parquet file, a record batch at a time; one problem if the file cannot be read."""
     import pyarrow.parquet as pq  # here, not at the top: it is slow to import and only Parquet needs it
 
-    result = RawRows()
+    number = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield Location(name, row=number), row
     except Exception as exc:  # pyarrow raises OSError, ArrowInvalid and others for a bad file
-        result.problems.append(Problem(f"cannot read as Parquet: {exc}", file=name))
-        return result
-    result.rows = [(Location(name, row=number), row) for number, row in enumerate(rows, start=1)]
+        if number == 0:
+            yield Problem(f"cannot read as Parquet: {exc}", file=name)
+        else:
+            yield Problem(f"cannot read as Parquet after row {number}: {exc}", file=name)
+
+
+def _collect(items: Iterable[tuple[Location, object] | Problem]) -> RawRows:
+    result = RawRows()
+    for item in items:
+        if isinstance(item, Problem):
+            result.problems.append(item)
+        else:
+            result.rows.append(item)
     return result
+
+
+def _iter_file(path: Path) -> Iterator[tuple[Location, object] | Problem]:
+    """A file's rows and problems in file order. JSON Lines and Parquet are read a line or a batch at a time;
+    a whole-file JSON document, CSV and TSV are read whole, then yielded."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(path, str(path))
+    elif suffix == ".parquet":
+        yield from _iter_parquet(path, str(path))
+    else:
+        raw = _read_file(path)
+        yield from raw.problems
+        yield from raw.rows
 
 
 def _read_file(path: Path) -> RawRows:
@@ -253,6 +307,12 @@ def read_path(path: Path) -> RawRows:
     Folders are not searched recursively, and hidden files (like macOS `._name.jsonl`) are skipped.
     Never raises for bad content or a missing or unreadable path: those are problems.
     """
+    return _collect(iter_path(path))
+
+
+def iter_path(path: Path) -> Iterator[tuple[Location, object] | Problem]:
+    """`read_path`'s rows and problems one at a time, in file order (a problem before the row that follows it):
+    JSON Lines and Parquet files are never held whole in memory."""
     path = Path(path)
     if path.is_dir():
         files = sorted(
@@ -261,16 +321,18 @@ def read_path(path: Path) -> RawRows:
             key=lambda child: child.name,
         )
         if not files:
-            return RawRows(problems=[Problem(f"the folder has no data files; supported: {_supported()}", file=str(path))])
-        result = RawRows()
+            yield Problem(f"the folder has no data files; supported: {_supported()}", file=str(path))
         for child in files:
-            rows = _read_file(child)
-            result.rows += rows.rows
-            result.problems += rows.problems
-        return result
+            yield from _iter_file(child)
+        return
     if not path.exists():
-        return RawRows(problems=[Problem("no such file or folder", file=str(path))])
-    return _read_file(path)
+        yield Problem("no such file or folder", file=str(path))
+        return
+    suffix = path.suffix.lower()
+    if suffix in SUPPORTED_SUFFIXES:
+        yield from _iter_file(path)
+    else:
+        yield from _read_file(path).problems
 
 
 def _hub_name(name: str, subset: str | None, split: str) -> str:
@@ -283,15 +345,22 @@ def read_hub(name: str, subset: str | None, split: str) -> RawRows:
 
     Loading needs network access unless the dataset is already in the local Hugging Face cache.
     """
+    return _collect(iter_hub(name, subset, split))
+
+
+def iter_hub(name: str, subset: str | None, split: str, streaming: bool = False) -> Iterator[tuple[Location, object] | Problem]:
+    """`read_hub`'s rows one at a time (the split is memory-mapped by `datasets`, or, with `streaming`, read
+    over the network as it is used, never stored whole on disk); one problem if it cannot be loaded."""
     source = _hub_name(name, subset, split)
+    number = 0
     try:
         import datasets  # here, not at the top: it is slow to import and only hub sources need it
 
-        dataset = datasets.load_dataset(name, subset, split=split)
-        rows = [(Location(source, row=number), row) for number, row in enumerate(dataset, start=1)]
+        dataset = datasets.load_dataset(name, subset, split=split, streaming=streaming)
+        for row in dataset:
+            number += 1
+            yield Location(source, row=number), row
     except Exception as exc:  # offline, no such dataset, subset or split, gated, ...: the reason is in the message
         reason = str(exc).strip() or type(exc).__name__
-        return RawRows(
-            problems=[Problem(f"cannot load the hub dataset: {reason} (hub datasets need network access)", file=source)]
-        )
-    return RawRows(rows=rows)
+        after = f" after row {number}" if number else ""
+        yield Problem(f"cannot load the hub dataset{after}: {reason} (hub datasets need network access)", file=source)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from ..core.errors import Problem, UserError
 from ..core.recipe import DataSection, DataSource
 from .formats import RowError, to_example
-from .readers import Location, RawRows, read_hub, read_path
+from .readers import Location, iter_hub, iter_path
+from .store import ExampleSpool, ExampleView
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -28,39 +32,75 @@ def source_name(source: DataSource) -> str:
 ReadRow = Callable[[object, Location, str, dict[str, str]], Any]
 
 
-def read_source(source: DataSource, read_row: ReadRow = to_example) -> tuple[list, list[Problem]]:
-    """Every row of one source converted to an example by `read_row`; one problem per bad row."""
-    raw: RawRows = read_hub(source.hub, source.subset, source.split) if source.hub else read_path(source.path)
-    examples: list = []
-    problems = list(raw.problems)
-    for location, row in raw.rows:
+def iter_source(source: DataSource) -> Iterator[tuple[Location, object] | Problem]:
+    """A source's raw rows and the problems of reading them, one at a time, in file order."""
+    if source.hub:
+        return iter_hub(source.hub, source.subset, source.split, streaming=source.streaming)
+    return iter_path(source.path)
+
+
+def _in_file_order(problems: list[Problem]) -> list[Problem]:
+    # Rows are read in file order; a stable sort keeps a folder's files apart and a JSON array's rows in order.
+    return sorted(problems, key=lambda problem: (str(problem.file or ""), problem.line or 0))
+
+
+def check_source(source: DataSource, read_row: ReadRow, keep: Callable[[Any], object]) -> list[Problem]:
+    """Convert every row of one source with `read_row`, giving each example to `keep` as it is made; returns
+    one problem per bad row (all of them, in file order)."""
+    problems: list[Problem] = []
+    kept = 0
+    for item in iter_source(source):
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        location, row = item
         try:
-            examples.append(read_row(row, location, source.format, source.columns))
+            example = read_row(row, location, source.format, source.columns)
         except RowError as error:
             problems.append(location.problem(str(error)))
-    if not examples and not problems:
+            continue
+        keep(example)
+        kept += 1
+    if not kept and not problems:
         problems.append(Problem(f"{source_name(source)} has no rows"))
-    # The reader's problems (a line that is not JSON) and the rows' (a missing field) are found in two passes:
-    # reported in file order.
-    return examples, sorted(problems, key=lambda problem: (str(problem.file or ""), problem.line or 0))
+    return _in_file_order(problems)
 
 
-def resample(examples: list, source: DataSource, rng: random.Random) -> list:
-    """Apply a source's `weight` (repeat or subsample) or `samples` (an exact count)."""
+def read_source(source: DataSource, read_row: ReadRow = to_example) -> tuple[list, list[Problem]]:
+    """Every row of one source converted to an example by `read_row`, in a list; one problem per bad row."""
+    examples: list = []
+    problems = check_source(source, read_row, examples.append)
+    return examples, problems
+
+
+def _spool_source(source: DataSource, read_row: ReadRow, spool: ExampleSpool) -> tuple[np.ndarray, list[Problem]]:
+    """The spool positions of a source's examples, and its bad rows."""
+    first = spool.count
+    problems = check_source(source, read_row, spool.append)
+    return np.arange(first, spool.count, dtype=np.int64), problems
+
+
+def resample(examples, source: DataSource, rng: random.Random):
+    """Apply a source's `weight` (repeat or subsample) or `samples` (an exact count), to a list of examples
+    or an array of their positions."""
     if source.samples is not None:
         target = source.samples
     elif source.weight is not None:
         target = round(len(examples) * source.weight)
     else:
         return examples
-    whole, rest = divmod(target, len(examples)) if examples else (0, 0)
-    return examples * whole + rng.sample(examples, rest)
+    whole, rest = divmod(target, len(examples)) if len(examples) else (0, 0)
+    # random.sample picks by position from the population's length alone: the same picks as sampling `examples`.
+    picked = rng.sample(range(len(examples)), rest)
+    if isinstance(examples, np.ndarray):
+        return np.concatenate([np.tile(examples, whole), examples[picked]])
+    return examples * whole + [examples[i] for i in picked]
 
 
 @dataclass
 class Datasets:
-    train: list
-    eval: list
+    train: Sequence  # examples, read from disk when used (store.ExampleView), or a list
+    eval: Sequence
     rows_per_source: dict[str, int] = field(default_factory=dict)  # rows used for training, after mixing
     skipped: list[Problem] = field(default_factory=list)  # bad rows skipped under on_bad_row: skip
 
@@ -75,23 +115,27 @@ def load_datasets(data: DataSection, seed: int, read_row: ReadRow = to_example) 
     """Read every source with the training method's `read_row` (default: supervised fine-tuning's formats),
     then hold out the evaluation rows, then mix the training rows by weight.
 
-    Evaluation rows are held out before mixing so that a row repeated by a weight is never in both.
+    Rows are read and checked one at a time and the examples spooled to disk (store.ExampleSpool): memory does
+    not grow with the data. Evaluation rows are held out before mixing so that a row repeated by a weight is
+    never in both.
 
     Raises:
         UserError: bad rows (all of them, when `on_bad_row: error`), or nothing left to train on.
     """
     rng = random.Random(seed)
-    per_source: list[tuple[DataSource, list]] = []
+    spool = ExampleSpool()
+    per_source: list[tuple[DataSource, np.ndarray]] = []
     problems: list[Problem] = []
     for source in data.train:
-        examples, bad = read_source(source, read_row)
-        per_source.append((source, examples))
+        positions, bad = _spool_source(source, read_row, spool)
+        per_source.append((source, positions))
         problems += bad
-    eval_examples: list = []
+    eval_parts: list[np.ndarray] = []
     for source in data.eval:
-        examples, bad = read_source(source, read_row)
-        eval_examples += examples
+        positions, bad = _spool_source(source, read_row, spool)
+        eval_parts.append(positions)
         problems += bad
+    spool.close()
     skipped: list[Problem] = []
     if problems:
         if data.on_bad_row == "error":
@@ -99,26 +143,29 @@ def load_datasets(data: DataSection, seed: int, read_row: ReadRow = to_example) 
         skipped = problems
 
     if data.eval_size:
-        pooled = [(index, example) for index, (_, examples) in enumerate(per_source) for example in examples]
+        pooled = np.concatenate([positions for _, positions in per_source])
         count = int(data.eval_size) if data.eval_size >= 1 else round(len(pooled) * data.eval_size)
         if not 0 < count < len(pooled):
             raise UserError(
                 f"data.eval_size: {data.eval_size} holds out {count} of {len(pooled)} rows; leave at least one row on each side"
             )
-        held = set(rng.sample(range(len(pooled)), count))
-        eval_examples = [example for position, (_, example) in enumerate(pooled) if position in held]
-        kept: list[list] = [[] for _ in per_source]
-        for position, (index, example) in enumerate(pooled):
-            if position not in held:
-                kept[index].append(example)
-        per_source = [(source, examples) for (source, _), examples in zip(per_source, kept)]
+        held = np.zeros(len(pooled), dtype=bool)
+        held[rng.sample(range(len(pooled)), count)] = True
+        eval_parts = [pooled[held]]
+        kept, start = [], 0
+        for source, positions in per_source:
+            kept.append((source, positions[~held[start: start + len(positions)]]))
+            start += len(positions)
+        per_source = kept
 
-    train: list = []
+    train_parts: list[np.ndarray] = []
     rows_per_source: dict[str, int] = {}
-    for source, examples in per_source:
-        mixed = resample(examples, source, rng)
+    for source, positions in per_source:
+        mixed = resample(positions, source, rng)
         rows_per_source[source_name(source)] = len(mixed)
-        train += mixed
-    if not train:
+        train_parts.append(mixed)
+    train = ExampleView(spool, np.concatenate(train_parts) if train_parts else np.zeros(0, np.int64))
+    if not len(train):
         raise UserError("no training rows are left" + (" after skipping bad rows" if skipped else ""))
+    eval_examples = ExampleView(spool, np.concatenate(eval_parts) if eval_parts else np.zeros(0, np.int64))
     return Datasets(train=train, eval=eval_examples, rows_per_source=rows_per_source, skipped=skipped)

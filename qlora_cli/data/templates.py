@@ -43,6 +43,11 @@ def _render(tokenizer, template: str, messages: list[dict], generation_prompt: b
     )
 
 
+def special_token_strings(tokenizer) -> list[str]:
+    """The tokenizer's special tokens as text (what may close a reply); `render_segments` takes them computed once."""
+    return _special_token_strings(tokenizer)
+
+
 def _special_token_strings(tokenizer) -> list[str]:
     specials = set(tokenizer.all_special_tokens)
     for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
@@ -70,7 +75,8 @@ def split_reply(reply_text: str, content: str, special_tokens: list[str], eos_to
     return reply_text[:content_end] + eos_token, reply_text[content_end:]
 
 
-def render_segments(tokenizer, template: str, messages: list[dict], train_on_prompt: bool = False) -> list[Segment]:
+def render_segments(tokenizer, template: str, messages: list[dict], train_on_prompt: bool = False,
+                    specials: list[str] | None = None) -> list[Segment]:
     """Render a conversation into consecutive segments whose texts join to the full rendering
     (plus an EOS token after each reply where the template writes no end-of-turn token).
 
@@ -78,7 +84,7 @@ def render_segments(tokenizer, template: str, messages: list[dict], train_on_pro
         ValueError: the template does not render a conversation as an extension of its prefixes
             (it rewrites earlier turns), so the trained spans cannot be located.
     """
-    specials = _special_token_strings(tokenizer)
+    specials = _special_token_strings(tokenizer) if specials is None else specials
     segments: list[Segment] = []
     rendered = ""
     for index, message in enumerate(messages):

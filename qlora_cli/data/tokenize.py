@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import chain
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,12 +19,11 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from ..core.errors import UserError
-from ..core.files import staged
 from .formats import Example
-from .templates import Segment, render_segments
+from .templates import Segment, render_segments, special_token_strings
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows stored as Arrow, lengths beside them (data/store.py)
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -57,24 +57,87 @@ def encode_batch(tokenizer, batch: list[list[Segment]], *, bos_id: int | None) -
             writes the BOS token keeps its own: there is exactly one either way.
     """
     texts = ["".join(s.text for s in segments) for segments in batch]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": []}
-    results = []
-    for index, segments in enumerate(batch):
+    encoded = _ids_and_offsets(tokenizer, texts)
+    spans_of_texts = []
+    for segments in batch:
         spans, position = [], 0
         for segment in segments:
             if segment.trained:
                 spans.append((position, position + len(segment.text)))
             position += len(segment.text)
-        input_ids = list(encoded["input_ids"][index])
-        labels = [
-            token if any(_overlaps(begin, finish, start, end) for start, end in spans) else IGNORE_INDEX
-            for token, (begin, finish) in zip(input_ids, encoded["offset_mapping"][index])
-        ]
+        spans_of_texts.append(spans)
+    results = []
+    for (ids, _), labels in zip(encoded, _labels_of_batch(encoded, spans_of_texts, [len(text) for text in texts])):
+        input_ids = list(ids)
         if bos_id is not None and (not input_ids or input_ids[0] != bos_id):
             input_ids.insert(0, bos_id)
             labels.insert(0, IGNORE_INDEX)
         results.append((input_ids, labels))
     return results
+
+
+def _ids_and_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, without special tokens.
+
+    A fast tokenizer's own backend is asked directly where it is set to neither truncate nor pad (as the
+    tokenizer's call sets it for this request): the same encodings, without converting each into Python
+    lists and dicts twice, which costs as much as a third of the tokenization of short rows.
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [(encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+
+
+def _labels_of_batch(encoded, spans_of_texts: list[list[tuple[int, int]]], text_lengths: list[int]) -> list[list[int]]:
+    """`_labels` of every text of a batch, found at once: the texts are laid end to end, one character apart, so
+    that their spans stay sorted and no token of one text can reach a span of another."""
+    if any(start == end for spans in spans_of_texts for start, end in spans):
+        return [_labels(list(ids), offsets, spans) for (ids, offsets), spans in zip(encoded, spans_of_texts)]
+    counts = [len(ids) for ids, _ in encoded]
+    total = sum(counts)
+    bases = np.cumsum([0] + [length + 1 for length in text_lengths[:-1]], dtype=np.int64)
+    starts = [base + start for base, spans in zip(bases.tolist(), spans_of_texts) for start, _ in spans]
+    ends = [base + end for base, spans in zip(bases.tolist(), spans_of_texts) for _, end in spans]
+    if not starts or not total:
+        return [[IGNORE_INDEX] * count for count in counts]
+    ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int64, count=total)
+    flat = chain.from_iterable(chain.from_iterable(offsets for _, offsets in encoded))
+    bounds = np.fromiter(flat, dtype=np.int64, count=2 * total).reshape(-1, 2) + np.repeat(bases, counts)[:, None]
+    labels = _trained_ids(ids, bounds[:, 0], bounds[:, 1], np.array(starts), np.array(ends)).tolist()
+    cuts = np.cumsum([0] + counts).tolist()
+    return [labels[begin:end] for begin, end in zip(cuts, cuts[1:])]
+
+
+def _trained_ids(ids: np.ndarray, begins: np.ndarray, finishes: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """Each token's id where it overlaps a span (`_overlaps`), else IGNORE_INDEX; spans sorted, none empty."""
+    candidate = np.searchsorted(ends, begins, side="right")  # the first span with end > begin: the only candidate
+    found = candidate < len(ends)
+    start = np.where(found, starts[np.minimum(candidate, len(ends) - 1)], 0)
+    trained = found & np.where(begins == finishes, start <= begins, start < finishes)
+    return np.where(trained, ids, IGNORE_INDEX)
+
+
+def _labels(input_ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where any of its characters lies in a trained span (see `_overlaps`), else IGNORE_INDEX.
+
+    Spans come in order and do not overlap, so their ends are sorted too: the first span ending after a
+    token's start is the only one that can hold it. Found for all tokens at once with a binary search.
+    """
+    if not input_ids or not spans:
+        return [IGNORE_INDEX] * len(input_ids)
+    if any(start == end for start, end in spans):  # an empty span: the token-by-token rule, as written
+        return [
+            token if any(_overlaps(begin, finish, start, end) for start, end in spans) else IGNORE_INDEX
+            for token, (begin, finish) in zip(input_ids, offsets)
+        ]
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts = np.array([start for start, _ in spans], dtype=np.int64)
+    ends = np.array([end for _, end in spans], dtype=np.int64)
+    return _trained_ids(np.asarray(input_ids, dtype=np.int64), bounds[:, 0], bounds[:, 1], starts, ends).tolist()
 
 
 def _overlaps(begin: int, finish: int, start: int, end: int) -> bool:
@@ -102,10 +165,16 @@ class TokenizeStats:
     dropped_rows: list[str] = field(default_factory=list)
 
 
-def segments_of(tokenizer, template: str, example: Example, train_on_prompt: bool) -> list[Segment]:
-    """The segments to tokenize for an example: its conversation rendered, or its own text."""
+def segments_of(tokenizer, template: str, example: Example, train_on_prompt: bool,
+                specials: list[str] | None = None) -> list[Segment]:
+    """The segments to tokenize for an example: its conversation rendered, or its own text.
+
+    Args:
+        specials: the tokenizer's special tokens as text (`templates.special_token_strings`), when the caller
+            renders many examples; found here otherwise.
+    """
     if example.messages is not None:
-        return render_segments(tokenizer, template, example.messages, train_on_prompt)
+        return render_segments(tokenizer, template, example.messages, train_on_prompt, specials)
     segments = [Segment(s.text, s.trained or train_on_prompt) for s in example.segments]
     if example.add_eos:
         segments.append(Segment(tokenizer.eos_token, segments[-1].trained))
@@ -141,9 +210,10 @@ def tokenize_examples(
     rows: list[dict[str, list[int]]] = []
     problems = []
     rendered: list[tuple[Example, list[Segment]]] = []
+    specials = special_token_strings(tokenizer)
     for example in examples:
         try:
-            rendered.append((example, segments_of(tokenizer, template, example, options.train_on_prompt)))
+            rendered.append((example, segments_of(tokenizer, template, example, options.train_on_prompt, specials)))
         except Exception as error:  # a Jinja template is user input: any failure is theirs to fix
             problems.append(example.location.problem(f"the chat template cannot render this row: {error}"))
     if problems:
@@ -158,7 +228,7 @@ def tokenize_examples(
         if len(cut[0]) < len(input_ids):
             stats.truncated += 1
         input_ids, labels = cut
-        trained = sum(label != IGNORE_INDEX for label in labels)
+        trained = len(labels) - labels.count(IGNORE_INDEX)
         if trained == 0:
             stats.dropped_no_trained_tokens += 1
             stats.dropped_rows.append(str(example.location))
@@ -188,53 +258,24 @@ def cache_key(tokenizer, template: str, examples: list, options: TokenizeOptions
     return digest.hexdigest()[:24]
 
 
-def save_tokenized(path: Path, rows: list[dict[str, list[int]]], stats: TokenizeStats) -> None:
-    """Each column (input_ids, labels, or a method's own) as one flat int32 array with offsets (no pickle),
-    written to a temporary name and renamed."""
-    columns = list(rows[0]) if rows else ["input_ids", "labels"]
-    arrays = {}
-    for column in columns:
-        lengths = np.array([len(r[column]) for r in rows], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        arrays[column] = np.fromiter((t for r in rows for t in r[column]), dtype=np.int32, count=int(offsets[-1]))
-        arrays[f"{column}.offsets"] = offsets
-    # The ranks of a distributed run tokenize the same data and may save it at the same time.
-    with staged(path) as staging:
-        np.savez(staging, columns=np.array(json.dumps(columns)), stats=np.array(json.dumps(asdict(stats))), **arrays)
+def tokenize_cached(method, tokenizer, template: str, examples, options: TokenizeOptions, cache_folder: Path | None,
+                    *, key: str | None = None, progress_factory=None):
+    """The training method's tokenization of `examples`, stored memory-mapped (data/store.py) and reused for the
+    same inputs.
 
-
-def load_tokenized(path: Path) -> tuple[list[dict[str, list[int]]], TokenizeStats] | None:
-    """The cached rows and stats, or None if the cache file is missing or unreadable."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            columns = json.loads(str(data["columns"]))
-            values = {column: (data[column], data[f"{column}.offsets"]) for column in columns}
-            stats = TokenizeStats(**json.loads(str(data["stats"])))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    count = len(values[columns[0]][1]) - 1 if columns else 0
-    rows = [
-        {column: ids[offsets[index]: offsets[index + 1]].tolist() for column, (ids, offsets) in values.items()}
-        for index in range(count)
-    ]
-    return rows, stats
-
-
-def tokenize_cached(method, tokenizer, template: str, examples: list, options: TokenizeOptions, cache_folder: Path | None):
-    """The training method's tokenization of `examples`, reusing a cached result for the same inputs.
+    Args:
+        cache_folder: where entries are kept, by cache key; None tokenizes into a temporary folder.
+        key: the cache key, when the caller has it already.
+        progress_factory: see `store.tokenize_stored`.
 
     Returns:
-        (rows, stats, cache_hit)
+        (rows, stats, cache_hit): rows is a `store.TokenizedRows`, a sequence of dicts read from disk.
     """
-    if cache_folder is None:
-        return (*method.tokenize(tokenizer, template, examples, options), False)
-    path = cache_folder / f"{cache_key(tokenizer, template, examples, options, method.cache_payload)}.npz"
-    cached = load_tokenized(path)
-    if cached is not None:
-        return (*cached, True)
-    rows, stats = method.tokenize(tokenizer, template, examples, options)
-    save_tokenized(path, rows, stats)
-    return rows, stats, False
+    from .store import tokenize_stored
+
+    if cache_folder is not None and key is None:
+        key = cache_key(tokenizer, template, examples, options, method.cache_payload)
+    return tokenize_stored(method, tokenizer, template, examples, options, cache_folder, key, progress_factory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,10 +38,11 @@ from ..core.rundir import (
     ADAPTER, LOSS_PLOT, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, RECIPE, SUMMARY, check_writable,
     is_run, read_run_recipe, save_adapter, start_fresh,
 )
-from ..data.prepare import PreparedData, expected_padding, options_of, prepare
+from ..data.prepare import PreparedData, expected_padding, prepare
 from ..data.sources import Datasets, load_datasets
 from ..data.templates import resolve_template
-from ..data.tokenize import FedTokens, cache_key
+from ..data.store import lengths_of
+from ..data.tokenize import FedTokens
 from ..evaluation.mmlu import read_mmlu
 from ..plan.configs import read_model_config
 from ..plan.memory import plan_memory
@@ -132,7 +133,7 @@ def describe_data(console: Console, datasets: Datasets, prepared: PreparedData, 
     )
     if prepared.eval_stats is not None:
         console.print(f"Evaluation: {prepared.eval_stats.examples:,} examples, {prepared.eval_stats.tokens:,} tokens")
-    padding = expected_padding(recipe, [method.row_length(row) for row in prepared.train])
+    padding = expected_padding(recipe, lengths_of(method, prepared.train))
     batching = "packed, no padding" if recipe.data.packing else (
         "grouped by length" if recipe.data.group_by_length else "random batches"
     )
@@ -176,7 +177,8 @@ def setup(
         check_writable(run_dir, overwrite)
     method = load_method(recipe.training.method, recipe)
     check_trackers_installed(recipe.training.report_to)
-    datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
+    with working(console, "Reading and checking the data"):
+        datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
     mmlu_data = None
     if recipe.training.eval_mmlu is not None:
         mmlu_data = read_mmlu(recipe.training.eval_mmlu.data)
@@ -193,12 +195,11 @@ def setup(
     model_path = resolve_model_path(recipe.model.base, console)
     tokenizer = load_tokenizer(model_path, recipe.model)
     template = resolve_template(recipe.data.template, tokenizer)
-    with working(console, "Tokenizing the data"):
-        prepared = prepare(recipe, tokenizer, template, datasets, method)
+    prepared = prepare(recipe, tokenizer, template, datasets, method, console=console)
     describe_data(console, datasets, prepared, recipe, method)
     fingerprints = {
         "recipe_fingerprint": recipe_fingerprint(recipe),
-        "data_fingerprint": cache_key(tokenizer, template, datasets.train, options_of(recipe), method.cache_payload),
+        "data_fingerprint": prepared.fingerprint,
     }
     if resume_from is not None:
         if resume_from.manifest.get("data_fingerprint") != fingerprints["data_fingerprint"]:

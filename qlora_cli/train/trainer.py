@@ -15,6 +15,7 @@ from ..core import compat
 from ..core.context import RunContext
 from ..core.recipe import TrainingSection
 from ..data.prepare import EpochSeededLengthGroupedSampler
+from ..data.store import lengths_of
 from ..data.tokenize import FedTokens
 from .callbacks import NonFiniteGuard
 from .checkpoint import staging_dir
@@ -188,5 +189,5 @@ def make_trainer(run: "Run", fed: FedTokens, callbacks: list, phases: PhaseClock
     if recipe.data.group_by_length and not recipe.data.packing:
         window = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
         compat.install_train_sampler(trainer, lambda dataset: EpochSeededLengthGroupedSampler(
-            [method.row_length(row) for row in dataset], window, trainer.args.seed))
+            lengths_of(method, dataset), window, trainer.args.seed))
     return trainer
