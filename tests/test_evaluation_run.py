@@ -149,10 +149,10 @@ class SlowEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def complete(self, *args, **kwargs):
-        time.sleep(self.pause)
+    def submit(self, *args, **kwargs):
+        time.sleep(self.pause)  # on the server's event loop: it holds every request meanwhile
         self.replies += 1
-        return self.engine.complete(*args, **kwargs)
+        return self.engine.submit(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
