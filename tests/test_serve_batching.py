@@ -3,7 +3,7 @@ load are the replies each request gets alone, rows may mix adapters, and the ser
 
 from __future__ import annotations
 
-import queue
+import socket
 import threading
 import time
 
@@ -136,3 +136,114 @@ def test_a_failing_forward_fails_its_requests_and_the_generator_goes_on(loaded, 
         assert works.done.wait(60) and works.end == Finished(4, False) and len(works.tokens) == 4
     finally:
         generator.close()
+
+
+# --- several runs on one base ---------------------------------------------------------------------------
+
+
+def fake_run(folder, model_dir, **quantization):
+    """A run folder as far as the pre-load checks read it: the resolved recipe and the adapter's config."""
+    import json
+
+    from conftest import tiny_recipe_text, write_jsonl
+
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "data.jsonl", [{"instruction": "Say hi.", "output": "Hi."}])
+    text = tiny_recipe_text(model_dir, [str(folder / "data.jsonl")])
+    for key, value in quantization.items():
+        text = text.replace("quantization:\n", f"quantization:\n  {key}: {value}\n")
+    (folder / "recipe.yaml").write_text(text)
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model_dir)}))
+    return folder
+
+
+def test_runs_on_another_base_or_quantized_otherwise_are_refused_before_loading(tmp_path, tiny_model_dir,
+                                                                                 chatml_model_dir, monkeypatch, capsys):
+    import qlora_cli.inference.served as served
+    from qlora_cli.cli import main
+
+    monkeypatch.setattr(served, "load_runs", lambda runs: pytest.fail("a model was loaded"))
+    first = fake_run(tmp_path / "a", tiny_model_dir)
+    other_base = fake_run(tmp_path / "b", chatml_model_dir)
+    other_quant = fake_run(tmp_path / "c", tiny_model_dir, quant_type="fp4")
+    same_name = fake_run(tmp_path / "x" / "a", tiny_model_dir)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    for run, reason in [(other_base, f"base model: '{chatml_model_dir}' here, '{tiny_model_dir}' in {first}"),
+                        (other_quant, "quantization.quant_type: 'fp4' here, 'nf4'"),
+                        (same_name, "both be served as `a`"),
+                        (tmp_path / "missing", "is not a finished run folder")]:
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", str(first), str(run), "--port", port])
+        error = capsys.readouterr().err
+        assert exited.value.code == 2 and reason in error and "Traceback" not in error
+    assert served.check_servable_together([str(first), str(fake_run(tmp_path / "d", tiny_model_dir))])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir):
+    """Two quickstart-style runs of the tiny model, trained apart enough to answer differently."""
+    from conftest import train_tiny_run
+
+    runs = []
+    for name, seed in (("pirate", 1), ("sailor", 2)):
+        folder = tmp_path_factory.mktemp(name)
+        train_tiny_run(folder, tiny_model_dir, max_steps=3, learning_rate=3e-2, seed=seed)
+        runs.append((folder / "run").rename(folder / name))
+    return runs
+
+
+@pytest.mark.slow
+def test_two_runs_served_together_answer_as_qlora_generate_does_in_mixed_concurrent_traffic(two_runs, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from conftest import serving
+    from qlora_cli.core.models import load_run
+    from qlora_cli.inference.generate import generate
+    from qlora_cli.inference.serve import Engine, create_app
+    from qlora_cli.inference.served import check_servable_together, load_runs
+
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    questions = [[{"role": "user", "content": text}] for text in
+                 ("What is the capital of France?", "Add two and three.", "Write a haiku about the sea.", "Arr!")]
+    expected = {}
+    for run in two_runs:  # what `qlora generate RUN` answers, each run loaded on its own
+        single = load_run(run)
+        expected[run.name] = [generate(single, [messages], temperature=0, max_new_tokens=10)[0] for messages in questions]
+    assert expected["pirate"] != expected["sailor"]  # otherwise a mix-up of adapters would not show
+
+    loaded, served = load_runs(check_servable_together([str(run) for run in two_runs]))
+    engine = Engine(loaded, 16, max_batch=8, served=served)
+    rows = []
+    forward = engine.batch._forward
+
+    def watched(input_ids, attention_mask, position_ids, layers, adapters):
+        rows.append(set(adapters))
+        time.sleep(0.01)  # let requests pile up into mixed batches
+        return forward(input_ids, attention_mask, position_ids, layers, adapters)
+
+    monkeypatch.setattr(engine.batch, "_forward", watched)
+    with serving(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        assert sorted(model.id for model in client.models.list().data) == ["pirate", "sailor"]
+
+        def ask(index: int) -> tuple[str, int, str]:
+            name, question = ("pirate", "sailor")[index % 2], (index // 2) % 4
+            options = dict(model=name, messages=questions[question], temperature=0, max_tokens=10)
+            if index % 3 == 0:
+                chunks = client.chat.completions.create(stream=True, **options)
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                text = client.chat.completions.create(**options).choices[0].message.content
+            return name, question, text
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(ask, range(24)))
+    engine.batch.close()
+    assert [text.strip() for _, _, text in answers] == [expected[name][question] for name, question, _ in answers]
+    assert any(len(adapters) == 2 for adapters in rows)  # some steps ran both runs' rows in one batch
