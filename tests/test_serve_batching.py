@@ -247,3 +247,66 @@ def test_two_runs_served_together_answer_as_qlora_generate_does_in_mixed_concurr
     engine.batch.close()
     assert [text.strip() for _, _, text in answers] == [expected[name][question] for name, question, _ in answers]
     assert any(len(adapters) == 2 for adapters in rows)  # some steps ran both runs' rows in one batch
+
+
+# --- a crowd ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_200_requests_from_32_clients_a_tenth_leaving_mid_stream_all_end_cleanly(loaded):
+    import json
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import serving
+    from qlora_cli.inference.serve import Engine, create_app
+
+    engine = Engine(loaded, 16, max_batch=8, max_queue=64)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def post(url: str, body: dict):
+        request = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return opener.open(request, timeout=120)
+    questions = ["What is the capital of France?", "Add two and three.", "Write a haiku about the sea.", "Arr!"]
+
+    def ask(url: str, index: int) -> str:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": questions[index % 4]}], "temperature": 0,
+                "max_tokens": 8 + index % 9, "stream": index % 2 == 0}
+        try:
+            with post(url, body) as response:
+                if not body["stream"]:
+                    assert json.loads(response.read())["choices"][0]["finish_reason"] in ("stop", "length")
+                    return "answered"
+                lines = [line.decode().strip() for line in response if line.startswith(b"data: ")]
+                assert lines[-1] == "data: [DONE]" and '"finish_reason": "' in lines[-2], lines[-2:]
+                return "answered"
+        except urllib.error.HTTPError as error:
+            assert error.code == 503 and int(error.headers["Retry-After"]) >= 1  # a clean refusal
+            return "busy"
+
+    def ask_or_leave(url: str, index: int) -> str:
+        if index % 10 != 0:
+            return ask(url, index)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": questions[index % 4]}], "max_tokens": 16,
+                "stream": True}
+        with post(url, body) as response:
+            for line in response:
+                if line.startswith(b'data: {"id"') and b'"content": "' in line and b'"content": ""' not in line:
+                    return "left"  # closing the response here drops the connection mid-stream
+        return "ended before it could leave"
+
+    try:
+        with serving(create_app(engine, "tiny")) as url:
+            with ThreadPoolExecutor(max_workers=32) as pool:
+                outcomes = list(pool.map(lambda index: ask_or_leave(url, index), range(200)))
+            deadline = time.monotonic() + 60
+            while (engine.batch.running or engine.batch.waiting) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.batch.running == 0 and engine.batch.waiting == 0  # every row was freed
+            assert ask(url, 1) == "answered"  # and the server still answers
+    finally:
+        engine.batch.close()
+    assert outcomes.count("left") == 20
+    assert outcomes.count("answered") + outcomes.count("busy") == 180 and outcomes.count("answered") >= 150
