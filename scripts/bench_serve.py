@@ -114,7 +114,8 @@ def machine() -> dict:
                     flags = line
     except OSError:
         pass
-    return {"cpu": name, "avx512_bf16": "avx512_bf16" in flags.split(), "cpu_count": os.cpu_count()}
+    return {"cpu": name, "avx512_bf16": "avx512_bf16" in flags.split(), "cpu_count": os.cpu_count(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}  # the server inherits it
 
 
 def main() -> None:
@@ -147,7 +148,10 @@ def main() -> None:
         questions = [q.turns[0] for q in read_questions(None)]
         prompts = (questions * (args.requests // len(questions) + 1))[: args.requests]
         one_request(client, model, prompts[0], 8, False)  # warm-up: first-call allocations are not the server's pace
-        runs = [run_load(client, model, prompts, int(n), args.max_tokens, args.stream) for n in args.clients.split(",")]
+        runs = []
+        for clients in args.clients.split(","):
+            runs.append(run_load(client, model, prompts, int(clients), args.max_tokens, args.stream))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # a figure kept if a later count is cut short
         add_ratios(runs)
         print(json.dumps({"model": model, "url": url, "startup_seconds": round(startup, 1), "stream": args.stream,
                           "max_tokens": args.max_tokens, **machine(), "runs": runs}, indent=2))
