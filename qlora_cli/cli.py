@@ -474,20 +474,25 @@ def with_profile_default(argv: list[str]) -> list[str]:
 
 @app.command()
 def serve(
-    model: ModelArg,
+    model: Annotated[list[str], typer.Argument(
+        help="A run directory, a merged or local model directory, a hub id, a .gguf, or smollm2-135m-instruct; "
+             "or several runs trained on one base, served together (the base loaded once), each as its folder name.",
+        show_default=False)],
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the run's or model's folder name, a .gguf's stem, or MODEL).")] = None,
     api_key_env: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer <key>`, the key read from this environment variable.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Reply length when a request gives no max_tokens.")] = 512,
+    max_batch: Annotated[int, typer.Option(min=1, help="Replies generated together (continuous batching).")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a free row; more get 503 with Retry-After.")] = 256,
 ) -> None:
-    """Serve a model over an OpenAI-compatible API: POST /v1/chat/completions (streamed or not), GET /v1/models."""
+    """Serve models over an OpenAI-compatible API: POST /v1/chat/completions (streamed or not), GET /v1/models."""
     from .core.models import quiet_libraries
     from .inference.serve import serve as run_server
 
     quiet_libraries(sys.stdout.isatty())
     run_server(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_tokens=max_tokens,
-               say=lambda text: print(text, file=sys.stderr, flush=True))
+               max_batch=max_batch, max_queue=max_queue, say=lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,11 +3,12 @@
 A benchmark, not a test. Starts `qlora serve MODEL` (or uses a server already running at --url), then for
 each number of concurrent clients sends --requests chat completions (the shipped benchmark questions,
 greedy, --max-tokens each; streamed with --stream) and prints, per client count: requests per second,
-generated tokens per second (from the server's usage counts), and latency percentiles (time to first
-token too when streaming). The server generates one reply at a time, so more clients raise latency, not
-throughput. The machine's load average is printed with the figures: on a shared CPU it moves them.
+generated tokens per second (from the server's usage counts), latency percentiles (time to first token too
+when streaming), and each figure's ratio to the one-client run. The server batches concurrent replies
+(continuous batching), so more clients should raise throughput more than latency. The machine's load
+average and CPU are printed with the figures: on a shared CPU the load moves them.
 
-    python scripts/bench_serve.py runs/quickstart [--clients 1,4] [--requests 16] [--max-tokens 64] [--stream]
+    python scripts/bench_serve.py runs/quickstart [--clients 1,4,8,16] [--requests 16] [--max-tokens 64] [--stream]
 """
 
 from __future__ import annotations
@@ -87,15 +88,46 @@ def run_load(client, model: str, prompts: list[str], clients: int, max_tokens: i
     return entry
 
 
+def add_ratios(runs: list[dict]) -> None:
+    """Each run's throughput and latency as multiples of the one-client run's (when there is one)."""
+    single = next((run for run in runs if run["clients"] == 1), None)
+    if single is None:
+        return
+    for run in runs:
+        run["vs_one_client"] = {
+            "generated_tokens_per_second": round(run["generated_tokens_per_second"] / single["generated_tokens_per_second"], 2),
+            "requests_per_second": round(run["requests_per_second"] / single["requests_per_second"], 2),
+            "latency_p50": round(run["latency_p50_s"] / single["latency_p50_s"], 2),
+        }
+
+
+def machine() -> dict:
+    """The CPU the figures come from: its model name, whether it has native bfloat16, its core count."""
+    name = "unknown"
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name") and name == "unknown":
+                    name = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    return {"cpu": name, "avx512_bf16": "avx512_bf16" in flags.split(), "cpu_count": os.cpu_count(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}  # the server inherits it
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="smollm2-135m-instruct", help="What `qlora serve` serves.")
     parser.add_argument("--url", help="Use a server already running here (http://host:port/v1) instead of starting one.")
     parser.add_argument("--model-name", help="The served model id (default: the one /v1/models lists).")
-    parser.add_argument("--clients", default="1,4", help="Comma-separated numbers of concurrent clients.")
+    parser.add_argument("--clients", default="1,4,8,16", help="Comma-separated numbers of concurrent clients.")
     parser.add_argument("--requests", type=int, default=16, help="Requests per client count.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--server-args", default="", help="Extra `qlora serve` arguments, e.g. '--max-batch 8'.")
     args = parser.parse_args()
 
     import openai
@@ -106,8 +138,8 @@ def main() -> None:
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1"
-        process = subprocess.Popen([sys.executable, "-m", "qlora_cli", "serve", args.model, "--port", str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen([sys.executable, "-m", "qlora_cli", "serve", *args.model.split(","), "--port", str(port),
+                                    *args.server_args.split()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         startup = wait_until_up(url, process)
         client = openai.OpenAI(base_url=url, api_key=os.environ.get("QLORA_SERVE_KEY", "unused"), max_retries=0,
@@ -116,9 +148,13 @@ def main() -> None:
         questions = [q.turns[0] for q in read_questions(None)]
         prompts = (questions * (args.requests // len(questions) + 1))[: args.requests]
         one_request(client, model, prompts[0], 8, False)  # warm-up: first-call allocations are not the server's pace
-        runs = [run_load(client, model, prompts, int(n), args.max_tokens, args.stream) for n in args.clients.split(",")]
+        runs = []
+        for clients in args.clients.split(","):
+            runs.append(run_load(client, model, prompts, int(clients), args.max_tokens, args.stream))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # a figure kept if a later count is cut short
+        add_ratios(runs)
         print(json.dumps({"model": model, "url": url, "startup_seconds": round(startup, 1), "stream": args.stream,
-                          "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(), "runs": runs}, indent=2))
+                          "max_tokens": args.max_tokens, **machine(), "runs": runs}, indent=2))
     finally:
         if process is not None:
             process.terminate()

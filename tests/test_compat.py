@@ -520,3 +520,33 @@ def test_switching_to_a_frozen_adapter_and_back_keeps_only_the_trained_one_train
         same = model(ids).logits  # the reference is a copy of the adapter: same outputs
     assert torch.allclose(before, same)
     assert model.active_adapter == "default" and trainable("default") == {True} and trainable("reference") == {False}
+
+
+def test_a_batch_cache_is_built_from_tensors_and_read_back(tiny_model_dir, recwarn):
+    """What continuous batching relies on: a cache filled from per-layer tensors, read back after a forward,
+    for a plain model and for a peft model (whose forward hides the cache keyword)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with compat.peft_reading_deprecated_flags():
+        wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                 LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    for model in (plain, wrapped):
+        with torch.no_grad():
+            whole = model(input_ids=ids).logits[0, -1]
+            first = model(input_ids=ids[:, :-1], use_cache=True, **compat.batch_cache_arguments(model, []))
+            layers = compat.cache_tensors(first)
+            assert len(layers) == 2 and layers[0][0].shape[:3] == (1, 2, 4)  # rows, kv heads, tokens
+            step = model(input_ids=ids[:, -1:], use_cache=True, **compat.batch_cache_arguments(model, layers))
+        assert step.logits.shape[1] == 1  # logits_to_keep: the last position only
+        assert torch.allclose(whole, step.logits[0, -1], atol=1e-5)
+        assert compat.cache_tensors(step)[0][0].shape[2] == 5
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]  # the keyword this version wants
+
+    class Outputs:
+        cache = type("Cache", (), {"layers": [object()]})()
+
+    with pytest.raises(LibraryChanged, match="full-attention cache layers"):
+        compat.cache_tensors(Outputs())

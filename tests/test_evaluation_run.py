@@ -150,13 +150,28 @@ class SlowEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def complete(self, *args, **kwargs):
-        import dataclasses
-
-        time.sleep(self.pause)
+    def submit(self, *args, **kwargs):
+        time.sleep(self.pause)  # on the server's event loop: it holds every request meanwhile
         self.replies += 1
-        generated = self.engine.complete(*args, **kwargs)
-        return dataclasses.replace(generated, text=generated.text + self.verdict)
+        return VerdictAppended(self.engine.submit(*args, **kwargs), self.verdict)
+
+
+class VerdictAppended:
+    """A served reply whose text ends with `verdict`, written as the reply's last piece."""
+
+    def __init__(self, reply, verdict: str):
+        self.reply, self.verdict = reply, verdict
+
+    def __getattr__(self, name):
+        return getattr(self.reply, name)
+
+    async def pieces(self):
+        from qlora_cli.inference.serve import Generated
+
+        async for piece in self.reply.pieces():
+            if isinstance(piece, Generated):
+                yield self.verdict
+            yield piece
 
 
 @pytest.fixture(scope="module")

@@ -183,25 +183,19 @@ def test_a_key_from_the_environment_is_required_when_set(engine, monkeypatch):
         assert good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices
 
 
-def test_concurrent_requests_are_queued_not_interleaved(client, engine, monkeypatch):
+def test_concurrent_requests_share_batches_and_get_the_replies_they_get_alone(client, engine, monkeypatch):
     prompts = [[{"role": "user", "content": text}] for text in
                ("What is the capital of France?", "Add two and three.", "Write a haiku about the sea.", "Arr!")]
     alone = [greedy(client, messages, max_tokens=10).choices[0].message.content for messages in prompts]
-    running, most, count = [0], [0], threading.Lock()
-    generate = engine.generate
+    rows = []
+    forward = engine.batch._forward
 
-    def watched(*args, **kwargs):
-        with count:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        try:
-            time.sleep(0.05)  # widen the window in which a second generation could start
-            return generate(*args, **kwargs)
-        finally:
-            with count:
-                running[0] -= 1
+    def watched(input_ids, *args, **kwargs):
+        rows.append(input_ids.shape[0])
+        time.sleep(0.02)  # widen the window in which other requests join the batch
+        return forward(input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "generate", watched)
+    monkeypatch.setattr(engine.batch, "_forward", watched)
 
     def ask(index: int) -> str:
         if index % 2:
@@ -211,32 +205,42 @@ def test_concurrent_requests_are_queued_not_interleaved(client, engine, monkeypa
     with ThreadPoolExecutor(max_workers=8) as pool:
         together = list(pool.map(ask, range(8)))
     assert together == [alone[index % 4] for index in range(8)]
-    assert most[0] == 1  # one generation at a time
+    assert max(rows) > 1  # decode steps ran several replies at once
 
 
 class Gate:
-    """Holds the model's generations until released, and counts the requests that reached the queue."""
+    """Holds the batch generator's forwards until released; counts the requests that reached the queue and
+    keeps the generation requests submitted and the ones prefilled."""
 
     def __init__(self, engine, monkeypatch):
         self.release, self.started, self.lock = threading.Event(), threading.Event(), threading.Lock()
-        self.arrived, self.cancels = 0, []
-        prepare, generate = engine.prepare, engine.generate
+        self.arrived, self.submitted, self.prefilled = 0, [], []
+        prepare, submit, forward, prefill = engine.prepare, engine.batch.submit, engine.batch._forward, engine.batch._prefill
 
-        def counted_prepare(request):
-            result = prepare(request)
+        def counted_prepare(*args):
+            result = prepare(*args)
             with self.lock:
                 self.arrived += 1
             return result
 
-        def held_generate(request, ids, max_tokens, streamer=None, cancel=None):
-            self.cancels.append(cancel)
+        def kept_submit(request):
+            submit(request)
+            self.submitted.append(request)
+
+        def kept_prefill(request):
+            self.prefilled.append(request)
+            return prefill(request)
+
+        def held_forward(*args, **kwargs):
             self.started.set()
-            while not self.release.is_set() and not (cancel is not None and cancel.is_set()):
+            while not self.release.is_set():
                 time.sleep(0.01)
-            return generate(request, ids, max_tokens, streamer=streamer, cancel=cancel)
+            return forward(*args, **kwargs)
 
         monkeypatch.setattr(engine, "prepare", counted_prepare)
-        monkeypatch.setattr(engine, "generate", held_generate)
+        monkeypatch.setattr(engine.batch, "submit", kept_submit)
+        monkeypatch.setattr(engine.batch, "_forward", held_forward)
+        monkeypatch.setattr(engine.batch, "_prefill", kept_prefill)
 
     def wait_for_arrivals(self, count: int) -> None:
         while self.arrived < count:
@@ -253,9 +257,17 @@ def raw_request(base_url: str, body: dict) -> socket.socket:
     return sock
 
 
+@pytest.fixture
+def one_row_engine(loaded):
+    """An engine that generates one reply at a time and lets one more wait: queues and refusals show."""
+    engine = Engine(loaded, default_max_tokens=16, max_batch=1, max_queue=1)
+    yield engine
+    engine.batch.close()
+
+
 def test_queued_requests_hold_no_worker_thread(engine, client, monkeypatch):
     """Waiting for the model must not take one of the server's worker threads: with a thread per waiting
-    request, the request being answered finds none for its next streamed piece once enough queue up."""
+    request, the server runs out of threads for anything else once enough queue up."""
     import urllib.request
 
     import anyio.to_thread
@@ -286,12 +298,13 @@ def test_queued_requests_hold_no_worker_thread(engine, client, monkeypatch):
             health = no_proxy.open(f"{root}/health").status
             gate.release.set()
             answers = [reply.result() for reply in replies]
-    assert in_use <= 1  # at most the one reply being generated; the five waiting ones hold none
+    assert in_use == 0  # six requests are waiting for the model, none of them in a thread
     assert health == 200  # answers while the model is busy
     assert answers == [alone[index % 2] for index in range(6)]
 
 
-def test_a_client_that_leaves_stops_its_generation_or_is_skipped_in_the_queue(engine, client, monkeypatch):
+def test_a_client_that_leaves_frees_its_row_or_is_skipped_in_the_queue(one_row_engine, monkeypatch):
+    engine = one_row_engine
     body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 8}
     gate = Gate(engine, monkeypatch)
     with serving(create_app(engine, MODEL)) as url:
@@ -301,12 +314,47 @@ def test_a_client_that_leaves_stops_its_generation_or_is_skipped_in_the_queue(en
         gate.wait_for_arrivals(2)
         queued.close()
         answering.close()
-        assert gate.cancels[0].wait(60)  # the reply being generated is cut short (within a poll, 0.25 s)
-        local = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        first, second = gate.submitted
+        assert first.cancelled.wait(60) and second.cancelled.wait(60)  # noticed within a poll (0.25 s)
         gate.release.set()
+        local = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         after = greedy(local, max_tokens=4)
-    assert after.choices[0].message.content
-    assert len(gate.cancels) == 2  # the first request and the last: the one that left while queued was skipped
+        # The first left mid-reply: its row was freed; the one that left while queued never got one.
+        assert after.choices[0].message.content
+        deadline = time.monotonic() + 30
+        while engine.batch.running and time.monotonic() < deadline:  # the last reply's row leaves after its last token
+            time.sleep(0.01)
+        assert engine.batch.running == 0
+    assert gate.prefilled == [first, gate.submitted[2]]
+
+
+def test_a_full_queue_is_answered_503_with_retry_after_not_held(one_row_engine, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    engine = one_row_engine
+    gate = Gate(engine, monkeypatch)
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 2}).encode()
+    with serving(create_app(engine, MODEL)) as url:
+        running = raw_request(url, json.loads(body))
+        gate.started.wait()
+        waiting = raw_request(url, json.loads(body))
+        gate.wait_for_arrivals(2)
+        request = urllib.request.Request(f"{url}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        started = time.perf_counter()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(request, timeout=30)
+        seconds = time.perf_counter() - started
+        gate.release.set()
+        for sock in (running, waiting):
+            assert sock.recv(12).startswith(b"HTTP/1.1 200")
+            sock.close()
+    error = json.loads(refused.value.read())["error"]
+    assert refused.value.code == 503 and error["code"] == "server_overloaded"
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    assert seconds < 5  # answered at once, not after the model became free
 
 
 # --- the pure parts ---------------------------------------------------------------------------------

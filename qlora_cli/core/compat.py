@@ -236,6 +236,46 @@ def cache_of(model, outputs) -> dict:
     return {name: value}
 
 
+def _cache_keyword(model) -> str:
+    """`cache` since transformers 5.24, `past_key_values` before; a peft model is asked about the model it wraps."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+
+def batch_cache_arguments(model, layers: list) -> dict:
+    """The forward keyword arguments that give a causal LM the per-layer (keys, values) tensors of a batch
+    ([rows, kv heads, length, head dim], empty for a prefill) as its cache, and ask for the last position's
+    logits only (`logits_to_keep`, where the model takes it).
+
+    `DynamicCache(ddp_cache_data=...)` fills the cache from tensors; it is documented for DDP, and the
+    per-layer `keys`/`values` that `cache_tensors` reads back are attributes, not API (transformers 5.23-5.24).
+    Only full-attention layers are supported: a sliding-window layer would drop what the padding keeps aligned.
+    """
+    from transformers import DynamicCache
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    arguments = {_cache_keyword(model): DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()}
+    if "logits_to_keep" in inspect.signature(type(inner).forward).parameters:
+        arguments["logits_to_keep"] = 1
+    return arguments
+
+
+def cache_tensors(outputs) -> list:
+    """The per-layer (keys, values) tensors of the cache a forward returned (see `batch_cache_arguments`)."""
+    cache = getattr(outputs, "cache", None)
+    if cache is None:
+        cache = getattr(outputs, "past_key_values", None)
+    require(cache is not None, "the model's outputs carry no cache (`cache` or `past_key_values`)")
+    layers = getattr(cache, "layers", None)
+    require(layers is not None, f"{type(cache).__name__} no longer keeps its layers in `.layers`")
+    tensors = []
+    for layer in layers:
+        require(type(layer).__name__ == "DynamicLayer" and hasattr(layer, "keys") and hasattr(layer, "values"),
+                f"batched serving needs full-attention cache layers with keys/values, got {type(layer).__name__}")
+        tensors.append((layer.keys, layer.values))
+    return tensors
+
+
 def install_train_sampler(trainer, make_sampler: Callable) -> None:
     """Have the Trainer draw its training order from `make_sampler(train_dataset)`.
 
