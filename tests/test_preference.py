@@ -282,3 +282,12 @@ def test_data_preview_shows_both_answers_with_the_trained_tokens_marked(tmp_path
     out = capsys.readouterr().out
     assert "example 1 (chosen)" in out and "example 1 (rejected)" in out
     assert "⟦The capital of France is Paris.</s>⟧" in out and "⟦Arr! Tokyo, matey.</s>⟧" in out
+
+
+@pytest.mark.parametrize("method, extra", [("sft", ""), ("kto", "preference:\n  desirable_weight: 2\n")])
+def test_a_runs_own_recipe_with_every_key_written_reads_back(tmp_path, tiny_model_dir, method, extra):
+    from qlora_cli.core.recipe import to_yaml
+
+    recipe = load_recipe(recipe_file(tmp_path, tiny_model_dir, method, extra))
+    (tmp_path / "again.yaml").write_text(to_yaml(recipe))
+    assert load_recipe(tmp_path / "again.yaml").preference == recipe.preference

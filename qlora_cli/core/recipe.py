@@ -567,16 +567,18 @@ def _resolve_and_check(recipe: Recipe, source: Path, lines: dict[KeyPath, int]) 
 
 
 def preference_problems(recipe: Recipe, where) -> list[Problem]:
-    """`preference` keys the recipe sets that its training method does not read."""
+    """`preference` keys set to other than their defaults that the recipe's training method does not read (a run's
+    own recipe.yaml writes every key with its value, so a default is never a problem)."""
     method = recipe.training.method
     settings = recipe.preference
+    changed = {key for key, value in settings.model_dump().items() if value != PreferenceSection.model_fields[key].default}
     if method not in PREFERENCE_KEYS:
-        if "preference" in recipe.model_fields_set:
+        if changed:
             return [Problem(f"training.method {method} reads no `preference` keys; remove the section or use one of "
                             + ", ".join(PREFERENCE_KEYS), **where(("preference",)))]
         return []
     problems = []
-    for key in sorted(settings.model_fields_set - set(PREFERENCE_KEYS[method])):
+    for key in sorted(changed - set(PREFERENCE_KEYS[method])):
         users = ", ".join(name for name, keys in PREFERENCE_KEYS.items() if key in keys)
         problems.append(Problem(f"does not apply to training.method {method} (only to {users}); remove it",
                                 **where(("preference", key))))
