@@ -34,3 +34,14 @@ def test_steps_on_a_terminal_show_the_text_and_the_time_left():
         steps.advance(1, "layer 1 of 2")
     shown = screen.getvalue()
     assert "Merging: layer 1 of 2" in shown and "1/2" in shown and "eta" in shown
+
+
+def test_steps_with_a_unit_show_the_rate():
+    from qlora_cli.core.console import plain_line
+
+    assert plain_line("Tokenizing", 30_000, 120_000, 10.0, unit="rows") == (
+        "Tokenizing: 30,000/120,000 (25%), 0:10 elapsed, 3,000 rows/s, about 0:30 left")
+    screen = io.StringIO()
+    with Steps(Console(file=screen, force_terminal=True, width=120), "Tokenizing", 10, unit="rows") as steps:
+        steps.advance(5)
+    assert "rows/s" in screen.getvalue() and "5/10" in screen.getvalue()

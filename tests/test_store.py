@@ -177,3 +177,22 @@ def test_labels_found_at_once_follow_the_token_by_token_rule():
             for (ids, offsets), spans in zip(encoded, spans_of_texts)
         ]
         assert _labels_of_batch(encoded, spans_of_texts, texts) == expected
+
+
+def test_a_large_tokenization_shows_its_rows_per_second():
+    import io
+
+    from rich.console import Console
+
+    from qlora_cli.data.prepare import tokenizing_progress
+
+    log = io.StringIO()
+    console = Console(file=log, force_terminal=False)
+    with tokenizing_progress(console, "Tokenizing")(store.PROGRESS_MIN_ROWS) as progress:
+        progress(store.PROGRESS_MIN_ROWS // 2)
+        progress(store.PROGRESS_MIN_ROWS)
+    assert "Tokenizing: 10,000/10,000 (100%)" in log.getvalue() and "rows/s" in log.getvalue()
+    quiet = io.StringIO()
+    with tokenizing_progress(Console(file=quiet), "Tokenizing")(store.PROGRESS_MIN_ROWS - 1) as progress:
+        progress(store.PROGRESS_MIN_ROWS - 1)
+    assert quiet.getvalue() == ""
