@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(anonymous_bytes() is None, reason="no RssAnon in
 
 SCENARIO = """
 import json, mmap, sys, time
-from qlora_cli.core.memory_usage import AnonymousPeak, anonymous_bytes
+from qlora_cli.core.memory_usage import AnonymousPeak, anonymous_bytes, status_bytes
 
 SIZE, path = int(sys.argv[1]), sys.argv[2]
 
