@@ -198,23 +198,34 @@ def rename_columns(row: dict, columns: dict[str, str]) -> dict:
     return renamed
 
 
+def renamed_with_layout(row: object, columns: dict[str, str], data_format: str,
+                        detect: Callable[[dict], str | None], kind: str, expected: str) -> tuple[dict, str]:
+    """The row with its columns renamed, and its layout: `data_format`, or under `auto` the one `detect` tells
+    from its columns (SFT's formats and the preference layouts alike).
+
+    Raises:
+        RowError: the row is not an object, or its layout cannot be told; `kind` and `expected` name what was sought.
+    """
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be an object, got {type(row).__name__}")
+    row = rename_columns(row, columns)
+    row_format = detect(row) if data_format == "auto" else data_format
+    if row_format is None:
+        names = ", ".join(sorted(map(str, row))) or "none"
+        raise RowError(f"cannot tell the {kind} from the columns ({names}); expected {expected}; set the source's "
+                       "`format` or map columns with `columns`")
+    return row, row_format
+
+
 def to_example(row: object, location: Location, data_format: str, columns: dict[str, str]) -> Example:
     """Convert one raw row.
 
     Raises:
         RowError: the row is not an object, its format cannot be told, or it breaks its format's rules.
     """
-    if not isinstance(row, dict):
-        raise RowError(f"a row must be an object, got {type(row).__name__}")
-    row = rename_columns(row, columns)
-    row_format = detect_format(row) if data_format == "auto" else data_format
-    if row_format is None:
-        names = ", ".join(sorted(map(str, row))) or "none"
-        raise RowError(
-            f"cannot tell the format from the columns ({names}); expected `messages`, `conversations`, "
-            "`instruction`+`output`, `prompt`+`completion`, `segments` or `text`; set the source's `format` "
-            "or map columns with `columns`"
-        )
+    row, row_format = renamed_with_layout(
+        row, columns, data_format, detect_format, "format",
+        "`messages`, `conversations`, `instruction`+`output`, `prompt`+`completion`, `segments` or `text`")
     if row_format not in CONVERTERS:
         raise RowError(f"format `{row_format}` is a preference layout; train it with training.method dpo, orpo or kto")
     try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from ..core.errors import UserError
-from .formats import ROLES, RowError, _check_conversation, _messages, _text, rename_columns
+from .formats import ROLES, RowError, _check_conversation, _messages, _text, renamed_with_layout
 from .readers import Location
 from .templates import Segment, render_segments
 from .tokenize import IGNORE_INDEX, TokenizeOptions, TokenizeStats, encode_batch, tokenizer_adds_bos
@@ -181,17 +181,10 @@ def to_preference_example(row: object, location: Location, data_format: str, col
         RowError: the row is not an object, its layout cannot be told or is not one the method takes, or it breaks
             its layout's rules.
     """
-    if not isinstance(row, dict):
-        raise RowError(f"a row must be an object, got {type(row).__name__}")
-    row = rename_columns(row, columns)
-    row_format = detect_preference_format(row) if data_format == "auto" else data_format
-    if row_format is None:
-        names = ", ".join(sorted(map(str, row))) or "none"
-        raise RowError(
-            f"cannot tell the preference layout from the columns ({names}); expected `prompt`+`chosen`+`rejected`, "
-            "`chosen`+`rejected` (HH-RLHF or whole conversations) or `prompt`+`completion`+`label` (KTO); set the "
-            "source's `format` or map columns with `columns`"
-        )
+    row, row_format = renamed_with_layout(
+        row, columns, data_format, detect_preference_format, "preference layout",
+        "`prompt`+`chosen`+`rejected`, `chosen`+`rejected` (HH-RLHF or whole conversations) or "
+        "`prompt`+`completion`+`label` (KTO)")
     if row_format not in accepted:
         if row_format in PREFERENCE_FORMATS:
             raise RowError(f"a `{row_format}` row is unpaired (prompt, completion, label), which only "
