@@ -293,6 +293,22 @@ def train_tiny_run(folder: Path, model_dir: Path, chat: bool = False, **training
     return run_training(load_recipe(path), console=Console(file=io.StringIO(), width=120))
 
 
+def interrupt_at_checkpoint(command: list[str], run_dir: Path, step: int) -> str:
+    """Start `command` (a `qlora train` process), send it SIGINT once its checkpoint `step` exists, and return its
+    stderr; it must have exited with 130, as an interrupted run does."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "checkpoints" / f"step-{step}").is_dir():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate()
+    assert process.returncode == 130, err[-3000:]
+    return err
+
+
 @contextlib.contextmanager
 def serving(app):
     """An ASGI `app` (`qlora serve`'s) on 127.0.0.1 on a free port, in a thread; yields the /v1 base URL."""

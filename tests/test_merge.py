@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,17 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
 
 
+def train_alpaca_run(folder: Path, tiny_model_dir: Path, old: str, new: str) -> Path:
+    """The run directory of a tiny alpaca run (8 steps at a high rate) whose recipe has `old` replaced by `new`."""
+    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+
+    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
+    text = tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=8, learning_rate=5e-3)
+    (folder / "tiny.yaml").write_text(text.replace(old, new) + "output:\n  dir: run\n")
+    run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
+    return folder / "run"
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("merge")
@@ -42,26 +54,13 @@ def trained_run(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def bfloat16_run(tmp_path_factory, tiny_model_dir):
     """A tiny run trained in bfloat16, as `compute_dtype: auto` trains on GPUs and on CPUs with AVX512-BF16."""
-    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
-
-    folder = tmp_path_factory.mktemp("merge-bf16")
-    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
-    text = tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=8, learning_rate=5e-3)
-    (folder / "tiny.yaml").write_text(text.replace("compute_dtype: float32", "compute_dtype: bfloat16") + "output:\n  dir: run\n")
-    run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
-    return folder / "run"
+    return train_alpaca_run(tmp_path_factory.mktemp("merge-bf16"), tiny_model_dir,
+                            "compute_dtype: float32", "compute_dtype: bfloat16")
 
 
 @pytest.fixture(scope="module")
 def trained_8bit_run(tmp_path_factory, tiny_model_dir):
-    from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
-
-    folder = tmp_path_factory.mktemp("merge8")
-    write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
-    text = tiny_recipe_text(tiny_model_dir, ["alpaca.jsonl"], max_steps=8, learning_rate=5e-3)
-    (folder / "tiny.yaml").write_text(text.replace("quantization:\n", "quantization:\n  bits: 8\n") + "output:\n  dir: run\n")
-    run_training(load_recipe(folder / "tiny.yaml"), console=quiet())
-    return folder / "run"
+    return train_alpaca_run(tmp_path_factory.mktemp("merge8"), tiny_model_dir, "quantization:\n", "quantization:\n  bits: 8\n")
 
 
 @pytest.fixture(scope="module")

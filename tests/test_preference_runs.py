@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import ALPACA_ROWS, tiny_recipe_text, write_jsonl
+from conftest import ALPACA_ROWS, interrupt_at_checkpoint, tiny_recipe_text, write_jsonl
 from qlora_cli.core.recipe import load_recipe
 from qlora_cli.train.run import run_training
 from test_preference import KTO_ROWS, PAIRS
@@ -117,13 +115,7 @@ def test_dpo_resumes_after_sigint_exactly(tmp_path, tiny_model_dir):
     run_training(load_recipe(recipe, output_dir=straight), console=quiet())
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, "-m", "qlora_cli", "train", str(recipe), "--output-dir", str(interrupted)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (interrupted / "checkpoints" / "step-6").is_dir():
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate()
-    assert process.returncode == 130, err[-3000:]
+    interrupt_at_checkpoint(command, interrupted, step=6)
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = records(straight), records(interrupted)

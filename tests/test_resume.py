@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from conftest import interrupt_at_checkpoint
 from qlora_cli.cli import main
 from qlora_cli.core.recipe import load_recipe
 from qlora_cli.train.run import run_training
@@ -50,13 +49,7 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(recipe_path, tmp_path):
 
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, "-m", "qlora_cli", "train", str(recipe_path), "--output-dir", str(interrupted)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (interrupted / "checkpoints" / "step-6").is_dir():
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate()
-    assert process.returncode == 130, err[-3000:]
+    err = interrupt_at_checkpoint(command, interrupted, step=6)
     assert "Resume with: qlora train" in err and "--resume" in err
     stopped = max(int(p.name.removeprefix("step-")) for p in (interrupted / "checkpoints").iterdir())
     assert 6 <= stopped < STEPS
