@@ -550,3 +550,28 @@ def test_a_batch_cache_is_built_from_tensors_and_read_back(tiny_model_dir, recwa
 
     with pytest.raises(LibraryChanged, match="full-attention cache layers"):
         compat.cache_tensors(Outputs())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_custom_attention_mask_reaches_the_attention_as_the_only_mask(tiny_model_dir, attention):
+    """transformers 5.x passes a 4-D mask through as it is: a mask that lets every token see only itself gives
+    each position the output it has as a sequence of one token; and models with sliding windows or attentions
+    that take no mask are told apart."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+    assert compat.attention_takes_a_custom_mask(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    alone = torch.cat([model(input_ids=ids[:, i: i + 1]).logits for i in range(4)], dim=1)
+    mask = compat.custom_attention_mask(torch.eye(4, dtype=torch.bool)[None], model)
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask, position_ids=torch.zeros_like(ids)).logits
+        causal = model(input_ids=ids).logits
+    assert torch.allclose(masked, alone, atol=1e-5)
+    assert not torch.allclose(causal, alone, atol=1e-3)
+    model.config.sliding_window = 4
+    assert not compat.attention_takes_a_custom_mask(model)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"
+    assert not compat.attention_takes_a_custom_mask(model)
+

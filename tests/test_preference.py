@@ -291,3 +291,121 @@ def test_a_runs_own_recipe_with_every_key_written_reads_back(tmp_path, tiny_mode
     recipe = load_recipe(recipe_file(tmp_path, tiny_model_dir, method, extra))
     (tmp_path / "again.yaml").write_text(to_yaml(recipe))
     assert load_recipe(tmp_path / "again.yaml").preference == recipe.preference
+
+
+PAD = 0  # the tiny tokenizer has no padding token; what pads is never attended nor scored
+
+
+def dpo_rows(tokenizer, tmp_path, rows=PAIRS):
+    examples = read(tmp_path, rows)
+    tokenized, _ = load_method("dpo").tokenize(tokenizer, tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=512))
+    return tokenized
+
+
+def contexts(batch):
+    """Decoded from a batch: for every sequence (chosen ones first), each scored token with the tokens the model
+    reads to predict it, at the positions it reads them, as the attention mask and position ids allow."""
+    from qlora_cli.train.methods.preference import scored_positions, shared_prompt_attention
+
+    ids = batch["input_ids"]
+    if "segments" in batch:
+        allowed = shared_prompt_attention(batch["segments"])
+        positions = batch["position_ids"]
+        predictors = batch["pair_predictors"].tolist()
+    else:
+        length = ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & batch["attention_mask"].bool()[:, None, :]
+        positions = batch["attention_mask"].cumsum(1) - 1
+        kept = scored_positions(batch)[0]
+        predictors = kept.flatten().nonzero().squeeze(1).tolist()
+    _, _, targets, counts = scored_positions(batch)
+    seen = []
+    for flat, target in zip(predictors, targets.tolist()):
+        row, index = divmod(flat, ids.shape[1])
+        keys = allowed[row, index].nonzero().squeeze(1)
+        seen.append((target, [(int(positions[row, k]), int(ids[row, k])) for k in keys]))
+    pieces, start = [], 0
+    for count in counts.tolist():
+        pieces.append(seen[start: start + count])
+        start += count
+    return pieces
+
+
+@pytest.mark.parametrize("rows", [PAIRS, [HH, TEXT_PAIR]], ids=["chat", "text"])
+def test_a_shared_prompt_row_scores_every_answer_token_from_the_context_it_has_alone(tiny_tokenizer, tmp_path, rows):
+    from qlora_cli.train.methods.preference import PairBatch
+
+    tokenized = dpo_rows(tiny_tokenizer, tmp_path, rows)
+    padded = PairBatch(PAD)(tokenized)
+    shared = PairBatch(PAD, share_prompts=True)(tokenized)
+    assert contexts(shared) == contexts(padded)
+    assert all(len(sequence) > 0 for sequence in contexts(shared))
+    # the prompt is held once per pair: fewer positions than two padded answers
+    assert int(shared["attention_mask"].sum()) < int(padded["attention_mask"].sum())
+    assert shared["input_ids"].shape[0] == len(tokenized)
+
+
+def test_answers_that_share_no_prompt_token_are_scored_alone():
+    from qlora_cli.train.methods.preference import PairBatch, shared_prompt_length
+
+    chosen = {"chosen_input_ids": [5, 6, 7], "chosen_labels": [IGNORE_INDEX, 6, 7],
+              "rejected_input_ids": [8, 9], "rejected_labels": [IGNORE_INDEX, 9]}
+    assert shared_prompt_length(([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8, 9], [IGNORE_INDEX, 9])) == 0
+    # the same first token, trained in one of them: it is not a prompt to share
+    assert shared_prompt_length(([5, 6], [IGNORE_INDEX, 6]), ([5, 6, 9], [IGNORE_INDEX, IGNORE_INDEX, 9])) == 1
+    shared, padded = PairBatch(0, share_prompts=True)([chosen]), PairBatch(0)([chosen])
+    assert contexts(shared) == contexts(padded) == [[(6, [(0, 5)]), (7, [(0, 5), (1, 6)])], [(9, [(0, 8)])]]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("with_head", [True, False], ids=["chunked", "logits"])
+def test_shared_prompt_rows_give_each_answers_log_probability_and_gradient(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                         attention, with_head):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.train.methods.preference import PairBatch
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM", init_lora_weights=False)).train()
+    tokenized = dpo_rows(tiny_tokenizer, tmp_path)
+    method = load_method("dpo")
+    method.prepare(model)
+    assert method.share_prompts
+    if not with_head:
+        method.head = None
+    results = {}
+    for share in (True, False):
+        model.zero_grad()
+        batch = PairBatch(PAD, share_prompts=share)(tokenized)
+        loss, outputs = method.compute_loss(Recorder(), model, batch, None)
+        loss.backward()
+        results[share] = (loss.detach(), outputs["chosen_logps"].detach(), outputs["rejected_logps"].detach(),
+                          [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad])
+    (loss, chosen, rejected, grads), (loss_alone, chosen_alone, rejected_alone, grads_alone) = results[True], results[False]
+    assert abs(float(loss) - math.log(2)) > 1e-3  # a random adapter: the comparison is not of two ln 2s
+    assert torch.allclose(chosen, chosen_alone, atol=1e-4) and torch.allclose(rejected, rejected_alone, atol=1e-4)
+    assert torch.allclose(loss, loss_alone, atol=1e-6)
+    assert all(torch.allclose(g, h, atol=1e-6, rtol=1e-4) for g, h in zip(grads, grads_alone))
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_prompts_are_shared_only_where_the_recipe_and_the_attention_allow(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.core.recipe import PreferenceSection
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    method = load_method("dpo")
+    method.prepare(model)
+    assert method.share_prompts
+    model.config._attn_implementation = "flash_attention_2"
+    method.prepare(model)
+    assert not method.share_prompts
+    model.config._attn_implementation = "sdpa"
+    method.settings = PreferenceSection(share_prompt=False)
+    method.prepare(model)
+    assert not method.share_prompts

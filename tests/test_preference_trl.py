@@ -48,8 +48,10 @@ def peft_model(model_dir):
     return get_peft_model(base, config).train()
 
 
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["prompt-once", "padded-answers"])
 @pytest.mark.parametrize("loss, label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
-def test_first_step_loss_and_rewards_match_trl(tiny_model_dir, tiny_tokenizer, tmp_path, loss, label_smoothing):
+def test_first_step_loss_and_rewards_match_trl(tiny_model_dir, tiny_tokenizer, tmp_path, loss, label_smoothing,
+                                               share_prompt):
     from datasets import Dataset
 
     examples = [PreferenceExample(Location("pairs", index), row["prompt"], row["chosen"], row["rejected"])
@@ -71,10 +73,11 @@ def test_first_step_loss_and_rewards_match_trl(tiny_model_dir, tiny_tokenizer, t
     reference_copy = copy.deepcopy(model)
 
     method = load_method("dpo")
-    method.settings = PreferenceSection(beta=0.1, loss=loss, label_smoothing=label_smoothing)
+    method.settings = PreferenceSection(beta=0.1, loss=loss, label_smoothing=label_smoothing, share_prompt=share_prompt)
     method.prepare(model)
     recorder = Recorder()
     batch = method.collator(tiny_tokenizer, DataSection(train=[{"path": tmp_path}]))(rows)
+    assert ("segments" in batch) == share_prompt  # each pair's prompt read once, or two padded rows as TRL has them
     ours, _ = method.compute_loss(recorder, model, batch, None)
 
     tokenizer = copy.deepcopy(tiny_tokenizer)

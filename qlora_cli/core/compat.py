@@ -162,6 +162,32 @@ def output_projection_skipped(model, head) -> Iterator[None]:
         setattr(model, name, head)
 
 
+def attention_takes_a_custom_mask(model) -> bool:
+    """Whether a 4-D attention mask passed to the causal LM's forward reaches its attention as it is, as the only
+    mask: transformers 5.x's `masking_utils` returns a 4-D mask unchanged (`_preprocess_mask_arguments`, checked
+    on 5.24), and the `sdpa` and `eager` attentions apply it (boolean for sdpa, additive for eager). Not where
+    some layers attend through a sliding window, which such a mask would widen, nor for attentions that take no
+    mask (flash-attention, paged)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False
+    return all(kind == "full_attention" for kind in (getattr(config, "layer_types", None) or ()))
+
+
+def custom_attention_mask(allowed, model):
+    """`allowed` ([batch, query, key], True where the query may attend the key) as the 4-D mask the model's
+    attention takes (see `attention_takes_a_custom_mask`)."""
+    import torch
+
+    allowed = allowed[:, None]
+    if model.config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(model.dtype).min)
+
+
 def check_kept_hidden_states(hidden, expected_rows: int, hidden_size: int) -> None:
     """What `output_projection_skipped` and a boolean `logits_to_keep` must give: one row per kept position."""
     require(tuple(hidden.shape) == (expected_rows, hidden_size),

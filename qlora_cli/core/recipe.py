@@ -28,8 +28,8 @@ TEMPLATE_NAMES = ("alpaca", "guanaco", "chatml", "llama3", "llama2", "mistral", 
 TRAINING_METHODS = ("sft", "dpo", "orpo", "kto")
 # The methods that train on preference rows, and the `preference` keys each one reads.
 PREFERENCE_KEYS = {
-    "dpo": ("beta", "loss", "label_smoothing"),
-    "orpo": ("beta",),
+    "dpo": ("beta", "loss", "label_smoothing", "share_prompt"),
+    "orpo": ("beta", "share_prompt"),
     "kto": ("beta", "desirable_weight", "undesirable_weight"),
 }
 
@@ -394,6 +394,15 @@ class PreferenceSection(Section):
         ge=0,
         lt=0.5,
         description="dpo only, with loss sigmoid (conservative DPO) or robust: the probability that a pair's labels are flipped.",
+    )
+    share_prompt: bool = Field(
+        True,
+        description=(
+            "dpo, orpo: read each pair's prompt once for both answers (one row per pair, an attention mask keeping "
+            "the answers apart): every pass holds and computes the prompt's positions once instead of twice. "
+            "Applies where the model's attention takes such a mask (sdpa, eager; no sliding window); false: the "
+            "two answers are separate padded rows, as TRL batches them."
+        ),
     )
     desirable_weight: float = Field(1.0, gt=0, description="kto only: weight of the losses of desirable answers.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto only: weight of the losses of undesirable answers.")
