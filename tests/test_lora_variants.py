@@ -91,7 +91,7 @@ def test_unknown_module_to_save_is_refused(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("name", ["dora", "modules_to_save"])
 def test_plan_counts_what_the_loaded_model_trains(tmp_path, tiny_model_dir, name):
     from qlora_cli.core.context import inference_context
-    from qlora_cli.core.models import count_parameters, load_model
+    from qlora_cli.train.model import count_parameters, load_model
     from qlora_cli.plan.configs import read_model_config
     from qlora_cli.plan.memory import plan_memory
 
@@ -133,7 +133,7 @@ def test_low_rank_split_gives_the_best_rank_r_approximation_scaled():
 
 def test_loftq_start_takes_back_part_of_the_quantization_error(tmp_path, tiny_model_dir):
     from qlora_cli.core.context import inference_context
-    from qlora_cli.core.models import load_model
+    from qlora_cli.train.model import load_model
 
     said = []
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, VARIANTS["loftq"]))

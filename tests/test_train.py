@@ -18,7 +18,7 @@ from rich.console import Console
 from conftest import ALPACA_ROWS, CHAT_ROWS
 from qlora_cli.cli import main
 from qlora_cli.core.context import RunContext
-from qlora_cli.core.models import load_model
+from qlora_cli.train.model import load_model
 from qlora_cli.core.recipe import load_recipe
 from qlora_cli.train.run import run_training
 
@@ -256,7 +256,7 @@ def test_pickle_weights_need_an_explicit_opt_in(tiny_model_dir, tmp_path, tiny_r
 
 
 def test_auto_checkpointing_follows_the_memory_plan(tiny_recipe, tiny_model_dir, monkeypatch):
-    import qlora_cli.core.models as models
+    import qlora_cli.train.model as models
 
     recipe = load_recipe(tiny_recipe, ["training.gradient_checkpointing=auto"])
     on, why = models.decide_checkpointing(recipe, str(tiny_model_dir), CPU_FLOAT32)

@@ -8,7 +8,7 @@ streaming merge's skeleton helpers (`quantize_skeleton`, `load_adapter_onto_skel
 tests exercise by comparing the merge's logits with the trained model's.
 
 Checked against: torch 2.13, transformers 5.23-5.24, peft 0.21.2, bitsandbytes 0.49-0.50.2, accelerate 1.15; the
-floors in pyproject.toml are the first releases that have what is used here and in core/models.py.
+floors in pyproject.toml are the first releases that have what is used here and in core/models.py and train/model.py.
 """
 
 from __future__ import annotations

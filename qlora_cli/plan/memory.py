@@ -5,7 +5,7 @@ Everything here works from the model's `config.json` alone (a directory holding 
 65B run can be planned offline on a laptop. Nothing imports torch. Every number is bytes per device, for the
 CUDA GPU the run is planned for, not for this machine: `compute_dtype: auto` therefore counts as bfloat16.
 
-What is counted follows what `qlora train` does (core/models.py's load_model, train/run.py's training_arguments):
+What is counted follows what `qlora train` does (train/model.py's load_model, train/run.py's training_arguments):
 
 - the base model loaded with bitsandbytes (4-bit NF4/FP4, 8-bit LLM.int8) or in 16-bit;
 - `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized parameter to float32;
@@ -405,7 +405,7 @@ def _plan(shapes: ModelShapes, recipe: Recipe, device_memory: int | None, gpus: 
         quantized_linear_bytes(fan_in, fan_out, quant.bits, quant.double_quant, c)
         for fan_in, fan_out in shapes.linears().values()
     ) * shapes.layers
-    # prepare_model_for_kbit_training (core/models.py's load_model) upcasts every parameter that is not quantized to
+    # prepare_model_for_kbit_training (train/model.py's load_model) upcasts every parameter that is not quantized to
     # float32 for stable training, so with a quantized base the kept layers cost 4 bytes, not 2. A 16-bit base
     # skips that step and stays in the compute dtype.
     kept_bytes = 4 if quant.bits in (4, 8) else c

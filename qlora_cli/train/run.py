@@ -32,7 +32,8 @@ from ..core.memory_usage import AnonymousPeak
 from ..core.distributed import barrier, rank, sum_over_ranks
 from ..core.errors import RunFailure, RunInterrupted, UserError
 from ..core.files import staged, write_atomic, write_json
-from ..core.models import count_parameters, decide_checkpointing, load_model, load_tokenizer, quiet_libraries, resolve_model_path
+from ..core.models import load_tokenizer, quiet_libraries, resolve_model_path
+from .model import count_parameters, decide_checkpointing, load_model
 from ..core.recipe import Recipe, to_yaml
 from ..core.rundir import (
     ADAPTER, LOSS_PLOT, PARITY_PROMPT_COUNT, PARITY_PROMPT_TOKENS, PARITY_PROMPTS, RECIPE, SUMMARY, check_writable,

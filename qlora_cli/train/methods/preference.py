@@ -3,7 +3,7 @@ the log-probability of each answer under the trained model and under the referen
 
 The reference model costs no second copy of the base: it is the same 4-bit base with the adapter switched off, or,
 when the run continues an earlier run's adapter (`model.adapter`), that adapter loaded a second time, frozen, under
-the name `reference` (core/models.py) and switched on in place of the trained one for the reference pass.
+the name `reference` (train/model.py) and switched on in place of the trained one for the reference pass.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from ...core import compat
-from ...core.models import REFERENCE_ADAPTER
+from ..model import REFERENCE_ADAPTER
 from ...core.recipe import PreferenceSection
 from ...data.preference import cache_payload, prompt_length, to_preference_example, tokenize_preferences
 from ...data.tokenize import IGNORE_INDEX
