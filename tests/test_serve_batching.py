@@ -180,6 +180,44 @@ def test_requests_waiting_together_are_prefilled_in_one_forward_and_answer_as_al
             assert logit_gap_where_they_part(model, prompt, expected, reply.tokens) < NEAR_TIE
 
 
+def test_a_start_shared_with_an_earlier_prompt_is_not_read_again_and_replies_stay_as_alone(loaded, monkeypatch):
+    from qlora_cli.evaluation.questions import read_questions
+    from qlora_cli.inference.engine import shared_start
+    from qlora_cli.inference.generate import prompt_ids, stop_token_ids
+
+    model, stops = loaded.model, frozenset(stop_token_ids(loaded))
+    system = "You are a careful assistant. Answer every question in one short, plain sentence."
+    prompts = [prompt_ids(loaded.tokenizer, q.turns[0], system=system) for q in read_questions(None)[:6]]
+    shared = min(shared_start(prompts[0], prompt) for prompt in prompts[1:])
+    assert shared >= 8  # the system prompt and the template's start
+    generator = BatchGenerator(model, max_batch=8)
+    forward, reads = generator._forward, []
+
+    def watched(input_ids, attention_mask, position_ids, layers, adapters):
+        if input_ids.shape[1] > 1 or not layers:  # a prefill: how many tokens it read, and from how many cached
+            reads.append((input_ids.shape[1], layers[0][0].shape[2] if layers else 0))
+        return forward(input_ids, attention_mask, position_ids, layers, adapters)
+
+    monkeypatch.setattr(generator, "_forward", watched)
+    replies = [Collected() for _ in prompts]
+    try:
+        for prompt, reply in zip(prompts[:2], replies[:2]):  # one after the other
+            generator.submit(GenerationRequest(prompt, 8, stops, reply))
+            assert reply.done.wait(120)
+        for prompt, reply in zip(prompts[2:], replies[2:]):  # together
+            generator.submit(GenerationRequest(prompt, 8, stops, reply))
+        assert all(reply.done.wait(120) for reply in replies)
+    finally:
+        generator.close()
+    assert reads[0] == (len(prompts[0]), 0)  # the first prompt is read whole
+    assert reads[1] == (len(prompts[1]) - shared_start(prompts[0], prompts[1]), shared_start(prompts[0], prompts[1]))
+    assert all(cached >= shared for _, cached in reads[1:])  # later ones start from the kept keys and values
+    for prompt, reply in zip(prompts, replies):
+        expected = alone(model, prompt, 8, stops)
+        if reply.tokens != expected:
+            assert logit_gap_where_they_part(model, prompt, expected, reply.tokens) < NEAR_TIE
+
+
 def test_max_queue_zero_takes_requests_while_a_row_is_free_and_refuses_the_rest(loaded, monkeypatch):
     from qlora_cli.inference.engine import QueueFull
 

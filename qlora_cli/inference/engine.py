@@ -169,6 +169,52 @@ def keep_rows(layers, mask: torch.Tensor, keep: list[int]):
             mask[:, start:])
 
 
+def shared_start(first, second) -> int:
+    """How many leading tokens two token sequences have in common."""
+    count = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+class PromptCache:
+    """The keys and values of the last prompts read, to start later prompts from: requests through one chat
+    template share its start (a system prompt: 24 of SmolLM2's ~46 prompt tokens here), and a conversation's
+    next turn repeats the whole earlier one. The keys and values of a position depend only on the tokens up
+    to it (and the adapter), so a shared start is read once; only float rounding differs from reading it
+    again (the rest of the prompt is read in another shape)."""
+
+    def __init__(self, kept: int = 8, least: int = 8):
+        self.kept, self.least = kept, least  # prompts kept; the shortest shared start worth reusing
+        self._entries: list[tuple[tuple[int, ...], Optional[str], list]] = []  # newest first
+
+    def find(self, prompts: list[list[int]], adapters: list[Optional[str]]) -> tuple[list, int]:
+        """The per-layer (keys, values) [1, heads, length, dim] of a kept prompt and how many of its first
+        tokens every one of `prompts` (read with `adapters`) starts with; ([], 0) when none is worth reusing.
+        At least one token of each prompt is left to read: its logits give the first reply token."""
+        best, best_length = [], 0
+        for index, (ids, adapter, layers) in enumerate(self._entries):
+            if any(other != adapter for other in adapters):
+                continue
+            length = min(min(shared_start(ids, prompt), len(prompt) - 1) for prompt in prompts)
+            if length > best_length:
+                best, best_length, found = layers, length, index
+        if best_length < self.least:
+            return [], 0
+        self._entries.insert(0, self._entries.pop(found))  # used again: kept longest
+        return best, best_length
+
+    def keep(self, prompt: list[int], adapter: Optional[str], layers, mask: torch.Tensor, row: int) -> None:
+        """Keep the keys and values that `row` of a prefill's cache (`layers`, padding `mask`) holds for `prompt`."""
+        if len(prompt) < self.least or any(ids == tuple(prompt) and name == adapter for ids, name, _ in self._entries):
+            return
+        slots = mask[row].nonzero().squeeze(1)
+        kept = [(k[row:row + 1].index_select(2, slots), v[row:row + 1].index_select(2, slots)) for k, v in layers]
+        self._entries = [(tuple(prompt), adapter, kept), *self._entries][: self.kept]
+
+
 class BatchGenerator:
     """The scheduler: a thread that runs `model` over the requests submitted to it, continuously batched.
 
@@ -193,6 +239,7 @@ class BatchGenerator:
         self._rows: list[_Row] = []
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self._prefixes = PromptCache()
         self._closed = threading.Event()
         self._step_seconds = 0.05  # a running estimate, for Retry-After
         self._thread = threading.Thread(target=self._run, name="qlora-batch-generator", daemon=True)
@@ -299,11 +346,22 @@ class BatchGenerator:
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         """Read the prompts of `requests` in one forward, hand each its first token, and join the rows that go
-        on to the batch."""
-        ids, mask, positions = padded_prompts([request.prompt_ids for request in requests], self.device)
-        logits, layers = self._forward(ids, mask, positions, [], [request.adapter for request in requests])
+        on to the batch. A start the prompts share with a prompt read before is not read again: its keys and
+        values are reused, and only the rest of each prompt goes through the model."""
+        adapters = [request.adapter for request in requests]
+        reused, shared = self._prefixes.find([request.prompt_ids for request in requests], adapters)
+        ids, mask, positions = padded_prompts([request.prompt_ids[shared:] for request in requests], self.device)
+        past = []
+        if shared:
+            past = [(k[:, :, :shared].expand(len(requests), -1, -1, -1).contiguous(),
+                     v[:, :, :shared].expand(len(requests), -1, -1, -1).contiguous()) for k, v in reused]
+            mask = torch.cat([torch.ones((len(requests), shared), dtype=mask.dtype, device=self.device), mask], dim=1)
+            positions = positions + shared
+        logits, layers = self._forward(ids, mask, positions, past, adapters)
         if len(requests) > 1:  # a padded slot's keys/values are never attended to; zero them so none is NaN
             layers = zero_padding(layers, mask)
+        for row, request in enumerate(requests):
+            self._prefixes.keep(request.prompt_ids, request.adapter, layers, mask, row)
         rows = [_Row(request, self._generator(request), length=len(request.prompt_ids)) for request in requests]
         keep = [i for i, (row, token) in enumerate(zip(rows, pick_tokens(logits, rows))) if self._emit(row, token)]
         if not keep:
