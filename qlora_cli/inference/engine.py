@@ -76,6 +76,7 @@ class GenerationRequest:
     seed: Optional[int] = None
     adapter: Optional[str] = None  # a peft adapter name; None: the model as loaded
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: bool = field(default=False, init=False, repr=False)  # handed `Finished` or `Failed` (set by the scheduler)
 
     def cancel(self) -> None:
         """Stop this request at the next step (or skip it while queued): its client went away or has enough."""
@@ -277,7 +278,10 @@ class BatchGenerator:
         return self._waiting.qsize()
 
     def _end(self, request: GenerationRequest, outcome: object) -> None:
-        """Hand `request` its last message (`Finished` or `Failed`); its place is free for another."""
+        """Hand `request` its last message (`Finished` or `Failed`), once; its place is free for another."""
+        if request.ended:  # a prefill that fails after some of its requests ended must not end them twice
+            return
+        request.ended = True
         with self._admitted_lock:
             self._admitted -= 1
         request.deliver(outcome)
