@@ -484,15 +484,19 @@ def serve(
     api_key_env: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer <key>`, the key read from this environment variable.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Reply length when a request gives no max_tokens.")] = 512,
     max_batch: Annotated[int, typer.Option(min=1, help="Replies generated together (continuous batching).")] = 16,
-    max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a free row; more get 503 with Retry-After.")] = 256,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a free row, beyond the --max-batch that run (0: none wait); more get 503 with Retry-After.")] = 256,
+    dtype: Annotated[Optional[str], typer.Option(help="Compute a merged or plain model in bfloat16, float16 or float32 (default: float32 on a CPU, so its weights are not rounded; the device's compute dtype on a GPU). A run computes in its recipe's dtype.", show_default=False)] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API: POST /v1/chat/completions (streamed or not), GET /v1/models."""
     from .core.models import quiet_libraries
     from .inference.serve import serve as run_server
 
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype: {dtype!r} is not one of bfloat16, float16, float32")
     quiet_libraries(sys.stdout.isatty())
     run_server(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_tokens=max_tokens,
-               max_batch=max_batch, max_queue=max_queue, say=lambda text: print(text, file=sys.stderr, flush=True))
+               max_batch=max_batch, max_queue=max_queue, dtype=dtype,
+               say=lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def main(argv: list[str] | None = None) -> None:

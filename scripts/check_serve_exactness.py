@@ -7,6 +7,7 @@ differing token (computed alone: how far the batched choice was below the alone 
 |Δlogit| between the logits a row saw in the batch and the same positions computed alone (teacher-forced).
 
     python scripts/check_serve_exactness.py runs/quickstart [--limit 24] [--max-tokens 48] [--max-batch 8]
+    python scripts/check_serve_exactness.py runs/quickstart/merged --dtype bfloat16   # as `qlora serve --dtype` runs it
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="Compute a merged or plain model in this dtype (both batched and alone).")
     args = parser.parse_args()
 
     from qlora_cli.evaluation.questions import read_questions
     from qlora_cli.inference import engine as engine_module
     from qlora_cli.inference.engine import BatchGenerator, GenerationRequest
-    from qlora_cli.inference.generate import load_for_generation, prompt_ids, stop_token_ids
+    from qlora_cli.inference.generate import load_for_generation, load_plain, prompt_ids, stop_token_ids
 
-    loaded = load_for_generation(args.model)
+    loaded = load_for_generation(args.model) if args.dtype is None else load_plain(args.model, getattr(torch, args.dtype))
     model, stops = loaded.model, frozenset(stop_token_ids(loaded))
     prompts = [prompt_ids(loaded.tokenizer, q.turns[0]) for q in read_questions(None)[: args.limit]]
     budgets = [args.max_tokens // 2 + index * 7 % (args.max_tokens // 2 + 1) for index in range(len(prompts))]

@@ -534,15 +534,22 @@ def test_a_batch_cache_is_built_from_tensors_and_read_back(tiny_model_dir, recwa
                                  LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     for model in (plain, wrapped):
+        dense = []  # what the output embedding reads: a strided view would make matmul copy its weight
+        hook = model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: dense.append(args[0].stride() == torch.empty(args[0].shape).stride()))
         with torch.no_grad():
             whole = model(input_ids=ids).logits[0, -1]
-            first = model(input_ids=ids[:, :-1], use_cache=True, **compat.batch_cache_arguments(model, []))
+            first = model(input_ids=ids[:, :-1], use_cache=True, **compat.batch_cache_arguments(model, [], 4))
+            assert first.logits.shape[1] == 1  # the last position's only
+            assert torch.allclose(model(input_ids=ids[:, :-1]).logits[0, -1], first.logits[0, -1], atol=1e-5)
             layers = compat.cache_tensors(first)
             assert len(layers) == 2 and layers[0][0].shape[:3] == (1, 2, 4)  # rows, kv heads, tokens
             step = model(input_ids=ids[:, -1:], use_cache=True, **compat.batch_cache_arguments(model, layers))
         assert step.logits.shape[1] == 1  # logits_to_keep: the last position only
         assert torch.allclose(whole, step.logits[0, -1], atol=1e-5)
         assert compat.cache_tensors(step)[0][0].shape[2] == 5
+        hook.remove()
+        assert all(dense)  # the prefill's last position and the step's, not views into all positions
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]  # the keyword this version wants
 
     class Outputs:

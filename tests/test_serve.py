@@ -227,9 +227,9 @@ class Gate:
             submit(request)
             self.submitted.append(request)
 
-        def kept_prefill(request):
-            self.prefilled.append(request)
-            return prefill(request)
+        def kept_prefill(requests):
+            self.prefilled.extend(requests)
+            return prefill(requests)
 
         def held_forward(*args, **kwargs):
             self.started.set()

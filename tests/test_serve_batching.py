@@ -138,6 +138,137 @@ def test_a_failing_forward_fails_its_requests_and_the_generator_goes_on(loaded, 
         generator.close()
 
 
+def held_forwards(generator, monkeypatch):
+    """Make `generator`'s forwards wait for the returned event (the first forward says it started via the
+    second); each forward's input shape is kept in the returned list."""
+    release, started, shapes = threading.Event(), threading.Event(), []
+    forward = generator._forward
+
+    def held(input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        started.set()
+        release.wait(60)
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generator, "_forward", held)
+    return release, started, shapes
+
+
+def test_requests_waiting_together_are_prefilled_in_one_forward_and_answer_as_alone(loaded, monkeypatch):
+    from qlora_cli.evaluation.questions import read_questions
+    from qlora_cli.inference.generate import prompt_ids, stop_token_ids
+
+    model, stops = loaded.model, frozenset(stop_token_ids(loaded))
+    prompts = [prompt_ids(loaded.tokenizer, q.turns[0]) for q in read_questions(None)[:5]]
+    assert len({len(prompt) for prompt in prompts}) > 1  # of different lengths: the shorter ones are padded
+    generator = BatchGenerator(model, max_batch=8)
+    release, started, shapes = held_forwards(generator, monkeypatch)
+    replies = [Collected() for _ in prompts]
+    try:
+        generator.submit(GenerationRequest(prompts[0], 8, stops, replies[0]))
+        assert started.wait(60)  # the first prompt is being read; the others wait together
+        for prompt, reply in zip(prompts[1:], replies[1:]):
+            generator.submit(GenerationRequest(prompt, 8, stops, reply))
+        release.set()
+        assert all(reply.done.wait(120) for reply in replies)
+    finally:
+        generator.close()
+    assert (4, max(len(prompt) for prompt in prompts[1:])) in shapes  # the four waiting prompts read in one forward
+    for prompt, reply in zip(prompts, replies):
+        expected = alone(model, prompt, 8, stops)
+        if reply.tokens != expected:
+            assert logit_gap_where_they_part(model, prompt, expected, reply.tokens) < NEAR_TIE
+
+
+def test_a_start_shared_with_an_earlier_prompt_is_not_read_again_and_replies_stay_as_alone(loaded, monkeypatch):
+    from qlora_cli.evaluation.questions import read_questions
+    from qlora_cli.inference.engine import shared_start
+    from qlora_cli.inference.generate import prompt_ids, stop_token_ids
+
+    model, stops = loaded.model, frozenset(stop_token_ids(loaded))
+    system = "You are a careful assistant. Answer every question in one short, plain sentence."
+    prompts = [prompt_ids(loaded.tokenizer, q.turns[0], system=system) for q in read_questions(None)[:6]]
+    shared = min(shared_start(prompts[0], prompt) for prompt in prompts[1:])
+    assert shared >= 8  # the system prompt and the template's start
+    generator = BatchGenerator(model, max_batch=8)
+    forward, reads = generator._forward, []
+
+    def watched(input_ids, attention_mask, position_ids, layers, adapters):
+        if input_ids.shape[1] > 1 or not layers:  # a prefill: how many tokens it read, and from how many cached
+            reads.append((input_ids.shape[1], layers[0][0].shape[2] if layers else 0))
+        return forward(input_ids, attention_mask, position_ids, layers, adapters)
+
+    monkeypatch.setattr(generator, "_forward", watched)
+    replies = [Collected() for _ in prompts]
+    try:
+        for prompt, reply in zip(prompts[:2], replies[:2]):  # one after the other
+            generator.submit(GenerationRequest(prompt, 8, stops, reply))
+            assert reply.done.wait(120)
+        for prompt, reply in zip(prompts[2:], replies[2:]):  # together
+            generator.submit(GenerationRequest(prompt, 8, stops, reply))
+        assert all(reply.done.wait(120) for reply in replies)
+    finally:
+        generator.close()
+    assert reads[0] == (len(prompts[0]), 0)  # the first prompt is read whole
+    assert reads[1] == (len(prompts[1]) - shared_start(prompts[0], prompts[1]), shared_start(prompts[0], prompts[1]))
+    assert all(cached >= shared for _, cached in reads[1:])  # later ones start from the kept keys and values
+    for prompt, reply in zip(prompts, replies):
+        expected = alone(model, prompt, 8, stops)
+        if reply.tokens != expected:
+            assert logit_gap_where_they_part(model, prompt, expected, reply.tokens) < NEAR_TIE
+
+
+def test_max_queue_zero_takes_requests_while_a_row_is_free_and_refuses_the_rest(loaded, monkeypatch):
+    from qlora_cli.inference.engine import QueueFull
+
+    generator = BatchGenerator(loaded.model, max_batch=2, max_queue=0)
+    release, started, _ = held_forwards(generator, monkeypatch)
+    first, second = Collected(), Collected()
+    try:
+        generator.submit(GenerationRequest([1, 40, 41], 3, frozenset(), first))
+        assert started.wait(60)  # taken off the queue and being prefilled: it still holds its row
+        generator.submit(GenerationRequest([1, 42], 3, frozenset(), second))
+        with pytest.raises(QueueFull) as refused:
+            generator.submit(GenerationRequest([1, 43], 3, frozenset(), Collected()))
+        assert refused.value.waiting == 0 and refused.value.retry_after >= 1
+        release.set()
+        assert first.done.wait(60) and second.done.wait(60)
+        assert first.end == Finished(3, False) and second.end == Finished(3, False)
+        again = Collected()  # the rows are free again
+        generator.submit(GenerationRequest([1, 43], 2, frozenset(), again))
+        assert again.done.wait(60) and again.end == Finished(2, False)
+    finally:
+        generator.close()
+    with pytest.raises(ValueError):
+        BatchGenerator(loaded.model, max_batch=2, max_queue=-1)
+
+
+def test_dtype_serves_a_plain_model_as_asked_and_is_refused_for_a_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import qlora_cli.inference.serve as serving_module
+    from qlora_cli.cli import main
+
+    engine, _ = serving_module.load_served([str(tiny_model_dir)], "tiny", max_tokens=4, max_batch=2, max_queue=0,
+                                           dtype="bfloat16")
+    try:
+        assert next(engine.batch.model.parameters()).dtype == torch.bfloat16
+        reply = Collected()
+        engine.batch.submit(GenerationRequest([1, 40, 41], 3, frozenset(), reply))
+        assert reply.done.wait(60) and reply.end == Finished(3, False)
+    finally:
+        engine.batch.close()
+    monkeypatch.setattr(serving_module, "load_served", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    run = fake_run(tmp_path / "a", tiny_model_dir)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    for argv, reason in [([str(run), "--dtype", "bfloat16"], "--dtype is for a merged or plain model"),
+                         ([str(tiny_model_dir), "--dtype", "int8"], "--dtype: 'int8' is not one of")]:
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", *argv, "--port", port])
+        error = capsys.readouterr().err
+        assert exited.value.code == 2 and reason in error and "Traceback" not in error
+
+
 # --- several runs on one base ---------------------------------------------------------------------------
 
 

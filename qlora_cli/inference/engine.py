@@ -5,8 +5,9 @@ A scheduler thread owns the model. Requests wait in a bounded queue; up to `max_
 of one batch that shares a key/value cache. Between two decode steps the scheduler
 
   - drops the rows whose request ended (an end-of-turn token, its token budget, its client gone);
-  - prefills waiting requests, one at a time and alone (so a prompt is read exactly as it would be alone),
-    and joins each to the batch: the shorter side's cache is left-padded with masked slots;
+  - prefills the waiting requests that fit in free rows, together in ONE forward (prompts left-padded,
+    masked, each with its own positions), and joins them to the batch: the shorter side's cache is
+    left-padded with masked slots;
   - runs ONE forward over all rows, the next token of each, with a padding mask and per-row positions
     (a row's positions count its own tokens only, so left padding does not move its rotary angles);
   - picks each row's next token (greedy, or sampled with the row's temperature, top_p and seeded generator)
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The queue of waiting requests is full; `retry_after` is a guess of the seconds until there is room."""
+    """Every row is taken and the queue of waiting requests is full; `retry_after` is a guess of the seconds
+    until there is room."""
 
     def __init__(self, waiting: int, retry_after: int):
         super().__init__(f"{waiting} requests are already waiting")
@@ -74,6 +76,7 @@ class GenerationRequest:
     seed: Optional[int] = None
     adapter: Optional[str] = None  # a peft adapter name; None: the model as loaded
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: bool = field(default=False, init=False, repr=False)  # handed `Finished` or `Failed` (set by the scheduler)
 
     def cancel(self) -> None:
         """Stop this request at the next step (or skip it while queued): its client went away or has enough."""
@@ -134,6 +137,29 @@ def join_rows(batch: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
     return layers, torch.cat([left_pad(mask, grow_old, 1), left_pad(new_mask, grow_new, 1)])
 
 
+def padded_prompts(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, padding mask and positions [rows, longest] of `prompts` read together: each left-padded to
+    the longest, its positions counting its own tokens from 0 (so padding does not move its rotary angles)."""
+    longest = max(len(prompt) for prompt in prompts)
+    ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    positions = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        start = longest - len(prompt)
+        ids[row, start:] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, start:] = 1
+        positions[row, start:] = torch.arange(len(prompt))
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def zero_padding(layers, mask: torch.Tensor):
+    """The per-layer (keys, values) with the padded slots (mask 0) set to zero: a padded query attends to
+    nothing, and whatever it computed (NaN on some attention kernels) must not reach a masked slot's values,
+    where a zero weight times NaN would still be NaN."""
+    padding = (mask == 0)[:, None, :, None]
+    return [(k.masked_fill(padding, 0), v.masked_fill(padding, 0)) for k, v in layers]
+
+
 def keep_rows(layers, mask: torch.Tensor, keep: list[int]):
     """Only the rows `keep`, and without the leading columns that are padding in every remaining row."""
     index = torch.tensor(keep, device=mask.device)
@@ -144,13 +170,60 @@ def keep_rows(layers, mask: torch.Tensor, keep: list[int]):
             mask[:, start:])
 
 
+def shared_start(first, second) -> int:
+    """How many leading tokens two token sequences have in common."""
+    count = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+class PromptCache:
+    """The keys and values of the last prompts read, to start later prompts from: requests through one chat
+    template share its start (a system prompt: 24 of SmolLM2's ~46 prompt tokens here), and a conversation's
+    next turn repeats the whole earlier one. The keys and values of a position depend only on the tokens up
+    to it (and the adapter), so a shared start is read once; only float rounding differs from reading it
+    again (the rest of the prompt is read in another shape)."""
+
+    def __init__(self, kept: int = 8, least: int = 8):
+        self.kept, self.least = kept, least  # prompts kept; the shortest shared start worth reusing
+        self._entries: list[tuple[tuple[int, ...], Optional[str], list]] = []  # newest first
+
+    def find(self, prompts: list[list[int]], adapters: list[Optional[str]]) -> tuple[list, int]:
+        """The per-layer (keys, values) [1, heads, length, dim] of a kept prompt and how many of its first
+        tokens every one of `prompts` (read with `adapters`) starts with; ([], 0) when none is worth reusing.
+        At least one token of each prompt is left to read: its logits give the first reply token."""
+        best, best_length = [], 0
+        for index, (ids, adapter, layers) in enumerate(self._entries):
+            if any(other != adapter for other in adapters):
+                continue
+            length = min(min(shared_start(ids, prompt), len(prompt) - 1) for prompt in prompts)
+            if length > best_length:
+                best, best_length, found = layers, length, index
+        if best_length < self.least:
+            return [], 0
+        self._entries.insert(0, self._entries.pop(found))  # used again: kept longest
+        return best, best_length
+
+    def keep(self, prompt: list[int], adapter: Optional[str], layers, mask: torch.Tensor, row: int) -> None:
+        """Keep the keys and values that `row` of a prefill's cache (`layers`, padding `mask`) holds for `prompt`."""
+        if len(prompt) < self.least or any(ids == tuple(prompt) and name == adapter for ids, name, _ in self._entries):
+            return
+        slots = mask[row].nonzero().squeeze(1)
+        kept = [(k[row:row + 1].index_select(2, slots), v[row:row + 1].index_select(2, slots)) for k, v in layers]
+        self._entries = [(tuple(prompt), adapter, kept), *self._entries][: self.kept]
+
+
 class BatchGenerator:
     """The scheduler: a thread that runs `model` over the requests submitted to it, continuously batched.
 
     Args:
         model: a causal LM, or a peft model; `adapters` names its adapters when rows may choose one.
         max_batch: rows generated together at most.
-        max_queue: requests waiting for a row at most; one more is refused with `QueueFull`.
+        max_queue: requests waiting for a row at most, beyond the `max_batch` that run (0: none wait, a request
+            is taken only while a row is free); one more is refused with `QueueFull`.
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, adapters: tuple[str, ...] = ()):
@@ -160,9 +233,14 @@ class BatchGenerator:
         self.adapters = tuple(adapters)
         self.device = next(model.parameters()).device
         self._waiting: queue.Queue[GenerationRequest] = queue.Queue()
+        # Requests taken and not yet ended (running or waiting): counted at `submit`, not read off the queue,
+        # because a request the scheduler has taken off the queue but not yet prefilled still holds a row.
+        self._admitted = 0
+        self._admitted_lock = threading.Lock()
         self._rows: list[_Row] = []
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self._prefixes = PromptCache()
         self._closed = threading.Event()
         self._step_seconds = 0.05  # a running estimate, for Retry-After
         self._thread = threading.Thread(target=self._run, name="qlora-batch-generator", daemon=True)
@@ -179,9 +257,11 @@ class BatchGenerator:
         """
         if request.adapter is not None and request.adapter not in self.adapters:
             raise ValueError(f"no adapter named {request.adapter!r}")
-        waiting = self._waiting.qsize()
-        if waiting >= self.max_queue or self._closed.is_set():
-            raise QueueFull(waiting, self.retry_after(waiting))
+        with self._admitted_lock:
+            if self._admitted >= self.max_batch + self.max_queue or self._closed.is_set():
+                waiting = max(0, self._admitted - self.max_batch)
+                raise QueueFull(waiting, self.retry_after(waiting))
+            self._admitted += 1
         self._waiting.put(request)
 
     def retry_after(self, waiting: int) -> int:
@@ -196,6 +276,15 @@ class BatchGenerator:
     @property
     def waiting(self) -> int:
         return self._waiting.qsize()
+
+    def _end(self, request: GenerationRequest, outcome: object) -> None:
+        """Hand `request` its last message (`Finished` or `Failed`), once; its place is free for another."""
+        if request.ended:  # a prefill that fails after some of its requests ended must not end them twice
+            return
+        request.ended = True
+        with self._admitted_lock:
+            self._admitted -= 1
+        request.deliver(outcome)
 
     def close(self, timeout: float | None = 10) -> None:
         """Stop the scheduler; requests still running or waiting are ended with `Failed`."""
@@ -217,30 +306,36 @@ class BatchGenerator:
                 self._fail_running(error)
         self._fail_running(RuntimeError("the server is shutting down"))
         while not self._waiting.empty():
-            self._waiting.get_nowait().deliver(Failed(RuntimeError("the server is shutting down")))
+            self._end(self._waiting.get_nowait(), Failed(RuntimeError("the server is shutting down")))
 
     def _fail_running(self, error: BaseException) -> None:
         for row in self._rows:
-            row.request.deliver(Failed(error))
+            self._end(row.request, Failed(error))
         self._rows, self._layers = [], []
         self._mask = self._mask[:0, :0]
 
     def _admit(self, block: bool) -> None:
-        """Prefill waiting requests into free rows; when nothing runs, wait for one (waking to notice close)."""
-        while len(self._rows) < self.max_batch:
+        """Prefill the waiting requests that fit in free rows, together; when nothing runs, wait for one
+        (waking to notice close)."""
+        taken = []
+        while len(self._rows) + len(taken) < self.max_batch:
             try:
                 request = self._waiting.get(timeout=0.1) if block else self._waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
             if request.cancelled.is_set():
-                request.deliver(Finished(0, False))
-                continue
-            try:
-                self._prefill(request)
-            except Exception as error:
-                log.exception("prefill failed")
-                request.deliver(Failed(error))
+                self._end(request, Finished(0, False))
+            else:
+                taken.append(request)
+        if not taken:
+            return
+        try:
+            self._prefill(taken)
+        except Exception as error:
+            log.exception("prefill failed")
+            for request in taken:
+                self._end(request, Failed(error))
 
     def _forward(self, input_ids, attention_mask, position_ids, layers, adapters: list[Optional[str]]):
         """Logits of the last position of each row, and the grown per-layer (keys, values)."""
@@ -249,26 +344,47 @@ class BatchGenerator:
             extra["adapter_names"] = [name if name is not None else self.adapters[0] for name in adapters]
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, **compat.batch_cache_arguments(self.model, layers), **extra)
+                             use_cache=True, **compat.batch_cache_arguments(self.model, layers, input_ids.shape[1]),
+                             **extra)
         return out.logits[:, -1, :], compat.cache_tensors(out)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-        logits, layers = self._forward(ids, torch.ones_like(ids), positions, [], [request.adapter])
-        generator = None
-        if request.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        row = _Row(request, generator, length=len(request.prompt_ids))
-        if not self._emit(row, pick_tokens(logits, [row])[0]):
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Read the prompts of `requests` in one forward, hand each its first token, and join the rows that go
+        on to the batch. A start the prompts share with a prompt read before is not read again: its keys and
+        values are reused, and only the rest of each prompt goes through the model."""
+        adapters = [request.adapter for request in requests]
+        reused, shared = self._prefixes.find([request.prompt_ids for request in requests], adapters)
+        ids, mask, positions = padded_prompts([request.prompt_ids[shared:] for request in requests], self.device)
+        past = []
+        if shared:
+            past = [(k[:, :, :shared].expand(len(requests), -1, -1, -1).contiguous(),
+                     v[:, :, :shared].expand(len(requests), -1, -1, -1).contiguous()) for k, v in reused]
+            mask = torch.cat([torch.ones((len(requests), shared), dtype=mask.dtype, device=self.device), mask], dim=1)
+            positions = positions + shared
+        logits, layers = self._forward(ids, mask, positions, past, adapters)
+        if len(requests) > 1:  # a padded slot's keys/values are never attended to; zero them so none is NaN
+            layers = zero_padding(layers, mask)
+        for row, request in enumerate(requests):
+            self._prefixes.keep(request.prompt_ids, request.adapter, layers, mask, row)
+        rows = [_Row(request, self._generator(request), length=len(request.prompt_ids)) for request in requests]
+        keep = [i for i, (row, token) in enumerate(zip(rows, pick_tokens(logits, rows))) if self._emit(row, token)]
+        if not keep:
             return
-        mask = torch.ones((1, ids.shape[1]), dtype=torch.long, device=self.device)
+        if len(keep) < len(rows):
+            layers, mask = keep_rows(layers, mask, keep)
         if self._rows:
             self._layers, self._mask = join_rows(self._layers, self._mask, layers, mask)
         else:
             self._layers, self._mask = layers, mask
-        self._rows.append(row)
+        self._rows.extend(rows[i] for i in keep)
+
+    def _generator(self, request: GenerationRequest) -> Optional[torch.Generator]:
+        """The seeded random generator a sampled request draws its tokens with (None when greedy)."""
+        if request.temperature <= 0:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+        return generator
 
     def _emit(self, row: _Row, token: int) -> bool:
         """Hand `token` to the row's request; False when the request has ended (it is told so)."""
@@ -278,7 +394,7 @@ class BatchGenerator:
         request.deliver([token])
         stop = token in request.stop_ids
         if stop or row.produced >= request.max_tokens or request.cancelled.is_set():
-            request.deliver(Finished(row.produced, stop))
+            self._end(request, Finished(row.produced, stop))
             return False
         return True
 
@@ -286,7 +402,7 @@ class BatchGenerator:
         """One decode step over all rows, then the ended rows leave the batch."""
         live = [i for i, row in enumerate(self._rows) if not row.request.cancelled.is_set()]
         for row in (r for i, r in enumerate(self._rows) if i not in set(live)):
-            row.request.deliver(Finished(row.produced, False))
+            self._end(row.request, Finished(row.produced, False))
         if len(live) < len(self._rows):
             self._rows = [self._rows[i] for i in live]
             if not self._rows:

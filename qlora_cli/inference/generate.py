@@ -17,12 +17,14 @@ from ..core.rundir import is_run_dir
 from .sampling import DEFAULT_SAMPLING
 
 
-def load_plain(reference: str) -> LoadedModel:
-    """A full-precision model: a merged directory, a local model, a hub id, a .gguf or the bundled alias."""
+def load_plain(reference: str, dtype: torch.dtype | None = None) -> LoadedModel:
+    """A full-precision model: a merged directory, a local model, a hub id, a .gguf or the bundled alias;
+    computed in `dtype` when given (the caller asked for it)."""
     path = resolve_model_path(reference)
     context = inference_context()
-    # Unquantized weights on a CPU stay in float32: bfloat16 would round them, not just the matmuls.
-    dtype = torch.float32 if context.device == "cpu" else context.compute_dtype
+    # Unquantized weights on a CPU stay in float32 by default: bfloat16 would round them, not just the matmuls.
+    if dtype is None:
+        dtype = torch.float32 if context.device == "cpu" else context.compute_dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=context.device_map, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)

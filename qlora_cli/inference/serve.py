@@ -41,9 +41,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..core.api_keys import read_api_key
-from ..core.errors import UserError
+from ..core.errors import Problem, UserError
+from ..core.rundir import is_run_dir
 from .engine import BatchGenerator, Failed, Finished, GenerationRequest, QueueFull
-from .generate import conversation_ids, load_for_generation, stop_token_ids
+from .generate import conversation_ids, load_for_generation, load_plain, stop_token_ids
 from .served import ServedModel, check_servable_together, load_runs, served_name
 
 log = logging.getLogger(__name__)
@@ -514,8 +515,22 @@ def check_port(host: str, port: int) -> None:
         raise UserError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def check_dtype_applies(references: list[str]) -> None:
+    """--dtype sets how a merged or plain model computes; a run computes as it was trained.
+
+    Raises:
+        UserError: a reference is a run folder.
+    """
+    for reference in references:
+        path = Path(reference).expanduser()
+        if path.is_dir() and is_run_dir(path):
+            raise UserError(Problem("--dtype is for a merged or plain model; a run (4-bit base + adapter) computes in "
+                                    "its recipe's quantization.compute_dtype, as it was trained: leave --dtype out",
+                                    file=path))
+
+
 def load_served(references: list[str], model_name: str | None, *, max_tokens: int, max_batch: int,
-                max_queue: int) -> tuple[Engine, str | None]:
+                max_queue: int, dtype: str | None = None) -> tuple[Engine, str | None]:
     """The engine for `references` and the name a single model is served under.
 
     Raises:
@@ -523,7 +538,13 @@ def load_served(references: list[str], model_name: str | None, *, max_tokens: in
             that cannot be loaded, or one without a chat template.
     """
     if len(references) == 1:
-        loaded = load_for_generation(references[0])
+        if dtype is None:
+            loaded = load_for_generation(references[0])
+        else:
+            import torch
+
+            loaded = load_plain(references[0], getattr(torch, dtype))
+            loaded.description = f"{loaded.description}, {dtype}"
         engine = Engine(loaded, max_tokens, max_batch=max_batch, max_queue=max_queue)
         return engine, model_name or served_name(references[0])
     if model_name is not None:
@@ -534,7 +555,8 @@ def load_served(references: list[str], model_name: str | None, *, max_tokens: in
 
 
 def serve(references: list[str], *, host: str, port: int, model_name: str | None, api_key_env: str | None,
-          max_tokens: int, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE, say=print) -> None:
+          max_tokens: int, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
+          dtype: str | None = None, say=print) -> None:
     """Load `references` (one model, or several runs of one base) and serve them until interrupted.
 
     Raises:
@@ -546,7 +568,10 @@ def serve(references: list[str], *, host: str, port: int, model_name: str | None
     check_port(host, port)
     if len(references) > 1:
         check_servable_together(references)
-    engine, name = load_served(references, model_name, max_tokens=max_tokens, max_batch=max_batch, max_queue=max_queue)
+    if dtype is not None:
+        check_dtype_applies(references)
+    engine, name = load_served(references, model_name, max_tokens=max_tokens, max_batch=max_batch, max_queue=max_queue,
+                               dtype=dtype)
     app = create_app(engine, name, api_key)
     exposed = host not in ("127.0.0.1", "localhost", "::1")
     address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
