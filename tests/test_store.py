@@ -219,3 +219,20 @@ def test_releasing_the_spool_unmaps_its_file_and_reading_maps_it_again():
     assert not mapped()
     assert spool[SPOOL_BATCH_ROWS + 7] == {"number": SPOOL_BATCH_ROWS + 7}
     assert mapped()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_preparing_the_data_leaves_no_spooled_example_mapped(tiny_tokenizer, tiny_recipe, tmp_path, monkeypatch):
+    # Training runs after `prepare`: pages of the spool still mapped then would count in its resident memory.
+    from qlora_cli.core.recipe import load_recipe
+    from qlora_cli.data.prepare import prepare
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(tiny_recipe, ["data.eval_size=2"])
+    method = load_method("sft")
+    datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
+    prepared = prepare(recipe, tiny_tokenizer, tiny_tokenizer.chat_template, datasets, method)
+    assert prepared.train_stats.examples == len(datasets.train) and len(prepared.eval) == 2
+    gc.collect()
+    assert str(datasets.train.spool.path) not in Path("/proc/self/maps").read_text()
+    assert datasets.train[0].location == datasets.train[0].location  # still readable, mapped again
