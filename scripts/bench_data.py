@@ -6,10 +6,10 @@ with `num_proc=2`, on the same generated alpaca files, in one run.
     python scripts/bench_data.py --rows 20000 50000    # smaller, while developing
     python scripts/bench_data.py --rows 1000000 --train-step   # and the first training step at the largest size
 
-Each pipeline runs cold (an empty cache) in its own process. Peak memory is given two ways: the largest
-single process (the kernel's peak RSS of each process of the tree, through wait4) and the whole tree (the
-RSS of the process and all its workers, summed, sampled every 0.1 s; pages the workers share with their
-parent are counted once per process, so this overstates).
+Each pipeline runs cold (an empty cache) in its own process. Peak memory is given three ways: the largest
+single process (the kernel's peak RSS of each process of the tree, through wait4), and the whole tree sampled
+every 0.1 s, as PSS (each page shared between the process and its workers divided among them: what the tree
+takes) and as RSS summed (shared pages counted once per process, so this overstates).
 """
 
 from __future__ import annotations
@@ -87,25 +87,38 @@ def recipe_file(folder: Path, data: Path) -> Path:
     return path
 
 
+def proportional_set_size(pid: int) -> int:
+    """A process's PSS in bytes: its resident pages, each shared page divided among the processes sharing it, so
+    that the PSS of a process tree adds up to the memory it takes (Linux; 0 elsewhere)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    line = next((line for line in text.splitlines() if line.startswith("Pss:")), None)
+    return int(line.split()[1]) * 1024 if line else 0
+
+
 def measure(command: list[str], env: dict[str, str]) -> dict:
     """Run a command; its wall time, exit code, the largest process's peak RSS and the tree's sampled peak."""
     started = time.perf_counter()
     process = psutil.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tree_peak = 0
+    tree_peak = tree_pss_peak = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal tree_peak
+        nonlocal tree_peak, tree_pss_peak
         while not done.is_set():
             try:
                 members = [process, *process.children(recursive=True)]
-                total = 0
+                total = pss = 0
                 for member in members:
                     try:
                         total += member.memory_info().rss
-                    except psutil.Error:
+                        pss += proportional_set_size(member.pid)
+                    except (psutil.Error, OSError):
                         pass
                 tree_peak = max(tree_peak, total)
+                tree_pss_peak = max(tree_pss_peak, pss)
             except psutil.Error:
                 pass
             done.wait(0.1)
@@ -130,6 +143,7 @@ def measure(command: list[str], env: dict[str, str]) -> dict:
         "rc": process.returncode,
         "largest_process_bytes": usage.ru_maxrss * 1024,  # KiB on Linux; covers the waited-for workers too
         "tree_bytes": tree_peak,
+        "tree_pss_bytes": tree_pss_peak,
         "out": "".join(out_chunks),
         "err": "".join(err_chunks),
     }
@@ -170,8 +184,8 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
     print(f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores; load average at start: {os.getloadavg()}")
-    header = (f"{'rows':>9} {'MB':>6} | {'qlora s':>8} {'rows/s':>8} {'GiB':>5} {'tree':>5} | "
-              f"{'datasets s':>10} {'rows/s':>8} {'GiB':>5} {'tree':>5} | {'time ratio':>10}")
+    header = (f"{'rows':>9} {'MB':>6} | {'qlora s':>8} {'rows/s':>8} {'GiB':>5} {'PSS':>5} {'tree':>5} | "
+              f"{'datasets s':>10} {'rows/s':>8} {'GiB':>5} {'PSS':>5} {'tree':>5} | {'time ratio':>10}")
     print(header)
     print("-" * len(header))
     for rows in args.rows:
@@ -186,18 +200,22 @@ def main() -> None:
             if theirs["rc"] != 0:
                 sys.exit(f"the datasets pipeline failed:\n{theirs['err'][-3000:]}")
             print(f"{rows:>9,} {data.stat().st_size / 1e6:>6.0f} | {mine['seconds']:>8.1f} {rows / mine['seconds']:>8,.0f} "
-                  f"{gib(mine['largest_process_bytes']):>5} {gib(mine['tree_bytes']):>5} | "
+                  f"{gib(mine['largest_process_bytes']):>5} {gib(mine['tree_pss_bytes']):>5} {gib(mine['tree_bytes']):>5} | "
                   f"{theirs['seconds']:>10.1f} {rows / theirs['seconds']:>8,.0f} {gib(theirs['largest_process_bytes']):>5} "
-                  f"{gib(theirs['tree_bytes']):>5} | {mine['seconds'] / theirs['seconds']:>9.2f}x", flush=True)
+                  f"{gib(theirs['tree_pss_bytes']):>5} {gib(theirs['tree_bytes']):>5} | "
+                  f"{mine['seconds'] / theirs['seconds']:>9.2f}x", flush=True)
             if args.train_step and rows == max(args.rows):
                 step = ours(recipe, Path(ours_cache), "train", "--set", "training.max_steps=1",
                             "--output-dir", str(Path(ours_cache) / "run"))
                 if step["rc"] != 0:
                     sys.exit(f"qlora train failed:\n{step['err'][-3000:]}")
                 print(f"{'':>9} first training step at {rows:,} rows (tokenization cached): {step['seconds']:.1f} s, "
-                      f"largest process {gib(step['largest_process_bytes'])} GiB, tree {gib(step['tree_bytes'])} GiB")
+                      f"largest process {gib(step['largest_process_bytes'])} GiB, tree PSS {gib(step['tree_pss_bytes'])} GiB, "
+                      f"tree RSS {gib(step['tree_bytes'])} GiB")
     print(f"load average at end: {os.getloadavg()}")
-    print("GiB: the largest single process's peak RSS; tree: the sampled peak of the process and its workers, summed.")
+    print("GiB: the largest single process's peak RSS (the kernel's high-water mark, through wait4); PSS: the sampled "
+          "peak of the PSS of the process and its workers, summed (shared pages counted once: what the tree takes); "
+          "tree: their RSS summed (shared pages once per process: overstates).")
 
 
 if __name__ == "__main__":

@@ -342,3 +342,19 @@ def test_bad_rows_are_reported_in_file_order_with_the_way_to_skip_them(tmp_path)
     assert "data.on_bad_row: skip" in rendered
     positions = [rendered.index(f"rows.jsonl:{line}:") for line in (5, 6, 7)]
     assert positions == sorted(positions)
+
+
+def test_every_row_the_template_cannot_render_is_named_among_rows_it_renders(tiny_tokenizer, tmp_path):
+    # Conversations are rendered in one batch; when the batch fails, each bad row must still be named.
+    picky = "{% for m in messages %}{% if 'Japan' in m['content'] %}{{ raise_exception('no Japan') }}{% endif %}" \
+            "{{ m['role'] + ': ' + m['content'] + '</s>\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    rows = [dict(row) for row in ALPACA_ROWS]
+    with pytest.raises(UserError) as caught:
+        tokenize(tiny_tokenizer, rows, template=picky, tmp_path=tmp_path)
+    problems = caught.value.problems
+    assert len(problems) == 1 and problems[0].line == 3 and "no Japan" in problems[0].message
+    good = [row for row in rows if "Japan" not in row["input"]]
+    tokenized, stats = tokenize(tiny_tokenizer, good, template=picky, tmp_path=tmp_path)
+    assert stats.examples == 3
+    assert [tiny_tokenizer.decode(trained_spans(row["labels"])[0]).strip() for row in tokenized] == \
+        [row["output"] + "</s>" for row in good]

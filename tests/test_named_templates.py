@@ -320,3 +320,12 @@ def test_generation_prompt_is_a_prefix_of_the_full_rendering(tiny_model_dir, nam
     # No template rewrites an earlier turn when a message is added.
     for upto in range(1, len(messages)):
         assert render(upto + 1, False).startswith(render(upto, False))
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_TEMPLATES))
+def test_rendering_many_conversations_at_once_gives_each_ones_own_segments(tiny_tokenizer, name):
+    conversations = [CONVERSATIONS["with_system"], CONVERSATIONS["without_system"], TURNS[:2], [SYSTEM, *TURNS[:2]]]
+    for train_on_prompt in (False, True):
+        one_by_one = [render_segments(tiny_tokenizer, NAMED_TEMPLATES[name], c, train_on_prompt) for c in conversations]
+        at_once = templates.render_segments_batch(tiny_tokenizer, NAMED_TEMPLATES[name], conversations, train_on_prompt)
+        assert at_once == one_by_one

@@ -3,8 +3,10 @@ memory-mapped Arrow file with their lengths beside it, built once however many p
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from conftest import ALPACA_ROWS, CHAT_ROWS, write_jsonl
 from qlora_cli.core.recipe import DataSection
 from qlora_cli.data import store
+from qlora_cli.data.store import SPOOL_BATCH_ROWS, ExampleSpool
 from qlora_cli.data.sources import load_datasets
 from qlora_cli.data.tokenize import TokenizeOptions, tokenize_cached, tokenize_examples
 from qlora_cli.train.methods import load_method
@@ -196,3 +199,40 @@ def test_a_large_tokenization_shows_its_rows_per_second():
     with tokenizing_progress(Console(file=quiet), "Tokenizing")(store.PROGRESS_MIN_ROWS - 1) as progress:
         progress(store.PROGRESS_MIN_ROWS - 1)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_releasing_the_spool_unmaps_its_file_and_reading_maps_it_again():
+    spool = ExampleSpool()
+    for number in range(3 * SPOOL_BATCH_ROWS):
+        spool.append({"number": number})
+    spool.close()
+
+    def mapped() -> bool:
+        return str(spool.path) in Path("/proc/self/maps").read_text()
+
+    assert not mapped()
+    assert [spool[p]["number"] for p in range(0, 3 * SPOOL_BATCH_ROWS, 999)] == list(range(0, 3 * SPOOL_BATCH_ROWS, 999))
+    assert mapped()
+    spool.release_pages()
+    gc.collect()
+    assert not mapped()
+    assert spool[SPOOL_BATCH_ROWS + 7] == {"number": SPOOL_BATCH_ROWS + 7}
+    assert mapped()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_preparing_the_data_leaves_no_spooled_example_mapped(tiny_tokenizer, tiny_recipe, tmp_path, monkeypatch):
+    # Training runs after `prepare`: pages of the spool still mapped then would count in its resident memory.
+    from qlora_cli.core.recipe import load_recipe
+    from qlora_cli.data.prepare import prepare
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(tiny_recipe, ["data.eval_size=2"])
+    method = load_method("sft")
+    datasets = load_datasets(recipe.data, recipe.training.seed, method.read_row)
+    prepared = prepare(recipe, tiny_tokenizer, tiny_tokenizer.chat_template, datasets, method)
+    assert prepared.train_stats.examples == len(datasets.train) and len(prepared.eval) == 2
+    gc.collect()
+    assert str(datasets.train.spool.path) not in Path("/proc/self/maps").read_text()
+    assert datasets.train[0].location == datasets.train[0].location  # still readable, mapped again

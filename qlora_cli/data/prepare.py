@@ -56,6 +56,14 @@ def tokenizing_progress(console: Console | None, what: str):
     return progress
 
 
+def release_pages(examples) -> None:
+    """Unmap the spooled examples after a pass over all of them (`store.ExampleSpool.release_pages`); a plain
+    list has nothing to release."""
+    release = getattr(examples, "release_pages", None)
+    if release is not None:
+        release()
+
+
 def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, method, use_cache: bool = True,
             console: Console | None = None) -> PreparedData:
     """Training and evaluation rows tokenized by the training method, stored memory-mapped; a cached
@@ -65,13 +73,16 @@ def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, method
     with working(console, "Fingerprinting the training rows") if console is not None and len(datasets.train) >= PROGRESS_MIN_ROWS \
             else nullcontext():
         key = cache_key(tokenizer, template, datasets.train, options, method.cache_payload)
+    release_pages(datasets.train)  # before the workers fork, so that they do not share the mapped pages
     train, train_stats, hit = tokenize_cached(method, tokenizer, template, datasets.train, options, folder, key=key,
                                               progress_factory=tokenizing_progress(console, "Tokenizing the training rows"))
+    release_pages(datasets.train)
     eval_rows, eval_stats = [], None
     if datasets.eval:
         eval_rows, eval_stats, _ = tokenize_cached(
             method, tokenizer, template, datasets.eval, options, folder,
             progress_factory=tokenizing_progress(console, "Tokenizing the evaluation rows"))
+        release_pages(datasets.eval)
     return PreparedData(train, eval_rows, train_stats, eval_stats, hit, key)
 
 

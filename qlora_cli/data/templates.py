@@ -8,6 +8,7 @@ the prompt (ending in the generation prompt) is tokenized alone and the reply is
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..core.errors import UserError
@@ -85,13 +86,64 @@ def render_segments(tokenizer, template: str, messages: list[dict], train_on_pro
             (it rewrites earlier turns), so the trained spans cannot be located.
     """
     specials = _special_token_strings(tokenizer) if specials is None else specials
+    # Rendered one at a time as the segments are assembled: the first problem met is the one reported.
+    renders = (_render(tokenizer, template, prefix, generation_prompt) for prefix, generation_prompt in _prefixes(messages))
+    return _segments_of_renders(tokenizer, messages, renders, train_on_prompt, specials)
+
+
+def render_segments_batch(tokenizer, template: str, conversations: list[list[dict]], train_on_prompt: bool = False,
+                          specials: list[str] | None = None) -> list[list[Segment]]:
+    """`render_segments` of many conversations, the same segments, with the template called twice in all (once
+    for every prompt, once for every conversation up to a reply) instead of twice per reply: most of a render's
+    time is the chat template's call itself, not the template.
+
+    Raises:
+        Exception: whatever the template raises for any conversation, or `render_segments`'s ValueError; render
+            the conversations one by one to find which.
+    """
+    specials = _special_token_strings(tokenizer) if specials is None else specials
+    wanted = [_prefixes(messages) for messages in conversations]
+    prompts = [prefix for prefixes in wanted for prefix, generation_prompt in prefixes if generation_prompt]
+    fulls = [prefix for prefixes in wanted for prefix, generation_prompt in prefixes if not generation_prompt]
+    prompt_texts = iter(_render_many(tokenizer, template, prompts, generation_prompt=True))
+    full_texts = iter(_render_many(tokenizer, template, fulls, generation_prompt=False))
+    return [
+        _segments_of_renders(tokenizer, messages,
+                             iter([next(prompt_texts if generation_prompt else full_texts) for _, generation_prompt in prefixes]),
+                             train_on_prompt, specials)
+        for messages, prefixes in zip(conversations, wanted)
+    ]
+
+
+def _render_many(tokenizer, template: str, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
+    if not conversations:
+        return []
+    # A batch is told from one conversation by its first item being a list; an empty prefix would be neither.
+    if any(not conversation for conversation in conversations):
+        return [_render(tokenizer, template, conversation, generation_prompt) for conversation in conversations]
+    return list(tokenizer.apply_chat_template(
+        conversations, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt))
+
+
+def _prefixes(messages: list[dict]) -> list[tuple[list[dict], bool]]:
+    """What is rendered to locate the replies: for each assistant message, the conversation before it with the
+    generation prompt, then the conversation up to and including it."""
+    wanted = []
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            wanted += [(messages[:index], True), (messages[: index + 1], False)]
+    return wanted
+
+
+def _segments_of_renders(tokenizer, messages: list[dict], renders: Iterator[str], train_on_prompt: bool,
+                         specials: list[str]) -> list[Segment]:
+    """The segments of a conversation from its `_prefixes` rendered, in that order."""
     segments: list[Segment] = []
     rendered = ""
-    for index, message in enumerate(messages):
+    for message in messages:
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, template, messages[:index], generation_prompt=True)
-        full = _render(tokenizer, template, messages[: index + 1], generation_prompt=False)
+        prompt, full = next(renders), next(renders)
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise ValueError(
                 "the chat template rewrites earlier turns when a message is added, so replies cannot be "

@@ -20,7 +20,7 @@ from transformers import DataCollatorWithFlattening
 
 from ..core.errors import UserError
 from .formats import Example
-from .templates import Segment, render_segments, special_token_strings
+from .templates import Segment, render_segments, render_segments_batch, special_token_strings
 
 IGNORE_INDEX = -100
 CACHE_VERSION = 2  # 2: rows stored as Arrow, lengths beside them (data/store.py)
@@ -195,6 +195,30 @@ def truncate(input_ids: list[int], labels: list[int], options: TokenizeOptions, 
     return input_ids[:limit], labels[:limit]
 
 
+def _rendered(tokenizer, template: str, examples: list[Example], train_on_prompt: bool):
+    """(example, segments) of every example that renders, and a problem for each one that does not.
+
+    The conversations are rendered in one batch (`render_segments_batch`); only when the batch fails are they
+    rendered one by one, to name every row the template cannot render.
+    """
+    specials = special_token_strings(tokenizer)
+    try:
+        batch = iter(render_segments_batch(tokenizer, template, [e.messages for e in examples if e.messages is not None],
+                                           train_on_prompt, specials))
+    except Exception:  # a Jinja template is user input: any failure is theirs to fix, row by row below
+        batch = None
+    if batch is not None:
+        return [(example, next(batch) if example.messages is not None else
+                 segments_of(tokenizer, template, example, train_on_prompt, specials)) for example in examples], []
+    rendered, problems = [], []
+    for example in examples:
+        try:
+            rendered.append((example, segments_of(tokenizer, template, example, train_on_prompt, specials)))
+        except Exception as error:
+            problems.append(example.location.problem(f"the chat template cannot render this row: {error}"))
+    return rendered, problems
+
+
 def tokenize_examples(
     tokenizer, template: str, examples: list[Example], options: TokenizeOptions
 ) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
@@ -208,14 +232,7 @@ def tokenize_examples(
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     stats = TokenizeStats()
     rows: list[dict[str, list[int]]] = []
-    problems = []
-    rendered: list[tuple[Example, list[Segment]]] = []
-    specials = special_token_strings(tokenizer)
-    for example in examples:
-        try:
-            rendered.append((example, segments_of(tokenizer, template, example, options.train_on_prompt, specials)))
-        except Exception as error:  # a Jinja template is user input: any failure is theirs to fix
-            problems.append(example.location.problem(f"the chat template cannot render this row: {error}"))
+    rendered, problems = _rendered(tokenizer, template, examples, options.train_on_prompt)
     if problems:
         raise UserError(problems[:20], title=f"{len(problems)} row(s) cannot be rendered with the chat template:")
     encoded = encode_batch(tokenizer, [segments for _, segments in rendered], bos_id=bos_id)
