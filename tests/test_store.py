@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -37,6 +40,50 @@ def test_examples_are_read_from_the_spool_in_mixed_order(tmp_path):
     assert texts[:3] == [e.segments[0].text for e in view[:3]] and view[-1].segments[0].text == texts[-1]
     assert len(set(texts)) == 9_900  # every kept row once, half of them twice
     assert not {e.segments[0].text for e in datasets.eval} & set(texts)
+
+
+KEY_SCRIPT = """
+import sys
+from qlora_cli.core.recipe import DataSection
+from qlora_cli.data.sources import load_datasets
+from qlora_cli.data.tokenize import TokenizeOptions, cache_key
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+view = load_datasets(DataSection(train=[{"path": sys.argv[2], "weight": 1.5}], eval_size=2), seed=0).train
+print(cache_key(tokenizer, tokenizer.chat_template, view, TokenizeOptions(max_seq_len=64), ""))
+"""
+
+
+def test_the_cache_key_hashes_the_examples_as_read_without_a_pass_over_them(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                            monkeypatch):
+    from qlora_cli.data.tokenize import cache_key
+
+    rows = ALPACA_ROWS + CHAT_ROWS
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+
+    def key_of(data_path, seed=0, tag="", process=False):
+        if process:  # another interpreter, with its own hash seed
+            env = {**os.environ, "PYTHONHASHSEED": "random"}
+            return subprocess.run([sys.executable, "-c", KEY_SCRIPT, str(tiny_model_dir), str(data_path)], env=env,
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        view = load_datasets(DataSection(train=[{"path": data_path, "weight": 1.5}], eval_size=2), seed=seed).train
+        return cache_key(tiny_tokenizer, tiny_tokenizer.chat_template, view, TokenizeOptions(max_seq_len=64), tag)
+
+    key = key_of(path)
+    assert key == key_of(path, process=True)
+    # The spool keeps each example's digest: the key reads no example back.
+    monkeypatch.setattr(ExampleSpool, "__getitem__", lambda self, position: pytest.fail("an example was read"))
+    assert key_of(path) == key
+    monkeypatch.undo()
+    changed = [dict(rows[0], output=rows[0]["output"] + "!"), *rows[1:]]
+    assert key_of(write_jsonl(tmp_path / "b.jsonl", changed)) != key
+    assert key_of(path, seed=1) != key  # other rows held out, another order
+    assert key_of(path, tag="kto") != key
+    # A list of the same examples has the same key as the spool's view of them.
+    view = load_datasets(DataSection(train=[{"path": path, "weight": 1.5}], eval_size=2), seed=0).train
+    options = TokenizeOptions(max_seq_len=64)
+    assert cache_key(tiny_tokenizer, tiny_tokenizer.chat_template, list(view), options, "") == key
 
 
 def test_rows_are_stored_memory_mapped_with_their_lengths(tiny_tokenizer, examples, tmp_path):

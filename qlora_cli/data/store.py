@@ -15,6 +15,7 @@ it while the others (the ranks of a distributed run, or a second run started mea
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import multiprocessing
 import os
@@ -42,12 +43,31 @@ PARALLEL_MIN_ROWS = 20_000  # below this, starting worker processes costs more t
 PROGRESS_MIN_ROWS = 10_000  # about the rows tokenized in a few seconds on one core
 ROWS_FILE, LENGTHS_FILE, STATS_FILE = "rows.arrow", "lengths.npy", "stats.json"
 DEFAULT_COLUMNS = ("input_ids", "labels")
+DIGEST_BYTES = 16  # of each example's digest (`example_digests`)
 
 
 def _remove_folder(folder: str, owner: int) -> None:
     # A forked worker inherits the spool object; only the process that made the folder removes it.
     if os.getpid() == owner:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def pickled(example: Any) -> bytes:
+    return pickle.dumps(example, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def digest_of(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def example_digests(examples: Sequence) -> bytes:
+    """A digest of each example as it was read (its pickle: its content and where its row is), end to end, in
+    order: what the tokenization cache key hashes of the examples. A spool keeps the digests of the examples it
+    was given, so that a key costs no pass over them; those of a list are computed here."""
+    stored = getattr(examples, "digests", None)
+    if stored is not None:
+        return stored()
+    return b"".join(digest_of(pickled(example)) for example in examples)
 
 
 class ExampleSpool:
@@ -62,12 +82,16 @@ class ExampleSpool:
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._closed = False
         self._batches: list[pa.Array] | None = None  # the file's record batches, mapped when first read
+        self._digests = bytearray()  # each example's digest, in order; a table once closed
+        self._digest_table: np.ndarray | None = None
         self.count = 0
 
     def append(self, example: Any) -> int:
         """Add an example; returns its position."""
         assert not self._closed, "the spool is closed"
-        self._pending.append(pickle.dumps(example, protocol=pickle.HIGHEST_PROTOCOL))
+        data = pickled(example)
+        self._pending.append(data)
+        self._digests += digest_of(data)
         self.count += 1
         if len(self._pending) == SPOOL_BATCH_ROWS:
             self._flush()
@@ -88,8 +112,15 @@ class ExampleSpool:
             self._flush()
             if self._writer is not None:
                 self._writer.close()
+            self._digest_table = np.frombuffer(bytes(self._digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+            self._digests = bytearray()
             self._closed = True
         return self
+
+    def digests(self, positions: np.ndarray) -> bytes:
+        """The digests of the examples at `positions`, in that order, end to end (`digest_of`)."""
+        assert self._closed, "the spool is still being written"
+        return self._digest_table[positions].tobytes()
 
     def _mapped(self) -> list[pa.Array]:
         assert self._closed, "the spool is still being written"
@@ -130,6 +161,10 @@ class ExampleView(Sequence):
     def __iter__(self) -> Iterator[Any]:
         for position in self.positions:
             yield self.spool[position]
+
+    def digests(self) -> bytes:
+        """See `example_digests`."""
+        return self.spool.digests(self.positions)
 
     def release_pages(self) -> None:
         """See `ExampleSpool.release_pages`."""

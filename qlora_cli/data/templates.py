@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..core import compat
 from ..core.errors import UserError
 from .named_templates import GUANACO_TEMPLATE, NAMED_TEMPLATES
 
@@ -121,8 +122,7 @@ def _render_many(tokenizer, template: str, conversations: list[list[dict]], gene
     # A batch is told from one conversation by its first item being a list; an empty prefix would be neither.
     if any(not conversation for conversation in conversations):
         return [_render(tokenizer, template, conversation, generation_prompt) for conversation in conversations]
-    return list(tokenizer.apply_chat_template(
-        conversations, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt))
+    return compat.render_chat_template(tokenizer, template, conversations, generation_prompt)
 
 
 def _prefixes(messages: list[dict]) -> list[tuple[list[dict], bool]]:

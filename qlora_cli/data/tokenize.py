@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from itertools import chain
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,10 +20,11 @@ from transformers import DataCollatorWithFlattening
 
 from ..core.errors import UserError
 from .formats import Example
+from .store import example_digests
 from .templates import Segment, render_segments, render_segments_batch, special_token_strings
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 2  # 2: rows stored as Arrow, lengths beside them (data/store.py)
+CACHE_VERSION = 3  # 2: rows stored as Arrow, lengths beside them (data/store.py); 3: examples hashed as read
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -261,17 +262,16 @@ def tokenize_examples(
 # ---------------------------------------------------------------------------------------------
 # Cache: a second run of the same data, tokenizer, template and options does not tokenize again.
 
-def cache_key(tokenizer, template: str, examples: list, options: TokenizeOptions, payload: Callable[[Any], list]) -> str:
-    """The cache key of tokenizing `examples`: the options, the template, the tokenizer and what `payload` (the
-    training method's) says of each example decides its tokens."""
+def cache_key(tokenizer, template: str, examples: Sequence, options: TokenizeOptions, method_tag: str) -> str:
+    """The cache key of tokenizing `examples`: the options, the template, the tokenizer, the examples as they were
+    read (`store.example_digests`) and the training method's `cache_tag`."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_VERSION, template, asdict(options)]).encode())
+    digest.update(json.dumps([CACHE_VERSION, template, asdict(options), method_tag]).encode())
     # The tokenizer's full serialization, so a changed vocabulary or normalizer is a new key.
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer_adds_bos(tokenizer)]).encode())
-    for example in examples:
-        digest.update(json.dumps(payload(example)).encode())
+    digest.update(example_digests(examples))
     return digest.hexdigest()[:24]
 
 
@@ -291,7 +291,7 @@ def tokenize_cached(method, tokenizer, template: str, examples, options: Tokeniz
     from .store import tokenize_stored
 
     if cache_folder is not None and key is None:
-        key = cache_key(tokenizer, template, examples, options, method.cache_payload)
+        key = cache_key(tokenizer, template, examples, options, method.cache_tag)
     return tokenize_stored(method, tokenizer, template, examples, options, cache_folder, key, progress_factory)
 
 

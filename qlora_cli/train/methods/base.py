@@ -25,9 +25,9 @@ class TrainingMethod(Protocol):
             data.formats.RowError: the row is unusable; the message says why (its location is added by the caller).
         """
 
-    def cache_payload(self, example: Any) -> list:
-        """What of an example decides its tokenization (JSON-serializable), for the tokenization cache key;
-        its first item names the example type, so that two methods' examples never share a key."""
+    # What besides the examples, the tokenizer, the template and the options decides the rows `tokenize` makes,
+    # for the tokenization cache key ("" for nothing): the examples are hashed as read, their type included.
+    cache_tag: str
 
     # --- tokenization and batching ----------------------------------------------------------------
     def tokenize(self, tokenizer, template: str, examples: list, options: TokenizeOptions) -> tuple[list[Row], TokenizeStats]:
