@@ -70,32 +70,24 @@ def example_digests(examples: Sequence) -> bytes:
     return b"".join(digest_of(pickled(example)) for example in examples)
 
 
-class ExampleSpool:
-    """Examples written once, in order, then read back by position: pickled into an Arrow file that is
-    memory-mapped for reading, in a private temporary folder removed with the object (or at exit)."""
+class SpoolFile:
+    """Examples pickled, a record batch of SPOOL_BATCH_ROWS at a time, into one Arrow file, each one's digest kept
+    (`digest_of`): a spool's part, written by the spool itself or by a worker reading a piece of a file."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="qlora-examples-"))
-        self.path = self.folder / "examples.arrow"
-        self._finalizer = weakref.finalize(self, _remove_folder, str(self.folder), os.getpid())
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digests = bytearray()
+        self.count = 0
         self._pending: list[bytes] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
-        self._closed = False
-        self._batches: list[pa.Array] | None = None  # the file's record batches, mapped when first read
-        self._digests = bytearray()  # each example's digest, in order; a table once closed
-        self._digest_table: np.ndarray | None = None
-        self.count = 0
 
-    def append(self, example: Any) -> int:
-        """Add an example; returns its position."""
-        assert not self._closed, "the spool is closed"
+    def append(self, example: Any) -> None:
         data = pickled(example)
         self._pending.append(data)
-        self._digests += digest_of(data)
+        self.digests += digest_of(data)
         self.count += 1
         if len(self._pending) == SPOOL_BATCH_ROWS:
             self._flush()
-        return self.count - 1
 
     def _flush(self) -> None:
         if not self._pending:
@@ -106,14 +98,67 @@ class ExampleSpool:
         self._writer.write_batch(batch)
         self._pending = []
 
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class ExampleSpool:
+    """Examples written once, in order, then read back by position: pickled into Arrow files (`SpoolFile`, one
+    after another) that are memory-mapped for reading, in a private temporary folder removed with the object (or
+    at exit). Besides those it appends, it takes whole files written by others (`adopt`), in their place."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="qlora-examples-"))
+        self._finalizer = weakref.finalize(self, _remove_folder, str(self.folder), os.getpid())
+        self._parts: list[SpoolFile] = []  # finished, in order
+        self._writing: SpoolFile | None = None
+        self._closed = False
+        self._batches: list[list[pa.Array]] | None = None  # each part's record batches, mapped when first read
+        self._starts = np.zeros(1, dtype=np.int64)  # each part's first position, once closed
+        self._digest_table: np.ndarray | None = None
+        self.count = 0
+
+    def new_file(self) -> SpoolFile:
+        """A new file in the spool's folder (for another process to write, then `adopt`)."""
+        handle, path = tempfile.mkstemp(dir=self.folder, suffix=".arrow")
+        os.close(handle)
+        return SpoolFile(Path(path))
+
+    def append(self, example: Any) -> int:
+        """Add an example; returns its position."""
+        assert not self._closed, "the spool is closed"
+        if self._writing is None:
+            self._writing = self.new_file()
+        self._writing.append(example)
+        self.count += 1
+        return self.count - 1
+
+    def adopt(self, part: SpoolFile) -> None:
+        """Add the examples of a closed file of `new_file`'s, after those added so far."""
+        assert not self._closed, "the spool is closed"
+        self._finish_writing()
+        self._parts.append(part)
+        self.count += part.count
+
+    def _finish_writing(self) -> None:
+        if self._writing is not None:
+            self._writing.close()
+            self._parts.append(self._writing)
+            self._writing = None
+
     def close(self) -> "ExampleSpool":
         """Finish writing; the examples can then be read."""
         if not self._closed:
-            self._flush()
-            if self._writer is not None:
-                self._writer.close()
-            self._digest_table = np.frombuffer(bytes(self._digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
-            self._digests = bytearray()
+            self._finish_writing()
+            self._parts = [part for part in self._parts if part.count]
+            self._starts = np.cumsum([0] + [part.count for part in self._parts], dtype=np.int64)
+            digests = b"".join(bytes(part.digests) for part in self._parts)
+            self._digest_table = np.frombuffer(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+            for part in self._parts:
+                part.digests = bytearray()
             self._closed = True
         return self
 
@@ -122,25 +167,26 @@ class ExampleSpool:
         assert self._closed, "the spool is still being written"
         return self._digest_table[positions].tobytes()
 
-    def _mapped(self) -> list[pa.Array]:
+    def _mapped(self) -> list[list[pa.Array]]:
         assert self._closed, "the spool is still being written"
         if self._batches is None:
-            if self._writer is None:
-                self._batches = []
-            else:
-                reader = pa.ipc.open_file(pa.memory_map(str(self.path)))
-                self._batches = [reader.get_batch(i).column(0) for i in range(reader.num_record_batches)]
+            self._batches = []
+            for part in self._parts:
+                reader = pa.ipc.open_file(pa.memory_map(str(part.path)))
+                self._batches.append([reader.get_batch(i).column(0) for i in range(reader.num_record_batches)])
         return self._batches
 
     def release_pages(self) -> None:
-        """Unmap the file until it is next read. A pass over every example (fingerprinting, tokenizing) maps
-        all of its pages, and mapped file pages count in the process's resident memory until unmapped: a third
-        of a gigabyte for a million alpaca rows, held through training otherwise."""
+        """Unmap the files until they are next read. A pass over every example (tokenizing) maps all of their
+        pages, and mapped file pages count in the process's resident memory until unmapped: a third of a gigabyte
+        for a million alpaca rows, held through training otherwise."""
         self._batches = None
 
     def __getitem__(self, position: int) -> Any:
-        batch, offset = divmod(int(position), SPOOL_BATCH_ROWS)
-        return pickle.loads(self._mapped()[batch][offset].as_py())
+        position = int(position)
+        part = int(np.searchsorted(self._starts, position, side="right")) - 1
+        batch, offset = divmod(position - int(self._starts[part]), SPOOL_BATCH_ROWS)
+        return pickle.loads(self._mapped()[part][batch][offset].as_py())
 
 
 class ExampleView(Sequence):
@@ -274,6 +320,8 @@ def tokenize_chunk(method, tokenizer, template: str, examples: list, options) ->
         rows, stats = method.tokenize(tokenizer, template, examples, options)
     except UserError as error:  # returned, not raised: the parent raises it with every problem intact
         return Chunk(None, np.zeros(0, np.int32), None, error.problems, error.title)
+    if isinstance(rows, pa.RecordBatch):
+        return Chunk(rows if rows.num_rows else None, np.asarray(method.row_lengths(rows), dtype=np.int32), stats)
     lengths = np.fromiter((method.row_length(row) for row in rows), dtype=np.int32, count=len(rows))
     return Chunk(_record_batch(rows), lengths, stats)
 
@@ -302,11 +350,11 @@ def worker_count(rows: int) -> int:
 
 
 @contextmanager
-def _old_objects_frozen():
-    """Python's cycle collector, run often while tokenizing makes many small objects, otherwise walks at each
-    full pass every object the process holds (the libraries' too): about a fifth of the tokenization time.
-    Frozen, they are skipped, in this process and in the workers forked from it (whose pages the walk would
-    also copy)."""
+def old_objects_frozen():
+    """Python's cycle collector, run often while reading or tokenizing makes many small objects, otherwise walks at
+    each full pass every object the process holds (the libraries' too): about a fifth of the tokenization time,
+    an eighth of the reading. Frozen, they are skipped, in this process and in the workers forked from it (whose
+    pages the walk would also copy)."""
     gc.freeze()
     try:
         yield
@@ -364,7 +412,7 @@ def build(folder: Path, method, tokenizer, template: str, examples: Sequence, op
     stats = TokenizeStats()
     lengths: list[np.ndarray] = []
     writer = None
-    with pa.OSFile(str(folder / ROWS_FILE), "wb") as sink, _old_objects_frozen():
+    with pa.OSFile(str(folder / ROWS_FILE), "wb") as sink, old_objects_frozen():
         for done, chunk in _chunks(method, tokenizer, template, examples, options):
             if chunk.problems is not None:
                 raise UserError(chunk.problems, title=chunk.title)

@@ -225,6 +225,9 @@ class PreferenceMethod:
     def row_length(self, row) -> int:
         return max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
 
+    def row_lengths(self, batch) -> list[int]:
+        return [self.row_length(row) for row in batch.to_pylist()]
+
     def collator(self, tokenizer, data):
         return PairBatch(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                          self.share_prompts)

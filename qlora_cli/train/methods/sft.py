@@ -8,10 +8,12 @@ projects only the trained positions onto the vocabulary, in chunks (train/loss.p
 
 from __future__ import annotations
 
+import numpy as np
+
 from ...core import compat
 from ...core.recipe import DataSection
 from ...data.formats import Example, to_example
-from ...data.tokenize import PackBatch, PadToLongest, tokenize_examples
+from ...data.tokenize import PackBatch, PadToLongest, tokenize_to_arrow
 from ..loss import head_only_loss, output_head
 
 
@@ -28,10 +30,13 @@ class Method:
 
 
     def tokenize(self, tokenizer, template, examples, options):
-        return tokenize_examples(tokenizer, template, examples, options)
+        return tokenize_to_arrow(tokenizer, template, examples, options)
 
     def row_length(self, row) -> int:
         return len(row["input_ids"])
+
+    def row_lengths(self, batch):
+        return np.diff(batch.column("input_ids").offsets.to_numpy())
 
     def collator(self, tokenizer, data: DataSection):
         return PackBatch() if data.packing else PadToLongest(tokenizer.pad_token_id)
