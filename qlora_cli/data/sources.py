@@ -111,7 +111,7 @@ def reading_workers(source: DataSource) -> int:
     return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-_READING: tuple | None = None  # (source, read_row, spool) of this reading worker
+_READING: tuple | None = None  # (source, read_row, the spool's folder) of this reading worker
 
 
 def _start_reader(reading: tuple) -> None:
@@ -121,8 +121,8 @@ def _start_reader(reading: tuple) -> None:
 
 def _read_piece(start: int, stop: int, first_line: int) -> tuple[SpoolFile, list[Problem]]:
     """A worker's piece of a JSON Lines file, read and checked into a file of the spool's (`check_source`)."""
-    source, read_row, spool = _READING
-    part = spool.new_file()
+    source, read_row, folder = _READING
+    part = SpoolFile.new(folder)
     path = Path(source.path)
     problems, _ = _check_rows(iter_jsonl_piece(path, str(path), start, stop, first_line), source, read_row, part.append)
     part.close()
@@ -138,7 +138,7 @@ def _spool_in_pieces(source: DataSource, read_row: ReadRow, spool: ExampleSpool,
     problems: list[Problem] = []
     kept = 0
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_reader,
-                             initargs=((source, read_row, spool),)) as pool:
+                             initargs=((source, read_row, spool.folder),)) as pool:
         for part, bad in pool.map(_read_piece, *zip(*pieces)):
             spool.adopt(part)
             problems += bad

@@ -74,6 +74,13 @@ class SpoolFile:
     """Examples pickled, a record batch of SPOOL_BATCH_ROWS at a time, into one Arrow file, each one's digest kept
     (`digest_of`): a spool's part, written by the spool itself or by a worker reading a piece of a file."""
 
+    @classmethod
+    def new(cls, folder: Path) -> "SpoolFile":
+        """A file of a new name in `folder`."""
+        handle, path = tempfile.mkstemp(dir=folder, suffix=".arrow")
+        os.close(handle)
+        return cls(Path(path))
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.digests = bytearray()
@@ -121,23 +128,17 @@ class ExampleSpool:
         self._digest_table: np.ndarray | None = None
         self.count = 0
 
-    def new_file(self) -> SpoolFile:
-        """A new file in the spool's folder (for another process to write, then `adopt`)."""
-        handle, path = tempfile.mkstemp(dir=self.folder, suffix=".arrow")
-        os.close(handle)
-        return SpoolFile(Path(path))
-
     def append(self, example: Any) -> int:
         """Add an example; returns its position."""
         assert not self._closed, "the spool is closed"
         if self._writing is None:
-            self._writing = self.new_file()
+            self._writing = SpoolFile.new(self.folder)
         self._writing.append(example)
         self.count += 1
         return self.count - 1
 
     def adopt(self, part: SpoolFile) -> None:
-        """Add the examples of a closed file of `new_file`'s, after those added so far."""
+        """Add the examples of a closed `SpoolFile` in the spool's folder (another process's), after those added so far."""
         assert not self._closed, "the spool is closed"
         self._finish_writing()
         self._parts.append(part)
@@ -314,11 +315,15 @@ def _record_batch(rows: list[dict[str, list[int]]]) -> pa.RecordBatch | None:
     return pa.record_batch([pa.array([row[name] for row in rows], type=kind) for name in names], names=names)
 
 
-def tokenize_chunk(method, tokenizer, template: str, examples: list, options) -> Chunk:
-    """The training method's tokenization of a few examples, in the form the store writes."""
+def tokenize_chunk(method, tokenizer, template: str, examples: Sequence, start: int, stop: int, options) -> Chunk:
+    """The training method's tokenization of `examples[start:stop]`, in the form the store writes."""
+    with collector_paused():
+        return _tokenized(method, tokenizer, template, examples[start:stop], options)
+
+
+def _tokenized(method, tokenizer, template: str, examples: list, options) -> Chunk:
     try:
-        with collector_paused():
-            rows, stats = method.tokenize(tokenizer, template, examples, options)
+        rows, stats = method.tokenize(tokenizer, template, examples, options)
     except UserError as error:  # returned, not raised: the parent raises it with every problem intact
         return Chunk(None, np.zeros(0, np.int32), None, error.problems, error.title)
     if isinstance(rows, pa.RecordBatch):
@@ -337,7 +342,7 @@ def _start_worker(work: tuple) -> None:
 
 def _work_on(start: int, stop: int) -> Chunk:
     method, tokenizer, template, examples, options = _WORK
-    return tokenize_chunk(method, tokenizer, template, examples[start:stop], options)
+    return tokenize_chunk(method, tokenizer, template, examples, start, stop, options)
 
 
 def usable_cores() -> int:
@@ -352,9 +357,10 @@ def worker_count(rows: int) -> int:
 
 @contextmanager
 def collector_paused():
-    """No cycle collection within. Tokenizing a chunk makes a hundred thousand small tuples (the tokens' character
-    offsets) that die with the chunk, freed by their reference counts; the collector would walk them again and
-    again meanwhile: an eighth of the tokenization time. What cycles a chunk leaves are collected after it."""
+    """No cycle collection within. Reading and tokenizing a chunk makes a hundred thousand small objects (the
+    examples, the tokens' character offsets) that die with the chunk, freed by their reference counts; the collector
+    would walk them again and again meanwhile: an eighth of the tokenization time. What cycles a chunk leaves are
+    collected after it."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -383,7 +389,7 @@ def _chunks(method, tokenizer, template: str, examples: Sequence, options) -> It
     workers = worker_count(len(examples))
     if workers == 1:
         for start, stop in bounds:
-            yield stop, tokenize_chunk(method, tokenizer, template, examples[start:stop], options)
+            yield stop, tokenize_chunk(method, tokenizer, template, examples, start, stop, options)
         return
     # Fork where there is one: the workers inherit the tokenizer, the method and the spool without pickling.
     # The tokenizer's own thread pool would only compete with the other workers for the same cores.

@@ -8,8 +8,10 @@ the prompt (ending in the generation prompt) is tokenized alone and the reply is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..core import compat
 from ..core.errors import UserError
@@ -68,13 +70,17 @@ def split_reply(reply_text: str, content: str, special_tokens: list[str], eos_to
     stripped = content.strip()
     start = reply_text.find(stripped) if stripped else -1
     content_end = start + len(stripped) if start >= 0 else len(reply_text.rstrip())
-    ends = [(reply_text.find(tok, content_end), tok) for tok in special_tokens]
-    ends = [(index, tok) for index, tok in ends if index >= 0]
-    if ends:
-        index, token = min(ends)
-        cut = index + len(token)
-        return reply_text[:cut], reply_text[cut:]
+    found = _any_of(tuple(special_tokens)).search(reply_text, content_end) if special_tokens else None
+    if found is not None:
+        return reply_text[:found.end()], reply_text[found.end():]
     return reply_text[:content_end] + eos_token, reply_text[content_end:]
+
+
+@lru_cache(maxsize=16)
+def _any_of(tokens: tuple[str, ...]) -> re.Pattern:
+    """A pattern for the first of `tokens` in a text; of several starting at the same place, the one that sorts
+    first."""
+    return re.compile("|".join(re.escape(token) for token in sorted(tokens)))
 
 
 def render_segments(tokenizer, template: str, messages: list[dict], train_on_prompt: bool = False,
