@@ -1,12 +1,14 @@
 """Data that does not fit in Python objects: examples spooled to disk, tokenized rows stored memory-mapped.
 
-Memory stays flat as the data grows. Checked examples are pickled, a batch at a time, into an Arrow file in a
-private temporary folder (`ExampleSpool`); the training and evaluation examples are views of it
-(`ExampleView`: the spool and an array of positions). Tokenization runs a chunk of examples at a time, in
-worker processes over the CPU's cores, and each chunk's rows go straight into an Arrow file (`rows.arrow`) that
-`datasets` memory-maps; each row's length (the training method's `row_length`) goes into `lengths.npy`, which is
-what the sampler, length grouping and the statistics read. The rows are whatever named int lists the method's
-`tokenize` returns (`input_ids`/`labels` for SFT, others for other methods).
+Memory stays flat as the data grows. Checked examples are pickled, a batch at a time, into Arrow files in a
+private temporary folder (`ExampleSpool`; a large file's pieces are read by worker processes, each into a file of
+its own that the spool adopts in order), with a digest of each (what the tokenization cache key hashes); the
+training and evaluation examples are views of the spool (`ExampleView`: the spool and an array of positions).
+Tokenization runs a chunk of examples at a time, in worker processes over the CPU's cores, and each chunk's rows
+go straight into an Arrow file (`rows.arrow`) that `datasets` memory-maps; each row's length (the training
+method's `row_length`) goes into `lengths.npy`, which is what the sampler, length grouping and the statistics
+read. The rows are whatever named int lists the method's `tokenize` returns (`input_ids`/`labels` for SFT, others
+for other methods), as dicts or already as a record batch.
 
 A cache entry is a folder named by the cache key, published by one rename; a file lock makes one process build
 it while the others (the ranks of a distributed run, or a second run started meanwhile) wait and then map it.
