@@ -617,11 +617,9 @@ def test_chat_templates_render_as_apply_chat_template_renders_them(tiny_tokenize
 def test_a_chat_template_that_renders_otherwise_falls_back_to_apply_chat_template(tiny_tokenizer, monkeypatch):
     import transformers.utils.chat_template_utils as chat_template_utils
 
-    class Shouting:
-        def render(self, **variables):
-            return "".join(m["content"].upper() for m in variables["messages"])
-
-    monkeypatch.setattr(chat_template_utils, "_compile_jinja_template", lambda template: Shouting())
+    compile_template = chat_template_utils._compile_jinja_template
+    shouting = compile_template("{% for message in messages %}{{ message['content'] | upper }}{% endfor %}")
+    monkeypatch.setattr(chat_template_utils, "_compile_jinja_template", lambda template: shouting)
     conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]] * 3
     expected = tiny_tokenizer.apply_chat_template(conversations, tokenize=False)
     assert compat.render_chat_template(tiny_tokenizer, tiny_tokenizer.chat_template, conversations, False) == expected
