@@ -5,6 +5,7 @@ with `num_proc=2`, on the same generated alpaca files, in one run.
     python scripts/bench_data.py                       # 50k, 200k and 1M rows
     python scripts/bench_data.py --rows 20000 50000    # smaller, while developing
     python scripts/bench_data.py --rows 1000000 --train-step   # and the first training step at the largest size
+    python scripts/bench_data.py --rows 300000 --repeat 5      # five pairs of runs, and their median time ratio
 
 Each pipeline runs cold (an empty cache) in its own process. Peak memory is given three ways: the largest
 single process (the kernel's peak RSS of each process of the tree, through wait4), and the whole tree sampled
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,6 +175,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "qlora-bench-data",
                         help="where the generated files are kept between runs")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run both pipelines this many times at each size, alternating which goes first, and print "
+                             "the median time ratio (the machine's speed drifts between runs)")
     parser.add_argument("--train-step", action="store_true",
                         help="also train one step on the largest file (its tokenization cached by the preview)")
     args = parser.parse_args()
@@ -191,27 +196,39 @@ def main() -> None:
     for rows in args.rows:
         data = alpaca_file(args.folder, rows)
         recipe = recipe_file(args.folder, data)
-        with tempfile.TemporaryDirectory(prefix="bench-ours-") as ours_cache, \
-                tempfile.TemporaryDirectory(prefix="bench-datasets-") as theirs_cache:
-            mine = ours(recipe, Path(ours_cache), "data", "preview", "-n", "1")
-            if mine["rc"] != 0:
-                sys.exit(f"qlora data preview failed:\n{mine['err'][-3000:]}")
-            theirs = baseline(data, model, Path(theirs_cache))
-            if theirs["rc"] != 0:
-                sys.exit(f"the datasets pipeline failed:\n{theirs['err'][-3000:]}")
-            print(f"{rows:>9,} {data.stat().st_size / 1e6:>6.0f} | {mine['seconds']:>8.1f} {rows / mine['seconds']:>8,.0f} "
-                  f"{gib(mine['largest_process_bytes']):>5} {gib(mine['tree_pss_bytes']):>5} {gib(mine['tree_bytes']):>5} | "
-                  f"{theirs['seconds']:>10.1f} {rows / theirs['seconds']:>8,.0f} {gib(theirs['largest_process_bytes']):>5} "
-                  f"{gib(theirs['tree_pss_bytes']):>5} {gib(theirs['tree_bytes']):>5} | "
-                  f"{mine['seconds'] / theirs['seconds']:>9.2f}x", flush=True)
-            if args.train_step and rows == max(args.rows):
-                step = ours(recipe, Path(ours_cache), "train", "--set", "training.max_steps=1",
-                            "--output-dir", str(Path(ours_cache) / "run"))
-                if step["rc"] != 0:
-                    sys.exit(f"qlora train failed:\n{step['err'][-3000:]}")
-                print(f"{'':>9} first training step at {rows:,} rows (tokenization cached): {step['seconds']:.1f} s, "
-                      f"largest process {gib(step['largest_process_bytes'])} GiB, tree PSS {gib(step['tree_pss_bytes'])} GiB, "
-                      f"tree RSS {gib(step['tree_bytes'])} GiB")
+        ratios = []
+        for repeat in range(args.repeat):
+            with tempfile.TemporaryDirectory(prefix="bench-ours-") as ours_cache, \
+                    tempfile.TemporaryDirectory(prefix="bench-datasets-") as theirs_cache:
+                # Alternated, so that neither pipeline always runs first on a machine whose speed drifts.
+                runs = {}
+                for which in (("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours")):
+                    if which == "ours":
+                        runs[which] = ours(recipe, Path(ours_cache), "data", "preview", "-n", "1")
+                        if runs[which]["rc"] != 0:
+                            sys.exit(f"qlora data preview failed:\n{runs[which]['err'][-3000:]}")
+                    else:
+                        runs[which] = baseline(data, model, Path(theirs_cache))
+                        if runs[which]["rc"] != 0:
+                            sys.exit(f"the datasets pipeline failed:\n{runs[which]['err'][-3000:]}")
+                mine, theirs = runs["ours"], runs["theirs"]
+                ratios.append(mine["seconds"] / theirs["seconds"])
+                print(f"{rows:>9,} {data.stat().st_size / 1e6:>6.0f} | {mine['seconds']:>8.1f} {rows / mine['seconds']:>8,.0f} "
+                      f"{gib(mine['largest_process_bytes']):>5} {gib(mine['tree_pss_bytes']):>5} {gib(mine['tree_bytes']):>5} | "
+                      f"{theirs['seconds']:>10.1f} {rows / theirs['seconds']:>8,.0f} {gib(theirs['largest_process_bytes']):>5} "
+                      f"{gib(theirs['tree_pss_bytes']):>5} {gib(theirs['tree_bytes']):>5} | "
+                      f"{ratios[-1]:>9.2f}x", flush=True)
+                if args.train_step and rows == max(args.rows) and repeat == args.repeat - 1:
+                    step = ours(recipe, Path(ours_cache), "train", "--set", "training.max_steps=1",
+                                "--output-dir", str(Path(ours_cache) / "run"))
+                    if step["rc"] != 0:
+                        sys.exit(f"qlora train failed:\n{step['err'][-3000:]}")
+                    print(f"{'':>9} first training step at {rows:,} rows (tokenization cached): {step['seconds']:.1f} s, "
+                          f"largest process {gib(step['largest_process_bytes'])} GiB, tree PSS {gib(step['tree_pss_bytes'])} GiB, "
+                          f"tree RSS {gib(step['tree_bytes'])} GiB")
+        if args.repeat > 1:
+            print(f"{'':>9} time ratio at {rows:,} rows, median of {args.repeat} pairs: {statistics.median(ratios):.2f}x "
+                  f"(from {min(ratios):.2f}x to {max(ratios):.2f}x)", flush=True)
     print(f"load average at end: {os.getloadavg()}")
     print("GiB: the largest single process's peak RSS (the kernel's high-water mark, through wait4); PSS: the sampled "
           "peak of the PSS of the process and its workers, summed (shared pages counted once: what the tree takes); "

@@ -12,6 +12,7 @@ import torch
 
 from qlora_cli.core import compat
 from qlora_cli.core.compat import LibraryChanged
+from qlora_cli.data.named_templates import NAMED_TEMPLATES
 
 
 def test_library_versions_name_what_decides_training():
@@ -582,3 +583,48 @@ def test_a_custom_attention_mask_reaches_the_attention_as_the_only_mask(tiny_mod
     model.config._attn_implementation = "flash_attention_2"
     assert not compat.attention_takes_a_custom_mask(model)
 
+
+
+def _counting_apply(monkeypatch, tokenizer) -> list:
+    calls: list = []
+    original = tokenizer.apply_chat_template
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tiny tokenizer's own", *sorted(NAMED_TEMPLATES)])
+def test_chat_templates_render_as_apply_chat_template_renders_them(tiny_tokenizer, name, monkeypatch):
+    template = tiny_tokenizer.chat_template if name == "tiny tokenizer's own" else NAMED_TEMPLATES[name]
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": "user", "content": "Hi <s> there"}, {"role": "assistant", "content": " Hello. "},
+             {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Bye.\n"}]
+    conversations = [turns[:1], turns[:2], [system, *turns[:3]], [system, *turns], turns]
+    expected = {flag: [tiny_tokenizer.apply_chat_template(c, chat_template=template, tokenize=False,
+                                                          add_generation_prompt=flag) for c in conversations]
+                for flag in (False, True)}
+    calls = _counting_apply(monkeypatch, tiny_tokenizer)
+    for flag in (False, True):
+        assert compat.render_chat_template(tiny_tokenizer, template, conversations, flag) == expected[flag]
+    # Rendered by the compiled template: transformers was asked only for the first conversation, as the check.
+    assert calls == [conversations[0], conversations[0]]
+
+
+def test_a_chat_template_that_renders_otherwise_falls_back_to_apply_chat_template(tiny_tokenizer, monkeypatch):
+    import transformers.utils.chat_template_utils as chat_template_utils
+
+    compile_template = chat_template_utils._compile_jinja_template
+    shouting = compile_template("{% for message in messages %}{{ message['content'] | upper }}{% endfor %}")
+    monkeypatch.setattr(chat_template_utils, "_compile_jinja_template", lambda template: shouting)
+    conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]] * 3
+    expected = tiny_tokenizer.apply_chat_template(conversations, tokenize=False)
+    assert compat.render_chat_template(tiny_tokenizer, tiny_tokenizer.chat_template, conversations, False) == expected
+    # Messages that are not plain strings go to apply_chat_template whole.
+    calls = _counting_apply(monkeypatch, tiny_tokenizer)
+    odd = [[{"role": "user", "content": "hi", "tool_calls": None}, {"role": "assistant", "content": "yo"}]]
+    compat.render_chat_template(tiny_tokenizer, tiny_tokenizer.chat_template, odd, False)
+    assert calls == [odd]

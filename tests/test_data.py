@@ -358,3 +358,30 @@ def test_every_row_the_template_cannot_render_is_named_among_rows_it_renders(tin
     assert stats.examples == 3
     assert [tiny_tokenizer.decode(trained_spans(row["labels"])[0]).strip() for row in tokenized] == \
         [row["output"] + "</s>" for row in good]
+
+
+def test_a_reply_is_cut_after_the_first_special_token_after_its_content():
+    import random
+
+    from qlora_cli.data.templates import split_reply
+
+    def by_the_rule(reply_text, content, special_tokens, eos_token):
+        # The earliest special token after the content ends the trained part; of two at one place, the one that sorts first.
+        stripped = content.strip()
+        start = reply_text.find(stripped) if stripped else -1
+        content_end = start + len(stripped) if start >= 0 else len(reply_text.rstrip())
+        ends = [(reply_text.find(token, content_end), token) for token in special_tokens]
+        ends = [(index, token) for index, token in ends if index >= 0]
+        if ends:
+            index, token = min(ends)
+            return reply_text[:index + len(token)], reply_text[index + len(token):]
+        return reply_text[:content_end] + eos_token, reply_text[content_end:]
+
+    rng = random.Random(0)
+    letters = "ab<>|e"
+    for _ in range(5000):
+        tokens = list({"".join(rng.choice(letters) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 5))})
+        text = "".join(rng.choice(letters + " x") for _ in range(rng.randint(0, 20)))
+        content = text[rng.randint(0, len(text)):][:rng.randint(0, 5)]
+        assert split_reply(text, content, tokens, "E") == by_the_rule(text, content, tokens, "E"), (text, content, tokens)
+    assert split_reply(" Hi<|im_end|>\n", "Hi", ["<|im_end|>", "<|im_start|>"], "</s>") == (" Hi<|im_end|>", "\n")

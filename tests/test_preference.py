@@ -409,3 +409,14 @@ def test_prompts_are_shared_only_where_the_recipe_and_the_attention_allow(tiny_m
     method.settings = PreferenceSection(share_prompt=False)
     method.prepare(model)
     assert not method.share_prompts
+
+
+@pytest.mark.parametrize("method_name", ["dpo", "kto"])
+def test_row_lengths_of_a_record_batch_are_each_rows_length(tiny_tokenizer, tmp_path, method_name):
+    import pyarrow as pa
+
+    method = load_method(method_name)
+    examples = read(tmp_path, PAIRS, method=method_name)
+    rows, _ = method.tokenize(tiny_tokenizer, tiny_tokenizer.chat_template, examples, TokenizeOptions(max_seq_len=512))
+    lengths = list(method.row_lengths(pa.RecordBatch.from_pylist(rows)))
+    assert lengths == [method.row_length(row) for row in rows] and len(set(lengths)) > 1

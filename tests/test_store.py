@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from conftest import ALPACA_ROWS, CHAT_ROWS, write_jsonl
@@ -37,6 +41,50 @@ def test_examples_are_read_from_the_spool_in_mixed_order(tmp_path):
     assert texts[:3] == [e.segments[0].text for e in view[:3]] and view[-1].segments[0].text == texts[-1]
     assert len(set(texts)) == 9_900  # every kept row once, half of them twice
     assert not {e.segments[0].text for e in datasets.eval} & set(texts)
+
+
+KEY_SCRIPT = """
+import sys
+from qlora_cli.core.recipe import DataSection
+from qlora_cli.data.sources import load_datasets
+from qlora_cli.data.tokenize import TokenizeOptions, cache_key
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+view = load_datasets(DataSection(train=[{"path": sys.argv[2], "weight": 1.5}], eval_size=2), seed=0).train
+print(cache_key(tokenizer, tokenizer.chat_template, view, TokenizeOptions(max_seq_len=64), ""))
+"""
+
+
+def test_the_cache_key_hashes_the_examples_as_read_without_a_pass_over_them(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                            monkeypatch):
+    from qlora_cli.data.tokenize import cache_key
+
+    rows = ALPACA_ROWS + CHAT_ROWS
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+
+    def key_of(data_path, seed=0, tag="", process=False):
+        if process:  # another interpreter, with its own hash seed
+            env = {**os.environ, "PYTHONHASHSEED": "random"}
+            return subprocess.run([sys.executable, "-c", KEY_SCRIPT, str(tiny_model_dir), str(data_path)], env=env,
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        view = load_datasets(DataSection(train=[{"path": data_path, "weight": 1.5}], eval_size=2), seed=seed).train
+        return cache_key(tiny_tokenizer, tiny_tokenizer.chat_template, view, TokenizeOptions(max_seq_len=64), tag)
+
+    key = key_of(path)
+    assert key == key_of(path, process=True)
+    # The spool keeps each example's digest: the key reads no example back.
+    monkeypatch.setattr(ExampleSpool, "__getitem__", lambda self, position: pytest.fail("an example was read"))
+    assert key_of(path) == key
+    monkeypatch.undo()
+    changed = [dict(rows[0], output=rows[0]["output"] + "!"), *rows[1:]]
+    assert key_of(write_jsonl(tmp_path / "b.jsonl", changed)) != key
+    assert key_of(path, seed=1) != key  # other rows held out, another order
+    assert key_of(path, tag="kto") != key
+    # A list of the same examples has the same key as the spool's view of them.
+    view = load_datasets(DataSection(train=[{"path": path, "weight": 1.5}], eval_size=2), seed=0).train
+    options = TokenizeOptions(max_seq_len=64)
+    assert cache_key(tiny_tokenizer, tiny_tokenizer.chat_template, list(view), options, "") == key
 
 
 def test_rows_are_stored_memory_mapped_with_their_lengths(tiny_tokenizer, examples, tmp_path):
@@ -179,7 +227,7 @@ def test_labels_found_at_once_follow_the_token_by_token_rule():
             [t if any(_overlaps(b, f, s, e) for s, e in spans) else IGNORE_INDEX for t, (b, f) in zip(ids, offsets)]
             for (ids, offsets), spans in zip(encoded, spans_of_texts)
         ]
-        assert _labels_of_batch(encoded, spans_of_texts, texts) == expected
+        assert _labels_of_batch(encoded, spans_of_texts, texts).tolist() == [label for labels in expected for label in labels]
 
 
 def test_a_large_tokenization_shows_its_rows_per_second():
@@ -209,7 +257,7 @@ def test_releasing_the_spool_unmaps_its_file_and_reading_maps_it_again():
     spool.close()
 
     def mapped() -> bool:
-        return str(spool.path) in Path("/proc/self/maps").read_text()
+        return str(spool.folder) in Path("/proc/self/maps").read_text()
 
     assert not mapped()
     assert [spool[p]["number"] for p in range(0, 3 * SPOOL_BATCH_ROWS, 999)] == list(range(0, 3 * SPOOL_BATCH_ROWS, 999))
@@ -234,5 +282,143 @@ def test_preparing_the_data_leaves_no_spooled_example_mapped(tiny_tokenizer, tin
     prepared = prepare(recipe, tiny_tokenizer, tiny_tokenizer.chat_template, datasets, method)
     assert prepared.train_stats.examples == len(datasets.train) and len(prepared.eval) == 2
     gc.collect()
-    assert str(datasets.train.spool.path) not in Path("/proc/self/maps").read_text()
+    assert str(datasets.train.spool.folder) not in Path("/proc/self/maps").read_text()
     assert datasets.train[0].location == datasets.train[0].location  # still readable, mapped again
+
+
+def _length_policy_one_row_at_a_time(rows, options, bos_id):
+    """The length policy as it reads, one row at a time: the reference the arrays must agree with."""
+    from qlora_cli.data.tokenize import IGNORE_INDEX, TokenizeStats
+
+    stats, kept = TokenizeStats(), []
+    for index, (input_ids, labels) in enumerate(rows):
+        limit = options.max_seq_len
+        if len(input_ids) > limit:
+            if options.truncation == "drop":
+                stats.dropped_too_long += 1
+                stats.dropped_rows.append(f"row {index}")
+                continue
+            stats.truncated += 1
+            if options.truncation == "left":
+                head = 1 if bos_id is not None and input_ids[0] == bos_id else 0
+                input_ids = input_ids[:head] + input_ids[len(input_ids) - (limit - head):]
+                labels = labels[:head] + labels[len(labels) - (limit - head):]
+            else:
+                input_ids, labels = input_ids[:limit], labels[:limit]
+        trained = len(labels) - labels.count(IGNORE_INDEX)
+        if trained == 0:
+            stats.dropped_no_trained_tokens += 1
+            stats.dropped_rows.append(f"row {index}")
+            continue
+        kept.append({"input_ids": input_ids, "labels": labels})
+        stats.examples += 1
+        stats.tokens += len(input_ids)
+        stats.trained_tokens += trained
+        stats.longest = max(stats.longest, len(input_ids))
+    return kept, stats
+
+
+def test_the_length_policy_on_arrays_cuts_and_drops_as_row_by_row():
+    import random
+
+    from qlora_cli.data.tokenize import IGNORE_INDEX, EncodedTexts, rows_by_length_policy
+
+    rng = random.Random(0)
+    bos = 1
+    for trial in range(300):
+        rows = []
+        for _ in range(rng.randint(0, 6)):
+            length = rng.randint(0, 12)
+            ids = [rng.choice([bos, 5, 6, 7]) if position == 0 else rng.randint(2, 9) for position in range(length)]
+            trained_from = rng.randint(0, length + 1)
+            rows.append((ids, [IGNORE_INDEX if position < trained_from else token for position, token in enumerate(ids)]))
+        options = TokenizeOptions(max_seq_len=rng.randint(1, 10), truncation=rng.choice(["right", "left", "drop"]))
+        bos_id = rng.choice([bos, None])
+        starts = np.cumsum([0] + [len(ids) for ids, _ in rows]).astype(np.int64)
+        encoded = EncodedTexts(np.array([t for ids, _ in rows for t in ids], dtype=np.int64),
+                               np.array([t for _, labels in rows for t in labels], dtype=np.int64), starts)
+        batch, stats = rows_by_length_policy(encoded, options, bos_id, [f"row {i}" for i in range(len(rows))])
+        expected, expected_stats = _length_policy_one_row_at_a_time(rows, options, bos_id)
+        assert batch.to_pylist() == expected and stats == expected_stats, (trial, rows, options, bos_id)
+        assert batch.schema.field("input_ids").type == pa.list_(pa.int32())
+
+
+def test_bos_is_put_first_once_where_a_text_lacks_it():
+    from qlora_cli.data.tokenize import IGNORE_INDEX, EncodedTexts, _with_bos
+
+    rows = [([], []), ([1, 5], [IGNORE_INDEX, 5]), ([5, 6], [5, 6]), ([7], [IGNORE_INDEX])]
+    encoded = EncodedTexts(np.array([t for ids, _ in rows for t in ids], dtype=np.int64),
+                           np.array([t for _, labels in rows for t in labels], dtype=np.int64),
+                           np.cumsum([0] + [len(ids) for ids, _ in rows]).astype(np.int64))
+    assert _with_bos(encoded, 1).rows() == [
+        ([1], [IGNORE_INDEX]), ([1, 5], [IGNORE_INDEX, 5]), ([1, 5, 6], [IGNORE_INDEX, 5, 6]), ([1, 7], [IGNORE_INDEX, IGNORE_INDEX])]
+
+
+def test_a_large_jsonl_file_read_in_pieces_gives_the_examples_and_problems_of_one_reader(tmp_path, monkeypatch):
+    from qlora_cli.core.errors import UserError
+    from qlora_cli.data import sources
+
+    lines = []
+    for number in range(1, 400):
+        if number % 97 == 0:
+            lines.append("{not json")
+        elif number % 89 == 0:
+            lines.append("")  # blank: skipped, but counted in the line numbers
+        elif number % 83 == 0:
+            lines.append(json.dumps({"instruction": "no output"}))
+        else:
+            lines.append(json.dumps({"instruction": f"question {number}", "output": f"answer {number}"}))
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # a byte-order mark, and no final newline
+
+    def read(workers: int):
+        monkeypatch.setattr(sources, "reading_workers", lambda source: workers)
+        data = DataSection(train=[{"path": tmp_path / "small.jsonl"}, {"path": path}, {"path": tmp_path / "small.jsonl"}],
+                           on_bad_row="skip")
+        return load_datasets(data, seed=0)
+
+    write_jsonl(tmp_path / "small.jsonl", ALPACA_ROWS)
+    one = read(1)
+    for workers in (2, 3, 7):
+        pieces = read(workers)
+        assert [(e.location, e.messages) for e in pieces.train] == [(e.location, e.messages) for e in one.train]
+        assert pieces.skipped == one.skipped and len(one.skipped) == 8
+        assert pieces.train.digests() == one.train.digests()
+    assert [str(problem.line) for problem in one.skipped][:2] == ["83", "97"]
+    monkeypatch.setattr(sources, "reading_workers", lambda source: 3)
+    with pytest.raises(UserError) as raised:
+        load_datasets(DataSection(train=[{"path": path}]), seed=0)
+    assert "8 bad data row(s)" in str(raised.value)
+
+
+def test_pieces_of_a_jsonl_file_are_whole_lines_numbered_from_where_they_start(tmp_path, monkeypatch):
+    from qlora_cli.data import readers
+
+    monkeypatch.setattr(readers, "NEWLINE_COUNT_BYTES", 7)  # newlines counted across several blocks
+    for text in ["a\nbb\nccc\n\ndddd\neeeee", "a\n", "", "one line without a newline", "x\n" * 50]:
+        path = tmp_path / "f.jsonl"
+        path.write_text(text)
+        for count in (1, 2, 3, 8):
+            pieces = readers.jsonl_pieces(path, count)
+            assert pieces[0][0] == 0 and pieces[-1][1] == len(text) and len(pieces) <= count
+            for (start, stop, first), (following, _, _) in zip(pieces, pieces[1:] + [(len(text), 0, 0)]):
+                assert stop == following and (start == 0 or text[start - 1] == "\n")
+                assert first == text[:start].count("\n") + 1
+
+
+def test_only_a_large_local_jsonl_file_is_read_by_several_processes(tmp_path, monkeypatch):
+    from qlora_cli.core.recipe import DataSource
+    from qlora_cli.data import sources
+
+    monkeypatch.setattr(sources, "usable_cores", lambda: 4)
+    monkeypatch.setattr(sources, "PARALLEL_READ_MIN_BYTES", 500)
+    large = write_jsonl(tmp_path / "large.jsonl", ALPACA_ROWS * 3)
+    small = write_jsonl(tmp_path / "small.jsonl", ALPACA_ROWS[:1])
+    (tmp_path / "large.csv").write_text("instruction,output\n" + "q,a\n" * 200)
+    assert sources.reading_workers(DataSource(path=large)) == 4
+    assert sources.reading_workers(DataSource(path=small)) == 1
+    assert sources.reading_workers(DataSource(path=tmp_path / "large.csv")) == 1
+    assert sources.reading_workers(DataSource(path=tmp_path)) == 1  # a folder: its files one after another
+    assert sources.reading_workers(DataSource(hub="org/name")) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine, each reading its copy
+    assert sources.reading_workers(DataSource(path=large)) == 2

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
 from transformers.utils import logging as hf_logging
@@ -187,6 +186,8 @@ def load_run(run_dir: Path) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise UserError(Problem(f"cannot load the tokenizer saved with the adapter: {exc}", file=run_dir / ADAPTER)) from None
     model = load_quantized_base(base, recipe.model, recipe.quantization, inference_context(recipe.quantization.compute_dtype))
+    from peft import PeftModel  # here: it takes seconds to import, and reading data or a tokenizer needs none of it
+
     try:
         with compat.peft_reading_deprecated_flags():
             model = PeftModel.from_pretrained(model, run_dir / ADAPTER)

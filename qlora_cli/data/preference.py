@@ -197,11 +197,6 @@ def to_preference_example(row: object, location: Location, data_format: str, col
         raise RowError(f"{row_format} row: {error}") from None
 
 
-def cache_payload(example: PreferenceExample) -> list:
-    """What decides an example's tokens, for the tokenization cache key."""
-    return ["preference", example.prompt, example.chosen, example.rejected]
-
-
 # ---------------------------------------------------------------------------------------------
 # Tokenization
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +14,7 @@ from torch.utils.data import Sampler
 
 from ..core import compat
 from ..core.cache import cache_dir
-from ..core.console import Steps, working
+from ..core.console import Steps
 from ..core.recipe import Recipe
 from .sources import Datasets
 from .store import PROGRESS_MIN_ROWS
@@ -70,10 +70,7 @@ def prepare(recipe: Recipe, tokenizer, template: str, datasets: Datasets, method
     tokenization is reused. With a `console`, a progress bar shows while a large tokenization runs."""
     folder = cache_dir() / "tokenized" if use_cache else None
     options = options_of(recipe)
-    with working(console, "Fingerprinting the training rows") if console is not None and len(datasets.train) >= PROGRESS_MIN_ROWS \
-            else nullcontext():
-        key = cache_key(tokenizer, template, datasets.train, options, method.cache_payload)
-    release_pages(datasets.train)  # before the workers fork, so that they do not share the mapped pages
+    key = cache_key(tokenizer, template, datasets.train, options, method.cache_tag)
     train, train_stats, hit = tokenize_cached(method, tokenizer, template, datasets.train, options, folder, key=key,
                                               progress_factory=tokenizing_progress(console, "Tokenizing the training rows"))
     release_pages(datasets.train)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..core.errors import Problem
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 PARQUET_BATCH_ROWS = 4096
+NEWLINE_COUNT_BYTES = 16 * 2**20  # read at once to find where a piece of a file starts
 
 # Bytes that are not UTF-8 survive decoding with `surrogateescape` as these lone surrogates, which is
 # how a bad CSV row is found and reported without giving up on the rest of the file.
@@ -119,16 +121,49 @@ def _jsonl_line(raw_line: bytes, number: int, name: str) -> tuple[Location, obje
 def _iter_jsonl(path: Path, name: str) -> Iterator[tuple[Location, object] | Problem]:
     """The rows and problems of a JSON Lines file in file order, a line at a time (memory does not grow with
     the file)."""
+    return iter_jsonl_piece(path, name, 0, None, 1)
+
+
+def iter_jsonl_piece(path: Path, name: str, start: int, stop: int | None, first_line: int
+                     ) -> Iterator[tuple[Location, object] | Problem]:
+    """`_iter_jsonl` of the lines that start in bytes [start, stop) of the file (to its end for None); `start` is
+    a line's start, and `first_line` that line's number."""
     try:
         handle = path.open("rb")
     except OSError as exc:
         yield Problem(f"cannot read: {exc.strerror or exc}", file=name)
         return
     with handle:
-        for number, raw_line in enumerate(handle, start=1):
+        handle.seek(start)
+        position = start
+        for number, raw_line in enumerate(handle, start=first_line):
+            if stop is not None and position >= stop:
+                break
+            position += len(raw_line)
             item = _jsonl_line(raw_line.rstrip(b"\n"), number, name)
             if item is not None:
                 yield item
+
+
+def jsonl_pieces(path: Path, pieces: int) -> list[tuple[int, int, int]]:
+    """(start, stop, first line's number) of up to `pieces` consecutive byte ranges of a JSON Lines file of about
+    equal size, each made of whole lines. The file is memory-mapped and its newlines counted a block at a time."""
+    size = path.stat().st_size
+    if size == 0:
+        return [(0, 0, 1)]
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        cuts = [0]
+        for index in range(1, pieces):
+            cut = data.find(b"\n", max(cuts[-1], size * index // pieces)) + 1  # just after a newline
+            if 0 < cut < size:
+                cuts.append(cut)
+        cuts.append(size)
+        firsts = [1]
+        for start, stop in zip(cuts, cuts[1:-1]):
+            lines = sum(data[block: min(block + NEWLINE_COUNT_BYTES, stop)].count(b"\n")
+                        for block in range(start, stop, NEWLINE_COUNT_BYTES))
+            firsts.append(firsts[-1] + lines)
+    return list(zip(cuts, cuts[1:], firsts))
 
 
 def jsonl_rows(data: bytes, name: str) -> RawRows:

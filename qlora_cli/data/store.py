@@ -1,12 +1,14 @@
 """Data that does not fit in Python objects: examples spooled to disk, tokenized rows stored memory-mapped.
 
-Memory stays flat as the data grows. Checked examples are pickled, a batch at a time, into an Arrow file in a
-private temporary folder (`ExampleSpool`); the training and evaluation examples are views of it
-(`ExampleView`: the spool and an array of positions). Tokenization runs a chunk of examples at a time, in
-worker processes over the CPU's cores, and each chunk's rows go straight into an Arrow file (`rows.arrow`) that
-`datasets` memory-maps; each row's length (the training method's `row_length`) goes into `lengths.npy`, which is
-what the sampler, length grouping and the statistics read. The rows are whatever named int lists the method's
-`tokenize` returns (`input_ids`/`labels` for SFT, others for other methods).
+Memory stays flat as the data grows. Checked examples are pickled, a batch at a time, into Arrow files in a
+private temporary folder (`ExampleSpool`; a large file's pieces are read by worker processes, each into a file of
+its own that the spool adopts in order), with a digest of each (what the tokenization cache key hashes); the
+training and evaluation examples are views of the spool (`ExampleView`: the spool and an array of positions).
+Tokenization runs a chunk of examples at a time, in worker processes over the CPU's cores, and each chunk's rows
+go straight into an Arrow file (`rows.arrow`) that `datasets` memory-maps; each row's length (the training
+method's `row_length`) goes into `lengths.npy`, which is what the sampler, length grouping and the statistics
+read. The rows are whatever named int lists the method's `tokenize` returns (`input_ids`/`labels` for SFT, others
+for other methods), as dicts or already as a record batch.
 
 A cache entry is a folder named by the cache key, published by one rename; a file lock makes one process build
 it while the others (the ranks of a distributed run, or a second run started meanwhile) wait and then map it.
@@ -15,6 +17,7 @@ it while the others (the ranks of a distributed run, or a second run started mea
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import multiprocessing
 import os
@@ -42,6 +45,7 @@ PARALLEL_MIN_ROWS = 20_000  # below this, starting worker processes costs more t
 PROGRESS_MIN_ROWS = 10_000  # about the rows tokenized in a few seconds on one core
 ROWS_FILE, LENGTHS_FILE, STATS_FILE = "rows.arrow", "lengths.npy", "stats.json"
 DEFAULT_COLUMNS = ("input_ids", "labels")
+DIGEST_BYTES = 16  # of each example's digest (`example_digests`)
 
 
 def _remove_folder(folder: str, owner: int) -> None:
@@ -50,28 +54,49 @@ def _remove_folder(folder: str, owner: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-class ExampleSpool:
-    """Examples written once, in order, then read back by position: pickled into an Arrow file that is
-    memory-mapped for reading, in a private temporary folder removed with the object (or at exit)."""
+def pickled(example: Any) -> bytes:
+    return pickle.dumps(example, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="qlora-examples-"))
-        self.path = self.folder / "examples.arrow"
-        self._finalizer = weakref.finalize(self, _remove_folder, str(self.folder), os.getpid())
+
+def digest_of(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def example_digests(examples: Sequence) -> bytes:
+    """A digest of each example as it was read (its pickle: its content and where its row is), end to end, in
+    order: what the tokenization cache key hashes of the examples. A spool keeps the digests of the examples it
+    was given, so that a key costs no pass over them; those of a list are computed here."""
+    stored = getattr(examples, "digests", None)
+    if stored is not None:
+        return stored()
+    return b"".join(digest_of(pickled(example)) for example in examples)
+
+
+class SpoolFile:
+    """Examples pickled, a record batch of SPOOL_BATCH_ROWS at a time, into one Arrow file, each one's digest kept
+    (`digest_of`): a spool's part, written by the spool itself or by a worker reading a piece of a file."""
+
+    @classmethod
+    def new(cls, folder: Path) -> "SpoolFile":
+        """A file of a new name in `folder`."""
+        handle, path = tempfile.mkstemp(dir=folder, suffix=".arrow")
+        os.close(handle)
+        return cls(Path(path))
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digests = bytearray()
+        self.count = 0
         self._pending: list[bytes] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
-        self._closed = False
-        self._batches: list[pa.Array] | None = None  # the file's record batches, mapped when first read
-        self.count = 0
 
-    def append(self, example: Any) -> int:
-        """Add an example; returns its position."""
-        assert not self._closed, "the spool is closed"
-        self._pending.append(pickle.dumps(example, protocol=pickle.HIGHEST_PROTOCOL))
+    def append(self, example: Any) -> None:
+        data = pickled(example)
+        self._pending.append(data)
+        self.digests += digest_of(data)
         self.count += 1
         if len(self._pending) == SPOOL_BATCH_ROWS:
             self._flush()
-        return self.count - 1
 
     def _flush(self) -> None:
         if not self._pending:
@@ -82,34 +107,89 @@ class ExampleSpool:
         self._writer.write_batch(batch)
         self._pending = []
 
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class ExampleSpool:
+    """Examples written once, in order, then read back by position: pickled into Arrow files (`SpoolFile`, one
+    after another) that are memory-mapped for reading, in a private temporary folder removed with the object (or
+    at exit). Besides those it appends, it takes whole files written by others (`adopt`), in their place."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="qlora-examples-"))
+        self._finalizer = weakref.finalize(self, _remove_folder, str(self.folder), os.getpid())
+        self._parts: list[SpoolFile] = []  # finished, in order
+        self._writing: SpoolFile | None = None
+        self._closed = False
+        self._batches: list[list[pa.Array]] | None = None  # each part's record batches, mapped when first read
+        self._starts = np.zeros(1, dtype=np.int64)  # each part's first position, once closed
+        self._digest_table: np.ndarray | None = None
+        self.count = 0
+
+    def append(self, example: Any) -> int:
+        """Add an example; returns its position."""
+        assert not self._closed, "the spool is closed"
+        if self._writing is None:
+            self._writing = SpoolFile.new(self.folder)
+        self._writing.append(example)
+        self.count += 1
+        return self.count - 1
+
+    def adopt(self, part: SpoolFile) -> None:
+        """Add the examples of a closed `SpoolFile` in the spool's folder (another process's), after those added so far."""
+        assert not self._closed, "the spool is closed"
+        self._finish_writing()
+        self._parts.append(part)
+        self.count += part.count
+
+    def _finish_writing(self) -> None:
+        if self._writing is not None:
+            self._writing.close()
+            self._parts.append(self._writing)
+            self._writing = None
+
     def close(self) -> "ExampleSpool":
         """Finish writing; the examples can then be read."""
         if not self._closed:
-            self._flush()
-            if self._writer is not None:
-                self._writer.close()
+            self._finish_writing()
+            self._parts = [part for part in self._parts if part.count]
+            self._starts = np.cumsum([0] + [part.count for part in self._parts], dtype=np.int64)
+            digests = b"".join(bytes(part.digests) for part in self._parts)
+            self._digest_table = np.frombuffer(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+            for part in self._parts:
+                part.digests = bytearray()
             self._closed = True
         return self
 
-    def _mapped(self) -> list[pa.Array]:
+    def digests(self, positions: np.ndarray) -> bytes:
+        """The digests of the examples at `positions`, in that order, end to end (`digest_of`)."""
+        assert self._closed, "the spool is still being written"
+        return self._digest_table[positions].tobytes()
+
+    def _mapped(self) -> list[list[pa.Array]]:
         assert self._closed, "the spool is still being written"
         if self._batches is None:
-            if self._writer is None:
-                self._batches = []
-            else:
-                reader = pa.ipc.open_file(pa.memory_map(str(self.path)))
-                self._batches = [reader.get_batch(i).column(0) for i in range(reader.num_record_batches)]
+            self._batches = []
+            for part in self._parts:
+                reader = pa.ipc.open_file(pa.memory_map(str(part.path)))
+                self._batches.append([reader.get_batch(i).column(0) for i in range(reader.num_record_batches)])
         return self._batches
 
     def release_pages(self) -> None:
-        """Unmap the file until it is next read. A pass over every example (fingerprinting, tokenizing) maps
-        all of its pages, and mapped file pages count in the process's resident memory until unmapped: a third
-        of a gigabyte for a million alpaca rows, held through training otherwise."""
+        """Unmap the files until they are next read. A pass over every example (tokenizing) maps all of their
+        pages, and mapped file pages count in the process's resident memory until unmapped: a third of a gigabyte
+        for a million alpaca rows, held through training otherwise."""
         self._batches = None
 
     def __getitem__(self, position: int) -> Any:
-        batch, offset = divmod(int(position), SPOOL_BATCH_ROWS)
-        return pickle.loads(self._mapped()[batch][offset].as_py())
+        position = int(position)
+        part = int(np.searchsorted(self._starts, position, side="right")) - 1
+        batch, offset = divmod(position - int(self._starts[part]), SPOOL_BATCH_ROWS)
+        return pickle.loads(self._mapped()[part][batch][offset].as_py())
 
 
 class ExampleView(Sequence):
@@ -130,6 +210,10 @@ class ExampleView(Sequence):
     def __iter__(self) -> Iterator[Any]:
         for position in self.positions:
             yield self.spool[position]
+
+    def digests(self) -> bytes:
+        """See `example_digests`."""
+        return self.spool.digests(self.positions)
 
     def release_pages(self) -> None:
         """See `ExampleSpool.release_pages`."""
@@ -233,12 +317,19 @@ def _record_batch(rows: list[dict[str, list[int]]]) -> pa.RecordBatch | None:
     return pa.record_batch([pa.array([row[name] for row in rows], type=kind) for name in names], names=names)
 
 
-def tokenize_chunk(method, tokenizer, template: str, examples: list, options) -> Chunk:
-    """The training method's tokenization of a few examples, in the form the store writes."""
+def tokenize_chunk(method, tokenizer, template: str, examples: Sequence, start: int, stop: int, options) -> Chunk:
+    """The training method's tokenization of `examples[start:stop]`, in the form the store writes."""
+    with collector_paused():
+        return _tokenized(method, tokenizer, template, examples[start:stop], options)
+
+
+def _tokenized(method, tokenizer, template: str, examples: list, options) -> Chunk:
     try:
         rows, stats = method.tokenize(tokenizer, template, examples, options)
     except UserError as error:  # returned, not raised: the parent raises it with every problem intact
         return Chunk(None, np.zeros(0, np.int32), None, error.problems, error.title)
+    if isinstance(rows, pa.RecordBatch):
+        return Chunk(rows if rows.num_rows else None, np.asarray(method.row_lengths(rows), dtype=np.int32), stats)
     lengths = np.fromiter((method.row_length(row) for row in rows), dtype=np.int32, count=len(rows))
     return Chunk(_record_batch(rows), lengths, stats)
 
@@ -253,7 +344,7 @@ def _start_worker(work: tuple) -> None:
 
 def _work_on(start: int, stop: int) -> Chunk:
     method, tokenizer, template, examples, options = _WORK
-    return tokenize_chunk(method, tokenizer, template, examples[start:stop], options)
+    return tokenize_chunk(method, tokenizer, template, examples, start, stop, options)
 
 
 def usable_cores() -> int:
@@ -267,11 +358,26 @@ def worker_count(rows: int) -> int:
 
 
 @contextmanager
-def _old_objects_frozen():
-    """Python's cycle collector, run often while tokenizing makes many small objects, otherwise walks at each
-    full pass every object the process holds (the libraries' too): about a fifth of the tokenization time.
-    Frozen, they are skipped, in this process and in the workers forked from it (whose pages the walk would
-    also copy)."""
+def collector_paused():
+    """No cycle collection within. Reading and tokenizing a chunk makes a hundred thousand small objects (the
+    examples, the tokens' character offsets) that die with the chunk, freed by their reference counts; the collector
+    would walk them again and again meanwhile: an eighth of the tokenization time. What cycles a chunk leaves are
+    collected after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextmanager
+def old_objects_frozen():
+    """Python's cycle collector, run often while reading or tokenizing makes many small objects, otherwise walks at
+    each full pass every object the process holds (the libraries' too): about a fifth of the tokenization time,
+    an eighth of the reading. Frozen, they are skipped, in this process and in the workers forked from it (whose
+    pages the walk would also copy)."""
     gc.freeze()
     try:
         yield
@@ -285,7 +391,7 @@ def _chunks(method, tokenizer, template: str, examples: Sequence, options) -> It
     workers = worker_count(len(examples))
     if workers == 1:
         for start, stop in bounds:
-            yield stop, tokenize_chunk(method, tokenizer, template, examples[start:stop], options)
+            yield stop, tokenize_chunk(method, tokenizer, template, examples, start, stop, options)
         return
     # Fork where there is one: the workers inherit the tokenizer, the method and the spool without pickling.
     # The tokenizer's own thread pool would only compete with the other workers for the same cores.
@@ -329,7 +435,7 @@ def build(folder: Path, method, tokenizer, template: str, examples: Sequence, op
     stats = TokenizeStats()
     lengths: list[np.ndarray] = []
     writer = None
-    with pa.OSFile(str(folder / ROWS_FILE), "wb") as sink, _old_objects_frozen():
+    with pa.OSFile(str(folder / ROWS_FILE), "wb") as sink, old_objects_frozen():
         for done, chunk in _chunks(method, tokenizer, template, examples, options):
             if chunk.problems is not None:
                 raise UserError(chunk.problems, title=chunk.title)

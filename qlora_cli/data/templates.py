@@ -8,9 +8,12 @@ the prompt (ending in the generation prompt) is tokenized alone and the reply is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
+from ..core import compat
 from ..core.errors import UserError
 from .named_templates import GUANACO_TEMPLATE, NAMED_TEMPLATES
 
@@ -67,13 +70,17 @@ def split_reply(reply_text: str, content: str, special_tokens: list[str], eos_to
     stripped = content.strip()
     start = reply_text.find(stripped) if stripped else -1
     content_end = start + len(stripped) if start >= 0 else len(reply_text.rstrip())
-    ends = [(reply_text.find(tok, content_end), tok) for tok in special_tokens]
-    ends = [(index, tok) for index, tok in ends if index >= 0]
-    if ends:
-        index, token = min(ends)
-        cut = index + len(token)
-        return reply_text[:cut], reply_text[cut:]
+    found = _any_of(tuple(special_tokens)).search(reply_text, content_end) if special_tokens else None
+    if found is not None:
+        return reply_text[:found.end()], reply_text[found.end():]
     return reply_text[:content_end] + eos_token, reply_text[content_end:]
+
+
+@lru_cache(maxsize=16)
+def _any_of(tokens: tuple[str, ...]) -> re.Pattern:
+    """A pattern for the first of `tokens` in a text; of several starting at the same place, the one that sorts
+    first."""
+    return re.compile("|".join(re.escape(token) for token in sorted(tokens)))
 
 
 def render_segments(tokenizer, template: str, messages: list[dict], train_on_prompt: bool = False,
@@ -121,8 +128,7 @@ def _render_many(tokenizer, template: str, conversations: list[list[dict]], gene
     # A batch is told from one conversation by its first item being a list; an empty prefix would be neither.
     if any(not conversation for conversation in conversations):
         return [_render(tokenizer, template, conversation, generation_prompt) for conversation in conversations]
-    return list(tokenizer.apply_chat_template(
-        conversations, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt))
+    return compat.render_chat_template(tokenizer, template, conversations, generation_prompt)
 
 
 def _prefixes(messages: list[dict]) -> list[tuple[list[dict], bool]]:

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from itertools import chain
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import DataCollatorWithFlattening
 
 from ..core.errors import UserError
 from .formats import Example
+from .store import example_digests
 from .templates import Segment, render_segments, render_segments_batch, special_token_strings
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 2  # 2: rows stored as Arrow, lengths beside them (data/store.py)
+CACHE_VERSION = 3  # 2: rows stored as Arrow, lengths beside them (data/store.py); 3: examples hashed as read
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -43,8 +45,34 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
+@dataclass
+class EncodedTexts:
+    """Token ids and labels of several texts laid end to end (int64 arrays): text i's are `[starts[i]:starts[i + 1]]`.
+
+    Kept as arrays rather than a list per text: turning every row into Python lists and back into Arrow costs
+    as much as a fifth of the tokenization of short rows."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    starts: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def rows(self) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) of each text, as lists."""
+        ids, labels, cuts = self.ids.tolist(), self.labels.tolist(), self.starts.tolist()
+        return [(ids[begin:end], labels[begin:end]) for begin, end in zip(cuts, cuts[1:])]
+
+
 def encode_batch(tokenizer, batch: list[list[Segment]], *, bos_id: int | None) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels of several segmented texts, in one batched (parallel) tokenizer call.
+    """`encode_texts`, as (input_ids, labels) lists per text."""
+    return encode_texts(tokenizer, batch, bos_id=bos_id).rows()
+
+
+def encode_texts(tokenizer, batch: list[list[Segment]], *, bos_id: int | None) -> EncodedTexts:
+    """Token ids and labels of several segmented texts, in one batched tokenizer call.
 
     Each text is tokenized whole, exactly as the template renders it, and a token is trained when any
     of its characters lies in a trained segment, so a token that merges the last character of a
@@ -66,14 +94,28 @@ def encode_batch(tokenizer, batch: list[list[Segment]], *, bos_id: int | None) -
                 spans.append((position, position + len(segment.text)))
             position += len(segment.text)
         spans_of_texts.append(spans)
-    results = []
-    for (ids, _), labels in zip(encoded, _labels_of_batch(encoded, spans_of_texts, [len(text) for text in texts])):
-        input_ids = list(ids)
-        if bos_id is not None and (not input_ids or input_ids[0] != bos_id):
-            input_ids.insert(0, bos_id)
-            labels.insert(0, IGNORE_INDEX)
-        results.append((input_ids, labels))
-    return results
+    counts = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int64, count=int(counts.sum()))
+    labels = _labels_of_batch(encoded, spans_of_texts, [len(text) for text in texts], ids)
+    encoded_texts = EncodedTexts(ids, labels, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+    return _with_bos(encoded_texts, bos_id) if bos_id is not None else encoded_texts
+
+
+def _with_bos(encoded: EncodedTexts, bos_id: int) -> EncodedTexts:
+    """The texts with `bos_id` put first (not trained) where they do not start with it already."""
+    lengths = encoded.lengths
+    firsts = np.full(len(lengths), -1, dtype=np.int64)  # -1 for an empty text: no token, so no BOS yet
+    firsts[lengths > 0] = encoded.ids[encoded.starts[:-1][lengths > 0]]
+    missing = (firsts != bos_id).astype(np.int64)
+    if not missing.any():
+        return encoded
+    starts = np.concatenate([[0], np.cumsum(lengths + missing)]).astype(np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    moved = np.arange(len(encoded.ids)) - encoded.starts[rows] + starts[rows] + missing[rows]
+    ids = np.full(starts[-1], bos_id, dtype=np.int64)
+    labels = np.full(starts[-1], IGNORE_INDEX, dtype=np.int64)
+    ids[moved], labels[moved] = encoded.ids, encoded.labels
+    return EncodedTexts(ids, labels, starts)
 
 
 def _ids_and_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -92,24 +134,29 @@ def _ids_and_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list[
     return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
 
-def _labels_of_batch(encoded, spans_of_texts: list[list[tuple[int, int]]], text_lengths: list[int]) -> list[list[int]]:
-    """`_labels` of every text of a batch, found at once: the texts are laid end to end, one character apart, so
-    that their spans stay sorted and no token of one text can reach a span of another."""
-    if any(start == end for spans in spans_of_texts for start, end in spans):
-        return [_labels(list(ids), offsets, spans) for (ids, offsets), spans in zip(encoded, spans_of_texts)]
+def _labels_of_batch(encoded, spans_of_texts: list[list[tuple[int, int]]], text_lengths: list[int],
+                     ids: np.ndarray | None = None) -> np.ndarray:
+    """`_labels` of every text of a batch, end to end, found at once: the texts are laid end to end, one character
+    apart, so that their spans stay sorted and no token of one text can reach a span of another.
+
+    Args:
+        ids: the texts' ids end to end, when the caller has them already.
+    """
     counts = [len(ids) for ids, _ in encoded]
     total = sum(counts)
+    if any(start == end for spans in spans_of_texts for start, end in spans):
+        labels = chain.from_iterable(_labels(list(ids), offsets, spans) for (ids, offsets), spans in zip(encoded, spans_of_texts))
+        return np.fromiter(labels, dtype=np.int64, count=total)
     bases = np.cumsum([0] + [length + 1 for length in text_lengths[:-1]], dtype=np.int64)
     starts = [base + start for base, spans in zip(bases.tolist(), spans_of_texts) for start, _ in spans]
     ends = [base + end for base, spans in zip(bases.tolist(), spans_of_texts) for _, end in spans]
     if not starts or not total:
-        return [[IGNORE_INDEX] * count for count in counts]
-    ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int64, count=total)
+        return np.full(total, IGNORE_INDEX, dtype=np.int64)
+    if ids is None:
+        ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int64, count=total)
     flat = chain.from_iterable(chain.from_iterable(offsets for _, offsets in encoded))
     bounds = np.fromiter(flat, dtype=np.int64, count=2 * total).reshape(-1, 2) + np.repeat(bases, counts)[:, None]
-    labels = _trained_ids(ids, bounds[:, 0], bounds[:, 1], np.array(starts), np.array(ends)).tolist()
-    cuts = np.cumsum([0] + counts).tolist()
-    return [labels[begin:end] for begin, end in zip(cuts, cuts[1:])]
+    return _trained_ids(ids, bounds[:, 0], bounds[:, 1], np.array(starts), np.array(ends))
 
 
 def _trained_ids(ids: np.ndarray, begins: np.ndarray, finishes: np.ndarray, starts: np.ndarray, ends: np.ndarray):
@@ -181,18 +228,22 @@ def segments_of(tokenizer, template: str, example: Example, train_on_prompt: boo
     return segments
 
 
-def truncate(input_ids: list[int], labels: list[int], options: TokenizeOptions, bos_id: int | None):
-    """Cut a sequence to max_seq_len by the truncation policy; None when the policy drops it."""
-    limit = options.max_seq_len
-    if len(input_ids) <= limit:
-        return input_ids, labels
+def _kept_by_length(encoded: EncodedTexts, options: TokenizeOptions, bos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(each token's keep mask, each text's dropped-too-long flag) under the truncation policy: a text longer than
+    `max_seq_len` keeps its first tokens (`right`), its BOS and its last tokens (`left`), or is dropped (`drop`)."""
+    limit, lengths = options.max_seq_len, encoded.lengths
+    over = lengths > limit
+    texts = np.repeat(np.arange(len(lengths)), lengths)  # the text of each token
+    position = np.arange(len(encoded.ids)) - encoded.starts[texts]  # its position in its text
     if options.truncation == "drop":
-        return None
+        return ~over[texts], over
     if options.truncation == "left":
-        keep_bos = bos_id is not None and input_ids[0] == bos_id
-        head = 1 if keep_bos else 0
-        return input_ids[:head] + input_ids[len(input_ids) - (limit - head):], labels[:head] + labels[len(labels) - (limit - head):]
-    return input_ids[:limit], labels[:limit]
+        head = np.zeros(len(lengths), dtype=np.int64)
+        if bos_id is not None:
+            head[over] = encoded.ids[encoded.starts[:-1][over]] == bos_id
+        keep = ~over[texts] | (position < head[texts]) | (position >= (lengths - (limit - head))[texts])
+        return keep, np.zeros(len(lengths), dtype=bool)
+    return position < limit, np.zeros(len(lengths), dtype=bool)
 
 
 def _rendered(tokenizer, template: str, examples: list[Example], train_on_prompt: bool):
@@ -222,7 +273,15 @@ def _rendered(tokenizer, template: str, examples: list[Example], train_on_prompt
 def tokenize_examples(
     tokenizer, template: str, examples: list[Example], options: TokenizeOptions
 ) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
-    """Tokenize every example and apply the length policy.
+    """`tokenize_to_arrow`, each row a dict of `input_ids` and `labels` lists."""
+    batch, stats = tokenize_to_arrow(tokenizer, template, examples, options)
+    return batch.to_pylist(), stats
+
+
+def tokenize_to_arrow(tokenizer, template: str, examples: list[Example], options: TokenizeOptions
+                      ) -> tuple[pa.RecordBatch, TokenizeStats]:
+    """Tokenize every example and apply the length policy; the rows as one record batch of `input_ids` and
+    `labels` (int32 lists), in example order.
 
     Examples left with no trained token (their replies truncated away) are dropped and counted.
 
@@ -230,48 +289,56 @@ def tokenize_examples(
         UserError: the template cannot render some examples; names their rows.
     """
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-    stats = TokenizeStats()
-    rows: list[dict[str, list[int]]] = []
     rendered, problems = _rendered(tokenizer, template, examples, options.train_on_prompt)
     if problems:
         raise UserError(problems[:20], title=f"{len(problems)} row(s) cannot be rendered with the chat template:")
-    encoded = encode_batch(tokenizer, [segments for _, segments in rendered], bos_id=bos_id)
-    for (example, _), (input_ids, labels) in zip(rendered, encoded):
-        cut = truncate(input_ids, labels, options, bos_id)
-        if cut is None:
-            stats.dropped_too_long += 1
-            stats.dropped_rows.append(str(example.location))
-            continue
-        if len(cut[0]) < len(input_ids):
-            stats.truncated += 1
-        input_ids, labels = cut
-        trained = len(labels) - labels.count(IGNORE_INDEX)
-        if trained == 0:
-            stats.dropped_no_trained_tokens += 1
-            stats.dropped_rows.append(str(example.location))
-            continue
-        rows.append({"input_ids": input_ids, "labels": labels})
-        stats.examples += 1
-        stats.tokens += len(input_ids)
-        stats.trained_tokens += trained
-        stats.longest = max(stats.longest, len(input_ids))
-    return rows, stats
+    encoded = encode_texts(tokenizer, [segments for _, segments in rendered], bos_id=bos_id)
+    return rows_by_length_policy(encoded, options, bos_id, [example.location for example, _ in rendered])
+
+
+def rows_by_length_policy(encoded: EncodedTexts, options: TokenizeOptions, bos_id: int | None, locations: Sequence
+                          ) -> tuple[pa.RecordBatch, TokenizeStats]:
+    """The rows of encoded texts cut (or dropped) by the truncation policy, without those left with no trained
+    token, as one record batch of `input_ids` and `labels`; the statistics name each dropped text by its location
+    (`str` of `locations[i]`, text i's)."""
+    keep, too_long = _kept_by_length(encoded, options, bos_id)
+    lengths = encoded.lengths
+    texts = np.repeat(np.arange(len(lengths)), lengths)
+    kept_lengths = np.bincount(texts[keep], minlength=len(lengths))
+    trained = np.bincount(texts[keep & (encoded.labels != IGNORE_INDEX)], minlength=len(lengths))
+    untrained = ~too_long & (trained == 0)
+    rows = ~too_long & ~untrained
+    keep &= rows[texts]
+    stats = TokenizeStats(
+        examples=int(rows.sum()),
+        # Counted whether or not the cut left a trained token, as the drop is counted too.
+        truncated=int((~too_long & (kept_lengths < lengths)).sum()),
+        dropped_too_long=int(too_long.sum()),
+        dropped_no_trained_tokens=int(untrained.sum()),
+        tokens=int(kept_lengths[rows].sum()),
+        trained_tokens=int(trained[rows].sum()),
+        longest=int(kept_lengths[rows].max()) if rows.any() else 0,
+        dropped_rows=[str(locations[index]) for index in np.flatnonzero(too_long | untrained)],
+    )
+    offsets = pa.array(np.concatenate([[0], np.cumsum(kept_lengths[rows])]).astype(np.int32))
+    columns = [pa.ListArray.from_arrays(offsets, pa.array(values[keep].astype(np.int32)))
+               for values in (encoded.ids, encoded.labels)]
+    return pa.record_batch(columns, names=["input_ids", "labels"]), stats
 
 
 # ---------------------------------------------------------------------------------------------
 # Cache: a second run of the same data, tokenizer, template and options does not tokenize again.
 
-def cache_key(tokenizer, template: str, examples: list, options: TokenizeOptions, payload: Callable[[Any], list]) -> str:
-    """The cache key of tokenizing `examples`: the options, the template, the tokenizer and what `payload` (the
-    training method's) says of each example decides its tokens."""
+def cache_key(tokenizer, template: str, examples: Sequence, options: TokenizeOptions, method_tag: str) -> str:
+    """The cache key of tokenizing `examples`: the options, the template, the tokenizer, the examples as they were
+    read (`store.example_digests`) and the training method's `cache_tag`."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_VERSION, template, asdict(options)]).encode())
+    digest.update(json.dumps([CACHE_VERSION, template, asdict(options), method_tag]).encode())
     # The tokenizer's full serialization, so a changed vocabulary or normalizer is a new key.
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer_adds_bos(tokenizer)]).encode())
-    for example in examples:
-        digest.update(json.dumps(payload(example)).encode())
+    digest.update(example_digests(examples))
     return digest.hexdigest()[:24]
 
 
@@ -291,7 +358,7 @@ def tokenize_cached(method, tokenizer, template: str, examples, options: Tokeniz
     from .store import tokenize_stored
 
     if cache_folder is not None and key is None:
-        key = cache_key(tokenizer, template, examples, options, method.cache_payload)
+        key = cache_key(tokenizer, template, examples, options, method.cache_tag)
     return tokenize_stored(method, tokenizer, template, examples, options, cache_folder, key, progress_factory)
 
 

@@ -2,7 +2,7 @@
 
 A method owns what is specific to it, and nothing else (see `base.TrainingMethod` for the contract):
   - its row formats and the example type they become (read and checked before any model loads);
-  - tokenization with labels, and what the tokenization cache hashes of an example;
+  - tokenization with labels, and what besides the examples decides it (the tokenization cache's `cache_tag`);
   - the collator that batches its rows, and each row's length (length grouping, padding estimates);
   - the loss, and the metrics it logs besides the loss;
   - what `qlora data preview` shows of a row, and the prompts a merge is checked on;

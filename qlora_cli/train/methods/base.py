@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...core.recipe import DataSection
 from ...data.readers import Location
 from ...data.tokenize import TokenizeOptions, TokenizeStats
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
 
 # A tokenized row: named lists of token ids (`input_ids` and `labels` for SFT; a method may use other names).
 Row = dict[str, list[int]]
@@ -25,13 +29,15 @@ class TrainingMethod(Protocol):
             data.formats.RowError: the row is unusable; the message says why (its location is added by the caller).
         """
 
-    def cache_payload(self, example: Any) -> list:
-        """What of an example decides its tokenization (JSON-serializable), for the tokenization cache key;
-        its first item names the example type, so that two methods' examples never share a key."""
+    # What besides the examples, the tokenizer, the template and the options decides the rows `tokenize` makes,
+    # for the tokenization cache key ("" for nothing): the examples are hashed as read, their type included.
+    cache_tag: str
 
     # --- tokenization and batching ----------------------------------------------------------------
-    def tokenize(self, tokenizer, template: str, examples: list, options: TokenizeOptions) -> tuple[list[Row], TokenizeStats]:
+    def tokenize(self, tokenizer, template: str, examples: list, options: TokenizeOptions
+                 ) -> tuple[list[Row] | pa.RecordBatch, TokenizeStats]:
         """Tokenized rows with labels, and statistics; rows left with nothing to train on are dropped and counted.
+        The rows are dicts, or one record batch of int32 list columns (then `row_lengths` gives their lengths).
 
         Raises:
             UserError: the chat template cannot render some examples; names their rows.
@@ -39,6 +45,9 @@ class TrainingMethod(Protocol):
 
     def row_length(self, row: Row) -> int:
         """The positions a row occupies in a batch, for grouping by length and the padding estimate."""
+
+    def row_lengths(self, batch: pa.RecordBatch) -> np.ndarray | list[int]:
+        """`row_length` of each row of a record batch, as `tokenize` may return."""
 
     def collator(self, tokenizer, data: DataSection):
         """A callable that batches rows into the tensors `compute_loss` takes."""

@@ -17,7 +17,7 @@ from accelerate.utils import extract_model_from_parallel
 from ...core import compat
 from ..model import REFERENCE_ADAPTER
 from ...core.recipe import PreferenceSection
-from ...data.preference import cache_payload, prompt_length, to_preference_example, tokenize_preferences
+from ...data.preference import prompt_length, to_preference_example, tokenize_preferences
 from ...data.tokenize import IGNORE_INDEX
 from ..loss import base_model_of, linear_cross_entropy, output_head, trained_targets
 
@@ -214,14 +214,19 @@ class PreferenceMethod:
     def read_row(self, row, location, data_format, columns):
         return to_preference_example(row, location, data_format, columns, self.formats)
 
-    def cache_payload(self, example) -> list:
-        return cache_payload(example) + ([self.name] if self.unpaired else [])
+    @property
+    def cache_tag(self) -> str:
+        # An unpaired method splits each pair into two rows: other rows from the same examples.
+        return self.name if self.unpaired else ""
 
     def tokenize(self, tokenizer, template, examples, options):
         return tokenize_preferences(tokenizer, template, examples, options, unpaired=self.unpaired)
 
     def row_length(self, row) -> int:
         return max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
+
+    def row_lengths(self, batch) -> list[int]:
+        return [self.row_length(row) for row in batch.to_pylist()]
 
     def collator(self, tokenizer, data):
         return PairBatch(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

@@ -8,18 +8,19 @@ projects only the trained positions onto the vocabulary, in chunks (train/loss.p
 
 from __future__ import annotations
 
-from transformers import Trainer
+import numpy as np
 
 from ...core import compat
 from ...core.recipe import DataSection
 from ...data.formats import Example, to_example
-from ...data.tokenize import PackBatch, PadToLongest, tokenize_examples
+from ...data.tokenize import PackBatch, PadToLongest, tokenize_to_arrow
 from ..loss import head_only_loss, output_head
 
 
 class Method:
     name = "sft"
     metric_names: tuple[str, ...] = ()
+    cache_tag = ""
 
     def __init__(self, recipe=None) -> None:
         self.head = None
@@ -27,16 +28,15 @@ class Method:
     def read_row(self, row, location, data_format, columns) -> Example:
         return to_example(row, location, data_format, columns)
 
-    def cache_payload(self, example: Example) -> list:
-        if example.messages is not None:
-            return ["m", example.messages]
-        return ["s", [[s.text, s.trained] for s in example.segments], example.add_eos]
 
     def tokenize(self, tokenizer, template, examples, options):
-        return tokenize_examples(tokenizer, template, examples, options)
+        return tokenize_to_arrow(tokenizer, template, examples, options)
 
     def row_length(self, row) -> int:
         return len(row["input_ids"])
+
+    def row_lengths(self, batch):
+        return np.diff(batch.column("input_ids").offsets.to_numpy())
 
     def collator(self, tokenizer, data: DataSection):
         return PackBatch() if data.packing else PadToLongest(tokenizer.pad_token_id)
@@ -47,6 +47,8 @@ class Method:
     def compute_loss(self, trainer, model, inputs, num_items_in_batch):
         # FSDP gathers a sharded weight only when its module runs, and the chunked loss skips the head's module.
         if self.head is None or trainer.is_fsdp_enabled or "labels" not in inputs:
+            from transformers import Trainer  # here: the data stage (`qlora data preview`) needs none of the trainer
+
             return Trainer.compute_loss(trainer, model, inputs, True, num_items_in_batch)
         loss, outputs = head_only_loss(model, self.head, inputs, num_items_in_batch)
         return loss * compat.trainer_loss_scale(trainer, num_items_in_batch), outputs
